@@ -1,0 +1,259 @@
+package rollout
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// MaxFileSize bounds one rollout file; larger files are refused, not read.
+const MaxFileSize = 4 << 20
+
+// Error is one problem in a rollout file, located by file, line and field path.
+type Error struct {
+	File  string
+	Line  int
+	Field string
+	Msg   string
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		b.WriteByte(':')
+		b.WriteString(strconv.Itoa(e.Line))
+	}
+	b.WriteString(": ")
+	if e.Field != "" {
+		b.WriteString(e.Field)
+		b.WriteString(": ")
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// IsRolloutFile reports whether a directory entry name is read as a rollout file.
+// Hidden files (editor swap files, Kubernetes' ..data links) are skipped.
+func IsRolloutFile(name string) bool {
+	if strings.HasPrefix(name, ".") {
+		return false
+	}
+	ext := filepath.Ext(name)
+	return ext == ".yaml" || ext == ".yml"
+}
+
+// LoadDir loads and validates every *.yaml / *.yml file directly in dir, in name order.
+// All problems are returned at once, joined.
+func LoadDir(dir string) (*Set, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("read rollout directory: %w", err)
+	}
+	var paths []string
+	for _, e := range entries {
+		if !IsRolloutFile(e.Name()) {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		// Follow symlinks (ConfigMap mounts) but skip directories.
+		if st, err := os.Stat(p); err == nil && st.IsDir() {
+			continue
+		}
+		paths = append(paths, p)
+	}
+	return LoadFiles(paths...)
+}
+
+// LoadFiles loads and validates the named files (a directory argument is read with LoadDir's rules).
+func LoadFiles(paths ...string) (*Set, error) {
+	var (
+		set  Set
+		errs []error
+	)
+	for _, p := range paths {
+		if st, err := os.Stat(p); err == nil && st.IsDir() {
+			sub, err := LoadDir(p)
+			if sub != nil {
+				set.Rollouts = append(set.Rollouts, sub.Rollouts...)
+			}
+			if err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		data, err := readBounded(p)
+		if err != nil {
+			errs = append(errs, &Error{File: p, Msg: err.Error()})
+			continue
+		}
+		rs, err := Parse(p, data)
+		set.Rollouts = append(set.Rollouts, rs...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	if err := Validate(&set); err != nil {
+		return nil, err
+	}
+	return &set, nil
+}
+
+func readBounded(p string) ([]byte, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > MaxFileSize {
+		return nil, fmt.Errorf("file larger than %d bytes", MaxFileSize)
+	}
+	return data, nil
+}
+
+// Parse decodes the rollout documents of one file strictly (unknown fields are errors),
+// without cross-document validation. name is used in errors.
+func Parse(name string, data []byte) ([]*Rollout, error) {
+	nodes := yaml.NewDecoder(bytes.NewReader(data))
+	strict := yaml.NewDecoder(bytes.NewReader(data))
+	strict.KnownFields(true)
+	var (
+		out  []*Rollout
+		errs []error
+	)
+	for doc := 0; ; doc++ {
+		var n yaml.Node
+		err := nodes.Decode(&n)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			errs = append(errs, yamlError(name, err))
+			break
+		}
+		r := &Rollout{}
+		serr := strict.Decode(r)
+		if isEmptyDoc(&n) {
+			continue
+		}
+		if n.Content[0].Kind != yaml.MappingNode {
+			errs = append(errs, &Error{File: name, Line: n.Content[0].Line, Msg: "a rollout document must be a mapping"})
+			continue
+		}
+		if serr != nil {
+			errs = append(errs, yamlError(name, serr))
+			continue
+		}
+		r.Source = Position{File: name, Line: n.Content[0].Line}
+		r.lines = map[string]int{}
+		indexLines(n.Content[0], "", r.lines)
+		r.applyDefaults()
+		out = append(out, r)
+	}
+	if len(errs) > 0 {
+		return out, errors.Join(errs...)
+	}
+	return out, nil
+}
+
+func (r *Rollout) applyDefaults() {
+	for i := range r.Versions {
+		if r.Versions[i].Protocol == "" {
+			r.Versions[i].Protocol = DefaultProtocol
+		}
+	}
+}
+
+func isEmptyDoc(n *yaml.Node) bool {
+	return n.Kind == 0 || (n.Kind == yaml.DocumentNode && (len(n.Content) == 0 ||
+		(n.Content[0].Kind == yaml.ScalarNode && n.Content[0].Tag == "!!null")))
+}
+
+func indexLines(n *yaml.Node, path string, lines map[string]int) {
+	switch n.Kind {
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			p := k.Value
+			if path != "" {
+				p = path + "." + k.Value
+			}
+			lines[p] = k.Line
+			indexLines(v, p, lines)
+		}
+	case yaml.SequenceNode:
+		for i, c := range n.Content {
+			p := path + "[" + strconv.Itoa(i) + "]"
+			lines[p] = c.Line
+			indexLines(c, p, lines)
+		}
+	}
+}
+
+var (
+	yamlLineRe    = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+	yamlUnknownRe = regexp.MustCompile(`field (\S+) not found in type \S+`)
+	yamlTypeRe    = regexp.MustCompile(`cannot unmarshal !!(\w+) .*into (\S+)`)
+)
+
+// yamlError turns a yaml.v3 error into file:line errors in the user's words.
+func yamlError(file string, err error) error {
+	var te *yaml.TypeError
+	var msgs []string
+	if errors.As(err, &te) {
+		msgs = te.Errors
+	} else {
+		msgs = []string{err.Error()}
+	}
+	var errs []error
+	for _, m := range msgs {
+		e := &Error{File: file, Msg: m}
+		if g := yamlLineRe.FindStringSubmatch(m); g != nil {
+			e.Line, _ = strconv.Atoi(g[1])
+			e.Msg = g[2]
+		}
+		if g := yamlUnknownRe.FindStringSubmatch(e.Msg); g != nil {
+			e.Msg = fmt.Sprintf("unknown field %q", g[1])
+		} else if g := yamlTypeRe.FindStringSubmatch(e.Msg); g != nil {
+			e.Msg = fmt.Sprintf("wrong type: got %s, want %s", g[1], friendlyType(g[2]))
+		}
+		errs = append(errs, e)
+	}
+	sort.SliceStable(errs, func(i, j int) bool { return errs[i].(*Error).Line < errs[j].(*Error).Line })
+	return errors.Join(errs...)
+}
+
+func friendlyType(goType string) string {
+	switch {
+	case strings.HasPrefix(goType, "[]"):
+		return "a list"
+	case strings.HasPrefix(goType, "map["):
+		return "a mapping"
+	case goType == "int" || goType == "*int":
+		return "an integer"
+	case goType == "float64":
+		return "a number"
+	case goType == "bool":
+		return "true or false"
+	case goType == "string":
+		return "a string"
+	default:
+		return "a mapping"
+	}
+}

@@ -1,0 +1,140 @@
+package rollout
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestLoadDirGood(t *testing.T) {
+	set, err := LoadDir("testdata/good")
+	if err != nil {
+		t.Fatalf("LoadDir: %v", err)
+	}
+	if got := len(set.Rollouts); got != 2 {
+		t.Fatalf("got %d rollouts, want 2", got)
+	}
+	r := set.Model("ranker")
+	if r == nil {
+		t.Fatal("ranker missing")
+	}
+	if r.Timeout.Duration != 2*time.Second || r.Retries == nil || *r.Retries != 1 {
+		t.Errorf("timeout/retries = %v/%v", r.Timeout, r.Retries)
+	}
+	if got, want := r.Traffic, map[string]int{"v7": 90, "v8": 10}; !cmp.Equal(got, want) {
+		t.Errorf("traffic %v, want %v", got, want)
+	}
+	if r.Versions[1].Protocol != "http" {
+		t.Errorf("default protocol = %q, want http", r.Versions[1].Protocol)
+	}
+	if got := r.Experiments[0].Match.Headers["x-country"]; !cmp.Equal(got, []string{"US", "CA"}) {
+		t.Errorf("match = %v", got)
+	}
+	churn := set.Model("churn")
+	if churn.Source.Line != 29 || churn.Line("traffic") != 36 {
+		t.Errorf("churn source line %d, traffic line %d; want 29, 36", churn.Source.Line, churn.Line("traffic"))
+	}
+}
+
+func TestLoadDirBadReportsEveryErrorWithLine(t *testing.T) {
+	_, err := LoadDir("testdata/bad")
+	if err == nil {
+		t.Fatal("want errors")
+	}
+	want := []string{
+		`testdata/bad/ranker.yaml:8: versions[1].endpoints[0]: "127.0.0.1:99999": port must be 1..65535`,
+		`testdata/bad/ranker.yaml:9: versions[1].protocol: "http3": want http or grpc`,
+		`testdata/bad/ranker.yaml:10: traffic: weights sum to 90, want 100`,
+		`testdata/bad/ranker.yaml:12: traffic.v9: unknown version "v9" (versions: v7, v8)`,
+		`testdata/bad/ranker.yaml:14: shadow[0].version: unknown version "v10" (versions: v7, v8)`,
+		`testdata/bad/ranker.yaml:15: shadow[0].percent: 150 is outside (0, 100]`,
+		`testdata/bad/ranker.yaml:21: experiments[0].arms[0].weight: 0: arm weights must be positive`,
+		`testdata/bad/ranker.yaml:24: experiments[1].allocation: layer "ranking" is over-allocated: its experiments take 110% of users`,
+		`testdata/bad/ranker.yaml:25: experiments[1].arms: an experiment needs at least one arm`,
+		`testdata/bad/ranker.yaml:26: retries: 20 is outside 0..10`,
+	}
+	got := strings.Split(err.Error(), "\n")
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("errors (-want +got):\n%s", diff)
+	}
+	var re *Error
+	if !errors.As(err, &re) {
+		t.Errorf("errors are not *rollout.Error")
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, doc, want string
+	}{
+		{"unknown field", "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\nweights: {}\n",
+			`f.yaml:4: unknown field "weights"`},
+		{"wrong type", "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\ntraffic: [1]\n",
+			`f.yaml:4: wrong type: got seq, want a mapping`},
+		{"syntax", "model: [unclosed\n", `f.yaml:`},
+		{"not a mapping", "- a\n- b\n", `f.yaml:1: a rollout document must be a mapping`},
+		{"duplicate key", "model: a\nmodel: b\n", `f.yaml:2: mapping key "model" already defined at line 1`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("f.yaml", []byte(tc.doc))
+			if err == nil || !strings.HasPrefix(err.Error(), tc.want) {
+				t.Errorf("got %v, want prefix %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestValidateCrossFile(t *testing.T) {
+	dir := t.TempDir()
+	doc := func(model, exp string) string {
+		return "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: " + model +
+			"\nversions: [{name: v1, endpoints: [\"10.0.0.1:80\"]}]\ntraffic: {v1: 100}\n" +
+			"experiments: [{name: " + exp + ", layer: l, allocation: 60, arms: [{name: a, version: v1, weight: 1}]}]\n"
+	}
+	write := func(name, s string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("a.yaml", doc("m", "e1"))
+	write("b.yaml", doc("m", "e1"))
+	write(".hidden.yaml", "garbage: [")
+	write("notes.txt", "ignored")
+	_, err := LoadDir(dir)
+	if err == nil {
+		t.Fatal("want errors")
+	}
+	for _, want := range []string{
+		`b.yaml:3: model: "m" is already defined at ` + filepath.Join(dir, "a.yaml") + `:3`,
+		`b.yaml:6: experiments[0].name: experiment "e1" is already defined in`,
+		`b.yaml:6: experiments[0].allocation: layer "l" is over-allocated: its experiments take 120% of users`,
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("missing %q in:\n%v", want, err)
+		}
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	for _, p := range []string{"testdata/good/ranker.yaml", "testdata/bad/ranker.yaml"} {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte("---\n---\nmodel: x\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		rs, err := Parse("fuzz.yaml", data)
+		if err != nil {
+			return
+		}
+		_ = Validate(&Set{Rollouts: rs})
+	})
+}

@@ -1,0 +1,235 @@
+package rollout
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+var (
+	// Model names are DNS labels: they become listener names, cluster names and URL parts.
+	modelNameRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	// Version names may also hold dots (v1.2); never '_', which separates model and version in cluster names.
+	versionNameRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$`)
+	// Experiment, layer and arm names end up in headers "name=arm,...".
+	nameRe   = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9._-]{0,61}[a-zA-Z0-9])?$`)
+	headerRe = regexp.MustCompile(`^[a-z0-9!#$%&'*+.^_|~-]+$`)
+)
+
+// MaxRetries bounds the per-model retry count.
+const MaxRetries = 10
+
+// Validate checks every rule of shared/design.md across the set and returns all
+// problems at once, each with file, line and field path.
+func Validate(s *Set) error {
+	var errs []error
+	add := func(r *Rollout, field, format string, args ...any) {
+		errs = append(errs, &Error{File: r.Source.File, Line: r.Line(field), Field: field, Msg: fmt.Sprintf(format, args...)})
+	}
+	models := map[string]*Rollout{}
+	experiments := map[string]*Rollout{}
+	layerAlloc := map[string]float64{}
+	for _, r := range s.Rollouts {
+		if r.APIVersion != APIVersion {
+			add(r, "apiVersion", "got %q, want %q", r.APIVersion, APIVersion)
+		}
+		if r.Kind != Kind {
+			add(r, "kind", "got %q, want %q", r.Kind, Kind)
+		}
+		switch {
+		case r.Model == "":
+			add(r, "model", "missing")
+		case !modelNameRe.MatchString(r.Model):
+			add(r, "model", "%q is not a DNS label (lower-case letters, digits, '-', at most 63)", r.Model)
+		case models[r.Model] != nil:
+			o := models[r.Model]
+			add(r, "model", "%q is already defined at %s:%d", r.Model, o.Source.File, o.Line("model"))
+		default:
+			models[r.Model] = r
+		}
+		versions := validateVersions(r, add)
+		validateTraffic(r, versions, add)
+		shadowed := map[string]bool{}
+		for i, sh := range r.Shadow {
+			f := "shadow[" + strconv.Itoa(i) + "]"
+			if !versions[sh.Version] {
+				add(r, f+".version", "unknown version %q (versions: %s)", sh.Version, versionList(r))
+			} else if shadowed[sh.Version] {
+				add(r, f+".version", "version %q is shadowed twice", sh.Version)
+			}
+			shadowed[sh.Version] = true
+			if !(sh.Percent > 0 && sh.Percent <= 100) {
+				add(r, f+".percent", "%v is outside (0, 100]", sh.Percent)
+			}
+		}
+		for i, e := range r.Experiments {
+			f := "experiments[" + strconv.Itoa(i) + "]"
+			switch {
+			case !nameRe.MatchString(e.Name):
+				add(r, f+".name", "%q is not a valid name (letters, digits, '.', '_', '-')", e.Name)
+			case experiments[e.Name] != nil:
+				o := experiments[e.Name]
+				add(r, f+".name", "experiment %q is already defined in %s", e.Name, o.Source.File)
+			default:
+				experiments[e.Name] = r
+			}
+			if !nameRe.MatchString(e.Layer) {
+				add(r, f+".layer", "%q is not a valid layer name", e.Layer)
+			}
+			if !(e.Allocation > 0 && e.Allocation <= 100) {
+				add(r, f+".allocation", "%v is outside (0, 100]", e.Allocation)
+			} else if e.Allocation*100 != math.Trunc(e.Allocation*100) {
+				add(r, f+".allocation", "%v has more than two decimals (the layer has 10000 slots)", e.Allocation)
+			} else {
+				layerAlloc[e.Layer] += e.Allocation
+				if layerAlloc[e.Layer] > 100+1e-9 {
+					add(r, f+".allocation", "layer %q is over-allocated: its experiments take %v%% of users", e.Layer, layerAlloc[e.Layer])
+				}
+			}
+			if e.Match != nil {
+				for h, vals := range e.Match.Headers {
+					hf := f + ".match.headers." + h
+					if !headerRe.MatchString(h) {
+						add(r, hf, "%q is not a lower-case header name", h)
+					}
+					if len(vals) == 0 {
+						add(r, hf, "needs at least one value")
+					}
+				}
+			}
+			if len(e.Arms) == 0 {
+				add(r, f+".arms", "an experiment needs at least one arm")
+			}
+			arms := map[string]bool{}
+			for j, a := range e.Arms {
+				af := f + ".arms[" + strconv.Itoa(j) + "]"
+				if !nameRe.MatchString(a.Name) {
+					add(r, af+".name", "%q is not a valid arm name", a.Name)
+				} else if arms[a.Name] {
+					add(r, af+".name", "arm %q is listed twice", a.Name)
+				}
+				arms[a.Name] = true
+				if !versions[a.Version] {
+					add(r, af+".version", "unknown version %q (versions: %s)", a.Version, versionList(r))
+				}
+				if a.Weight <= 0 {
+					add(r, af+".weight", "%d: arm weights must be positive", a.Weight)
+				}
+			}
+		}
+		if r.Timeout.Duration < 0 {
+			add(r, "timeout", "must not be negative")
+		}
+		if r.Retries != nil && (*r.Retries < 0 || *r.Retries > MaxRetries) {
+			add(r, "retries", "%d is outside 0..%d", *r.Retries, MaxRetries)
+		}
+	}
+	// Stable order: by file, then line.
+	sort.SliceStable(errs, func(i, j int) bool {
+		a, b := errs[i].(*Error), errs[j].(*Error)
+		if a.File != b.File {
+			return a.File < b.File
+		}
+		return a.Line < b.Line
+	})
+	return errors.Join(errs...)
+}
+
+func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) map[string]bool {
+	versions := map[string]bool{}
+	if len(r.Versions) == 0 {
+		add(r, "versions", "a rollout needs at least one version")
+	}
+	for i, v := range r.Versions {
+		f := "versions[" + strconv.Itoa(i) + "]"
+		switch {
+		case !versionNameRe.MatchString(v.Name):
+			add(r, f+".name", "%q is not a valid version name (lower-case letters, digits, '.', '-')", v.Name)
+		case versions[v.Name]:
+			add(r, f+".name", "version %q is listed twice", v.Name)
+		}
+		versions[v.Name] = true
+		if len(v.Endpoints) == 0 {
+			add(r, f+".endpoints", "a version needs at least one endpoint")
+		}
+		for j, ep := range v.Endpoints {
+			if err := checkEndpoint(ep); err != nil {
+				add(r, f+".endpoints["+strconv.Itoa(j)+"]", "%v", err)
+			}
+		}
+		if v.Protocol != "http" && v.Protocol != "grpc" {
+			add(r, f+".protocol", "%q: want http or grpc", v.Protocol)
+		}
+	}
+	return versions
+}
+
+func validateTraffic(r *Rollout, versions map[string]bool, add func(*Rollout, string, string, ...any)) {
+	if len(r.Traffic) == 0 {
+		add(r, "traffic", "missing: give each version's percent of baseline traffic (summing to 100)")
+		return
+	}
+	sum := 0
+	names := make([]string, 0, len(r.Traffic))
+	for v := range r.Traffic {
+		names = append(names, v)
+	}
+	sort.Strings(names)
+	for _, v := range names {
+		p := r.Traffic[v]
+		if !versions[v] {
+			add(r, "traffic."+v, "unknown version %q (versions: %s)", v, versionList(r))
+		}
+		if p < 0 || p > 100 {
+			add(r, "traffic."+v, "%d is outside 0..100", p)
+		}
+		sum += p
+	}
+	if sum != 100 {
+		add(r, "traffic", "weights sum to %d, want 100", sum)
+	}
+}
+
+// checkEndpoint accepts host:port where host is an IP address or a DNS name.
+func checkEndpoint(ep string) error {
+	host, port, err := net.SplitHostPort(ep)
+	if err != nil {
+		return fmt.Errorf("%q: want host:port", ep)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("%q: port must be 1..65535", ep)
+	}
+	if host == "" {
+		return fmt.Errorf("%q: empty host", ep)
+	}
+	if net.ParseIP(host) == nil && !validHostname(host) {
+		return fmt.Errorf("%q: host is neither an IP address nor a DNS name", ep)
+	}
+	return nil
+}
+
+func validHostname(h string) bool {
+	if len(h) > 253 {
+		return false
+	}
+	for _, l := range strings.Split(strings.TrimSuffix(h, "."), ".") {
+		if !modelNameRe.MatchString(strings.ToLower(l)) {
+			return false
+		}
+	}
+	return true
+}
+
+func versionList(r *Rollout) string {
+	names := make([]string, len(r.Versions))
+	for i, v := range r.Versions {
+		names[i] = v.Name
+	}
+	return strings.Join(names, ", ")
+}
