@@ -1,0 +1,379 @@
+// Package policy compiles the control plane's Policy resource into an immutable lookup
+// table for the ext_proc hot path: every header value a decision can produce is built
+// once here, so a decision only hashes, compares and picks pointers.
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+
+	"github.com/patchbay-io/patchbay/api/headers"
+	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
+)
+
+// MaxLayersPerModel bounds the layers one model's experiments may span: a request is
+// exposed to at most one experiment per layer, and decisions keep exposures in a
+// fixed-size array so that they do not allocate.
+const MaxLayersPerModel = 16
+
+// maxCombos bounds how many x-patchbay-experiments values are precomputed per model.
+// Beyond it the value is assembled per request (which allocates).
+const maxCombos = 4096
+
+// Table is a compiled, validated Policy. It is immutable once built and shared by
+// every request goroutine.
+type Table struct {
+	// ConfigVersion is the rollout config version the control plane built it from.
+	ConfigVersion string
+	// NVersions and NArms count the IDs handed out.
+	NVersions, NArms int
+	// Identity lists the identity headers, first present wins.
+	Identity []string
+	models   map[string]*Model
+	// Models in policy order.
+	Models []*Model
+}
+
+// Model is one logical model with everything a decision for it needs.
+type Model struct {
+	// ID numbers the table's models 0..n-1, for per-model side tables.
+	ID       int
+	Name     string
+	Salt     string
+	Pinning  bool
+	BodyMode bool
+	Versions []*Version
+	versions map[string]*Version
+	// Experiments in file order; the first the user is in decides the version.
+	Experiments []*Experiment
+	// Layers groups Experiments by layer, in order of first appearance.
+	Layers []*Layer
+	// combos[i] is the x-patchbay-experiments header for exposure combination i
+	// (mixed radix over Layers; see Experiment.Digit). nil when too many to precompute.
+	combos []*corev3.HeaderValueOption
+}
+
+// Version is one model version and its precomputed x-patchbay-version header.
+type Version struct {
+	// ID numbers the table's versions (all models) 0..n-1.
+	ID     int
+	Name   string
+	Header *corev3.HeaderValueOption
+}
+
+// Layer is the group of one model's experiments that share a layer: a user is in at
+// most one of them.
+type Layer struct {
+	Name        string
+	Salt        string
+	Experiments []*Experiment
+	// Stride is this layer's place value in the exposure combination index.
+	Stride int
+}
+
+// Experiment is one slice of a layer, split into arms.
+type Experiment struct {
+	Name      string
+	Index     int // position among the model's experiments (file order)
+	SlotStart uint32
+	SlotEnd   uint32
+	Salt      string
+	Match     []HeaderMatch
+	Arms      []*Arm
+	Total     uint64 // sum of arm weights
+	// Digit is the combination digit of this experiment's first arm within its layer
+	// (0 in a layer means "no exposure"); arm i has digit Digit+i.
+	Digit int
+}
+
+// HeaderMatch holds when the request's first value of Name is one of Values.
+type HeaderMatch struct {
+	Name   string
+	Values []string
+}
+
+// Arm is one arm of an experiment.
+type Arm struct {
+	// ID numbers the table's arms (all models) 0..n-1.
+	ID         int
+	Experiment *Experiment
+	Name       string
+	Version    *Version
+	// Upper is the exclusive upper bound of the arm's range in [0, Total).
+	Upper uint64
+	// Label is "experiment=arm".
+	Label string
+}
+
+// Model returns the compiled model named name, or nil.
+func (t *Table) Model(name string) *Model { return t.models[name] }
+
+// Version returns the model's version named name, or nil.
+func (m *Model) Version(name string) *Version { return m.versions[name] }
+
+// CombosHeader returns the precomputed x-patchbay-experiments header for combination
+// index combo (> 0), or nil when the model has too many combinations to precompute.
+func (m *Model) CombosHeader(combo int) *corev3.HeaderValueOption {
+	if combo <= 0 || combo >= len(m.combos) {
+		return nil
+	}
+	return m.combos[combo]
+}
+
+// SetHeader returns a header option that sets key to value with raw_value and
+// OVERWRITE_IF_EXISTS_OR_ADD, as Envoy's ext_proc expects.
+func SetHeader(key, value string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{
+		Header:       &corev3.HeaderValue{Key: key, RawValue: []byte(value)},
+		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+	}
+}
+
+// Compile validates p and builds its table. defaultIdentity is used when the policy
+// names no identity headers. All problems are reported at once.
+func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
+	if p == nil {
+		return nil, errors.New("policy: missing")
+	}
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	t := &Table{ConfigVersion: p.GetConfigVersion(), models: make(map[string]*Model)}
+	ids := p.GetIdentityHeaders()
+	if len(ids) == 0 {
+		ids = defaultIdentity
+	}
+	if len(ids) == 0 {
+		ids = []string{headers.UserID}
+	}
+	for i, h := range ids {
+		if !validHeaderName(h) {
+			bad("identity_headers[%d]: %q is not a lower-case header name", i, h)
+		}
+	}
+	t.Identity = append([]string(nil), ids...)
+
+	layers := make(map[string]string, len(p.GetLayers()))
+	for i, l := range p.GetLayers() {
+		switch {
+		case l.GetName() == "":
+			bad("layers[%d]: empty name", i)
+		case hasKey(layers, l.GetName()):
+			bad("layers[%d] %q: duplicate layer", i, l.GetName())
+		default:
+			layers[l.GetName()] = l.GetSalt()
+		}
+	}
+
+	type slotRange struct {
+		start, end uint32
+		who        string
+	}
+	layerRanges := make(map[string][]slotRange)
+	expNames := make(map[string]string)
+
+	for mi, pm := range p.GetModels() {
+		where := fmt.Sprintf("models[%d] %q", mi, pm.GetName())
+		if pm.GetName() == "" {
+			bad("models[%d]: empty name", mi)
+			continue
+		}
+		if _, dup := t.models[pm.GetName()]; dup {
+			bad("%s: duplicate model", where)
+			continue
+		}
+		m := &Model{
+			Name:     pm.GetName(),
+			Salt:     pm.GetSalt(),
+			Pinning:  pm.GetPinning(),
+			BodyMode: pm.GetBodyMode(),
+			versions: make(map[string]*Version),
+		}
+		if len(pm.GetVersions()) == 0 {
+			bad("%s: no versions", where)
+		}
+		for vi, vn := range pm.GetVersions() {
+			switch {
+			case vn == "":
+				bad("%s: versions[%d]: empty name", where, vi)
+			case m.versions[vn] != nil:
+				bad("%s: versions[%d] %q: duplicate version", where, vi, vn)
+			default:
+				v := &Version{ID: t.NVersions, Name: vn, Header: SetHeader(headers.Version, vn)}
+				t.NVersions++
+				m.versions[vn] = v
+				m.Versions = append(m.Versions, v)
+			}
+		}
+		layerOf := make(map[string]*Layer)
+		for ei, pe := range pm.GetExperiments() {
+			ewhere := fmt.Sprintf("%s: experiments[%d] %q", where, ei, pe.GetName())
+			if pe.GetName() == "" || strings.ContainsAny(pe.GetName(), ",=") {
+				bad("%s: name must be non-empty without ',' or '='", ewhere)
+				continue
+			}
+			if other, dup := expNames[pe.GetName()]; dup {
+				bad("%s: duplicate experiment name (also in %s)", ewhere, other)
+				continue
+			}
+			expNames[pe.GetName()] = where
+			salt, ok := layers[pe.GetLayer()]
+			if !ok {
+				bad("%s: layer %q is not in policy layers", ewhere, pe.GetLayer())
+				continue
+			}
+			e := &Experiment{
+				Name:      pe.GetName(),
+				Index:     len(m.Experiments),
+				SlotStart: pe.GetSlotStart(),
+				SlotEnd:   pe.GetSlotEnd(),
+				Salt:      pe.GetSalt(),
+			}
+			if e.SlotStart >= e.SlotEnd || e.SlotEnd > policyv1.LayerSlots {
+				bad("%s: slots [%d, %d) not a non-empty range within [0, %d)", ewhere, e.SlotStart, e.SlotEnd, policyv1.LayerSlots)
+			}
+			for _, r := range layerRanges[pe.GetLayer()] {
+				if e.SlotStart < r.end && r.start < e.SlotEnd {
+					bad("%s: slots [%d, %d) overlap %s [%d, %d) in layer %q", ewhere, e.SlotStart, e.SlotEnd, r.who, r.start, r.end, pe.GetLayer())
+				}
+			}
+			layerRanges[pe.GetLayer()] = append(layerRanges[pe.GetLayer()], slotRange{e.SlotStart, e.SlotEnd, fmt.Sprintf("experiment %q", e.Name)})
+			for hi, hm := range pe.GetMatch() {
+				if !validHeaderName(hm.GetName()) {
+					bad("%s: match[%d]: %q is not a lower-case header name", ewhere, hi, hm.GetName())
+				}
+				if len(hm.GetValues()) == 0 {
+					bad("%s: match[%d] %q: no values", ewhere, hi, hm.GetName())
+				}
+				e.Match = append(e.Match, HeaderMatch{Name: hm.GetName(), Values: append([]string(nil), hm.GetValues()...)})
+			}
+			if len(pe.GetArms()) == 0 {
+				bad("%s: no arms", ewhere)
+			}
+			armNames := make(map[string]bool)
+			for ai, pa := range pe.GetArms() {
+				awhere := fmt.Sprintf("%s: arms[%d] %q", ewhere, ai, pa.GetName())
+				if pa.GetName() == "" || strings.ContainsAny(pa.GetName(), ",=") {
+					bad("%s: name must be non-empty without ',' or '='", awhere)
+				}
+				if armNames[pa.GetName()] {
+					bad("%s: duplicate arm", awhere)
+				}
+				armNames[pa.GetName()] = true
+				v := m.versions[pa.GetVersion()]
+				if v == nil {
+					bad("%s: unknown version %q", awhere, pa.GetVersion())
+				}
+				if pa.GetWeight() == 0 {
+					bad("%s: zero weight", awhere)
+				}
+				e.Total += uint64(pa.GetWeight())
+				e.Arms = append(e.Arms, &Arm{
+					ID: t.NArms, Experiment: e, Name: pa.GetName(), Version: v, Upper: e.Total,
+					Label: e.Name + "=" + pa.GetName(),
+				})
+				t.NArms++
+			}
+			l := layerOf[pe.GetLayer()]
+			if l == nil {
+				l = &Layer{Name: pe.GetLayer(), Salt: salt}
+				layerOf[pe.GetLayer()] = l
+				m.Layers = append(m.Layers, l)
+			}
+			l.Experiments = append(l.Experiments, e)
+			m.Experiments = append(m.Experiments, e)
+		}
+		if len(m.Layers) > MaxLayersPerModel {
+			bad("%s: experiments span %d layers, at most %d supported", where, len(m.Layers), MaxLayersPerModel)
+		}
+		m.ID = len(t.Models)
+		t.models[m.Name] = m
+		t.Models = append(t.Models, m)
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	for _, m := range t.Models {
+		m.buildCombos()
+	}
+	return t, nil
+}
+
+// buildCombos assigns combination digits and precomputes every x-patchbay-experiments
+// value when there are at most maxCombos of them.
+func (m *Model) buildCombos() {
+	total := 1
+	for _, l := range m.Layers {
+		l.Stride = total
+		digits := 1 // 0 = not exposed in this layer
+		for _, e := range l.Experiments {
+			e.Digit = digits
+			digits += len(e.Arms)
+		}
+		if total > maxCombos {
+			continue
+		}
+		total *= digits
+	}
+	if len(m.Layers) == 0 || total > maxCombos {
+		return
+	}
+	m.combos = make([]*corev3.HeaderValueOption, total)
+	arms := make([]*Arm, 0, len(m.Layers))
+	for c := 1; c < total; c++ {
+		arms = arms[:0]
+		for _, l := range m.Layers {
+			d := (c / l.Stride) % (len(m.armsOf(l)) + 1)
+			if d > 0 {
+				arms = append(arms, m.armsOf(l)[d-1])
+			}
+		}
+		m.combos[c] = SetHeader(headers.Experiments, JoinLabels(arms))
+	}
+}
+
+// armsOf lists a layer's arms in digit order.
+func (m *Model) armsOf(l *Layer) []*Arm {
+	var arms []*Arm
+	for _, e := range l.Experiments {
+		arms = append(arms, e.Arms...)
+	}
+	return arms
+}
+
+// JoinLabels renders exposures as "name=arm,name=arm" in experiment file order.
+func JoinLabels(arms []*Arm) string {
+	sorted := append([]*Arm(nil), arms...)
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Experiment.Index < sorted[j].Experiment.Index })
+	var b strings.Builder
+	for i, a := range sorted {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(a.Label)
+	}
+	return b.String()
+}
+
+func hasKey(m map[string]string, k string) bool { _, ok := m[k]; return ok }
+
+// validHeaderName accepts lower-case HTTP token characters.
+func validHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
+		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
