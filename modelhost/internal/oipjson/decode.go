@@ -32,7 +32,9 @@ type Error struct {
 	Msg    string
 }
 
-func (e *Error) Error() string { return "invalid inference request at byte " + strconv.Itoa(e.Offset) + ": " + e.Msg }
+func (e *Error) Error() string {
+	return "invalid inference request at byte " + strconv.Itoa(e.Offset) + ": " + e.Msg
+}
 
 type scanner struct {
 	b     []byte
@@ -613,4 +615,3 @@ func (s *scanner) element(t *tensor.Tensor, c byte) error {
 func (s *scanner) typeErr(t *tensor.Tensor) error {
 	return s.fail("input \"" + t.Name + "\": element is not a " + t.Datatype.String())
 }
-
