@@ -1,0 +1,387 @@
+// Package envoy holds patchbay's Envoy bootstraps (edge.yaml, sidecar.yaml), embedded,
+// with the strict parser, the checks they must pass and the renderer that sets their
+// addresses for a deployment (`patchbay up`, the Helm chart's test).
+package envoy
+
+import (
+	"embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	overloadv3 "github.com/envoyproxy/go-control-plane/envoy/config/overload/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	downstreamv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/downstream_connections/v3"
+	fixedheapv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/fixed_heap/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"go.yaml.in/yaml/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/patchbay-io/patchbay/internal/envoyvalidate"
+
+	// Extensions named by the bootstraps' typed_config: linking them registers their
+	// types, which the deep validation needs to open each Any.
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+)
+
+//go:embed edge.yaml sidecar.yaml
+var files embed.FS
+
+// Role is the kind of Envoy node; the control plane reads it from node metadata.
+type Role string
+
+// The roles, and the names the bootstraps and the control plane agree on.
+const (
+	Edge    Role = "edge"
+	Sidecar Role = "sidecar"
+
+	// RoleKey is the node metadata key carrying the Role.
+	RoleKey = "patchbay.role"
+
+	ClusterXDS     = "patchbay_xds"     // the control plane's ADS server
+	ClusterExtProc = "patchbay_extproc" // the ext_proc router
+	ClusterOTel    = "patchbay_otel"    // the OTLP/gRPC trace collector
+	ClusterAdmin   = "envoy_admin"      // Envoy's own admin, behind ListenerStats
+	ListenerStats  = "patchbay_stats"   // /ready and /stats/prometheus
+
+	httpOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+)
+
+// Roles lists every role with a bootstrap file.
+var Roles = []Role{Edge, Sidecar}
+
+// File returns the bootstrap file of a role, as shipped.
+func File(role Role) ([]byte, error) {
+	switch role {
+	case Edge, Sidecar:
+		return files.ReadFile(string(role) + ".yaml")
+	}
+	return nil, fmt.Errorf("envoy bootstrap: unknown role %q (want edge or sidecar)", role)
+}
+
+// Parse decodes a YAML (or JSON) bootstrap strictly: unknown fields, wrong types and
+// duplicate keys are errors, as they are for Envoy.
+func Parse(data []byte) (*bootstrapv3.Bootstrap, error) {
+	var doc any
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("envoy bootstrap: yaml: %w", err)
+	}
+	js, err := json.Marshal(doc)
+	if err != nil {
+		return nil, fmt.Errorf("envoy bootstrap: yaml to json: %w", err)
+	}
+	b := new(bootstrapv3.Bootstrap)
+	if err := (protojson.UnmarshalOptions{DiscardUnknown: false}).Unmarshal(js, b); err != nil {
+		return nil, fmt.Errorf("envoy bootstrap: %w", err)
+	}
+	return b, nil
+}
+
+// Params are the per-deployment settings of a bootstrap. Empty fields keep the
+// file's value. Addresses are host:port; hosts may be DNS names (clusters are
+// STRICT_DNS) except Admin and Stats, which are bind addresses.
+type Params struct {
+	NodeID  string // node.id (Envoy's --service-node overrides it at run time)
+	XDS     string // patchbay xds --listen
+	ExtProc string // patchbay extproc --listen
+	OTel    string // OTLP/gRPC collector
+	Admin   string // Envoy admin bind address; must be loopback
+	Stats   string // bind address of the /ready + /stats/prometheus listener
+	// MaxHeapBytes is the overload manager's fixed_heap size; 0 keeps the file's.
+	MaxHeapBytes uint64
+	// MaxConnections caps downstream connections; 0 keeps the file's.
+	MaxConnections int64
+}
+
+// Render returns the role's bootstrap with p applied, checked with Check.
+func Render(role Role, p Params) (*bootstrapv3.Bootstrap, error) {
+	data, err := File(role)
+	if err != nil {
+		return nil, err
+	}
+	b, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s.yaml: %w", role, err)
+	}
+	if err := apply(b, p); err != nil {
+		return nil, fmt.Errorf("render %s bootstrap: %w", role, err)
+	}
+	if err := Check(role, b); err != nil {
+		return nil, fmt.Errorf("render %s bootstrap: %w", role, err)
+	}
+	return b, nil
+}
+
+// MarshalJSON encodes a bootstrap as JSON for `envoy -c file.json`.
+func MarshalJSON(b *bootstrapv3.Bootstrap) ([]byte, error) {
+	return protojson.MarshalOptions{Multiline: true, UseProtoNames: true}.Marshal(b)
+}
+
+func apply(b *bootstrapv3.Bootstrap, p Params) error {
+	if p.NodeID != "" {
+		b.GetNode().Id = p.NodeID
+	}
+	var errs []error
+	for name, addr := range map[string]string{ClusterXDS: p.XDS, ClusterExtProc: p.ExtProc, ClusterOTel: p.OTel, ClusterAdmin: p.Admin} {
+		if addr == "" {
+			continue
+		}
+		c := staticCluster(b, name)
+		if c == nil {
+			errs = append(errs, fmt.Errorf("no static cluster %q", name))
+			continue
+		}
+		sa, err := socketAddress(addr)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("cluster %s: %w", name, err))
+			continue
+		}
+		c.LoadAssignment = &endpointv3.ClusterLoadAssignment{
+			ClusterName: name,
+			Endpoints: []*endpointv3.LocalityLbEndpoints{{LbEndpoints: []*endpointv3.LbEndpoint{{
+				HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: sa}},
+			}}}},
+		}
+	}
+	if p.Admin != "" {
+		sa, err := socketAddress(p.Admin)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("admin: %w", err))
+		} else {
+			b.GetAdmin().Address = sa
+		}
+	}
+	if p.Stats != "" {
+		sa, err := socketAddress(p.Stats)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("stats listener: %w", err))
+		} else {
+			found := false
+			for _, l := range b.GetStaticResources().GetListeners() {
+				if l.GetName() == ListenerStats {
+					l.Address, found = sa, true
+				}
+			}
+			if !found {
+				errs = append(errs, fmt.Errorf("no static listener %q", ListenerStats))
+			}
+		}
+	}
+	if p.MaxHeapBytes > 0 || p.MaxConnections > 0 {
+		if err := setMonitors(b, p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// socketAddress parses host:port.
+func socketAddress(hostport string) (*corev3.Address, error) {
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return nil, fmt.Errorf("address %q: %w", hostport, err)
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || n == 0 {
+		return nil, fmt.Errorf("address %q: port must be 1..65535", hostport)
+	}
+	if host == "" {
+		return nil, fmt.Errorf("address %q: empty host", hostport)
+	}
+	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+		Address: host, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(n)},
+	}}}, nil
+}
+
+func staticCluster(b *bootstrapv3.Bootstrap, name string) *clusterv3.Cluster {
+	for _, c := range b.GetStaticResources().GetClusters() {
+		if c.GetName() == name {
+			return c
+		}
+	}
+	return nil
+}
+
+// Check runs the deep proto validation (envoyvalidate: every rule, inside every Any)
+// and patchbay's own rules for a bootstrap of the given role:
+//   - node cluster "patchbay-<role>" and metadata patchbay.role = role;
+//   - admin bound to a loopback address;
+//   - ADS over gRPC to a static cluster, and LDS/CDS through ADS;
+//   - static clusters patchbay_xds, patchbay_extproc and patchbay_otel exist and speak
+//     HTTP/2 explicitly (typed_extension_protocol_options), as gRPC needs;
+//   - every cluster a static listener routes to exists, and envoy_admin points at admin;
+//   - names are unique and each static cluster has an endpoint.
+func Check(role Role, b *bootstrapv3.Bootstrap) error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if err := envoyvalidate.Validate(b); err != nil {
+		errs = append(errs, err)
+	}
+
+	if want := "patchbay-" + string(role); b.GetNode().GetCluster() != want {
+		bad("node.cluster = %q, want %q", b.GetNode().GetCluster(), want)
+	}
+	if got := b.GetNode().GetMetadata().GetFields()[RoleKey].GetStringValue(); got != string(role) {
+		bad("node.metadata[%q] = %q, want %q", RoleKey, got, role)
+	}
+
+	adminAddr := b.GetAdmin().GetAddress().GetSocketAddress()
+	if ip := net.ParseIP(adminAddr.GetAddress()); adminAddr.GetAddress() != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		bad("admin.address %q is not loopback: admin can drain and stop Envoy", adminAddr.GetAddress())
+	}
+
+	clusters := map[string]*clusterv3.Cluster{}
+	for i, c := range b.GetStaticResources().GetClusters() {
+		if _, dup := clusters[c.GetName()]; dup {
+			bad("static_resources.clusters[%d]: duplicate name %q", i, c.GetName())
+		}
+		clusters[c.GetName()] = c
+		if n := c.GetLoadAssignment().GetClusterName(); n != c.GetName() {
+			bad("cluster %s: load_assignment.cluster_name = %q", c.GetName(), n)
+		}
+		if !hasEndpoint(c) {
+			bad("cluster %s: no endpoint", c.GetName())
+		}
+	}
+
+	ads := b.GetDynamicResources().GetAdsConfig()
+	switch ads.GetApiType() {
+	case corev3.ApiConfigSource_GRPC, corev3.ApiConfigSource_DELTA_GRPC:
+	default:
+		bad("dynamic_resources.ads_config.api_type = %v, want GRPC or DELTA_GRPC", ads.GetApiType())
+	}
+	if len(ads.GetGrpcServices()) == 0 {
+		bad("dynamic_resources.ads_config: no grpc_services")
+	}
+	for i, gs := range ads.GetGrpcServices() {
+		name := gs.GetEnvoyGrpc().GetClusterName()
+		if name == "" {
+			bad("ads_config.grpc_services[%d]: want envoy_grpc with a cluster_name", i)
+		} else if clusters[name] == nil {
+			bad("ads_config.grpc_services[%d]: cluster %q is not a static cluster", i, name)
+		}
+	}
+	for field, cs := range map[string]*corev3.ConfigSource{"lds_config": b.GetDynamicResources().GetLdsConfig(), "cds_config": b.GetDynamicResources().GetCdsConfig()} {
+		if cs.GetAds() == nil {
+			bad("dynamic_resources.%s must use ads", field)
+		}
+	}
+
+	for _, name := range []string{ClusterXDS, ClusterExtProc, ClusterOTel} {
+		c := clusters[name]
+		if c == nil {
+			bad("static cluster %q is missing", name)
+			continue
+		}
+		if err := checkHTTP2(c); err != nil {
+			bad("cluster %s: %v", name, err)
+		}
+	}
+
+	listeners := map[string]bool{}
+	for i, l := range b.GetStaticResources().GetListeners() {
+		if listeners[l.GetName()] {
+			bad("static_resources.listeners[%d]: duplicate name %q", i, l.GetName())
+		}
+		listeners[l.GetName()] = true
+		for _, target := range routedClusters(l.GetFilterChains()) {
+			if clusters[target] == nil {
+				bad("listener %s routes to cluster %q, which is not a static cluster", l.GetName(), target)
+			}
+		}
+	}
+	if !listeners[ListenerStats] {
+		bad("static listener %q is missing (probes and Prometheus use it)", ListenerStats)
+	}
+	if c := clusters[ClusterAdmin]; c != nil && !proto.Equal(firstEndpoint(c), b.GetAdmin().GetAddress()) {
+		bad("cluster %s does not point at admin.address", ClusterAdmin)
+	}
+	return errors.Join(errs...)
+}
+
+func hasEndpoint(c *clusterv3.Cluster) bool {
+	return firstEndpoint(c).GetSocketAddress().GetPortValue() != 0
+}
+
+func firstEndpoint(c *clusterv3.Cluster) *corev3.Address {
+	for _, le := range c.GetLoadAssignment().GetEndpoints() {
+		for _, e := range le.GetLbEndpoints() {
+			return e.GetEndpoint().GetAddress()
+		}
+	}
+	return nil
+}
+
+// checkHTTP2 requires explicit HTTP/2 upstream options.
+func checkHTTP2(c *clusterv3.Cluster) error {
+	a := c.GetTypedExtensionProtocolOptions()[httpOptionsKey]
+	if a == nil {
+		return fmt.Errorf("no typed_extension_protocol_options[%q]: Envoy would speak HTTP/1.1, and gRPC needs HTTP/2", httpOptionsKey)
+	}
+	opts := new(upstreamhttpv3.HttpProtocolOptions)
+	if err := a.UnmarshalTo(opts); err != nil {
+		return fmt.Errorf("typed_extension_protocol_options[%q]: %w", httpOptionsKey, err)
+	}
+	if opts.GetExplicitHttpConfig().GetHttp2ProtocolOptions() == nil {
+		return errors.New("HttpProtocolOptions must set explicit_http_config.http2_protocol_options")
+	}
+	return nil
+}
+
+// routedClusters lists the clusters named by inline route configs of HCM filters.
+func routedClusters(chains []*listenerv3.FilterChain) []string {
+	var out []string
+	for _, fc := range chains {
+		for _, f := range fc.GetFilters() {
+			hcm := new(hcmv3.HttpConnectionManager)
+			if f.GetTypedConfig() == nil || f.GetTypedConfig().UnmarshalTo(hcm) != nil {
+				continue
+			}
+			for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+				for _, r := range vh.GetRoutes() {
+					if name := r.GetRoute().GetCluster(); name != "" {
+						out = append(out, name)
+					}
+					for _, wc := range r.GetRoute().GetWeightedClusters().GetClusters() {
+						out = append(out, wc.GetName())
+					}
+				}
+			}
+		}
+	}
+	return out
+}
+
+// setMonitors sets the overload manager's heap size and connection cap.
+func setMonitors(b *bootstrapv3.Bootstrap, p Params) error {
+	heapSet, connSet := p.MaxHeapBytes == 0, p.MaxConnections == 0
+	for _, rm := range b.GetOverloadManager().GetResourceMonitors() {
+		var msg proto.Message
+		switch {
+		case rm.GetName() == "envoy.resource_monitors.fixed_heap" && !heapSet:
+			msg, heapSet = &fixedheapv3.FixedHeapConfig{MaxHeapSizeBytes: p.MaxHeapBytes}, true
+		case rm.GetName() == "envoy.resource_monitors.global_downstream_max_connections" && !connSet:
+			msg, connSet = &downstreamv3.DownstreamConnectionsConfig{MaxActiveDownstreamConnections: p.MaxConnections}, true
+		default:
+			continue
+		}
+		a, err := anypb.New(msg)
+		if err != nil {
+			return fmt.Errorf("overload_manager %s: %w", rm.GetName(), err)
+		}
+		rm.ConfigType = &overloadv3.ResourceMonitor_TypedConfig{TypedConfig: a}
+	}
+	if !heapSet || !connSet {
+		return errors.New("overload_manager: the resource monitor to set is missing from the file")
+	}
+	return nil
+}

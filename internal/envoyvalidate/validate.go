@@ -1,0 +1,187 @@
+// Package envoyvalidate checks Envoy configuration the way Envoy itself would before
+// it reaches a proxy: it runs the protoc-gen-validate rules (ValidateAll) on a message
+// and then, recursively, on the contents of every google.protobuf.Any inside it,
+// which the generated validators never open. A typed_config whose inner message is
+// wrong, or whose type is not linked into the binary, is an error here rather than
+// a NACK from Envoy.
+//
+// The Any types are resolved from protoregistry.GlobalTypes: callers import the Go
+// packages of the Envoy extensions they use so that those types are registered.
+package envoyvalidate
+
+import (
+	"errors"
+	"fmt"
+
+	udpatypev1 "github.com/cncf/xds/go/udpa/type/v1"
+	xdstypev3 "github.com/cncf/xds/go/xds/type/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+	"google.golang.org/protobuf/types/descriptorpb"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// maxAnyDepth bounds how many Any layers are opened inside one another. Real Envoy
+// configuration nests a handful (listener -> HCM -> filter -> matcher -> action).
+const maxAnyDepth = 32
+
+// validator is what protoc-gen-validate generates on every Envoy message.
+type validator interface{ ValidateAll() error }
+
+// Validate checks m and every message packed in an Any inside it, at any depth.
+// It reports, all at once and each with its field path:
+//   - the protoc-gen-validate rule violations of m and of each unpacked Any;
+//   - Any values whose type is not registered or whose bytes do not decode;
+//   - fields set that the proto marks deprecated (Envoy warns on them, and turns
+//     them into errors release by release).
+//
+// TypedStruct (xds.type.v3 and udpa.type.v1) is converted to its typed message
+// through JSON, as Envoy does, and checked the same way.
+func Validate(m proto.Message) error {
+	if m == nil {
+		return errors.New("validate: nil message")
+	}
+	var w walker
+	w.check(m.ProtoReflect(), string(m.ProtoReflect().Descriptor().Name()), 0)
+	return errors.Join(w.errs...)
+}
+
+type walker struct {
+	errs []error
+}
+
+func (w *walker) fail(path string, err error) {
+	w.errs = append(w.errs, fmt.Errorf("%s: %w", path, err))
+}
+
+// check validates the root message m (one ValidateAll covers every nested message
+// that is not inside an Any) and then walks it for Any values and deprecated fields.
+func (w *walker) check(m protoreflect.Message, path string, depth int) {
+	if v, ok := m.Interface().(validator); ok {
+		if err := v.ValidateAll(); err != nil {
+			w.fail(path, err)
+		}
+	}
+	w.walk(m, path, depth)
+}
+
+// walk visits every set field of m, opening Any values.
+func (w *walker) walk(m protoreflect.Message, path string, depth int) {
+	if m.Descriptor().FullName() == anyName {
+		w.openAny(m, path, depth)
+		return
+	}
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		p := path + "." + fd.TextName()
+		if isDeprecated(fd) {
+			w.fail(p, errors.New("field is deprecated"))
+		}
+		switch {
+		case fd.IsList():
+			if fd.Kind() != protoreflect.MessageKind && fd.Kind() != protoreflect.GroupKind {
+				return true
+			}
+			l := v.List()
+			for i := range l.Len() {
+				w.walk(l.Get(i).Message(), fmt.Sprintf("%s[%d]", p, i), depth)
+			}
+		case fd.IsMap():
+			if fd.MapValue().Kind() != protoreflect.MessageKind {
+				return true
+			}
+			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
+				w.walk(mv.Message(), fmt.Sprintf("%s[%q]", p, k.String()), depth)
+				return true
+			})
+		case fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind:
+			w.walk(v.Message(), p, depth)
+		}
+		return true
+	})
+}
+
+const anyName protoreflect.FullName = "google.protobuf.Any"
+
+// openAny unpacks an Any from the global registry and checks what is inside.
+func (w *walker) openAny(m protoreflect.Message, path string, depth int) {
+	if depth >= maxAnyDepth {
+		w.fail(path, fmt.Errorf("more than %d nested Any values", maxAnyDepth))
+		return
+	}
+	a, ok := m.Interface().(*anypb.Any)
+	if !ok {
+		// A dynamic Any (not the generated type): copy it into one.
+		a = new(anypb.Any)
+		b, err := proto.Marshal(m.Interface())
+		if err == nil {
+			err = proto.Unmarshal(b, a)
+		}
+		if err != nil {
+			w.fail(path, fmt.Errorf("read Any: %w", err))
+			return
+		}
+	}
+	if a.GetTypeUrl() == "" {
+		w.fail(path, errors.New("Any has no type_url"))
+		return
+	}
+	inner, err := anypb.UnmarshalNew(a, proto.UnmarshalOptions{})
+	if err != nil {
+		if errors.Is(err, protoregistry.NotFound) {
+			w.fail(path, fmt.Errorf("Any type %q is not registered (import the Go package of that extension)", a.GetTypeUrl()))
+		} else {
+			w.fail(path, fmt.Errorf("unpack Any %q: %w", a.GetTypeUrl(), err))
+		}
+		return
+	}
+	inPath := path + "<" + string(inner.ProtoReflect().Descriptor().FullName()) + ">"
+	if typeURL, value, ok := typedStruct(inner); ok {
+		// Check the TypedStruct's own rules, then the message it stands for.
+		w.check(inner.ProtoReflect(), inPath, depth+1)
+		typed, err := fromTypedStruct(typeURL, value)
+		if err != nil {
+			w.fail(inPath, err)
+			return
+		}
+		w.check(typed.ProtoReflect(), inPath+"<"+string(typed.ProtoReflect().Descriptor().FullName())+">", depth+1)
+		return
+	}
+	w.check(inner.ProtoReflect(), inPath, depth+1)
+}
+
+// typedStruct reports whether m is one of the two TypedStruct types.
+func typedStruct(m proto.Message) (typeURL string, value *structpb.Struct, ok bool) {
+	switch t := m.(type) {
+	case *xdstypev3.TypedStruct:
+		return t.GetTypeUrl(), t.GetValue(), true
+	case *udpatypev1.TypedStruct:
+		return t.GetTypeUrl(), t.GetValue(), true
+	}
+	return "", nil, false
+}
+
+// fromTypedStruct builds the typed message a TypedStruct describes; unknown fields
+// are errors, as in Envoy.
+func fromTypedStruct(typeURL string, value *structpb.Struct) (proto.Message, error) {
+	mt, err := protoregistry.GlobalTypes.FindMessageByURL(typeURL)
+	if err != nil {
+		return nil, fmt.Errorf("TypedStruct type %q is not registered (import the Go package of that extension): %w", typeURL, err)
+	}
+	js, err := protojson.Marshal(value)
+	if err != nil {
+		return nil, fmt.Errorf("TypedStruct %q: encode value: %w", typeURL, err)
+	}
+	msg := mt.New().Interface()
+	if err := protojson.Unmarshal(js, msg); err != nil {
+		return nil, fmt.Errorf("TypedStruct %q: %w", typeURL, err)
+	}
+	return msg, nil
+}
+
+func isDeprecated(fd protoreflect.FieldDescriptor) bool {
+	opts, ok := fd.Options().(*descriptorpb.FieldOptions)
+	return ok && opts.GetDeprecated()
+}
