@@ -1,0 +1,205 @@
+// Package translate turns validated rollouts into xDS resources: Envoy listeners, routes,
+// clusters and endpoints (edge and sidecar), the proxyless gRPC flavour, and the ext_proc
+// policy. Every function here is pure: same input, same output, golden-tested.
+package translate
+
+import (
+	"fmt"
+	"net"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+
+	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
+	"github.com/patchbay-io/patchbay/xds/rollout"
+)
+
+// Names of things the control plane emits and the bootstraps refer to.
+const (
+	EdgeListener     = "patchbay_edge"
+	SidecarListener  = "patchbay_sidecar"
+	RouteConfigName  = "patchbay"
+	ExtprocCluster   = "patchbay_extproc"
+	DefaultTimeout   = 200 * time.Millisecond
+	defaultRetryOn   = "connect-failure,refused-stream,reset,unavailable,retriable-status-codes"
+	grpcOIPPrefix    = "/inference.GRPCInferenceService/"
+	restModelsPrefix = "/v2/models/"
+)
+
+// Input is everything a translation depends on.
+type Input struct {
+	Set *rollout.Set
+	// Slots holds each model's current slot map (see NextSlotMap); a model without one
+	// gets the initial layout.
+	Slots map[string]SlotMap
+	// Resolved maps each DNS host name used in an endpoint to its current IP addresses.
+	// The control plane resolves names itself so that every flavour gets EDS with IPs.
+	Resolved map[string][]string
+}
+
+// Options are the deployment knobs that come from flags.
+type Options struct {
+	EdgeAddress    string        // host:port of the edge listener
+	SidecarAddress string        // host:port of the sidecar outbound listener
+	ExtprocTimeout time.Duration // ext_proc message_timeout; 0 means DefaultTimeout
+	AccessLog      bool          // stdout access log with the routing decision
+}
+
+// Role is the kind of Envoy node.
+type Role int
+
+const (
+	// Edge is an Envoy in front of the model hosts.
+	Edge Role = iota
+	// Sidecar is an Envoy beside a client service, outbound listener on localhost.
+	Sidecar
+)
+
+// Resources is one flavour's resources by type URL, ready for cache.NewSnapshot.
+type Resources map[resource.Type][]types.Resource
+
+// ClusterName names the Envoy cluster of one model version. Model names are DNS labels and
+// version names never hold '_', so the name is unambiguous.
+func ClusterName(model, version string) string { return model + "_" + version }
+
+// slotMap returns the model's slot map from the input or its initial layout.
+func (in *Input) slotMap(r *rollout.Rollout) SlotMap {
+	if m := in.Slots[r.Model]; len(m) == Slots {
+		return m
+	}
+	return NextSlotMap(nil, versionNames(r), r.Traffic)
+}
+
+// SlotMaps returns the next slot map of every model given the previous ones.
+func SlotMaps(set *rollout.Set, prev map[string]SlotMap) map[string]SlotMap {
+	out := make(map[string]SlotMap, len(set.Rollouts))
+	for _, r := range set.Rollouts {
+		out[r.Model] = NextSlotMap(prev[r.Model], versionNames(r), r.Traffic)
+	}
+	return out
+}
+
+func versionNames(r *rollout.Rollout) []string {
+	names := make([]string, len(r.Versions))
+	for i, v := range r.Versions {
+		names[i] = v.Name
+	}
+	return names
+}
+
+// endpoints returns the IP:port endpoints of a version, resolving DNS names through in.Resolved.
+func (in *Input) endpoints(v rollout.Version) []hostPort {
+	var out []hostPort
+	for _, ep := range v.Endpoints {
+		host, portStr, err := net.SplitHostPort(ep)
+		if err != nil {
+			continue // rollout.Validate rejects these
+		}
+		port, _ := strconv.Atoi(portStr)
+		if net.ParseIP(host) != nil {
+			out = append(out, hostPort{host, uint32(port)})
+			continue
+		}
+		ips := append([]string(nil), in.Resolved[host]...)
+		sort.Strings(ips)
+		for _, ip := range ips {
+			out = append(out, hostPort{ip, uint32(port)})
+		}
+	}
+	return out
+}
+
+type hostPort struct {
+	ip   string
+	port uint32
+}
+
+// Hostnames lists the DNS names (not IP literals) used by endpoints in the set, sorted.
+func Hostnames(set *rollout.Set) []string {
+	seen := map[string]bool{}
+	for _, r := range set.Rollouts {
+		for _, v := range r.Versions {
+			for _, ep := range v.Endpoints {
+				host, _, err := net.SplitHostPort(ep)
+				if err == nil && net.ParseIP(host) == nil {
+					seen[host] = true
+				}
+			}
+		}
+	}
+	out := make([]string, 0, len(seen))
+	for h := range seen {
+		out = append(out, h)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Policy builds the ext_proc policy resource from the same input as the Envoy resources.
+// Experiments of a layer take consecutive slot ranges in file order, so raising the
+// allocation of a layer's last experiment only adds users to it.
+func Policy(in *Input, version string) *policyv1.Policy {
+	p := &policyv1.Policy{ConfigVersion: version}
+	layerNext := map[string]uint32{}
+	var layers []string
+	for _, r := range in.Set.Rollouts {
+		m := &policyv1.Model{
+			Name:     r.Model,
+			Salt:     "patchbay/model/" + r.Model,
+			Versions: versionNames(r),
+			Pinning:  r.Pinning,
+			BodyMode: r.BodyMode,
+		}
+		for _, e := range r.Experiments {
+			if _, ok := layerNext[e.Layer]; !ok {
+				layers = append(layers, e.Layer)
+			}
+			start := layerNext[e.Layer]
+			end := start + uint32(e.Allocation*100+0.5)
+			if end > policyv1.LayerSlots {
+				end = policyv1.LayerSlots
+			}
+			layerNext[e.Layer] = end
+			pe := &policyv1.Experiment{
+				Name:      e.Name,
+				Layer:     e.Layer,
+				SlotStart: start,
+				SlotEnd:   end,
+				Salt:      "patchbay/experiment/" + e.Name,
+			}
+			if e.Match != nil {
+				names := make([]string, 0, len(e.Match.Headers))
+				for h := range e.Match.Headers {
+					names = append(names, h)
+				}
+				sort.Strings(names)
+				for _, h := range names {
+					pe.Match = append(pe.Match, &policyv1.HeaderMatch{Name: h, Values: e.Match.Headers[h]})
+				}
+			}
+			for _, a := range e.Arms {
+				pe.Arms = append(pe.Arms, &policyv1.Arm{Name: a.Name, Version: a.Version, Weight: uint32(a.Weight)})
+			}
+			m.Experiments = append(m.Experiments, pe)
+		}
+		p.Models = append(p.Models, m)
+	}
+	for _, l := range layers {
+		p.Layers = append(p.Layers, &policyv1.Layer{Name: l, Salt: "patchbay/layer/" + l})
+	}
+	return p
+}
+
+func errorJSON(msg string) string {
+	return `{"error":` + strconv.Quote(msg) + `}`
+}
+
+func mustNonEmpty(name string, rs []types.Resource) error {
+	if len(rs) == 0 {
+		return fmt.Errorf("no %s", name)
+	}
+	return nil
+}

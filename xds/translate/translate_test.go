@@ -1,0 +1,175 @@
+package translate
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/patchbay-io/patchbay/xds/rollout"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+var testOpts = Options{EdgeAddress: "0.0.0.0:10000", SidecarAddress: "127.0.0.1:15001", AccessLog: true}
+
+func loadInput(t *testing.T, path string) *Input {
+	t.Helper()
+	set, err := rollout.LoadFiles(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Input{Set: set, Resolved: map[string][]string{
+		"thumbs-v1.models.svc":   {"10.1.0.7", "10.1.0.3"},
+		"model-host.default.svc": {"10.2.0.1"},
+	}}
+}
+
+// normalize renders messages as indented JSON with sorted keys: protojson's own output
+// is deliberately unstable, so it is re-encoded through encoding/json.
+func normalize(t *testing.T, v any) []byte {
+	t.Helper()
+	var conv func(any) any
+	conv = func(v any) any {
+		switch x := v.(type) {
+		case proto.Message:
+			b, err := protojson.Marshal(x)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out any
+			if err := json.Unmarshal(b, &out); err != nil {
+				t.Fatal(err)
+			}
+			return out
+		case []types.Resource:
+			out := make([]any, len(x))
+			for i, m := range x {
+				out[i] = conv(m)
+			}
+			return out
+		case map[string]any:
+			out := map[string]any{}
+			for k, e := range x {
+				out[k] = conv(e)
+			}
+			return out
+		default:
+			return v
+		}
+	}
+	b, err := json.MarshalIndent(conv(v), "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(b, '\n')
+}
+
+func TestGolden(t *testing.T) {
+	cases, _ := filepath.Glob("testdata/*.yaml")
+	if len(cases) == 0 {
+		t.Fatal("no cases")
+	}
+	for _, path := range cases {
+		name := strings.TrimSuffix(filepath.Base(path), ".yaml")
+		t.Run(name, func(t *testing.T) {
+			in := loadInput(t, path)
+			b, err := Build(in, testOpts)
+			if err != nil {
+				t.Fatalf("Build: %v", err)
+			}
+			edge, _ := Envoy(in, testOpts, Edge)
+			got := normalize(t, map[string]any{
+				"version":   b.Version,
+				"listeners": edge[resource.ListenerType],
+				"routes":    edge[resource.RouteType],
+				"clusters":  edge[resource.ClusterType],
+				"endpoints": edge[resource.EndpointType],
+				"grpc":      map[string]any{"listeners": GRPC(in)[resource.ListenerType], "clusters": GRPC(in)[resource.ClusterType]},
+				"policy":    b.Policy,
+			})
+			golden := filepath.Join("testdata", name+".golden.json")
+			if *update {
+				if err := os.WriteFile(golden, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test -update)", err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("%s differs from the translation; run go test ./xds/translate -update and review the diff", golden)
+			}
+		})
+	}
+}
+
+func TestBuildIsDeterministic(t *testing.T) {
+	in := loadInput(t, "testdata/split.yaml")
+	a, err := Build(in, testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Build(loadInput(t, "testdata/split.yaml"), testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Version != b.Version || a.Policy.ConfigVersion != a.Version {
+		t.Fatalf("versions %s / %s / policy %s", a.Version, b.Version, a.Policy.ConfigVersion)
+	}
+	in.Set.Rollouts[0].Traffic = map[string]int{"v7": 80, "v8": 20}
+	c, err := Build(in, testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Version == a.Version {
+		t.Fatal("a weight change kept the version")
+	}
+}
+
+// TestBuildRefusesInvalid shows the validator gate: an input that slipped past rollout
+// validation (no traffic at all) yields an empty weighted cluster, which Envoy's rules
+// reject, and Build returns no snapshot.
+func TestBuildRefusesInvalid(t *testing.T) {
+	in := loadInput(t, "testdata/split.yaml")
+	in.Set.Rollouts[0].Traffic = map[string]int{}
+	b, err := Build(in, testOpts)
+	if err == nil || b != nil {
+		t.Fatalf("Build accepted an empty split: %v", b)
+	}
+	if !strings.Contains(err.Error(), "Clusters") && !strings.Contains(err.Error(), "clusters") {
+		t.Errorf("error does not name the field: %v", err)
+	}
+}
+
+func TestDNSNamesResolveToEDS(t *testing.T) {
+	in := loadInput(t, "testdata/pinning.yaml")
+	if got := Hostnames(in.Set); len(got) != 1 || got[0] != "thumbs-v1.models.svc" {
+		t.Fatalf("Hostnames = %v", got)
+	}
+	b1, err := Build(in, testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.Resolved["thumbs-v1.models.svc"] = []string{"10.1.0.9"}
+	b2, err := Build(in, testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b1.Version == b2.Version {
+		t.Fatal("new addresses for a name did not change the version")
+	}
+	cla := b2.Edge.GetResources(resource.EndpointType)["thumbs_v1"]
+	if !strings.Contains(protojson.Format(cla), "10.1.0.9") {
+		t.Fatalf("EDS lacks the new address: %v", cla)
+	}
+}
