@@ -112,6 +112,14 @@ type Arm struct {
 // Model returns the compiled model named name, or nil.
 func (t *Table) Model(name string) *Model { return t.models[name] }
 
+// GetLayers returns the model's layers; nil-safe.
+func (m *Model) GetLayers() []*Layer {
+	if m == nil {
+		return nil
+	}
+	return m.Layers
+}
+
 // Version returns the model's version named name, or nil.
 func (m *Model) Version(name string) *Version { return m.versions[name] }
 
