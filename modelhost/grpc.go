@@ -1,0 +1,454 @@
+package modelhost
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/patchbay-io/patchbay/api/headers"
+	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/modelhost/tensor"
+)
+
+// grpcService implements inference.GRPCInferenceService.
+type grpcService struct {
+	oip.UnimplementedGRPCInferenceServiceServer
+	s *Server
+}
+
+// RegisterGRPC registers the OIP gRPC service on g.
+func (s *Server) RegisterGRPC(g *grpc.Server) {
+	oip.RegisterGRPCInferenceServiceServer(g, &grpcService{s: s})
+}
+
+// GRPCServerOptions are the options Serve uses for its gRPC server.
+func (s *Server) GRPCServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(s.cfg.MaxBodyBytes)), grpc.MaxSendMsgSize(int(s.cfg.MaxBodyBytes))}
+}
+
+func grpcErr(e *apiError) error { return status.Error(e.code, e.msg) }
+
+func (g *grpcService) ServerLive(context.Context, *oip.ServerLiveRequest) (*oip.ServerLiveResponse, error) {
+	return &oip.ServerLiveResponse{Live: true}, nil
+}
+
+func (g *grpcService) ServerReady(context.Context, *oip.ServerReadyRequest) (*oip.ServerReadyResponse, error) {
+	return &oip.ServerReadyResponse{Ready: g.s.Ready()}, nil
+}
+
+func (g *grpcService) ModelReady(ctx context.Context, r *oip.ModelReadyRequest) (*oip.ModelReadyResponse, error) {
+	ok, err := g.s.modelReady(r.GetName(), r.GetVersion())
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return &oip.ModelReadyResponse{Ready: ok}, nil
+}
+
+func (g *grpcService) ServerMetadata(context.Context, *oip.ServerMetadataRequest) (*oip.ServerMetadataResponse, error) {
+	m := g.s.serverMetadata()
+	return &oip.ServerMetadataResponse{Name: m.Name, Version: m.Version, Extensions: m.Extensions}, nil
+}
+
+func (g *grpcService) ModelMetadata(ctx context.Context, r *oip.ModelMetadataRequest) (*oip.ModelMetadataResponse, error) {
+	md, err := g.s.metadata(r.GetName(), r.GetVersion())
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	conv := func(ts []tensorMeta) []*oip.ModelMetadataResponse_TensorMetadata {
+		out := make([]*oip.ModelMetadataResponse_TensorMetadata, len(ts))
+		for i, t := range ts {
+			out[i] = &oip.ModelMetadataResponse_TensorMetadata{Name: t.Name, Datatype: t.Datatype, Shape: t.Shape}
+		}
+		return out
+	}
+	return &oip.ModelMetadataResponse{Name: md.Name, Versions: md.Versions, Platform: md.Platform, Inputs: conv(md.Inputs), Outputs: conv(md.Outputs)}, nil
+}
+
+func (g *grpcService) RepositoryIndex(ctx context.Context, r *oip.RepositoryIndexRequest) (*oip.RepositoryIndexResponse, error) {
+	resp := &oip.RepositoryIndexResponse{}
+	for _, e := range g.s.Index(r.GetReady()) {
+		resp.Models = append(resp.Models, &oip.RepositoryIndexResponse_ModelIndex{Name: e.Name, Version: e.Version, State: e.State, Reason: e.Reason})
+	}
+	return resp, nil
+}
+
+func (g *grpcService) RepositoryModelLoad(ctx context.Context, r *oip.RepositoryModelLoadRequest) (*oip.RepositoryModelLoadResponse, error) {
+	if _, err := g.s.Load(r.GetModelName()); err != nil {
+		e := g.s.loadError(r.GetModelName(), err)
+		if e.code == codes.InvalidArgument {
+			e.code = codes.FailedPrecondition
+		}
+		return nil, grpcErr(e)
+	}
+	return &oip.RepositoryModelLoadResponse{}, nil
+}
+
+func (g *grpcService) RepositoryModelUnload(ctx context.Context, r *oip.RepositoryModelUnloadRequest) (*oip.RepositoryModelUnloadResponse, error) {
+	if err := g.s.Unload(r.GetModelName()); err != nil {
+		return nil, status.Error(codes.NotFound, err.Error())
+	}
+	return &oip.RepositoryModelUnloadResponse{}, nil
+}
+
+// mdCarrier adapts incoming gRPC metadata for trace context extraction.
+type mdCarrier metadata.MD
+
+func (c mdCarrier) Get(k string) string {
+	if v := metadata.MD(c).Get(k); len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+func (c mdCarrier) Set(k, v string) { metadata.MD(c).Set(k, v) }
+func (c mdCarrier) Keys() []string {
+	out := make([]string, 0, len(c))
+	for k := range c {
+		out = append(out, k)
+	}
+	return out
+}
+
+func first(md metadata.MD, k string) string {
+	if v := md[k]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) (*oip.ModelInferResponse, error) {
+	s := g.s
+	start := time.Now()
+	md, _ := metadata.FromIncomingContext(ctx)
+	name, ver := r.GetModelName(), r.GetModelVersion()
+	if name == "" {
+		name = first(md, headers.Model)
+	}
+	if ver == "" {
+		ver = first(md, headers.Version)
+	}
+	ctx, span := s.startSpan(ctx, mdCarrier(md), first(md, "traceparent") != "", "oip.grpc.infer")
+	defer span.End()
+	if name == "" {
+		e := errInvalid("model_name is empty and no %s metadata was sent", headers.Model)
+		s.failed(ctx, span, nil, "grpc", e)
+		return nil, grpcErr(e)
+	}
+	v, aerr := s.lookup(name, ver)
+	if aerr != nil {
+		s.failed(ctx, span, nil, "grpc", aerr)
+		return nil, grpcErr(aerr)
+	}
+	defer v.release()
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String("patchbay.model", name), attribute.String("patchbay.version", v.spec.Version))
+	}
+	resp, aerr := s.inferGRPC(ctx, v, r)
+	if aerr != nil {
+		s.failed(ctx, span, v, "grpc", aerr)
+		return nil, grpcErr(aerr)
+	}
+	_ = grpc.SetHeader(ctx, metadata.MD{headers.ServedBy: v.servedBy})
+	s.inst.requests.Add(ctx, 1, v.attrs.grpc)
+	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.grpc)
+	return resp, nil
+}
+
+func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferRequest) (*oip.ModelInferResponse, *apiError) {
+	raw := r.GetRawInputContents()
+	if len(raw) > 0 && len(raw) != len(r.GetInputs()) {
+		return nil, errInvalid("raw_input_contents has %d entries for %d inputs", len(raw), len(r.GetInputs()))
+	}
+	in := make([]*tensor.Tensor, len(r.GetInputs()))
+	limit := s.cfg.MaxTensorElements
+	for i, pt := range r.GetInputs() {
+		dt, ok := tensor.ParseDatatype(pt.GetDatatype())
+		if !ok {
+			return nil, errInvalid("input %q: unknown datatype %q", pt.GetName(), pt.GetDatatype())
+		}
+		t := &tensor.Tensor{Name: pt.GetName(), Datatype: dt, Shape: pt.GetShape()}
+		n, err := tensor.Elements(t.Shape, limit)
+		if err != nil {
+			return nil, errInvalid("input %q: %v", t.Name, err)
+		}
+		if len(raw) > 0 {
+			if pt.GetContents() != nil {
+				return nil, errInvalid("input %q: contents and raw_input_contents are both set", t.Name)
+			}
+			if err := fromRaw(t, raw[i], n); err != nil {
+				return nil, errInvalid("input %q: %v", t.Name, err)
+			}
+		} else if err := fromContents(t, pt.GetContents()); err != nil {
+			return nil, errInvalid("input %q: %v", t.Name, err)
+		}
+		in[i] = t
+	}
+	requested := make([]string, len(r.GetOutputs()))
+	for i, o := range r.GetOutputs() {
+		requested[i] = o.GetName()
+	}
+	ordered, aerr := s.prepare(v, in, make([]*tensor.Tensor, 0, len(v.spec.Inputs)), requested)
+	if aerr != nil {
+		return nil, aerr
+	}
+	outs, err := s.run(ctx, v, ordered, requested)
+	if err != nil {
+		return nil, asAPIError(err)
+	}
+	resp := &oip.ModelInferResponse{ModelName: v.spec.Model, ModelVersion: v.spec.Version, Id: r.GetId(),
+		Outputs: make([]*oip.ModelInferResponse_InferOutputTensor, len(outs))}
+	for i, o := range outs {
+		po := &oip.ModelInferResponse_InferOutputTensor{Name: o.Name, Datatype: o.Datatype.String(), Shape: o.Shape}
+		if len(raw) > 0 {
+			resp.RawOutputContents = append(resp.RawOutputContents, toRaw(o))
+		} else {
+			po.Contents = toContents(o)
+		}
+		resp.Outputs[i] = po
+	}
+	return resp, nil
+}
+
+// fromContents takes typed contents; the field must match the datatype.
+func fromContents(t *tensor.Tensor, c *oip.InferTensorContents) error {
+	if c == nil {
+		return errors.New("no contents (and no raw_input_contents)")
+	}
+	set := 0
+	for _, n := range []int{len(c.BoolContents), len(c.IntContents), len(c.Int64Contents), len(c.UintContents), len(c.Uint64Contents), len(c.Fp32Contents), len(c.Fp64Contents), len(c.BytesContents)} {
+		if n > 0 {
+			set++
+		}
+	}
+	if set > 1 {
+		return errors.New("more than one contents field is set")
+	}
+	wrong := func(field string) error {
+		if set == 1 {
+			return fmt.Errorf("datatype %s takes %s, another contents field is set", t.Datatype, field)
+		}
+		return nil
+	}
+	switch t.Datatype {
+	case tensor.FP32:
+		t.F32 = c.Fp32Contents
+		if len(t.F32) == 0 {
+			return wrong("fp32_contents")
+		}
+	case tensor.FP64:
+		t.F64 = c.Fp64Contents
+		if len(t.F64) == 0 {
+			return wrong("fp64_contents")
+		}
+	case tensor.INT64:
+		t.I64 = c.Int64Contents
+		if len(t.I64) == 0 {
+			return wrong("int64_contents")
+		}
+	case tensor.UINT64:
+		t.U64 = c.Uint64Contents
+		if len(t.U64) == 0 {
+			return wrong("uint64_contents")
+		}
+	case tensor.BOOL:
+		t.Bool = c.BoolContents
+		if len(t.Bool) == 0 {
+			return wrong("bool_contents")
+		}
+	case tensor.BYTES:
+		t.Bytes = c.BytesContents
+		if len(t.Bytes) == 0 {
+			return wrong("bytes_contents")
+		}
+	case tensor.INT8, tensor.INT16, tensor.INT32:
+		if len(c.IntContents) == 0 {
+			return wrong("int_contents")
+		}
+		lo, hi := t.Datatype.IntRange()
+		t.I64 = make([]int64, len(c.IntContents))
+		for i, x := range c.IntContents {
+			if int64(x) < lo || int64(x) > hi {
+				return fmt.Errorf("value %d out of %s range", x, t.Datatype)
+			}
+			t.I64[i] = int64(x)
+		}
+	case tensor.UINT8, tensor.UINT16, tensor.UINT32:
+		if len(c.UintContents) == 0 {
+			return wrong("uint_contents")
+		}
+		_, hi := t.Datatype.IntRange()
+		t.I64 = make([]int64, len(c.UintContents))
+		for i, x := range c.UintContents {
+			if int64(x) > hi {
+				return fmt.Errorf("value %d out of %s range", x, t.Datatype)
+			}
+			t.I64[i] = int64(x)
+		}
+	default:
+		return fmt.Errorf("datatype %s is not supported in typed contents", t.Datatype)
+	}
+	return nil
+}
+
+// fromRaw decodes little-endian raw bytes for n elements.
+func fromRaw(t *tensor.Tensor, b []byte, n int) error {
+	if t.Datatype == tensor.BYTES {
+		for len(b) > 0 {
+			if len(b) < 4 {
+				return errors.New("raw BYTES: truncated length prefix")
+			}
+			l := binary.LittleEndian.Uint32(b)
+			if uint64(l) > uint64(len(b)-4) {
+				return errors.New("raw BYTES: element longer than the data")
+			}
+			t.Bytes = append(t.Bytes, b[4:4+l])
+			b = b[4+l:]
+			if len(t.Bytes) > n {
+				break
+			}
+		}
+		return nil // the element count is checked against the shape later
+	}
+	size := t.Datatype.Size()
+	if size == 0 || t.Datatype == tensor.FP16 {
+		return fmt.Errorf("datatype %s is not supported", t.Datatype)
+	}
+	if len(b) != n*size {
+		return fmt.Errorf("raw contents hold %d bytes, shape %s of %s needs %d", len(b), tensor.FormatShape(t.Shape), t.Datatype, n*size)
+	}
+	le := binary.LittleEndian
+	switch t.Datatype {
+	case tensor.FP32:
+		t.F32 = make([]float32, n)
+		for i := range t.F32 {
+			t.F32[i] = math.Float32frombits(le.Uint32(b[i*4:]))
+		}
+	case tensor.FP64:
+		t.F64 = make([]float64, n)
+		for i := range t.F64 {
+			t.F64[i] = math.Float64frombits(le.Uint64(b[i*8:]))
+		}
+	case tensor.UINT64:
+		t.U64 = make([]uint64, n)
+		for i := range t.U64 {
+			t.U64[i] = le.Uint64(b[i*8:])
+		}
+	case tensor.BOOL:
+		t.Bool = make([]bool, n)
+		for i := range t.Bool {
+			t.Bool[i] = b[i] != 0
+		}
+	default:
+		t.I64 = make([]int64, n)
+		for i := range t.I64 {
+			switch t.Datatype {
+			case tensor.INT8:
+				t.I64[i] = int64(int8(b[i]))
+			case tensor.UINT8:
+				t.I64[i] = int64(b[i])
+			case tensor.INT16:
+				t.I64[i] = int64(int16(le.Uint16(b[i*2:])))
+			case tensor.UINT16:
+				t.I64[i] = int64(le.Uint16(b[i*2:]))
+			case tensor.INT32:
+				t.I64[i] = int64(int32(le.Uint32(b[i*4:])))
+			case tensor.UINT32:
+				t.I64[i] = int64(le.Uint32(b[i*4:]))
+			case tensor.INT64:
+				t.I64[i] = int64(le.Uint64(b[i*8:]))
+			}
+		}
+	}
+	return nil
+}
+
+func toContents(o *tensor.Tensor) *oip.InferTensorContents {
+	c := &oip.InferTensorContents{}
+	switch o.Datatype {
+	case tensor.FP32:
+		c.Fp32Contents = o.F32
+	case tensor.FP64:
+		c.Fp64Contents = o.F64
+	case tensor.INT64:
+		c.Int64Contents = o.I64
+	case tensor.UINT64:
+		c.Uint64Contents = o.U64
+	case tensor.BOOL:
+		c.BoolContents = o.Bool
+	case tensor.BYTES:
+		c.BytesContents = o.Bytes
+	case tensor.INT8, tensor.INT16, tensor.INT32:
+		c.IntContents = make([]int32, len(o.I64))
+		for i, x := range o.I64 {
+			c.IntContents[i] = int32(x)
+		}
+	case tensor.UINT8, tensor.UINT16, tensor.UINT32:
+		c.UintContents = make([]uint32, len(o.I64))
+		for i, x := range o.I64 {
+			c.UintContents[i] = uint32(x)
+		}
+	}
+	return c
+}
+
+func toRaw(o *tensor.Tensor) []byte {
+	le := binary.LittleEndian
+	switch o.Datatype {
+	case tensor.FP32:
+		b := make([]byte, 0, 4*len(o.F32))
+		for _, x := range o.F32 {
+			b = le.AppendUint32(b, math.Float32bits(x))
+		}
+		return b
+	case tensor.FP64:
+		b := make([]byte, 0, 8*len(o.F64))
+		for _, x := range o.F64 {
+			b = le.AppendUint64(b, math.Float64bits(x))
+		}
+		return b
+	case tensor.UINT64:
+		b := make([]byte, 0, 8*len(o.U64))
+		for _, x := range o.U64 {
+			b = le.AppendUint64(b, x)
+		}
+		return b
+	case tensor.BOOL:
+		b := make([]byte, len(o.Bool))
+		for i, x := range o.Bool {
+			if x {
+				b[i] = 1
+			}
+		}
+		return b
+	case tensor.BYTES:
+		var b []byte
+		for _, x := range o.Bytes {
+			b = le.AppendUint32(b, uint32(len(x)))
+			b = append(b, x...)
+		}
+		return b
+	}
+	size := o.Datatype.Size()
+	b := make([]byte, 0, size*len(o.I64))
+	for _, x := range o.I64 {
+		switch size {
+		case 1:
+			b = append(b, byte(x))
+		case 2:
+			b = le.AppendUint16(b, uint16(x))
+		case 4:
+			b = le.AppendUint32(b, uint32(x))
+		default:
+			b = le.AppendUint64(b, uint64(x))
+		}
+	}
+	return b
+}

@@ -1,0 +1,324 @@
+package modelhost
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	grpccodes "google.golang.org/grpc/codes"
+
+	"github.com/patchbay-io/patchbay/api/headers"
+	"github.com/patchbay-io/patchbay/modelhost/internal/oipjson"
+	"github.com/patchbay-io/patchbay/modelhost/tensor"
+)
+
+var (
+	servedByKey    = http.CanonicalHeaderKey(headers.ServedBy)
+	contentTypeKey = "Content-Type"
+	jsonCT         = []string{"application/json"}
+	propagator     = propagation.TraceContext{}
+)
+
+// restState is pooled per REST inference request.
+type restState struct {
+	body    bytes.Buffer
+	out     []byte
+	req     oipjson.Request
+	in      []*tensor.Tensor
+	ordered []*tensor.Tensor
+}
+
+var restPool = sync.Pool{New: func() any { return new(restState) }}
+
+// Handler returns the REST API (and /metrics when configured).
+func (s *Server) Handler() http.Handler { return s.mux }
+
+func (s *Server) routes() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v2/health/live", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]bool{"live": true})
+	})
+	mux.HandleFunc("GET /v2/health/ready", func(w http.ResponseWriter, r *http.Request) {
+		ok := s.Ready()
+		code := http.StatusOK
+		if !ok {
+			code = http.StatusServiceUnavailable
+		}
+		writeJSON(w, code, map[string]bool{"ready": ok})
+	})
+	mux.HandleFunc("GET /v2", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.serverMetadata())
+	})
+	mux.HandleFunc("GET /v2/models/{model}", s.handleMetadata)
+	mux.HandleFunc("GET /v2/models/{model}/versions/{version}", s.handleMetadata)
+	mux.HandleFunc("GET /v2/models/{model}/ready", s.handleModelReady)
+	mux.HandleFunc("GET /v2/models/{model}/versions/{version}/ready", s.handleModelReady)
+	mux.HandleFunc("POST /v2/models/{model}/infer", s.handleInfer)
+	mux.HandleFunc("POST /v2/models/{model}/versions/{version}/infer", s.handleInfer)
+	mux.HandleFunc("POST /v2/repository/index", s.handleIndex)
+	mux.HandleFunc("POST /v2/repository/models/{model}/load", s.handleLoad)
+	mux.HandleFunc("POST /v2/repository/models/{model}/unload", s.handleUnload)
+	if s.cfg.MetricsHandler != nil {
+		mux.Handle("GET /metrics", s.cfg.MetricsHandler)
+	}
+	return mux
+}
+
+// Ready reports whether the repository has been loaded and the server is not stopping.
+func (s *Server) Ready() bool { return s.ready.Load() && !s.closing.Load() }
+
+type serverMeta struct {
+	Name       string   `json:"name"`
+	Version    string   `json:"version"`
+	Extensions []string `json:"extensions"`
+}
+
+func (s *Server) serverMetadata() serverMeta {
+	return serverMeta{Name: s.cfg.ServerName, Version: s.cfg.ServerVersion, Extensions: []string{"model_repository"}}
+}
+
+type tensorMeta struct {
+	Name     string  `json:"name"`
+	Datatype string  `json:"datatype"`
+	Shape    []int64 `json:"shape"`
+}
+
+type modelMeta struct {
+	Name     string       `json:"name"`
+	Versions []string     `json:"versions"`
+	Platform string       `json:"platform"`
+	Inputs   []tensorMeta `json:"inputs"`
+	Outputs  []tensorMeta `json:"outputs"`
+}
+
+func toMeta(ms []tensor.Meta) []tensorMeta {
+	out := make([]tensorMeta, len(ms))
+	for i, m := range ms {
+		out[i] = tensorMeta{Name: m.Name, Datatype: m.Datatype.String(), Shape: m.Shape}
+	}
+	return out
+}
+
+func (s *Server) metadata(name, ver string) (modelMeta, *apiError) {
+	m, v, err := s.peek(name, ver)
+	if err != nil {
+		return modelMeta{}, err
+	}
+	if !v.ready() {
+		return modelMeta{}, errUnavailable("model %q version %q is not ready: %v", name, v.spec.Version, v.err)
+	}
+	md := modelMeta{Name: name, Versions: m.names, Platform: v.spec.Runtime, Inputs: toMeta(v.spec.Inputs), Outputs: toMeta(v.spec.Outputs)}
+	if ver != "" {
+		md.Versions = []string{ver}
+	}
+	return md, nil
+}
+
+func (s *Server) handleMetadata(w http.ResponseWriter, r *http.Request) {
+	md, err := s.metadata(r.PathValue("model"), r.PathValue("version"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, md)
+}
+
+// modelReady is the readiness of a model version; reason is set when not ready.
+func (s *Server) modelReady(name, ver string) (bool, *apiError) {
+	_, v, err := s.peek(name, ver)
+	if err != nil {
+		if err.status == http.StatusServiceUnavailable {
+			return false, nil
+		}
+		return false, err
+	}
+	return v.ready(), nil
+}
+
+func (s *Server) handleModelReady(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("model")
+	ok, err := s.modelReady(name, r.PathValue("version"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	code := http.StatusOK
+	if !ok {
+		code = http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, map[string]any{"name": name, "ready": ok})
+}
+
+type indexRow struct {
+	Name    string `json:"name"`
+	Version string `json:"version,omitempty"`
+	State   string `json:"state"`
+	Reason  string `json:"reason,omitempty"`
+}
+
+func (s *Server) handleIndex(w http.ResponseWriter, r *http.Request) {
+	var q struct {
+		Ready bool `json:"ready"`
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<16))
+	if err == nil && len(bytes.TrimSpace(body)) > 0 {
+		dec := json.NewDecoder(bytes.NewReader(body))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&q); err != nil {
+			writeError(w, errInvalid("repository index request: %v", err))
+			return
+		}
+	}
+	rows := []indexRow{}
+	for _, e := range s.Index(q.Ready) {
+		rows = append(rows, indexRow(e))
+	}
+	writeJSON(w, http.StatusOK, rows)
+}
+
+func (s *Server) loadError(name string, err error) *apiError {
+	if errors.Is(err, errNotInRepository) {
+		return errNotFound("model %q not found in the repository", name)
+	}
+	return errInvalid("load model %q: %v", name, err)
+}
+
+func (s *Server) handleLoad(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("model")
+	if _, err := s.Load(name); err != nil {
+		writeError(w, s.loadError(name, err))
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+func (s *Server) handleUnload(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("model")
+	if err := s.Unload(name); err != nil {
+		writeError(w, errNotFound("%v", err))
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		code, b = http.StatusInternalServerError, oipjson.AppendError(nil, "encode response: "+err.Error())
+	}
+	w.Header()[contentTypeKey] = jsonCT
+	w.WriteHeader(code)
+	_, _ = w.Write(b)
+}
+
+func writeError(w http.ResponseWriter, e *apiError) {
+	w.Header()[contentTypeKey] = jsonCT
+	w.WriteHeader(e.status)
+	_, _ = w.Write(oipjson.AppendError(nil, e.msg))
+}
+
+// startSpan continues the caller's trace when it sent a traceparent.
+func (s *Server) startSpan(ctx context.Context, carrier propagation.TextMapCarrier, traced bool, name string) (context.Context, trace.Span) {
+	if traced {
+		ctx = propagator.Extract(ctx, carrier)
+	}
+	return s.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindServer))
+}
+
+func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	name := r.PathValue("model")
+	ver := r.PathValue("version")
+	if ver == "" {
+		ver = r.Header.Get(headers.Version)
+	}
+	ctx, span := s.startSpan(r.Context(), propagation.HeaderCarrier(r.Header), r.Header.Get("traceparent") != "", "oip.rest.infer")
+	defer span.End()
+	v, aerr := s.lookup(name, ver)
+	if aerr != nil {
+		s.failed(ctx, span, nil, "rest", aerr)
+		writeError(w, aerr)
+		return
+	}
+	defer v.release()
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String("patchbay.model", name), attribute.String("patchbay.version", v.spec.Version))
+	}
+	st := restPool.Get().(*restState)
+	defer restPool.Put(st)
+	out, aerr := s.inferREST(ctx, v, r, st)
+	if aerr != nil {
+		s.failed(ctx, span, v, "rest", aerr)
+		writeError(w, aerr)
+		return
+	}
+	h := w.Header()
+	h[contentTypeKey] = jsonCT
+	h[servedByKey] = v.servedBy
+	_, _ = w.Write(out)
+	s.inst.requests.Add(ctx, 1, v.attrs.rest)
+	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.rest)
+	if e := s.log.Debug(); e.Enabled() {
+		e.Str("model", name).Str("version", v.spec.Version).Dur("took", time.Since(start)).Msg("rest infer")
+	}
+}
+
+func (s *Server) inferREST(ctx context.Context, v *version, r *http.Request, st *restState) ([]byte, *apiError) {
+	limit := s.cfg.MaxBodyBytes
+	if r.ContentLength > limit {
+		return nil, &apiError{http.StatusRequestEntityTooLarge, grpccodes.ResourceExhausted, "request body of " + strconv.FormatInt(r.ContentLength, 10) + " bytes exceeds the limit of " + strconv.FormatInt(limit, 10)}
+	}
+	st.body.Reset()
+	if _, err := st.body.ReadFrom(io.LimitReader(r.Body, limit+1)); err != nil {
+		return nil, errInvalid("read request body: %v", err)
+	}
+	if int64(st.body.Len()) > limit {
+		return nil, &apiError{http.StatusRequestEntityTooLarge, grpccodes.ResourceExhausted, "request body exceeds the limit of " + strconv.FormatInt(limit, 10) + " bytes"}
+	}
+	if err := oipjson.Decode(st.body.Bytes(), &st.req, s.cfg.MaxTensorElements); err != nil {
+		return nil, errInvalid("%v", err)
+	}
+	st.in = st.in[:0]
+	for i := range st.req.Inputs {
+		st.in = append(st.in, &st.req.Inputs[i])
+	}
+	ordered, aerr := s.prepare(v, st.in, st.ordered, st.req.Outputs)
+	st.ordered = ordered
+	if aerr != nil {
+		return nil, aerr
+	}
+	outs, err := s.run(ctx, v, ordered, st.req.Outputs)
+	if err != nil {
+		return nil, asAPIError(err)
+	}
+	st.out = oipjson.AppendResponse(st.out[:0], &oipjson.Response{Model: v.spec.Model, Version: v.spec.Version, ID: st.req.ID, Outputs: outs})
+	return st.out, nil
+}
+
+// failed counts and traces a failed request.
+func (s *Server) failed(ctx context.Context, span trace.Span, v *version, proto string, e *apiError) {
+	model, ver := "_unknown", ""
+	if v != nil {
+		model, ver = v.spec.Model, v.spec.Version
+		opt := v.attrs.rest
+		if proto == "grpc" {
+			opt = v.attrs.grpc
+		}
+		s.inst.requests.Add(ctx, 1, opt)
+	}
+	s.inst.errors.Add(ctx, 1, errorAttrs(model, ver, proto, e.code.String()))
+	span.SetStatus(codes.Error, e.msg)
+	if d := s.log.Debug(); d.Enabled() {
+		d.Str("model", model).Str("version", ver).Str("code", e.code.String()).Msg(e.msg)
+	}
+}
