@@ -371,10 +371,20 @@ func Decode(body []byte, r *Request, limit int) error {
 	r.Outputs = r.Outputs[:0]
 	s := scanner{b: body, str: r.str[:0], limit: limit}
 	defer func() { r.str = s.str }()
-	var sawInputs bool
+	var sawInputs, sawID, sawOutputs, sawParams bool
+	once := func(seen *bool, key []byte) error {
+		if *seen {
+			return s.fail("field \"" + string(key) + "\" given twice")
+		}
+		*seen = true
+		return nil
+	}
 	err := s.object(func(key []byte) error {
 		switch string(key) {
 		case "id":
+			if err := once(&sawID, key); err != nil {
+				return err
+			}
 			v, err := s.string()
 			if err != nil {
 				return err
@@ -383,14 +393,22 @@ func Decode(body []byte, r *Request, limit int) error {
 			r.ID = string(r.idBuf)
 			return nil
 		case "parameters":
+			if err := once(&sawParams, key); err != nil {
+				return err
+			}
 			if s.peek() != '{' {
 				return s.fail("parameters: want an object")
 			}
 			return s.skip(0)
 		case "inputs":
-			sawInputs = true
+			if err := once(&sawInputs, key); err != nil {
+				return err
+			}
 			return s.array(func(i int) error { return s.input(r) })
 		case "outputs":
+			if err := once(&sawOutputs, key); err != nil {
+				return err
+			}
 			return s.array(func(i int) error { return s.output(r) })
 		}
 		return s.fail("unknown field \"" + string(key) + "\"")
@@ -412,6 +430,9 @@ func (s *scanner) output(r *Request) error {
 	err := s.object(func(key []byte) error {
 		switch string(key) {
 		case "name":
+			if name != nil {
+				return s.fail("outputs: field \"name\" given twice")
+			}
 			v, err := s.string()
 			name = v
 			if err == nil {
@@ -438,9 +459,26 @@ func (s *scanner) input(r *Request) error {
 		r.Inputs = append(r.Inputs, tensor.Tensor{})
 	}
 	t := &r.Inputs[idx]
-	var hasName, hasShape bool
+	var hasName, hasShape, hasParams bool
 	dataStart, dataEnd := -1, -1
 	err := s.object(func(key []byte) error {
+		dup := false
+		switch string(key) {
+		case "name":
+			dup = hasName
+		case "datatype":
+			dup = t.Datatype != tensor.Invalid
+		case "shape":
+			dup = hasShape
+		case "data":
+			dup = dataStart >= 0
+		case "parameters":
+			dup = hasParams
+			hasParams = true
+		}
+		if dup {
+			return s.fail("inputs: field \"" + string(key) + "\" given twice")
+		}
 		switch string(key) {
 		case "name":
 			v, err := s.string()
