@@ -1,15 +1,176 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"flag"
+	"fmt"
 	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/patchbay-io/patchbay/internal/telemetry"
+	"github.com/patchbay-io/patchbay/xds"
+	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
 func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
-	return errors.New("xds: not implemented yet")
+	fs := flag.NewFlagSet("patchbay xds", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		dir        = fs.String("rollouts", "", "directory of rollout files to watch (required)")
+		listen     = fs.String("listen", "127.0.0.1:18000", "ADS gRPC address (Envoy, proxyless gRPC, ext_proc)")
+		admin      = fs.String("admin", "127.0.0.1:18001", "admin HTTP address: /readyz /metrics /status, rollback API")
+		edge       = fs.String("edge-listener", "127.0.0.1:10000", "address of the edge Envoy listener emitted to edge nodes")
+		sidecar    = fs.String("sidecar-listener", "127.0.0.1:15001", "address of the outbound listener emitted to sidecar nodes")
+		tokenFile  = fs.String("admin-token-file", "", "file holding the bearer token of the rollback API (unset: rollback API disabled)")
+		extprocTO  = fs.Duration("extproc-timeout", translate.DefaultTimeout, "ext_proc message timeout emitted to Envoy (fail open after it)")
+		accessLog  = fs.Bool("access-log", true, "emit an Envoy stdout access log with the routing decision")
+		dnsRefresh = fs.Duration("dns-refresh", 5*time.Second, "how often endpoint host names are re-resolved")
+		debounce   = fs.Duration("debounce", 10*time.Millisecond, "quiet time after a file event before reloading")
+		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
+	)
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if *dir == "" || fs.NArg() > 0 {
+		fs.Usage()
+		return fmt.Errorf("xds: --rollouts DIR is required: %w", errUsage)
+	}
+	log, err := telemetry.NewLogger(stderr, *logLevel)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	token := ""
+	if *tokenFile != "" {
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return fmt.Errorf("admin token: %w", err)
+		}
+		if token = strings.TrimSpace(string(b)); token == "" {
+			return fmt.Errorf("admin token file %s is empty", *tokenFile)
+		}
+	}
+	metrics, err := telemetry.NewMetrics()
+	if err != nil {
+		return err
+	}
+	defer metrics.Shutdown(context.Background())
+	srv, err := xds.New(xds.Config{
+		RolloutsDir: *dir,
+		Translate: translate.Options{
+			EdgeAddress: *edge, SidecarAddress: *sidecar, ExtprocTimeout: *extprocTO, AccessLog: *accessLog,
+		},
+		AdminToken: token,
+		DNSRefresh: *dnsRefresh,
+		Debounce:   *debounce,
+		Logger:     log,
+		Metrics:    metrics,
+	})
+	if err != nil {
+		return err
+	}
+	gl, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", *listen, err)
+	}
+	al, err := net.Listen("tcp", *admin)
+	if err != nil {
+		gl.Close()
+		return fmt.Errorf("admin listen %s: %w", *admin, err)
+	}
+	return srv.Run(ctx, gl, al)
 }
 
 func runRollout(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return errors.New("rollout: not implemented yet")
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: patchbay rollout validate PATH... | patchbay rollout rollback MODEL --admin URL [--token-file F] [--version V]")
+		return fmt.Errorf("rollout: no subcommand: %w", errUsage)
+	}
+	switch args[0] {
+	case "validate":
+		return validateRollouts(args[1:], stdout, stderr)
+	case "rollback":
+		return rollback(ctx, args[1:], stdout, stderr)
+	default:
+		return fmt.Errorf("rollout: unknown subcommand %q: %w", args[0], errUsage)
+	}
+}
+
+func validateRollouts(paths []string, stdout, stderr io.Writer) error {
+	if len(paths) == 0 {
+		return fmt.Errorf("rollout validate: name at least one file or directory: %w", errUsage)
+	}
+	set, err := rollout.LoadFiles(paths...)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return errors.New("rollout validate: invalid")
+	}
+	for _, r := range set.Rollouts {
+		fmt.Fprintf(stdout, "ok  %s  model %s: %d versions, %d experiments\n", r.Source.File, r.Model, len(r.Versions), len(r.Experiments))
+	}
+	return nil
+}
+
+func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("patchbay rollout rollback", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	admin := fs.String("admin", "http://127.0.0.1:18001", "control plane admin URL")
+	tokenFile := fs.String("token-file", "", "file holding the admin bearer token (or set PATCHBAY_ADMIN_TOKEN)")
+	version := fs.String("version", "", "send 100% to this version (default: the last known-good split)")
+	release := fs.Bool("release", false, "release a rollback in force instead")
+	// Accept the model before or after the flags.
+	var model string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		model, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if model == "" && fs.NArg() == 1 {
+		model = fs.Arg(0)
+	}
+	if model == "" {
+		return fmt.Errorf("rollout rollback: name the model: %w", errUsage)
+	}
+	token := os.Getenv("PATCHBAY_ADMIN_TOKEN")
+	if *tokenFile != "" {
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return fmt.Errorf("token: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	method, body := http.MethodPost, []byte("{}")
+	if *version != "" {
+		body, _ = json.Marshal(map[string]string{"version": *version})
+	}
+	if *release {
+		method, body = http.MethodDelete, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(*admin, "/")+"/v1/models/"+model+"/rollback", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("rollback: %w", err)
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("rollback: %s: %s", resp.Status, strings.TrimSpace(string(out)))
+	}
+	_, err = stdout.Write(out)
+	return err
 }

@@ -31,7 +31,7 @@ type Rollout struct {
 	BodyMode bool `yaml:"bodyMode"`
 
 	// Source is where this document came from: file and line of its first key.
-	Source Position `yaml:"-"`
+	Source Position `yaml:"-" json:"-"`
 	// lines maps a field path ("traffic.v7", "versions[1].name") to its line.
 	lines map[string]int
 }

@@ -1,0 +1,264 @@
+package xds
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/translate"
+)
+
+// AdminHandler serves /readyz, /metrics, /status and the rollback API.
+//
+//	POST   /v1/models/{model}/rollback   body optional: {"version": "v7"}
+//	DELETE /v1/models/{model}/rollback   release a rollback before the file changes
+//
+// Without a version, the model goes back to its last known-good split: the most recent
+// applied state whose traffic differs from the current one. With a version, 100% of the
+// model's traffic goes to it, experiments and shadows off. Either way it is live at once
+// and holds until the model's rollout file changes. Both need "Authorization: Bearer TOKEN".
+func (s *Server) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if s.Version() == "" {
+			http.Error(w, "no valid config yet", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.Handle("GET /metrics", s.cfg.Metrics.Handler)
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.Status()) })
+	mux.HandleFunc("POST /v1/models/{model}/rollback", s.auth(s.handleRollback))
+	mux.HandleFunc("DELETE /v1/models/{model}/rollback", s.auth(s.handleRelease))
+	return mux
+}
+
+func (s *Server) auth(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.cfg.AdminToken == "" {
+			writeJSON(w, http.StatusForbidden, errorBody("rollback API disabled: start patchbay xds with --admin-token-file"))
+			return
+		}
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.cfg.AdminToken)) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="patchbay"`)
+			writeJSON(w, http.StatusUnauthorized, errorBody("missing or wrong bearer token"))
+			return
+		}
+		next(w, r)
+	}
+}
+
+// RollbackResult is the rollback API's answer.
+type RollbackResult struct {
+	Model   string         `json:"model"`
+	Traffic map[string]int `json:"traffic"`
+	Version string         `json:"config_version"`
+	Reason  string         `json:"reason"`
+}
+
+func (s *Server) handleRollback(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		Version string `json:"version"`
+	}
+	b, err := io.ReadAll(io.LimitReader(r.Body, 4096))
+	if err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		dec := json.NewDecoder(strings.NewReader(string(b)))
+		dec.DisallowUnknownFields()
+		err = dec.Decode(&body)
+	}
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, errorBody("body: want {} or {\"version\": \"<version>\"}: "+err.Error()))
+		return
+	}
+	res, code, err := s.Rollback(r.Context(), r.PathValue("model"), body.Version)
+	if err != nil {
+		writeJSON(w, code, errorBody(err.Error()))
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
+	model := r.PathValue("model")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state.overrides[model] == nil {
+		writeJSON(w, http.StatusNotFound, errorBody("no rollback in force for model "+model))
+		return
+	}
+	o := s.state.overrides[model]
+	delete(s.state.overrides, model)
+	if err := s.applyLocked(r.Context()); err != nil {
+		s.state.overrides[model] = o
+		writeJSON(w, http.StatusInternalServerError, errorBody(err.Error()))
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"model": model, "config_version": s.state.built.Version})
+}
+
+// Rollback applies a rollback (see AdminHandler) and returns the HTTP status to answer with.
+func (s *Server) Rollback(ctx context.Context, model, version string) (*RollbackResult, int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state.files == nil {
+		return nil, http.StatusServiceUnavailable, errors.New("no config loaded yet")
+	}
+	file := s.state.files.Model(model)
+	if file == nil {
+		return nil, http.StatusNotFound, fmt.Errorf("unknown model %q", model)
+	}
+	current := file
+	if o := s.state.overrides[model]; o != nil {
+		current = o.rollout
+	}
+	var target *rollout.Rollout
+	var reason string
+	if version != "" {
+		if !hasVersion(current, version) {
+			return nil, http.StatusBadRequest, fmt.Errorf("model %q has no version %q", model, version)
+		}
+		c := *current
+		c.Traffic = map[string]int{version: 100}
+		c.Experiments, c.Shadow = nil, nil
+		target, reason = &c, "all traffic to "+version
+	} else {
+		h := s.state.history[model]
+		for i := len(h) - 1; i >= 0; i-- {
+			if !sameTraffic(h[i].Traffic, current.Traffic) {
+				target = h[i]
+				break
+			}
+		}
+		if target == nil {
+			return nil, http.StatusConflict, fmt.Errorf("model %q has no earlier split to go back to: name a version", model)
+		}
+		reason = "last known-good split"
+	}
+	prev := s.state.overrides[model]
+	s.state.overrides[model] = &override{rollout: target, fileFP: fingerprint(file), reason: reason, at: time.Now().UTC()}
+	if err := s.applyLocked(ctx); err != nil {
+		if prev == nil {
+			delete(s.state.overrides, model)
+		} else {
+			s.state.overrides[model] = prev
+		}
+		return nil, http.StatusInternalServerError, err
+	}
+	s.metrics.rollbacks.Add(ctx, 1)
+	s.log.Warn().Str("model", model).Str("reason", reason).Interface("traffic", target.Traffic).
+		Str("version", s.state.built.Version).Msg("rollback applied; holds until the model's file changes")
+	return &RollbackResult{Model: model, Traffic: target.Traffic, Version: s.state.built.Version, Reason: reason}, http.StatusOK, nil
+}
+
+// Status is what /status shows.
+type Status struct {
+	ConfigVersion   string          `json:"config_version"`
+	Ready           bool            `json:"ready"`
+	AppliedAt       *time.Time      `json:"applied_at,omitempty"`
+	RolloutsDir     string          `json:"rollouts_dir"`
+	Models          []ModelStatus   `json:"models"`
+	LastError       *statusError    `json:"last_error,omitempty"`
+	RejectedConfigs int             `json:"rejected_configs"`
+	Clients         map[Flavour]int `json:"clients"`
+}
+
+// ModelStatus is one model's served state.
+type ModelStatus struct {
+	Name        string             `json:"name"`
+	File        string             `json:"file"`
+	Versions    []string           `json:"versions"`
+	Traffic     map[string]int     `json:"traffic"`
+	SlotRuns    []translate.Run    `json:"slot_runs"`
+	Experiments []string           `json:"experiments,omitempty"`
+	Shadows     map[string]float64 `json:"shadows,omitempty"`
+	Rollback    *RollbackStatus    `json:"rollback,omitempty"`
+}
+
+// RollbackStatus describes a rollback in force.
+type RollbackStatus struct {
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+}
+
+// Status reports the served state.
+func (s *Server) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Status{RolloutsDir: s.cfg.RolloutsDir, LastError: s.state.lastErr, RejectedConfigs: s.state.rejected,
+		Clients: s.metrics.clients.byFlavour(), Models: []ModelStatus{}}
+	if s.state.built == nil {
+		return st
+	}
+	st.ConfigVersion, st.Ready = s.state.built.Version, true
+	at := s.state.applied
+	st.AppliedAt = &at
+	for _, r := range s.effectiveLocked().Rollouts {
+		ms := ModelStatus{Name: r.Model, File: r.Source.File, Traffic: r.Traffic, SlotRuns: s.state.slots[r.Model].Runs()}
+		for _, v := range r.Versions {
+			ms.Versions = append(ms.Versions, v.Name)
+		}
+		for _, e := range r.Experiments {
+			ms.Experiments = append(ms.Experiments, e.Name)
+		}
+		if len(r.Shadow) > 0 {
+			ms.Shadows = map[string]float64{}
+			for _, sh := range r.Shadow {
+				ms.Shadows[sh.Version] = sh.Percent
+			}
+		}
+		if o := s.state.overrides[r.Model]; o != nil {
+			ms.Rollback = &RollbackStatus{Reason: o.reason, At: o.at}
+		}
+		st.Models = append(st.Models, ms)
+	}
+	return st
+}
+
+func hasVersion(r *rollout.Rollout, v string) bool {
+	for _, x := range r.Versions {
+		if x.Name == v {
+			return true
+		}
+	}
+	return false
+}
+
+func sameTraffic(a, b map[string]int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// fingerprint identifies a rollout's content (not its position in the file).
+func fingerprint(r *rollout.Rollout) string {
+	b, _ := json.Marshal(r) // plain structs and maps: cannot fail
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+func errorBody(msg string) map[string]string { return map[string]string{"error": msg} }
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
