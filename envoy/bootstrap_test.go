@@ -280,3 +280,14 @@ func mustAny(t testing.TB, m proto.Message) *anypb.Any {
 	}
 	return a
 }
+
+func TestVersionIsEmbedded(t *testing.T) {
+	t.Parallel()
+	pin, err := os.ReadFile(".envoy-version")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := Version(), strings.TrimSpace(string(pin)); got != want || got == "" {
+		t.Fatalf("Version() = %q, want %q", got, want)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -35,6 +36,12 @@ import (
 
 //go:embed edge.yaml sidecar.yaml
 var files embed.FS
+
+//go:embed .envoy-version
+var versionFile string
+
+// Version is the Envoy release patchbay is built and tested against (.envoy-version).
+func Version() string { return strings.TrimSpace(versionFile) }
 
 // Role is the kind of Envoy node; the control plane reads it from node metadata.
 type Role string

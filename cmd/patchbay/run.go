@@ -16,6 +16,7 @@ Commands:
   xds        xDS control plane: rollout files -> Envoy, ext_proc and proxyless gRPC config
   extproc    Envoy ext_proc router: sticky buckets and experiment arms per request
   modelhost  model host: Open Inference Protocol (REST + gRPC) over a model repository
+  up         everything on this machine from examples/ (model hosts, xds, extproc, Envoy if found)
   rollout    rollout tools: validate PATH..., rollback MODEL --admin URL
   help       this text
 
@@ -48,6 +49,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runModelhost(ctx, args[1:], stderr)
 	case "rollout":
 		return runRollout(ctx, args[1:], stdout, stderr)
+	case "up":
+		return runUp(ctx, args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

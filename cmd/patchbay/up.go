@@ -1,0 +1,575 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	funce "github.com/tetratelabs/func-e"
+	funceapi "github.com/tetratelabs/func-e/api"
+
+	"github.com/patchbay-io/patchbay/api/headers"
+	"github.com/patchbay-io/patchbay/envoy"
+)
+
+// upConfig is everything `patchbay up` starts, and where.
+type upConfig struct {
+	bin                   string // the patchbay binary to run for each part
+	rollouts, repository  string
+	hostHTTP, hostGRPC    []string
+	xdsListen, xdsAdmin   string
+	extprocListen         string
+	extprocAdmin          string
+	edgeListener, sidecar string
+	envoyAdmin, envoyStat string
+	envoy                 string // "auto", "off" or a path
+	download              bool
+	envoyBin              string // $ENVOY_BIN
+	logLevel              string
+	readyTimeout          time.Duration
+	envoyTimeout          time.Duration
+	stopGrace             time.Duration
+}
+
+// runUp starts every part of patchbay on this machine from an examples directory:
+// model hosts, then the control plane, then ext_proc, then Envoy when it can be had.
+// Each part is this binary run as a child process; their logs are prefixed with
+// their name. It returns when ctx ends (Ctrl-C), after stopping the children in
+// reverse order (SIGTERM, then SIGKILL after a grace period), or when a child dies.
+func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := parseUp(args, stderr)
+	if err != nil {
+		return err
+	}
+	u := &upRun{cfg: cfg, stdout: stdout, log: &prefixLog{w: stderr}}
+	return u.run(ctx)
+}
+
+func parseUp(args []string, stderr io.Writer) (upConfig, error) {
+	fs := flag.NewFlagSet("up", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var c upConfig
+	examples := fs.String("examples", "examples", "examples directory: rollouts from DIR/rollouts, model repository DIR/models")
+	fs.StringVar(&c.rollouts, "rollouts", "", "rollout directory (default DIR/rollouts of --examples)")
+	fs.StringVar(&c.repository, "repository", "", "model repository (default DIR/models of --examples)")
+	hostHTTP := fs.String("modelhost-http", "127.0.0.1:9001,127.0.0.1:9002", "comma-separated OIP REST addresses, one model host each (the example rollouts name these)")
+	hostGRPC := fs.String("modelhost-grpc", "127.0.0.1:9011,127.0.0.1:9012", "comma-separated OIP gRPC addresses, same order as --modelhost-http")
+	fs.StringVar(&c.xdsListen, "xds-listen", "127.0.0.1:18000", "control plane ADS address")
+	fs.StringVar(&c.xdsAdmin, "xds-admin", "127.0.0.1:18001", "control plane admin address (/readyz, /status, rollback)")
+	fs.StringVar(&c.extprocListen, "extproc-listen", "127.0.0.1:18080", "ext_proc gRPC address")
+	fs.StringVar(&c.extprocAdmin, "extproc-admin", "127.0.0.1:18081", "ext_proc admin address")
+	fs.StringVar(&c.edgeListener, "edge-listener", "127.0.0.1:10000", "Envoy edge listener the control plane emits")
+	fs.StringVar(&c.sidecar, "sidecar-listener", "127.0.0.1:15001", "Envoy sidecar outbound listener the control plane emits")
+	fs.StringVar(&c.envoyAdmin, "envoy-admin", "127.0.0.1:9901", "Envoy admin address (loopback)")
+	fs.StringVar(&c.envoyStat, "envoy-stats", "127.0.0.1:9902", "Envoy /ready and /stats/prometheus listener")
+	fs.StringVar(&c.envoy, "envoy", "auto", `Envoy binary: "auto" ($ENVOY_BIN, then envoy on PATH, then a func-e download), "off", or a path`)
+	fs.BoolVar(&c.download, "envoy-download", true, "with --envoy auto, let func-e download the pinned Envoy when none is found")
+	fs.StringVar(&c.bin, "bin", "", "patchbay binary to run for each part (default: this one)")
+	fs.StringVar(&c.logLevel, "log-level", "info", "log level of every part: debug, info, warn or error")
+	fs.DurationVar(&c.readyTimeout, "ready-timeout", 60*time.Second, "how long each part may take to become ready")
+	fs.DurationVar(&c.envoyTimeout, "envoy-timeout", 5*time.Minute, "how long Envoy may take to be ready (a func-e download included)")
+	fs.DurationVar(&c.stopGrace, "stop-grace", 5*time.Second, "how long a part may take to stop after SIGTERM before it is killed")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return c, err
+		}
+		return c, fmt.Errorf("up: %v: %w", err, errUsage)
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("up: unexpected arguments %q: %w", fs.Args(), errUsage)
+	}
+	if c.rollouts == "" {
+		c.rollouts = filepath.Join(*examples, "rollouts")
+	}
+	if c.repository == "" {
+		c.repository = filepath.Join(*examples, "models")
+	}
+	c.hostHTTP, c.hostGRPC = splitList(*hostHTTP), splitList(*hostGRPC)
+	var errs []error
+	if len(c.hostHTTP) == 0 || len(c.hostHTTP) != len(c.hostGRPC) {
+		errs = append(errs, fmt.Errorf("--modelhost-http has %d addresses and --modelhost-grpc %d: want the same number, at least one", len(c.hostHTTP), len(c.hostGRPC)))
+	}
+	for _, dir := range []string{c.rollouts, c.repository} {
+		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+			errs = append(errs, fmt.Errorf("%s is not a directory (run from the repository root, or pass --examples)", dir))
+		}
+	}
+	if c.readyTimeout <= 0 || c.envoyTimeout <= 0 || c.stopGrace <= 0 {
+		errs = append(errs, errors.New("--ready-timeout, --envoy-timeout and --stop-grace must be positive"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return c, fmt.Errorf("up: %w: %w", err, errUsage)
+	}
+	if c.bin == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return c, fmt.Errorf("up: find this binary: %w", err)
+		}
+		c.bin = exe
+	}
+	c.envoyBin = os.Getenv("ENVOY_BIN")
+	return c, nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// part is one running piece: a child process, or Envoy run by func-e.
+type part struct {
+	name   string
+	pid    int
+	done   chan struct{} // closed when the part has exited
+	err    error         // why it exited; read after done
+	signal func(os.Signal) error
+	kill   func() error
+}
+
+func (p *part) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop asks the part to stop (SIGTERM), and kills it if it is still there after grace.
+func (p *part) stop(grace time.Duration) {
+	if p.exited() {
+		return
+	}
+	_ = p.signal(syscall.SIGTERM)
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-p.done:
+	case <-t.C:
+		_ = p.kill()
+		<-p.done
+	}
+}
+
+type upRun struct {
+	cfg    upConfig
+	stdout io.Writer
+	log    *prefixLog
+	parts  []*part // in start order
+	dir    string
+}
+
+func (u *upRun) run(ctx context.Context) (err error) {
+	u.dir, err = os.MkdirTemp("", "patchbay-up-")
+	if err != nil {
+		return fmt.Errorf("up: %w", err)
+	}
+	defer os.RemoveAll(u.dir)
+	defer u.stopAll()
+
+	if err := u.startAll(ctx); err != nil {
+		return err
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	// Run until Ctrl-C, or until a part dies.
+	died := make(chan *part, len(u.parts))
+	for _, p := range u.parts {
+		go func() {
+			<-p.done
+			died <- p
+		}()
+	}
+	select {
+	case <-ctx.Done():
+		u.log.printf("up", "shutting down: %v", context.Cause(ctx))
+		return nil
+	case p := <-died:
+		return fmt.Errorf("up: %s exited: %v", p.name, p.err)
+	}
+}
+
+func (u *upRun) startAll(ctx context.Context) error {
+	c := u.cfg
+	token := make([]byte, 24)
+	if _, err := rand.Read(token); err != nil {
+		return fmt.Errorf("up: admin token: %w", err)
+	}
+	tokenFile := filepath.Join(u.dir, "admin-token")
+	if err := os.WriteFile(tokenFile, []byte(hex.EncodeToString(token)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("up: %w", err)
+	}
+
+	for i := range c.hostHTTP {
+		name := "modelhost-" + string(rune('a'+i))
+		if err := u.startChild(ctx, name, c.bin, []string{"modelhost",
+			"--repository", c.repository, "--http", c.hostHTTP[i], "--grpc", c.hostGRPC[i], "--log-level", c.logLevel,
+		}, "http://"+c.hostHTTP[i]+"/v2/health/ready", c.readyTimeout); err != nil {
+			return err
+		}
+	}
+	if err := u.startChild(ctx, "xds", c.bin, []string{"xds",
+		"--rollouts", c.rollouts, "--listen", c.xdsListen, "--admin", c.xdsAdmin,
+		"--edge-listener", c.edgeListener, "--sidecar-listener", c.sidecar,
+		"--admin-token-file", tokenFile, "--log-level", c.logLevel,
+	}, "http://"+c.xdsAdmin+"/readyz", c.readyTimeout); err != nil {
+		return err
+	}
+	if err := u.startChild(ctx, "extproc", c.bin, []string{"extproc",
+		"--listen", c.extprocListen, "--xds", c.xdsListen, "--admin", c.extprocAdmin, "--log-level", c.logLevel,
+	}, "http://"+c.extprocAdmin+"/readyz", c.readyTimeout); err != nil {
+		return err
+	}
+	grpcBootstrap, err := u.writeGRPCBootstrap()
+	if err != nil {
+		return err
+	}
+	envoyUp, envoyNote := u.startEnvoy(ctx)
+	if ctx.Err() != nil {
+		return nil
+	}
+	u.printTry(envoyUp, envoyNote, tokenFile, grpcBootstrap)
+	return nil
+}
+
+// startChild runs `bin args...` and waits until readyURL answers 200.
+func (u *upRun) startChild(ctx context.Context, name, bin string, args []string, readyURL string, timeout time.Duration) error {
+	if ctx.Err() != nil {
+		return nil // stopping: start nothing more
+	}
+	cmd := exec.Command(bin, args...)
+	w := u.log.writer(name)
+	cmd.Stdout, cmd.Stderr = w, w
+	// Own process group: the terminal's Ctrl-C reaches only `up`, which then stops
+	// the parts in order instead of all of them at once.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("up: start %s: %w", name, err)
+	}
+	p := &part{
+		name: name, pid: cmd.Process.Pid, done: make(chan struct{}),
+		signal: cmd.Process.Signal, kill: cmd.Process.Kill,
+	}
+	go func() {
+		p.err = cmd.Wait()
+		w.flush()
+		close(p.done)
+	}()
+	u.parts = append(u.parts, p)
+	u.log.printf("up", "started %s (pid %d): %s %s", name, p.pid, filepath.Base(bin), strings.Join(args, " "))
+	return u.waitReady(ctx, p, readyURL, timeout)
+}
+
+// waitReady polls url until it answers 200, the part exits, ctx ends or timeout passes.
+func (u *upRun) waitReady(ctx context.Context, p *part, url string, timeout time.Duration) error {
+	client := &http.Client{Timeout: time.Second}
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	last := "no answer yet"
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return fmt.Errorf("up: %s readiness: %w", p.name, err)
+		}
+		if resp, err := client.Do(req); err != nil {
+			last = err.Error()
+		} else {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				u.log.printf("up", "%s is ready (%s)", p.name, url)
+				return nil
+			}
+			last = resp.Status
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-p.done:
+			return fmt.Errorf("up: %s exited before it was ready: %v (its log is above)", p.name, p.err)
+		case <-deadline.C:
+			return fmt.Errorf("up: %s not ready after %v: GET %s: %s", p.name, timeout, url, last)
+		case <-tick.C:
+		}
+	}
+}
+
+// stopAll stops the parts in reverse start order.
+func (u *upRun) stopAll() {
+	for i := len(u.parts) - 1; i >= 0; i-- {
+		p := u.parts[i]
+		if p.exited() {
+			continue
+		}
+		u.log.printf("up", "stopping %s", p.name)
+		p.stop(u.cfg.stopGrace)
+	}
+	u.parts = nil
+}
+
+// startEnvoy runs the edge Envoy if one can be had. It reports whether Envoy is up,
+// and otherwise a note saying why not and how to get it; a missing Envoy is not an
+// error: everything else keeps running.
+func (u *upRun) startEnvoy(ctx context.Context) (bool, string) {
+	c := u.cfg
+	if c.envoy == "off" {
+		return false, "Envoy is off (--envoy off)."
+	}
+	if ctx.Err() != nil {
+		return false, ""
+	}
+	bootstrap, err := envoy.Render(envoy.Edge, envoy.Params{
+		NodeID: "patchbay-up-edge", XDS: c.xdsListen, ExtProc: c.extprocListen,
+		Admin: c.envoyAdmin, Stats: c.envoyStat,
+	})
+	if err != nil {
+		return false, fmt.Sprintf("Envoy not started: %v", err)
+	}
+	js, err := envoy.MarshalJSON(bootstrap)
+	if err != nil {
+		return false, fmt.Sprintf("Envoy not started: %v", err)
+	}
+	config := filepath.Join(u.dir, "envoy-edge.json")
+	if err := os.WriteFile(config, js, 0o600); err != nil {
+		return false, fmt.Sprintf("Envoy not started: %v", err)
+	}
+	level := "warning"
+	if c.logLevel == "debug" {
+		level = "info"
+	}
+	args := []string{"-c", config, "--use-dynamic-base-id", "--log-level", level, "--drain-time-s", "2"}
+	ready := "http://" + c.envoyStat + "/ready"
+
+	bin, how := c.envoy, "--envoy"
+	if bin == "auto" {
+		bin, how = c.envoyBin, "ENVOY_BIN"
+		if bin == "" {
+			bin, how = lookEnvoy(), "PATH"
+		}
+	}
+	if bin != "" {
+		u.checkEnvoyVersion(ctx, bin)
+		if err := u.startChild(ctx, "envoy", bin, args, ready, c.envoyTimeout); err != nil {
+			return false, fmt.Sprintf("Envoy from %s (%s) did not start: %v", how, bin, err)
+		}
+		return true, ""
+	}
+	if !c.download {
+		return false, envoyMissing("and --envoy-download=false")
+	}
+	if err := u.startFuncE(ctx, args, ready); err != nil {
+		return false, envoyMissing(fmt.Sprintf("and func-e could not fetch Envoy %s: %v", envoy.Version(), err))
+	}
+	return true, ""
+}
+
+func lookEnvoy() string {
+	p, err := exec.LookPath("envoy")
+	if err != nil {
+		return ""
+	}
+	return p
+}
+
+// checkEnvoyVersion warns when the Envoy found is not the pinned release.
+func (u *upRun) checkEnvoyVersion(ctx context.Context, bin string) {
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(vctx, bin, "--version").CombinedOutput()
+	if err != nil {
+		u.log.printf("up", "warning: %s --version: %v", bin, err)
+		return
+	}
+	if !bytes.Contains(out, []byte("/"+envoy.Version()+"/")) {
+		u.log.printf("up", "warning: %s is not Envoy %s, the version patchbay is tested with: %s", bin, envoy.Version(), strings.TrimSpace(string(out)))
+	}
+}
+
+// startFuncE runs the pinned Envoy through func-e's library, which downloads it once
+// into func-e's data directory.
+func (u *upRun) startFuncE(ctx context.Context, args []string, ready string) error {
+	u.log.printf("up", "no Envoy on ENVOY_BIN or PATH: asking func-e for Envoy %s (downloads once)", envoy.Version())
+	runCtx, cancel := context.WithCancel(context.Background())
+	w := u.log.writer("envoy")
+	p := &part{name: "envoy", done: make(chan struct{})}
+	p.signal = func(os.Signal) error { cancel(); return nil }
+	p.kill = func() error { cancel(); return nil }
+	go func() {
+		p.err = funce.Run(runCtx, args,
+			funceapi.EnvoyVersion(envoy.Version()),
+			funceapi.Out(w), funceapi.EnvoyOut(w), funceapi.EnvoyErr(w))
+		if p.err == nil {
+			p.err = errors.New("envoy exited")
+		}
+		w.flush()
+		cancel()
+		close(p.done)
+	}()
+	u.parts = append(u.parts, p)
+	if err := u.waitReady(ctx, p, ready, u.cfg.envoyTimeout); err != nil {
+		u.parts = u.parts[:len(u.parts)-1]
+		p.stop(u.cfg.stopGrace)
+		return err
+	}
+	return nil
+}
+
+func envoyMissing(why string) string {
+	v := envoy.Version()
+	return fmt.Sprintf(`Envoy is not running: ENVOY_BIN is not set and there is no envoy on PATH, %s.
+Get Envoy %[2]s (the release patchbay is tested with), then run patchbay up again:
+  func-e:  go install github.com/tetratelabs/func-e/cmd/func-e@latest && func-e use %[2]s && export ENVOY_BIN="$(func-e which)"
+  docker:  docker create --name envoy envoyproxy/envoy:v%[2]s && docker cp envoy:/usr/local/bin/envoy ./envoy && docker rm envoy && export ENVOY_BIN="$PWD/envoy"
+Still running without it: the model hosts (OIP REST and gRPC), the control plane (proxyless
+gRPC clients route through it) and ext_proc.`, why, v)
+}
+
+// writeGRPCBootstrap writes the xDS bootstrap a proxyless gRPC client needs.
+func (u *upRun) writeGRPCBootstrap() (string, error) {
+	b, err := json.MarshalIndent(map[string]any{
+		"xds_servers": []any{map[string]any{
+			"server_uri":      u.cfg.xdsListen,
+			"channel_creds":   []any{map[string]any{"type": "insecure"}},
+			"server_features": []any{"xds_v3"},
+		}},
+		"node": map[string]any{"id": "patchbay-up-grpc-client", "locality": map[string]any{}},
+	}, "", "  ")
+	if err != nil {
+		return "", fmt.Errorf("up: grpc xds bootstrap: %w", err)
+	}
+	p := filepath.Join(u.dir, "grpc-xds-bootstrap.json")
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		return "", fmt.Errorf("up: %w", err)
+	}
+	return p, nil
+}
+
+// printTry prints what is running and the commands to try.
+func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap string) {
+	c := u.cfg
+	var b strings.Builder
+	fmt.Fprintf(&b, "\npatchbay is up.\n")
+	for i := range c.hostHTTP {
+		fmt.Fprintf(&b, "  model host %c     REST http://%s   gRPC %s   (every model in %s)\n", 'a'+i, c.hostHTTP[i], c.hostGRPC[i], c.repository)
+	}
+	fmt.Fprintf(&b, "  control plane    ADS %s   admin http://%s/status\n", c.xdsListen, c.xdsAdmin)
+	fmt.Fprintf(&b, "  ext_proc         %s   admin http://%s/metrics\n", c.extprocListen, c.extprocAdmin)
+	edge := "http://" + c.edgeListener
+	if envoyUp {
+		fmt.Fprintf(&b, "  Envoy edge       %s   ready/metrics http://%s/ready, /stats/prometheus\n", edge, c.envoyStat)
+	} else {
+		fmt.Fprintf(&b, "\n%s\n", envoyNote)
+	}
+	ranker := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0.5,1.2,3.4,0.1,0.0,2.2,1.1,0.7]}]}`
+	recs := `{"inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[42]}]}`
+	churn := `{"model_name":"churn","inputs":[{"name":"features","datatype":"FP32","shape":[1,4],"contents":{"fp32_contents":[0.3,12,1,0]}}]}`
+	grpcurl := "grpcurl -plaintext -import-path api/oip -proto grpc_predict_v2.proto"
+	fmt.Fprintf(&b, "\nTry:\n")
+	if envoyUp {
+		fmt.Fprintf(&b, "  # ranker through Envoy: 90/10 v7/v8, sticky per user; the answer names the version in %s\n", headers.ServedBy)
+		fmt.Fprintf(&b, "  curl -si -H '%s: alice' -H 'content-type: application/json' -d '%s' %s/v2/models/ranker/infer\n", headers.UserID, ranker, edge)
+		fmt.Fprintf(&b, "  # the ranker-ltv experiment (20%% of US/CA users): see %s on the response\n", headers.Experiments)
+		fmt.Fprintf(&b, "  for u in u1 u2 u3 u4 u5 u6 u7 u8 u9 u10; do curl -s -o /dev/null -D - -H \"%s: $u\" -H 'x-country: US' -d '%s' %s/v2/models/ranker/infer | grep -i x-patchbay; done\n", headers.UserID, ranker, edge)
+		fmt.Fprintf(&b, "  curl -s -H '%s: bob' -d '%s' %s/v2/models/recs/infer\n", headers.UserID, recs, edge)
+		fmt.Fprintf(&b, "  # churn over OIP gRPC through Envoy (50/50 v1/v2)\n")
+		fmt.Fprintf(&b, "  %s -H '%s: churn' -H '%s: carol' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, churn, c.edgeListener)
+	}
+	fmt.Fprintf(&b, "  # a model host directly (no routing): pick the version yourself\n")
+	fmt.Fprintf(&b, "  curl -s -d '%s' http://%s/v2/models/ranker/versions/v8/infer\n", ranker, c.hostHTTP[0])
+	fmt.Fprintf(&b, "  %s -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, churn, c.hostGRPC[0])
+	fmt.Fprintf(&b, "  # proxyless gRPC: a gRPC client with xDS support routes itself, no Envoy\n")
+	fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s  then dial xds:///churn\n", grpcBootstrap)
+	fmt.Fprintf(&b, "  # control plane: state, then an instant rollback; or edit %s (live in milliseconds)\n", c.rollouts)
+	fmt.Fprintf(&b, "  curl -s http://%s/status\n", c.xdsAdmin)
+	fmt.Fprintf(&b, "  curl -s -X POST -H \"Authorization: Bearer $(cat %s)\" http://%s/v1/models/ranker/rollback\n", tokenFile, c.xdsAdmin)
+	fmt.Fprintf(&b, "\nCtrl-C stops everything.\n")
+	fmt.Fprint(u.stdout, b.String())
+}
+
+// prefixLog writes each part's output line by line, prefixed with the part's name.
+type prefixLog struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *prefixLog) printf(name, format string, args ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	fmt.Fprintf(l.w, "%-12s| %s\n", name, fmt.Sprintf(format, args...))
+}
+
+func (l *prefixLog) writer(name string) *lineWriter {
+	return &lineWriter{log: l, name: name}
+}
+
+// lineWriter buffers a partial line until its newline arrives.
+type lineWriter struct {
+	log  *prefixLog
+	name string
+	mu   sync.Mutex
+	buf  []byte
+}
+
+// maxLine bounds a buffered partial line; longer ones are written in pieces.
+const maxLine = 64 << 10
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf = append(w.buf, p...)
+	for {
+		i := bytes.IndexByte(w.buf, '\n')
+		if i < 0 {
+			if len(w.buf) > maxLine {
+				w.emit(w.buf)
+				w.buf = w.buf[:0]
+			}
+			return len(p), nil
+		}
+		w.emit(w.buf[:i])
+		w.buf = w.buf[i+1:]
+	}
+}
+
+func (w *lineWriter) emit(line []byte) {
+	w.log.mu.Lock()
+	defer w.log.mu.Unlock()
+	bw := bufio.NewWriter(w.log.w)
+	fmt.Fprintf(bw, "%-12s| ", w.name)
+	bw.Write(bytes.TrimRight(line, "\r"))
+	bw.WriteByte('\n')
+	bw.Flush()
+}
+
+// flush writes a last line that had no newline.
+func (w *lineWriter) flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.buf) > 0 {
+		w.emit(w.buf)
+		w.buf = nil
+	}
+}
