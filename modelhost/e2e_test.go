@@ -338,7 +338,9 @@ func TestBadInputREST(t *testing.T) {
 
 func TestBadInputGRPC(t *testing.T) {
 	h := startHost(t, testRepo(t), nil)
-	f32 := func(n int) *oip.InferTensorContents { return &oip.InferTensorContents{Fp32Contents: make([]float32, n)} }
+	f32 := func(n int) *oip.InferTensorContents {
+		return &oip.InferTensorContents{Fp32Contents: make([]float32, n)}
+	}
 	in := func(name, dt string, shape []int64, c *oip.InferTensorContents) []*oip.ModelInferRequest_InferInputTensor {
 		return []*oip.ModelInferRequest_InferInputTensor{{Name: name, Datatype: dt, Shape: shape, Contents: c}}
 	}

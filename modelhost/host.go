@@ -312,7 +312,12 @@ func (s *Server) pickDefault(m *model) *version {
 func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 	v := &version{drained: make(chan struct{}), servedBy: []string{name + "/" + vname}}
 	v.attrs = s.inst.versionAttrs(name, vname)
-	spec, err := loadSpec(dir, name, vname)
+	known := make([]string, 0, len(s.cfg.Runtimes))
+	for k := range s.cfg.Runtimes {
+		known = append(known, k)
+	}
+	slices.Sort(known)
+	spec, err := loadSpec(dir, name, vname, known)
 	if err != nil {
 		v.err = err
 		v.spec = &versionSpec{Model: name, Version: vname, Dir: dir}
@@ -325,17 +330,7 @@ func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 			return pv
 		}
 	}
-	loader, ok := s.cfg.Runtimes[spec.Runtime]
-	if !ok {
-		known := make([]string, 0, len(s.cfg.Runtimes))
-		for k := range s.cfg.Runtimes {
-			known = append(known, k)
-		}
-		slices.Sort(known)
-		v.err = fmt.Errorf("%s: runtime %q unknown (have %v)", filepath.Join(dir, "model.yaml"), spec.Runtime, known)
-		return v
-	}
-	mdl, err := loader(rt.Spec{Dir: dir, Artifact: spec.Artifact, Inputs: spec.Inputs, Outputs: spec.Outputs})
+	mdl, err := s.cfg.Runtimes[spec.Runtime](rt.Spec{Dir: dir, Artifact: spec.Artifact, Inputs: spec.Inputs, Outputs: spec.Outputs})
 	if err != nil {
 		v.err = err
 		return v

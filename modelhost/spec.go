@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -86,7 +87,7 @@ func lineOf(root *yaml.Node, path ...any) int {
 }
 
 // loadSpec reads and checks one model.yaml; every problem is reported with file:line.
-func loadSpec(dir, model, version string) (*versionSpec, error) {
+func loadSpec(dir, model, version string, runtimes []string) (*versionSpec, error) {
 	file := filepath.Join(dir, "model.yaml")
 	raw, err := os.ReadFile(file)
 	if err != nil {
@@ -96,7 +97,7 @@ func loadSpec(dir, model, version string) (*versionSpec, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(raw))
 	dec.KnownFields(true)
 	if err := dec.Decode(&y); err != nil {
-		return nil, fmt.Errorf("%s: %w", file, err)
+		return nil, yamlError(file, err)
 	}
 	var root yaml.Node
 	_ = yaml.Unmarshal(raw, &root) // decoded fine above
@@ -107,6 +108,8 @@ func loadSpec(dir, model, version string) (*versionSpec, error) {
 	s := &versionSpec{Model: model, Version: version, Dir: dir, Runtime: y.Runtime, Default: y.Default}
 	if y.Runtime == "" {
 		bad(nil, "runtime: missing")
+	} else if runtimes != nil && !slices.Contains(runtimes, y.Runtime) {
+		bad([]any{"runtime"}, "runtime %q unknown (have %s)", y.Runtime, strings.Join(runtimes, ", "))
 	}
 	art := y.Artifact
 	if art == "" {
@@ -184,6 +187,31 @@ func loadSpec(dir, model, version string) (*versionSpec, error) {
 	}
 	return s, nil
 }
+
+var lineRE = regexp.MustCompile(`^(?:yaml: )?line (\d+): `)
+
+// yamlError rewrites yaml's errors as "file:line: message", one per problem.
+func yamlError(file string, err error) error {
+	var msgs []string
+	var te *yaml.TypeError
+	if errors.As(err, &te) {
+		msgs = te.Errors
+	} else {
+		msgs = []string{err.Error()}
+	}
+	errs := make([]error, 0, len(msgs))
+	for _, m := range msgs {
+		m = typeSuffixRE.ReplaceAllString(m, "")
+		if sm := lineRE.FindStringSubmatch(m); sm != nil {
+			errs = append(errs, fmt.Errorf("%s:%s: %s", file, sm[1], m[len(sm[0]):]))
+		} else {
+			errs = append(errs, fmt.Errorf("%s: %s", file, strings.TrimPrefix(m, "yaml: ")))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+var typeSuffixRE = regexp.MustCompile(` (in|into) (type )?[\w.\[\]*]*modelhost\.\w+`)
 
 // versionLess orders version names naturally: v7 < v8 < v10, digits compared as numbers.
 func versionLess(a, b string) bool {
