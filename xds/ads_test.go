@@ -1,0 +1,296 @@
+package xds
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	statuspb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
+	"github.com/patchbay-io/patchbay/internal/envoyvalidate"
+)
+
+func adsStream(t *testing.T, c *cp) discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient {
+	t.Helper()
+	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func envoyNode(role string) *corev3.Node {
+	n := &corev3.Node{Id: "envoy-" + role, Cluster: "patchbay-" + role, UserAgentName: "envoy"}
+	if role == "sidecar" {
+		n.Metadata, _ = structpb.NewStruct(map[string]any{RoleMetadataKey: "sidecar"})
+	}
+	return n
+}
+
+func recv(t *testing.T, s discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient) *discoveryv3.DiscoveryResponse {
+	t.Helper()
+	type res struct {
+		r   *discoveryv3.DiscoveryResponse
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() { r, err := s.Recv(); ch <- res{r, err} }()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		return r.r
+	case <-time.After(5 * time.Second):
+		t.Fatal("no xDS response within 5s")
+	}
+	return nil
+}
+
+// fetch sends one request of a type and returns the response, ACKing nothing.
+func fetch(t *testing.T, s discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient, n *corev3.Node, typeURL string, names ...string) *discoveryv3.DiscoveryResponse {
+	t.Helper()
+	if err := s.Send(&discoveryv3.DiscoveryRequest{Node: n, TypeUrl: typeURL, ResourceNames: names}); err != nil {
+		t.Fatal(err)
+	}
+	return recv(t, s)
+}
+
+// TestEnvoyNodeGetsValidConfig acts as an Envoy edge node on a real ADS stream: every
+// resource it receives passes Envoy's validation rules inside every Any, and its listener
+// strips client headers, then runs ext_proc (headers only, failing open), then the router.
+func TestEnvoyNodeGetsValidConfig(t *testing.T) {
+	dir := t.TempDir()
+	fakeDNS.set("ranker-v2.models.svc", "10.9.0.2")
+	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001", "v2": "ranker-v2.models.svc:9002"},
+		"{v1: 90, v2: 10}", "shadow: [{version: v2, percent: 5}]\n"))
+	c := startCP(t, dir)
+	for _, role := range []string{"edge", "sidecar"} {
+		t.Run(role, func(t *testing.T) {
+			s := adsStream(t, c)
+			n := envoyNode(role)
+			var all []proto.Message
+			cds := fetch(t, s, n, resource.ClusterType)
+			lds := fetch(t, s, n, resource.ListenerType)
+			rds := fetch(t, s, n, resource.RouteType, "patchbay")
+			var clusterNames []string
+			for _, a := range cds.GetResources() {
+				cl := &clusterv3.Cluster{}
+				if err := a.UnmarshalTo(cl); err != nil {
+					t.Fatal(err)
+				}
+				clusterNames = append(clusterNames, cl.GetName())
+				all = append(all, cl)
+			}
+			eds := fetch(t, s, n, resource.EndpointType, clusterNames...)
+			if len(clusterNames) != 2 || len(eds.GetResources()) != 2 || len(lds.GetResources()) != 1 || len(rds.GetResources()) != 1 {
+				t.Fatalf("got %d clusters, %d endpoints, %d listeners, %d routes", len(clusterNames), len(eds.GetResources()), len(lds.GetResources()), len(rds.GetResources()))
+			}
+			lis := &listenerv3.Listener{}
+			if err := lds.GetResources()[0].UnmarshalTo(lis); err != nil {
+				t.Fatal(err)
+			}
+			rc := &routev3.RouteConfiguration{}
+			if err := rds.GetResources()[0].UnmarshalTo(rc); err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, lis, rc)
+			for _, a := range eds.GetResources() {
+				cla := &endpointv3.ClusterLoadAssignment{}
+				if err := a.UnmarshalTo(cla); err != nil {
+					t.Fatal(err)
+				}
+				if cla.GetClusterName() == "ranker_v2" && cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress() != "10.9.0.2" {
+					t.Errorf("DNS name not resolved into EDS: %v", cla)
+				}
+				all = append(all, cla)
+			}
+			for _, m := range all {
+				if err := envoyvalidate.Validate(m); err != nil {
+					t.Errorf("%T fails Envoy's rules: %v", m, err)
+				}
+			}
+			wantName := map[string]string{"edge": "patchbay_edge", "sidecar": "patchbay_sidecar"}[role]
+			if lis.GetName() != wantName {
+				t.Fatalf("listener %q, want %q", lis.GetName(), wantName)
+			}
+			hcm := &hcmv3.HttpConnectionManager{}
+			if err := lis.GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(hcm); err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, f := range hcm.GetHttpFilters() {
+				names = append(names, f.GetName())
+			}
+			want := []string{"envoy.filters.http.header_mutation", "envoy.filters.http.ext_proc", "envoy.filters.http.router"}
+			if len(names) != 3 || names[0] != want[0] || names[1] != want[1] || names[2] != want[2] {
+				t.Fatalf("filters %v, want %v", names, want)
+			}
+			ep := &extprocv3.ExternalProcessor{}
+			if err := hcm.GetHttpFilters()[1].GetTypedConfig().UnmarshalTo(ep); err != nil {
+				t.Fatal(err)
+			}
+			pm := ep.GetProcessingMode()
+			if !ep.GetFailureModeAllow() || pm.GetRequestHeaderMode() != extprocv3.ProcessingMode_SEND ||
+				pm.GetResponseHeaderMode() != extprocv3.ProcessingMode_SKIP || pm.GetRequestBodyMode() != extprocv3.ProcessingMode_NONE ||
+				ep.GetMessageTimeout().AsDuration() <= 0 || ep.GetGrpcService().GetEnvoyGrpc().GetClusterName() != "patchbay_extproc" {
+				t.Fatalf("ext_proc config: %v", ep)
+			}
+			if v := cds.GetVersionInfo(); v != c.srv.Version() || v == "" {
+				t.Fatalf("CDS version %q, server version %q", v, c.srv.Version())
+			}
+		})
+	}
+}
+
+// TestNACKDoesNotStorm: a client that rejects every response gets the rejected version
+// once, not again and again; the next real change still reaches it.
+func TestNACKDoesNotStorm(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001"}, "{v1: 100}", ""))
+	c := startCP(t, dir)
+	for _, typ := range []string{resource.ClusterType, policyv1.TypeURL} {
+		t.Run(typ, func(t *testing.T) {
+			s := adsStream(t, c)
+			n := envoyNode("edge")
+			if typ == policyv1.TypeURL {
+				n = &corev3.Node{Id: "extproc-1", UserAgentName: policyv1.ExtprocUserAgent}
+			}
+			first := fetch(t, s, n, typ)
+			// NACK it, and keep NACKing whatever arrives, for one second.
+			responses := 0
+			got := make(chan *discoveryv3.DiscoveryResponse, 100)
+			go func() {
+				for {
+					r, err := s.Recv()
+					if err != nil {
+						close(got)
+						return
+					}
+					got <- r
+				}
+			}()
+			nack := func(r *discoveryv3.DiscoveryResponse) {
+				_ = s.Send(&discoveryv3.DiscoveryRequest{Node: n, TypeUrl: typ, ResponseNonce: r.GetNonce(),
+					ErrorDetail: &statuspb.Status{Code: 3, Message: "test client rejects everything"}})
+			}
+			nack(first)
+			deadline := time.After(time.Second)
+		loop:
+			for {
+				select {
+				case r := <-got:
+					responses++
+					nack(r)
+				case <-deadline:
+					break loop
+				}
+			}
+			if responses > 1 {
+				t.Fatalf("%d responses in 1s to an always-NACKing client, want at most 1", responses)
+			}
+			// A real change is still delivered.
+			writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001"}, "{v1: 100}", "timeout: "+time.Duration(1+len(typ)%7).String()+"\n"))
+			select {
+			case r := <-got:
+				if r.GetVersionInfo() == first.GetVersionInfo() && typ != policyv1.TypeURL {
+					t.Fatalf("after a change got the old version %s again", r.GetVersionInfo())
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the next config never came after a NACK")
+			}
+		})
+	}
+}
+
+// TestExtprocGetsPolicyInSync: the policy resource carries the same version as the Envoy
+// snapshot built from the same files.
+func TestExtprocGetsPolicyInSync(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001", "v2": "127.0.0.1:9002"}, "{v1: 50, v2: 50}",
+		"experiments:\n  - {name: e1, layer: l1, allocation: 30, arms: [{name: a, version: v1, weight: 1}, {name: b, version: v2, weight: 1}]}\n"))
+	c := startCP(t, dir)
+	s := adsStream(t, c)
+	r := fetch(t, s, &corev3.Node{Id: "x", UserAgentName: policyv1.ExtprocUserAgent}, policyv1.TypeURL, policyv1.ResourceName)
+	if len(r.GetResources()) != 1 {
+		t.Fatalf("%d policy resources", len(r.GetResources()))
+	}
+	p := &policyv1.Policy{}
+	if err := r.GetResources()[0].UnmarshalTo(p); err != nil {
+		t.Fatal(err)
+	}
+	if p.GetConfigVersion() != c.srv.Version() || len(p.GetModels()) != 1 || p.GetModels()[0].GetExperiments()[0].GetSlotEnd() != 3000 {
+		t.Fatalf("policy %v, server version %s", p, c.srv.Version())
+	}
+}
+
+// TestDeltaADS: an incremental xDS client gets the same clusters.
+func TestDeltaADS(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001", "v2": "127.0.0.1:9002"}, "{v1: 50, v2: 50}", ""))
+	c := startCP(t, dir)
+	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: envoyNode("edge"), TypeUrl: resource.ClusterType}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.GetResources()) != 2 {
+		t.Fatalf("delta CDS gave %d clusters, want 2", len(r.GetResources()))
+	}
+}
+
+// TestDNSNamesFollowAddressChanges: an endpoint given as a DNS name is served as EDS
+// addresses, and when the name's addresses change the endpoints follow.
+func TestDNSNamesFollowAddressChanges(t *testing.T) {
+	fakeDNS.set("moving.models.svc", "10.7.0.1")
+	dir := t.TempDir()
+	writeFile(t, dir, "mover.yaml", rolloutDoc("mover", map[string]string{"v1": "moving.models.svc:8001"}, "{v1: 100}", ""))
+	c := startCP(t, dir)
+	addr := func() string {
+		snap, err := c.srv.snapshots.GetSnapshot(string(FlavourGRPC))
+		if err != nil {
+			return ""
+		}
+		cla := snap.GetResources(resource.EndpointType)["mover_v1"].(*endpointv3.ClusterLoadAssignment)
+		return cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress()
+	}
+	if got := addr(); got != "10.7.0.1" {
+		t.Fatalf("endpoint %q, want 10.7.0.1", got)
+	}
+	fakeDNS.set("moving.models.svc", "10.7.0.2")
+	waitFor(t, 5*time.Second, "endpoint to follow DNS", func() bool { return addr() == "10.7.0.2" })
+}
