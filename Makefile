@@ -1,0 +1,44 @@
+# patchbay — `make help` lists the targets.
+SHELL := bash
+GO    ?= go
+PKGS  ?= ./...
+
+.PHONY: help up build test test-short vet fmt-check bench fuzz generate fixtures e2e-envoy clean
+
+help: ## this list
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+up: ## run everything on this machine from examples/ (Envoy too when it is on PATH or ENVOY_BIN)
+	$(GO) run ./cmd/patchbay up
+
+build: ## build bin/patchbay (static)
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/patchbay ./cmd/patchbay
+
+test: fmt-check vet ## the whole suite: gofmt, go vet, go test -race (what CI runs)
+	$(GO) test -race -count=1 -timeout 15m $(PKGS)
+
+test-short: ## go test without -race, for a quick loop
+	$(GO) test -count=1 $(PKGS)
+
+vet: ## go vet
+	$(GO) vet $(PKGS)
+
+fmt-check: ## fail if gofmt would change a file
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+bench: ## benchmarks; each prints its ratio against a baseline measured in the same run
+	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 ./xds/
+	$(GO) test -run '^$$' -bench . -benchtime 2s -count 1 ./extproc/... ./modelhost/... ./test/bench/... 2>/dev/null || true
+
+fuzz: ## run each fuzz target for 30s
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./xds/rollout/
+
+generate: ## regenerate protobuf code in api/ (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
+	PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative api/policy/v1/policy.proto
+
+e2e-envoy: ## real-Envoy end-to-end tests (need envoy on PATH or ENVOY_BIN)
+	$(GO) test -count=1 -v ./test/envoy/...
+
+clean: ## remove build output
+	rm -rf bin
