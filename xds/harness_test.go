@@ -35,6 +35,7 @@ type cp struct {
 	cancel    context.CancelFunc
 	done      chan error
 	logs      *syncBuffer
+	stateFile string
 }
 
 type syncBuffer struct {
@@ -91,6 +92,7 @@ func (c *cp) start() {
 		Debounce:    5 * time.Millisecond,
 		DNSRefresh:  50 * time.Millisecond,
 		LookupHost:  fakeDNS.lookup,
+		StateFile:   c.stateFile,
 		Logger:      zerolog.New(c.logs),
 	})
 	if err != nil {

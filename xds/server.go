@@ -50,6 +50,10 @@ type Config struct {
 	Resync time.Duration
 	// DNSRefresh re-resolves endpoint host names this often (default 5s).
 	DNSRefresh time.Duration
+	// StateFile, when set, keeps each model's slot map across restarts (JSON, written
+	// atomically after every change). Without it a restarted control plane lays splits out
+	// afresh, which can move users between versions whose shares did not change.
+	StateFile string
 	// LookupHost resolves a host name (default net.DefaultResolver.LookupHost).
 	LookupHost func(ctx context.Context, host string) ([]string, error)
 	Logger     zerolog.Logger
@@ -147,6 +151,13 @@ func New(cfg Config) (*Server, error) {
 			Caches:        map[string]cachev3.Cache{"snapshot": s.snapshots, "policy": s.policies},
 		},
 		snapshots: s.snapshots,
+	}
+	if cfg.StateFile != "" {
+		slots, err := loadSlots(cfg.StateFile)
+		if err != nil {
+			return nil, err
+		}
+		s.state.slots = slots
 	}
 	m, err := newMetrics(cfg.Metrics.Meter("patchbay/xds"), s)
 	if err != nil {
@@ -298,6 +309,11 @@ func (s *Server) applyLocked(ctx context.Context) error {
 	}
 	if err := s.policies.UpdateResource(policyv1.ResourceName, built.Policy); err != nil {
 		return fmt.Errorf("set policy: %w", err)
+	}
+	if s.cfg.StateFile != "" && !sameSlots(s.state.slots, slots) {
+		if err := saveSlots(s.cfg.StateFile, slots); err != nil {
+			s.log.Error().Err(err).Str("file", s.cfg.StateFile).Msg("cannot save slot maps; a restart may reshuffle users")
+		}
 	}
 	s.state.slots = slots
 	s.state.built = built

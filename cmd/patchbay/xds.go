@@ -34,6 +34,7 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		accessLog  = fs.Bool("access-log", true, "emit an Envoy stdout access log with the routing decision")
 		dnsRefresh = fs.Duration("dns-refresh", 5*time.Second, "how often endpoint host names are re-resolved")
 		debounce   = fs.Duration("debounce", 10*time.Millisecond, "quiet time after a file event before reloading")
+		stateFile  = fs.String("state-file", "", "file that keeps each model's slot map across restarts (recommended; unset: splits are laid out afresh on restart)")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
@@ -68,6 +69,7 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 			EdgeAddress: *edge, SidecarAddress: *sidecar, ExtprocTimeout: *extprocTO, AccessLog: *accessLog,
 		},
 		AdminToken: token,
+		StateFile:  *stateFile,
 		DNSRefresh: *dnsRefresh,
 		Debounce:   *debounce,
 		Logger:     log,

@@ -158,4 +158,3 @@ func shortType(t string) string {
 	}
 	return t
 }
-

@@ -94,4 +94,3 @@ func grpcAction(r *rollout.Rollout, a *routev3.RouteAction) *routev3.RouteAction
 	}
 	return a
 }
-
