@@ -12,7 +12,6 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
-	"go.opentelemetry.io/otel/trace"
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
@@ -137,7 +136,6 @@ func TestTracing(t *testing.T) {
 	if injected != want {
 		t.Errorf("injected traceparent %q, want %q", injected, want)
 	}
-	_ = trace.SpanKindInternal
 }
 
 // TestHandlerAllocations reports what the ext_proc layer around the zero-allocation
