@@ -19,12 +19,15 @@ import (
 	"github.com/patchbay-io/patchbay/modelhost/tensor"
 )
 
+// node is one tree node, 12 bytes. Trees are re-laid out at load so that a node's
+// right child always follows its left child: the walk picks left or left+1.
 type node struct {
-	left, right int32 // absolute indices; left < 0 marks a leaf
-	feature     uint32
-	value       float32 // split condition, or the leaf value
-	defaultLeft bool
+	value   float32 // split condition, or the leaf value
+	feature uint32  // split feature; defaultLeftBit set when missing values go left
+	left    int32   // absolute index of the left child; -1 for a leaf
 }
+
+const defaultLeftBit = 1 << 31
 
 type transform uint8
 
@@ -208,30 +211,70 @@ func (e *Ensemble) addTree(t *jsonTree, group int32) error {
 			return errors.New("categorical splits are not supported")
 		}
 	}
-	if len(e.nodes)+n > math.MaxInt32 {
+	if len(e.nodes)+n > math.MaxInt32/2 {
 		return errors.New("too many nodes")
 	}
-	off := int32(len(e.nodes))
 	for i := 0; i < n; i++ {
 		l, r := t.Left[i], t.Right[i]
-		nd := node{value: t.SplitCond[i], defaultLeft: t.DefaultLeft[i] != 0, left: -1, right: -1}
-		if l != -1 || r != -1 {
-			// Children always follow their parent in XGBoost's layout; requiring it
-			// rules out cycles in a damaged file.
-			if l <= int32(i) || r <= int32(i) || int(l) >= n || int(r) >= n {
-				return fmt.Errorf("node %d: children %d, %d out of order or range", i, l, r)
-			}
-			f := t.SplitIdx[i]
-			if f < 0 || f >= int64(e.features) {
-				return fmt.Errorf("node %d: split feature %d outside num_feature %d", i, f, e.features)
-			}
-			nd.left, nd.right, nd.feature = l+off, r+off, uint32(f)
+		if l == -1 && r == -1 {
+			continue
 		}
-		e.nodes = append(e.nodes, nd)
+		// Children always follow their parent in XGBoost's layout; requiring it rules
+		// out cycles in a damaged file.
+		if l <= int32(i) || r <= int32(i) || int(l) >= n || int(r) >= n || l == r {
+			return fmt.Errorf("node %d: children %d, %d out of order or range", i, l, r)
+		}
+		if f := t.SplitIdx[i]; f < 0 || f >= int64(e.features) {
+			return fmt.Errorf("node %d: split feature %d outside num_feature %d", i, f, e.features)
+		}
+	}
+	// Re-lay out breadth first from the root, siblings side by side.
+	off := int32(len(e.nodes))
+	e.nodes = append(e.nodes, node{})
+	queue := []int32{0}  // old indices, in new order
+	slot := []int32{off} // their new absolute indices
+	for q := 0; q < len(queue); q++ {
+		old, at := queue[q], slot[q]
+		if len(queue) > n {
+			return errors.New("a node is reachable twice")
+		}
+		nd := node{value: t.SplitCond[old], left: -1}
+		if l := t.Left[old]; l != -1 {
+			nd.left = int32(len(e.nodes))
+			nd.feature = uint32(t.SplitIdx[old])
+			if t.DefaultLeft[old] != 0 {
+				nd.feature |= defaultLeftBit
+			}
+			e.nodes = append(e.nodes, node{}, node{})
+			queue = append(queue, l, t.Right[old])
+			slot = append(slot, nd.left, nd.left+1)
+		}
+		e.nodes[at] = nd
 	}
 	e.roots = append(e.roots, off)
 	e.group = append(e.group, group)
 	return nil
+}
+
+// walk returns the leaf value that row reaches in the tree at root.
+func walk(nodes []node, root int32, row []float32) float32 {
+	n := root
+	for {
+		nd := &nodes[n]
+		if nd.left < 0 {
+			return nd.value
+		}
+		v := row[nd.feature&^defaultLeftBit]
+		var right int32
+		if v != v { // missing
+			if nd.feature&defaultLeftBit == 0 {
+				right = 1
+			}
+		} else if !(v < nd.value) {
+			right = 1
+		}
+		n = nd.left + right
+	}
 }
 
 // Features is the number of input columns the model reads.
@@ -245,6 +288,20 @@ func (e *Ensemble) Width() int { return e.outWidth }
 func (e *Ensemble) PredictRows(rows []float32, out []float32) {
 	nf := e.features
 	nrows := len(rows) / nf
+	nodes, roots := e.nodes, e.roots
+	if e.groups == 1 {
+		var m [1]float32
+		for r := 0; r < nrows; r++ {
+			row := rows[r*nf : (r+1)*nf : (r+1)*nf]
+			sum := e.baseMargin
+			for _, root := range roots {
+				sum += walk(nodes, root, row)
+			}
+			m[0] = sum
+			e.finish(m[:], out[r:r+1])
+		}
+		return
+	}
 	var margins [8]float32
 	m := margins[:0]
 	if e.groups <= len(margins) {
@@ -252,34 +309,13 @@ func (e *Ensemble) PredictRows(rows []float32, out []float32) {
 	} else {
 		m = make([]float32, e.groups)
 	}
-	nodes := e.nodes
 	for r := 0; r < nrows; r++ {
-		row := rows[r*nf : (r+1)*nf]
+		row := rows[r*nf : (r+1)*nf : (r+1)*nf]
 		for g := range m {
 			m[g] = e.baseMargin
 		}
-		for ti, root := range e.roots {
-			n := root
-			for {
-				nd := &nodes[n]
-				if nd.left < 0 {
-					m[e.group[ti]] += nd.value
-					break
-				}
-				v := row[nd.feature]
-				switch {
-				case v != v: // missing
-					if nd.defaultLeft {
-						n = nd.left
-					} else {
-						n = nd.right
-					}
-				case v < nd.value:
-					n = nd.left
-				default:
-					n = nd.right
-				}
-			}
+		for ti, root := range roots {
+			m[e.group[ti]] += walk(nodes, root, row)
 		}
 		e.finish(m, out[r*e.outWidth:(r+1)*e.outWidth])
 	}
