@@ -48,12 +48,12 @@ func TestLoadRejects(t *testing.T) {
 		artifact string
 		k        int64
 	}{
-		"k above items": {`{"top_k": 5, "users": {"ids": [1], "vectors": [[1]]}, "items": {"ids": [2], "vectors": [[1]]}}`, 5},
+		"k above items":  {`{"top_k": 5, "users": {"ids": [1], "vectors": [[1]]}, "items": {"ids": [2], "vectors": [[1]]}}`, 5},
 		"ragged vectors": {`{"top_k": 1, "users": {"ids": [1], "vectors": [[1]]}, "items": {"ids": [2, 3], "vectors": [[1], [1, 2]]}}`, 1},
 		"ids vs vectors": {`{"top_k": 1, "users": {"ids": [1, 2], "vectors": [[1]]}, "items": {"ids": [2], "vectors": [[1]]}}`, 1},
 		"duplicate user": {`{"top_k": 1, "users": {"ids": [1, 1], "vectors": [[1], [2]]}, "items": {"ids": [2], "vectors": [[1]]}}`, 1},
-		"signature k": {tables, 3},
-		"unknown field": {`{"top_k": 1, "topk": 1, "users": {"ids": [1], "vectors": [[1]]}, "items": {"ids": [2], "vectors": [[1]]}}`, 1},
+		"signature k":    {tables, 3},
+		"unknown field":  {`{"top_k": 1, "topk": 1, "users": {"ids": [1], "vectors": [[1]]}, "items": {"ids": [2], "vectors": [[1]]}}`, 1},
 	} {
 		if _, err := Load(spec(t, tc.artifact, tc.k)); err == nil {
 			t.Errorf("%s: loaded, want an error", name)

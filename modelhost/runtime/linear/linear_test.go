@@ -53,11 +53,11 @@ func TestLoadRejects(t *testing.T) {
 		artifact string
 		width    int64
 	}{
-		"unknown link": {`{"link":"probit","weights":[1],"bias":0}`, 1},
-		"unknown field": {`{"link":"identity","weights":[1],"bias":0,"extra":1}`, 1},
-		"no weights": {`{"link":"identity","weights":[],"bias":0}`, 0},
+		"unknown link":   {`{"link":"probit","weights":[1],"bias":0}`, 1},
+		"unknown field":  {`{"link":"identity","weights":[1],"bias":0,"extra":1}`, 1},
+		"no weights":     {`{"link":"identity","weights":[],"bias":0}`, 0},
 		"width mismatch": {`{"link":"identity","weights":[1,2],"bias":0}`, 3},
-		"not json": {`{`, 1},
+		"not json":       {`{`, 1},
 	} {
 		if _, err := Load(spec(t, tc.artifact, tc.width)); err == nil {
 			t.Errorf("%s: loaded, want an error", name)
