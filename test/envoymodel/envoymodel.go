@@ -1,0 +1,628 @@
+// Package envoymodel is a TEST MODEL of Envoy's documented HTTP routing behaviour, driven by
+// the real xDS resources of patchbay's control plane and calling the real ext_proc server.
+// It is not Envoy and is never used outside tests; see README.md for what it models.
+package envoymodel
+
+import (
+	"bytes"
+	"context"
+
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// Config configures the model proxy.
+type Config struct {
+	XDSAddr     string // the control plane's ADS address
+	ExtprocAddr string // the address behind the ext_proc filter's cluster (patchbay_extproc)
+	NodeID      string
+}
+
+// Proxy is the running model. Handler serves HTTP as the edge listener would.
+type Proxy struct {
+	cfg     Config
+	state   atomic.Pointer[state]
+	extproc *grpc.ClientConn
+	client  *http.Client
+	rr      atomic.Uint64
+	mirrors sync.WaitGroup
+
+	// Counters tests may read.
+	ExtprocFailures atomic.Int64 // ext_proc calls that failed open
+}
+
+// state is one consistent view of the received resources.
+type state struct {
+	version   string
+	listener  *listenerv3.Listener
+	hcm       *hcmv3.HttpConnectionManager
+	routes    *routev3.RouteConfiguration
+	clusters  map[string]*clusterv3.Cluster
+	endpoints map[string]*endpointv3.ClusterLoadAssignment
+}
+
+// Start connects to the control plane and to ext_proc and keeps the resources current
+// until ctx is done.
+func Start(ctx context.Context, cfg Config) (*Proxy, error) {
+	if cfg.NodeID == "" {
+		cfg.NodeID = "envoymodel"
+	}
+	ep, err := grpc.NewClient(cfg.ExtprocAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	p := &Proxy{
+		cfg:     cfg,
+		extproc: ep,
+		client: &http.Client{Transport: &http.Transport{
+			MaxIdleConnsPerHost: 256,
+			DialContext:         (&net.Dialer{Timeout: time.Second}).DialContext,
+		}},
+	}
+	p.state.Store(&state{clusters: map[string]*clusterv3.Cluster{}, endpoints: map[string]*endpointv3.ClusterLoadAssignment{}})
+	go p.xdsLoop(ctx)
+	go func() { <-ctx.Done(); ep.Close(); p.mirrors.Wait() }()
+	return p, nil
+}
+
+// Version is the config version of the last complete set of resources applied.
+func (p *Proxy) Version() string { return p.state.Load().version }
+
+// Endpoints counts the endpoints the model has for a cluster.
+func (p *Proxy) Endpoints(cluster string) int {
+	n := 0
+	for _, le := range p.state.Load().endpoints[cluster].GetEndpoints() {
+		n += len(le.GetLbEndpoints())
+	}
+	return n
+}
+
+// Ready reports whether a listener and its routes have arrived.
+func (p *Proxy) Ready() bool {
+	s := p.state.Load()
+	return s.hcm != nil && s.routes != nil
+}
+
+// xdsLoop keeps an ADS stream open, reconnecting as Envoy does, and keeps the last
+// resources while the control plane is away.
+func (p *Proxy) xdsLoop(ctx context.Context) {
+	for ctx.Err() == nil {
+		err := p.xdsStream(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		_ = err
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (p *Proxy) xdsStream(ctx context.Context) error {
+	conn, err := grpc.NewClient(p.cfg.XDSAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		return err
+	}
+	node := &corev3.Node{Id: p.cfg.NodeID, Cluster: "patchbay-edge", UserAgentName: "envoy"}
+	send := func(typ, version, nonce string, names []string) error {
+		return s.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: typ, VersionInfo: version, ResponseNonce: nonce, ResourceNames: names})
+	}
+	for _, typ := range []string{resource.ClusterType, resource.ListenerType} {
+		if err := send(typ, "", "", nil); err != nil {
+			return err
+		}
+	}
+	subscribedRoutes, subscribedEDS := "", ""
+	for {
+		r, err := s.Recv()
+		if err != nil {
+			return err
+		}
+		cur := p.state.Load()
+		next := *cur
+		switch r.GetTypeUrl() {
+		case resource.ClusterType:
+			next.clusters = map[string]*clusterv3.Cluster{}
+			var names []string
+			for _, a := range r.GetResources() {
+				c := &clusterv3.Cluster{}
+				if err := a.UnmarshalTo(c); err != nil {
+					return err
+				}
+				next.clusters[c.GetName()] = c
+				names = append(names, c.GetName())
+			}
+			if key := strings.Join(names, ","); key != subscribedEDS {
+				subscribedEDS = key
+				if err := send(resource.EndpointType, "", "", names); err != nil {
+					return err
+				}
+			}
+		case resource.EndpointType:
+			next.endpoints = map[string]*endpointv3.ClusterLoadAssignment{}
+			for _, a := range r.GetResources() {
+				c := &endpointv3.ClusterLoadAssignment{}
+				if err := a.UnmarshalTo(c); err != nil {
+					return err
+				}
+				next.endpoints[c.GetClusterName()] = c
+			}
+		case resource.ListenerType:
+			for _, a := range r.GetResources() {
+				l := &listenerv3.Listener{}
+				if err := a.UnmarshalTo(l); err != nil {
+					return err
+				}
+				hcm := &hcmv3.HttpConnectionManager{}
+				if err := l.GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(hcm); err != nil {
+					return err
+				}
+				next.listener, next.hcm = l, hcm
+				if rn := hcm.GetRds().GetRouteConfigName(); rn != subscribedRoutes {
+					subscribedRoutes = rn
+					if err := send(resource.RouteType, "", "", []string{rn}); err != nil {
+						return err
+					}
+				}
+			}
+		case resource.RouteType:
+			for _, a := range r.GetResources() {
+				rc := &routev3.RouteConfiguration{}
+				if err := a.UnmarshalTo(rc); err != nil {
+					return err
+				}
+				next.routes = rc
+			}
+		}
+		next.version = r.GetVersionInfo()
+		p.state.Store(&next)
+		// ACK.
+		var names []string
+		switch r.GetTypeUrl() {
+		case resource.RouteType:
+			names = []string{subscribedRoutes}
+		case resource.EndpointType:
+			names = strings.Split(subscribedEDS, ",")
+		}
+		if err := send(r.GetTypeUrl(), r.GetVersionInfo(), r.GetNonce(), names); err != nil {
+			return err
+		}
+	}
+}
+
+// ServeHTTP handles one downstream request as Envoy's HCM would.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+	s := p.state.Load()
+	if s.hcm == nil || s.routes == nil {
+		http.Error(w, "no listener config yet", http.StatusServiceUnavailable)
+		return
+	}
+	body, err := io.ReadAll(io.LimitReader(req.Body, 1<<20+1))
+	if err != nil || len(body) > 1<<20 {
+		http.Error(w, "request body too large", http.StatusRequestEntityTooLarge)
+		return
+	}
+	h := req.Header.Clone()
+	for _, f := range s.hcm.GetHttpFilters() {
+		switch f.GetName() {
+		case "envoy.filters.http.header_mutation":
+			hm := &headermutationv3.HeaderMutation{}
+			if err := f.GetTypedConfig().UnmarshalTo(hm); err != nil {
+				http.Error(w, err.Error(), 500)
+				return
+			}
+			for _, m := range hm.GetMutations().GetRequestMutations() {
+				if r := m.GetRemove(); r != "" {
+					h.Del(r)
+				}
+				if a := m.GetAppend(); a != nil {
+					applyHeaderOption(h, a, h)
+				}
+			}
+		case "envoy.filters.http.ext_proc":
+			cfg := &extprocfilterv3.ExternalProcessor{}
+			if err := f.GetTypedConfig().UnmarshalTo(cfg); err != nil {
+				http.Error(w, err.Error(), 500)
+				return
+			}
+			imm, err := p.callExtproc(req.Context(), cfg, req, h, &body)
+			if err != nil {
+				if !cfg.GetFailureModeAllow() {
+					http.Error(w, "ext_proc failed", http.StatusInternalServerError)
+					return
+				}
+				p.ExtprocFailures.Add(1)
+				continue
+			}
+			if imm != nil {
+				for _, o := range imm.GetHeaders().GetSetHeaders() {
+					w.Header().Set(o.GetHeader().GetKey(), headerValue(o.GetHeader()))
+				}
+				code := int(imm.GetStatus().GetCode())
+				if code == 0 {
+					code = 200
+				}
+				w.WriteHeader(code)
+				w.Write(imm.GetBody())
+				return
+			}
+		case "envoy.filters.http.router":
+			p.route(w, req, h, body, s)
+			return
+		}
+	}
+	http.Error(w, "no router filter", http.StatusInternalServerError)
+}
+
+// callExtproc speaks Envoy's ext_proc sequence for request headers (and a buffered body
+// when the server asks for it through mode_override). It applies header mutations to h
+// and returns an ImmediateResponse if the server sent one.
+func (p *Proxy) callExtproc(ctx context.Context, cfg *extprocfilterv3.ExternalProcessor, req *http.Request, h http.Header, body *[]byte) (*extprocv3.ImmediateResponse, error) {
+	timeout := cfg.GetMessageTimeout().AsDuration()
+	if timeout <= 0 {
+		timeout = 200 * time.Millisecond
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	stream, err := extprocv3.NewExternalProcessorClient(p.extproc).Process(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer stream.CloseSend()
+	hm := &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+		{Key: ":method", RawValue: []byte(req.Method)},
+		{Key: ":path", RawValue: []byte(req.URL.RequestURI())},
+		{Key: ":authority", RawValue: []byte(req.Host)},
+		{Key: ":scheme", RawValue: []byte("http")},
+	}}
+	for k, vs := range h {
+		for _, v := range vs {
+			hm.Headers = append(hm.Headers, &corev3.HeaderValue{Key: strings.ToLower(k), RawValue: []byte(v)})
+		}
+	}
+	if err := stream.Send(&extprocv3.ProcessingRequest{
+		Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: hm, EndOfStream: len(*body) == 0}},
+	}); err != nil {
+		return nil, err
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	if imm := resp.GetImmediateResponse(); imm != nil {
+		return imm, nil
+	}
+	rh := resp.GetRequestHeaders()
+	if rh == nil {
+		return nil, fmt.Errorf("ext_proc answered request headers with %T", resp.GetResponse())
+	}
+	applyMutation(h, rh.GetResponse().GetHeaderMutation())
+	if mo := resp.GetModeOverride(); mo != nil && cfg.GetAllowModeOverride() && mo.GetRequestBodyMode() == extprocfilterv3.ProcessingMode_BUFFERED && len(*body) > 0 {
+		if err := stream.Send(&extprocv3.ProcessingRequest{
+			Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: *body, EndOfStream: true}},
+		}); err != nil {
+			return nil, err
+		}
+		br, err := stream.Recv()
+		if err != nil {
+			return nil, err
+		}
+		if imm := br.GetImmediateResponse(); imm != nil {
+			return imm, nil
+		}
+		if br.GetRequestBody() == nil {
+			return nil, fmt.Errorf("ext_proc answered the request body with %T", br.GetResponse())
+		}
+		applyMutation(h, br.GetRequestBody().GetResponse().GetHeaderMutation())
+	}
+	return nil, nil
+}
+
+func applyMutation(h http.Header, m *extprocv3.HeaderMutation) {
+	for _, r := range m.GetRemoveHeaders() {
+		h.Del(r)
+	}
+	for _, o := range m.GetSetHeaders() {
+		applyHeaderOption(h, o, h)
+	}
+}
+
+// headerValue reads a HeaderValue as Envoy does for ext_proc mutations: raw_value when set.
+func headerValue(hv *corev3.HeaderValue) string {
+	if len(hv.GetRawValue()) > 0 {
+		return string(hv.GetRawValue())
+	}
+	return hv.GetValue()
+}
+
+// applyHeaderOption applies one HeaderValueOption to dst, expanding %REQ(h)% from reqHeaders.
+func applyHeaderOption(dst http.Header, o *corev3.HeaderValueOption, reqHeaders http.Header) {
+	k, v := o.GetHeader().GetKey(), headerValue(o.GetHeader())
+	if strings.HasPrefix(v, "%REQ(") && strings.HasSuffix(v, ")%") {
+		v = reqHeaders.Get(v[5 : len(v)-2])
+		if v == "" && !o.GetKeepEmptyValue() {
+			return
+		}
+	}
+	switch o.GetAppendAction() {
+	case corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD:
+		dst.Set(k, v)
+	case corev3.HeaderValueOption_ADD_IF_ABSENT:
+		if dst.Get(k) == "" {
+			dst.Set(k, v)
+		}
+	case corev3.HeaderValueOption_OVERWRITE_IF_EXISTS:
+		if dst.Get(k) != "" {
+			dst.Set(k, v)
+		}
+	default:
+		dst.Add(k, v)
+	}
+}
+
+func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, body []byte, s *state) {
+	vh := s.routes.GetVirtualHosts()[0]
+	var rt *routev3.Route
+	for _, r := range vh.GetRoutes() {
+		if matches(r.GetMatch(), req.URL.Path, h) {
+			rt = r
+			break
+		}
+	}
+	if rt == nil {
+		http.Error(w, "no route", http.StatusNotFound)
+		return
+	}
+	respHeaders := http.Header{}
+	addAll := func(opts []*corev3.HeaderValueOption) {
+		for _, o := range opts {
+			applyHeaderOption(respHeaders, o, h)
+		}
+	}
+	if dr := rt.GetDirectResponse(); dr != nil {
+		addAll(rt.GetResponseHeadersToAdd())
+		addAll(vh.GetResponseHeadersToAdd())
+		copyHeaders(w.Header(), respHeaders)
+		w.WriteHeader(int(dr.GetStatus()))
+		io.WriteString(w, dr.GetBody().GetInlineString())
+		return
+	}
+	a := rt.GetRoute()
+	cluster := a.GetCluster()
+	upHeaders := h.Clone()
+	if wc := a.GetWeightedClusters(); wc != nil {
+		cw := pickWeighted(wc, h)
+		cluster = cw.GetName()
+		for _, o := range cw.GetRequestHeadersToAdd() {
+			applyHeaderOption(upHeaders, o, h)
+		}
+		addAll(cw.GetResponseHeadersToAdd())
+	}
+	for _, o := range rt.GetRequestHeadersToAdd() {
+		applyHeaderOption(upHeaders, o, h)
+	}
+	addAll(rt.GetResponseHeadersToAdd())
+	addAll(vh.GetResponseHeadersToAdd())
+	for _, m := range a.GetRequestMirrorPolicies() {
+		if fractionHit(m.GetRuntimeFraction().GetDefaultValue()) {
+			p.mirror(m.GetCluster(), req, upHeaders.Clone(), body, s)
+		}
+	}
+	tries := 1 + int(a.GetRetryPolicy().GetNumRetries().GetValue())
+	timeout := a.GetTimeout().AsDuration()
+	if a.GetTimeout() == nil {
+		timeout = 15 * time.Second // Envoy's default route timeout
+	}
+	var resp *http.Response
+	var err error
+	for i := 0; i < tries; i++ {
+		resp, err = p.forward(req.Context(), timeout, cluster, req, upHeaders, body, s)
+		if err == nil && resp.StatusCode < 500 {
+			break
+		}
+		if i < tries-1 && resp != nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}
+	if err != nil {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, "upstream connect error or disconnect/reset before headers: "+err.Error())
+		return
+	}
+	defer resp.Body.Close()
+	copyHeaders(w.Header(), resp.Header)
+	copyHeaders(w.Header(), respHeaders)
+	w.WriteHeader(resp.StatusCode)
+	io.Copy(w, resp.Body)
+}
+
+func copyHeaders(dst, src http.Header) {
+	for k, vs := range src {
+		dst[k] = append([]string(nil), vs...)
+	}
+}
+
+// pickWeighted follows Envoy: the random value is header_name's value parsed as uint64
+// when present and valid, else random; value % total_weight selects walking in order.
+func pickWeighted(wc *routev3.WeightedCluster, h http.Header) *routev3.WeightedCluster_ClusterWeight {
+	var total uint64
+	for _, c := range wc.GetClusters() {
+		total += uint64(c.GetWeight().GetValue())
+	}
+	v := rand.Uint64()
+	if hn := wc.GetHeaderName(); hn != "" {
+		if n, err := strconv.ParseUint(h.Get(hn), 10, 64); err == nil {
+			v = n
+		}
+	}
+	v %= total
+	var sum uint64
+	for _, c := range wc.GetClusters() {
+		sum += uint64(c.GetWeight().GetValue())
+		if v < sum {
+			return c
+		}
+	}
+	return wc.GetClusters()[len(wc.GetClusters())-1]
+}
+
+func fractionHit(f *typev3.FractionalPercent) bool {
+	den := uint32(100)
+	switch f.GetDenominator() {
+	case typev3.FractionalPercent_TEN_THOUSAND:
+		den = 10000
+	case typev3.FractionalPercent_MILLION:
+		den = 1000000
+	}
+	return rand.Uint32N(den) < f.GetNumerator()
+}
+
+func matches(m *routev3.RouteMatch, path string, h http.Header) bool {
+	switch {
+	case m.GetPathSeparatedPrefix() != "":
+		pre := m.GetPathSeparatedPrefix()
+		if path != pre && !strings.HasPrefix(path, pre+"/") {
+			return false
+		}
+	case m.GetPrefix() != "" || m.GetPathSpecifier() != nil:
+		if !strings.HasPrefix(path, m.GetPrefix()) {
+			return false
+		}
+	}
+	for _, hm := range m.GetHeaders() {
+		v, ok := h[http.CanonicalHeaderKey(hm.GetName())]
+		present := ok && len(v) > 0
+		var hit bool
+		switch {
+		case hm.GetStringMatch() != nil:
+			hit = present && v[0] == hm.GetStringMatch().GetExact()
+		case hm.GetPresentMatch():
+			hit = present
+		default:
+			hit = present
+		}
+		if hit == hm.GetInvertMatch() {
+			return false
+		}
+	}
+	return true
+}
+
+// forward sends one attempt to a round-robin endpoint of the cluster, through the
+// cluster's upstream header_mutation filter.
+func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster string, req *http.Request, h http.Header, body []byte, s *state) (*http.Response, error) {
+	cla := s.endpoints[cluster]
+	var addrs []string
+	for _, le := range cla.GetEndpoints() {
+		for _, lb := range le.GetLbEndpoints() {
+			sa := lb.GetEndpoint().GetAddress().GetSocketAddress()
+			addrs = append(addrs, net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))))
+		}
+	}
+	if len(addrs) == 0 {
+		return nil, fmt.Errorf("no healthy upstream in cluster %q", cluster)
+	}
+	up := h.Clone()
+	if c := s.clusters[cluster]; c != nil {
+		if a, ok := c.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; ok {
+			applyUpstreamFilters(a, up)
+		}
+	}
+	addr := addrs[p.rr.Add(1)%uint64(len(addrs))]
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	out, err := http.NewRequestWithContext(ctx, req.Method, "http://"+addr+req.URL.RequestURI(), bytes.NewReader(body))
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	out.Header = up
+	out.Host = req.Host
+	resp, err := p.client.Do(out)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c *cancelBody) Close() error { err := c.ReadCloser.Close(); c.cancel(); return err }
+
+func applyUpstreamFilters(a *anypb.Any, h http.Header) {
+	opts := &upstreamhttpv3.HttpProtocolOptions{}
+	if err := a.UnmarshalTo(opts); err != nil {
+		return
+	}
+	for _, f := range opts.GetHttpFilters() {
+		if f.GetName() != "envoy.filters.http.header_mutation" {
+			continue
+		}
+		hm := &headermutationv3.HeaderMutation{}
+		if err := f.GetTypedConfig().UnmarshalTo(hm); err != nil {
+			continue
+		}
+		for _, m := range hm.GetMutations().GetRequestMutations() {
+			if r := m.GetRemove(); r != "" {
+				h.Del(r)
+			}
+			if ap := m.GetAppend(); ap != nil {
+				applyHeaderOption(h, ap, h)
+			}
+		}
+	}
+}
+
+// mirror sends a fire-and-forget copy, as Envoy's shadowing does (host gets "-shadow").
+func (p *Proxy) mirror(cluster string, req *http.Request, h http.Header, body []byte, s *state) {
+	p.mirrors.Add(1)
+	go func() {
+		defer p.mirrors.Done()
+		shadow := req.Clone(context.Background())
+		shadow.Host = req.Host + "-shadow"
+		resp, err := p.forward(context.Background(), 5*time.Second, cluster, shadow, h, body, s)
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}()
+}
