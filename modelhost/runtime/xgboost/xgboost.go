@@ -19,12 +19,15 @@ import (
 	"github.com/patchbay-io/patchbay/modelhost/tensor"
 )
 
-// node is one tree node, 12 bytes. Trees are re-laid out at load so that a node's
-// right child always follows its left child: the walk picks left or left+1.
+// node is one tree node, 16 bytes. Trees are re-laid out at load so that a node's
+// right child always follows its left child: a step goes to left or left+1. A leaf
+// points to itself with rightMask 0, so a walk can take a fixed number of steps (the
+// tree's depth) without testing for leaves, and several rows can walk in lockstep.
 type node struct {
-	value   float32 // split condition, or the leaf value
-	feature uint32  // split feature; defaultLeftBit set when missing values go left
-	left    int32   // absolute index of the left child; -1 for a leaf
+	value     float32 // split condition (a leaf's value is in Ensemble.leaf)
+	feature   uint32  // split feature; defaultLeftBit set when missing values go left
+	left      int32   // absolute index of the left child; a leaf's own index
+	rightMask int32   // 1 for a split, 0 for a leaf
 }
 
 const defaultLeftBit = 1 << 31
@@ -41,7 +44,9 @@ const (
 // Ensemble is a loaded XGBoost model.
 type Ensemble struct {
 	nodes      []node
+	leaf       []float32 // leaf value by node index
 	roots      []int32
+	depth      []int32 // steps from root to the deepest leaf, per tree
 	group      []int32 // output group of each tree
 	groups     int
 	features   int
@@ -231,50 +236,56 @@ func (e *Ensemble) addTree(t *jsonTree, group int32) error {
 	// Re-lay out breadth first from the root, siblings side by side.
 	off := int32(len(e.nodes))
 	e.nodes = append(e.nodes, node{})
+	e.leaf = append(e.leaf, 0)
 	queue := []int32{0}  // old indices, in new order
 	slot := []int32{off} // their new absolute indices
+	level := []int32{0}  // their depth
+	depth := int32(0)
 	for q := 0; q < len(queue); q++ {
 		old, at := queue[q], slot[q]
 		if len(queue) > n {
 			return errors.New("a node is reachable twice")
 		}
-		nd := node{value: t.SplitCond[old], left: -1}
+		depth = max(depth, level[q])
+		nd := node{value: t.SplitCond[old], left: at}
 		if l := t.Left[old]; l != -1 {
-			nd.left = int32(len(e.nodes))
+			nd.left, nd.rightMask = int32(len(e.nodes)), 1
 			nd.feature = uint32(t.SplitIdx[old])
 			if t.DefaultLeft[old] != 0 {
 				nd.feature |= defaultLeftBit
 			}
 			e.nodes = append(e.nodes, node{}, node{})
+			e.leaf = append(e.leaf, 0, 0)
 			queue = append(queue, l, t.Right[old])
 			slot = append(slot, nd.left, nd.left+1)
+			level = append(level, level[q]+1, level[q]+1)
+		} else {
+			e.leaf[at] = t.SplitCond[old]
+			nd.value = 0
 		}
 		e.nodes[at] = nd
 	}
 	e.roots = append(e.roots, off)
+	e.depth = append(e.depth, depth)
 	e.group = append(e.group, group)
 	return nil
 }
 
-// walk returns the leaf value that row reaches in the tree at root.
-func walk(nodes []node, root int32, row []float32) float32 {
-	n := root
-	for {
-		nd := &nodes[n]
-		if nd.left < 0 {
-			return nd.value
-		}
-		v := row[nd.feature&^defaultLeftBit]
-		var right int32
-		if v != v { // missing
-			if nd.feature&defaultLeftBit == 0 {
-				right = 1
-			}
-		} else if !(v < nd.value) {
-			right = 1
-		}
-		n = nd.left + right
+func b2i(b bool) int32 {
+	if b {
+		return 1
 	}
+	return 0
+}
+
+// step moves one level down without branching on the data: right when the value is
+// not below the split, or when it is missing and the default branch is right.
+func step(nodes []node, n int32, row []float32) int32 {
+	nd := &nodes[n]
+	f := nd.feature
+	v := row[f&^defaultLeftBit]
+	right := b2i(!(v < nd.value)) &^ (b2i(v != v) & int32(f>>31))
+	return nd.left + right&nd.rightMask
 }
 
 // Features is the number of input columns the model reads.
@@ -284,40 +295,60 @@ func (e *Ensemble) Features() int { return e.features }
 func (e *Ensemble) Width() int { return e.outWidth }
 
 // PredictRows writes the model's outputs for rows (row-major, Features() columns each)
-// into out (Width() values per row).
+// into out (Width() values per row). Four rows walk each tree in lockstep; each row's
+// margin is still summed tree by tree in float32, in XGBoost's order.
 func (e *Ensemble) PredictRows(rows []float32, out []float32) {
-	nf := e.features
+	nf, g, w := e.features, e.groups, e.outWidth
 	nrows := len(rows) / nf
-	nodes, roots := e.nodes, e.roots
-	if e.groups == 1 {
-		var m [1]float32
-		for r := 0; r < nrows; r++ {
-			row := rows[r*nf : (r+1)*nf : (r+1)*nf]
-			sum := e.baseMargin
-			for _, root := range roots {
-				sum += walk(nodes, root, row)
-			}
-			m[0] = sum
-			e.finish(m[:], out[r:r+1])
-		}
-		return
-	}
-	var margins [8]float32
-	m := margins[:0]
-	if e.groups <= len(margins) {
-		m = margins[:e.groups]
+	nodes, leaf, roots, depth, group := e.nodes, e.leaf, e.roots, e.depth, e.group
+	var buf [4 * 8]float32
+	var m []float32
+	if g <= 8 {
+		m = buf[:4*g]
 	} else {
-		m = make([]float32, e.groups)
+		m = make([]float32, 4*g)
 	}
-	for r := 0; r < nrows; r++ {
-		row := rows[r*nf : (r+1)*nf : (r+1)*nf]
-		for g := range m {
-			m[g] = e.baseMargin
+	r := 0
+	for ; r+4 <= nrows; r += 4 {
+		x0 := rows[r*nf : (r+1)*nf]
+		x1 := rows[(r+1)*nf : (r+2)*nf]
+		x2 := rows[(r+2)*nf : (r+3)*nf]
+		x3 := rows[(r+3)*nf : (r+4)*nf]
+		for i := range m {
+			m[i] = e.baseMargin
 		}
 		for ti, root := range roots {
-			m[e.group[ti]] += walk(nodes, root, row)
+			n0, n1, n2, n3 := root, root, root, root
+			for d := depth[ti]; d > 0; d-- {
+				n0 = step(nodes, n0, x0)
+				n1 = step(nodes, n1, x1)
+				n2 = step(nodes, n2, x2)
+				n3 = step(nodes, n3, x3)
+			}
+			k := group[ti]
+			m[k] += leaf[n0]
+			m[int32(g)+k] += leaf[n1]
+			m[2*int32(g)+k] += leaf[n2]
+			m[3*int32(g)+k] += leaf[n3]
 		}
-		e.finish(m, out[r*e.outWidth:(r+1)*e.outWidth])
+		for j := range 4 {
+			e.finish(m[j*g:(j+1)*g], out[(r+j)*w:(r+j+1)*w])
+		}
+	}
+	for ; r < nrows; r++ {
+		x := rows[r*nf : (r+1)*nf]
+		mm := m[:g]
+		for i := range mm {
+			mm[i] = e.baseMargin
+		}
+		for ti, root := range roots {
+			n := root
+			for d := depth[ti]; d > 0; d-- {
+				n = step(nodes, n, x)
+			}
+			mm[group[ti]] += leaf[n]
+		}
+		e.finish(mm, out[r*w:(r+1)*w])
 	}
 }
 
