@@ -26,16 +26,16 @@ const adminToken = "e2e-token"
 // chain is the whole system on loopback: two model hosts (v7 only, v8 only), the control
 // plane, ext_proc, and in Envoy's place the test model of Envoy's routing.
 type chain struct {
-	t          testing.TB
-	dir        string
-	a, b       *host
-	xds, ep    *proc
-	xdsAddr    string
-	xdsAdmin   string
-	epAddr     string
-	epAdmin    string
-	edge       *envoymodel.Proxy
-	edgeURL    string
+	t        testing.TB
+	dir      string
+	a, b     *host
+	xds, ep  *proc
+	xdsAddr  string
+	xdsAdmin string
+	epAddr   string
+	epAdmin  string
+	edge     *envoymodel.Proxy
+	edgeURL  string
 }
 
 func rankerRollout(a, b, traffic, extra string) string {
