@@ -159,11 +159,12 @@ func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
 		ids = []string{headers.UserID}
 	}
 	for i, h := range ids {
+		h = strings.ToLower(h)
 		if !validHeaderName(h) {
-			bad("identity_headers[%d]: %q is not a lower-case header name", i, h)
+			bad("identity_headers[%d]: %q is not a header name", i, ids[i])
 		}
+		t.Identity = append(t.Identity, h)
 	}
-	t.Identity = append([]string(nil), ids...)
 
 	layers := make(map[string]string, len(p.GetLayers()))
 	for i, l := range p.GetLayers() {
@@ -241,23 +242,27 @@ func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
 				SlotEnd:   pe.GetSlotEnd(),
 				Salt:      pe.GetSalt(),
 			}
-			if e.SlotStart >= e.SlotEnd || e.SlotEnd > policyv1.LayerSlots {
-				bad("%s: slots [%d, %d) not a non-empty range within [0, %d)", ewhere, e.SlotStart, e.SlotEnd, policyv1.LayerSlots)
-			}
-			for _, r := range layerRanges[pe.GetLayer()] {
-				if e.SlotStart < r.end && r.start < e.SlotEnd {
-					bad("%s: slots [%d, %d) overlap %s [%d, %d) in layer %q", ewhere, e.SlotStart, e.SlotEnd, r.who, r.start, r.end, pe.GetLayer())
+			// An empty range (allocation 0, or a layer already full) holds nobody: valid.
+			if e.SlotStart > e.SlotEnd || e.SlotEnd > policyv1.LayerSlots {
+				bad("%s: slots [%d, %d) not a range within [0, %d)", ewhere, e.SlotStart, e.SlotEnd, policyv1.LayerSlots)
+			} else if e.SlotStart < e.SlotEnd {
+				for _, r := range layerRanges[pe.GetLayer()] {
+					if e.SlotStart < r.end && r.start < e.SlotEnd {
+						bad("%s: slots [%d, %d) overlap %s [%d, %d) in layer %q", ewhere, e.SlotStart, e.SlotEnd, r.who, r.start, r.end, pe.GetLayer())
+					}
 				}
+				layerRanges[pe.GetLayer()] = append(layerRanges[pe.GetLayer()], slotRange{e.SlotStart, e.SlotEnd, fmt.Sprintf("experiment %q", e.Name)})
 			}
-			layerRanges[pe.GetLayer()] = append(layerRanges[pe.GetLayer()], slotRange{e.SlotStart, e.SlotEnd, fmt.Sprintf("experiment %q", e.Name)})
 			for hi, hm := range pe.GetMatch() {
-				if !validHeaderName(hm.GetName()) {
-					bad("%s: match[%d]: %q is not a lower-case header name", ewhere, hi, hm.GetName())
+				// Header names are case-insensitive; Envoy sends them lower-case.
+				name := strings.ToLower(hm.GetName())
+				if !validHeaderName(name) {
+					bad("%s: match[%d]: %q is not a header name", ewhere, hi, hm.GetName())
 				}
 				if len(hm.GetValues()) == 0 {
 					bad("%s: match[%d] %q: no values", ewhere, hi, hm.GetName())
 				}
-				e.Match = append(e.Match, HeaderMatch{Name: hm.GetName(), Values: append([]string(nil), hm.GetValues()...)})
+				e.Match = append(e.Match, HeaderMatch{Name: name, Values: append([]string(nil), hm.GetValues()...)})
 			}
 			if len(pe.GetArms()) == 0 {
 				bad("%s: no arms", ewhere)

@@ -94,14 +94,14 @@ func TestCompileRejects(t *testing.T) {
 		{"unknown arm version", func(p *policyv1.Policy) { p.Models[0].Experiments[0].Arms[1].Version = "v9" }, []string{`unknown version "v9"`}},
 		{"zero weight", func(p *policyv1.Policy) { p.Models[0].Experiments[0].Arms[0].Weight = 0 }, []string{"zero weight"}},
 		{"overlap", func(p *policyv1.Policy) { p.Models[0].Experiments[1].SlotStart = 1999 }, []string{`overlap experiment "ltv" [0, 2000) in layer "ranking"`}},
-		{"empty range", func(p *policyv1.Policy) { p.Models[0].Experiments[1].SlotEnd = 2000 }, []string{"slots [2000, 2000)"}},
+		{"reversed range", func(p *policyv1.Policy) { p.Models[0].Experiments[1].SlotEnd = 1999 }, []string{"slots [2000, 1999)"}},
 		{"beyond slots", func(p *policyv1.Policy) { p.Models[0].Experiments[2].SlotEnd = 10001 }, []string{"slots [5000, 10001)"}},
 		{"unknown layer", func(p *policyv1.Policy) { p.Models[0].Experiments[0].Layer = "nope" }, []string{`layer "nope" is not in policy layers`}},
 		{"duplicate model", func(p *policyv1.Policy) { p.Models = append(p.Models, proto.Clone(p.Models[0]).(*policyv1.Model)) }, []string{"duplicate model"}},
 		{"duplicate version", func(p *policyv1.Policy) { p.Models[0].Versions = append(p.Models[0].Versions, "v7") }, []string{`"v7": duplicate version`}},
 		{"no versions", func(p *policyv1.Policy) { p.Models[0].Versions = nil; p.Models[0].Experiments = nil }, []string{"no versions"}},
 		{"no arms", func(p *policyv1.Policy) { p.Models[0].Experiments[0].Arms = nil }, []string{"no arms"}},
-		{"bad match header", func(p *policyv1.Policy) { p.Models[0].Experiments[2].Match[0].Name = "X-Country" }, []string{"not a lower-case header name"}},
+		{"bad match header", func(p *policyv1.Policy) { p.Models[0].Experiments[2].Match[0].Name = "x country" }, []string{"not a header name"}},
 		{"match without values", func(p *policyv1.Policy) { p.Models[0].Experiments[2].Match[0].Values = nil }, []string{"no values"}},
 		{"bad identity header", func(p *policyv1.Policy) { p.IdentityHeaders = []string{"x user"} }, []string{"identity_headers[0]"}},
 		{"separator in experiment name", func(p *policyv1.Policy) { p.Models[0].Experiments[0].Name = "a,b" }, []string{"without ','"}},
@@ -129,6 +129,22 @@ func TestCompileRejects(t *testing.T) {
 	}
 	if _, err := Compile(nil, nil); err == nil {
 		t.Error("nil policy accepted")
+	}
+}
+
+func TestCompileNormalizesAndAcceptsEmptyRanges(t *testing.T) {
+	t.Parallel()
+	p := validPolicy()
+	p.IdentityHeaders = []string{"X-User-Id"}
+	p.Models[0].Experiments[2].Match[0].Name = "X-Country"
+	// Allocation 0 (or a full layer) yields an empty range, even inside another's.
+	p.Models[0].Experiments[1].SlotStart, p.Models[0].Experiments[1].SlotEnd = 1000, 1000
+	tbl, err := Compile(p, nil)
+	if err != nil {
+		t.Fatalf("Compile: %v", err)
+	}
+	if tbl.Identity[0] != "x-user-id" || tbl.Model("ranker").Experiments[2].Match[0].Name != "x-country" {
+		t.Errorf("header names not lower-cased: %v %v", tbl.Identity, tbl.Model("ranker").Experiments[2].Match)
 	}
 }
 
