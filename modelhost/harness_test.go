@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -87,6 +88,7 @@ func writeFile(t testing.TB, path, text string) {
 // startHost serves repo over real HTTP and gRPC listeners; mutate adjusts the Config.
 func startHost(t testing.TB, repo string, mutate func(*modelhost.Config)) *host {
 	t.Helper()
+	goroutinesBefore := runtime.NumGoroutine()
 	logs := &bytes.Buffer{}
 	metrics, err := telemetry.NewMetrics()
 	if err != nil {
@@ -119,6 +121,8 @@ func startHost(t testing.TB, repo string, mutate func(*modelhost.Config)) *host 
 	h := &host{srv: srv, url: "http://" + hl.Addr().String(), grpc: oip.NewGRPCInferenceServiceClient(conn), repo: repo, logs: logs}
 	t.Cleanup(func() {
 		conn.Close()
+		// Idle (and never-used) client connections would hold Shutdown for seconds.
+		http.DefaultClient.CloseIdleConnections()
 		cancel()
 		select {
 		case err := <-done:
@@ -128,10 +132,12 @@ func startHost(t testing.TB, repo string, mutate func(*modelhost.Config)) *host 
 		case <-time.After(10 * time.Second):
 			t.Error("Serve did not return after cancel")
 		}
+		metrics.Shutdown(context.Background())
+		http.DefaultClient.CloseIdleConnections()
+		checkNoLeak(t, goroutinesBefore)
 		if t.Failed() {
 			t.Logf("host logs:\n%s", logs.String())
 		}
-		metrics.Shutdown(context.Background())
 	})
 	// Wait for readiness over the wire.
 	deadline := time.Now().Add(5 * time.Second)
@@ -149,6 +155,21 @@ func startHost(t testing.TB, repo string, mutate func(*modelhost.Config)) *host 
 		time.Sleep(10 * time.Millisecond)
 	}
 	return h
+}
+
+// checkNoLeak waits for the goroutine count to fall back to what it was before the
+// host started (batchers, servers, streams all stopped).
+func checkNoLeak(t testing.TB, before int) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Errorf("goroutines: %d after shutdown, %d before:\n%s", runtime.NumGoroutine(), before, buf[:runtime.Stack(buf, true)])
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // do sends a REST request and decodes the JSON answer into out (if not nil).

@@ -1,0 +1,5 @@
+//go:build !race
+
+package modelhost_test
+
+const raceEnabled = false
