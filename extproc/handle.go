@@ -3,7 +3,9 @@ package extproc
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -66,6 +68,25 @@ var removeLists = func() [][]string {
 	return lists
 }()
 
+// removals lists the client's x-patchbay-* headers to remove, except those in set
+// (which the answer overwrites) and x-patchbay-model. Only a request carrying unknown
+// x-patchbay-* names makes it allocate.
+func removals(d *assign.Decision, set uint8, hs []*corev3.HeaderValue) []string {
+	known := removeLists[d.Stripped&^set]
+	if !d.OtherPatchbay {
+		return known
+	}
+	out := append([]string(nil), known...)
+	for _, h := range hs {
+		k := h.GetKey()
+		if !strings.HasPrefix(k, headers.Prefix) || k == headers.Model || slices.Contains(headers.Stripped, k) || slices.Contains(out, k) {
+			continue
+		}
+		out = append(out, k)
+	}
+	return out
+}
+
 // passThrough[mask] answers a non-model request: nothing changes except that the
 // client's forbidden x-patchbay-* headers are removed.
 var passThrough = func() []*extprocv3.ProcessingResponse {
@@ -127,7 +148,7 @@ func (s *Server) requestHeaders(ctx context.Context, st *stream_, h *extprocv3.H
 			return resp
 		}
 	}
-	resp := s.answer(ctx, cur, &d, false, span)
+	resp := s.answer(ctx, cur, &d, hs, false, span)
 	s.in.latency.Record(ctx, time.Since(start).Seconds())
 	return resp
 }
@@ -146,8 +167,8 @@ func (s *Server) awaitBody(ctx context.Context, st *stream_, cur *state, hs []*c
 	}
 	st.waiting, st.st, st.hs, st.pending = true, cur, hs, *d
 	cr := &extprocv3.CommonResponse{}
-	if d.Stripped != 0 {
-		cr.HeaderMutation = &extprocv3.HeaderMutation{RemoveHeaders: removeLists[d.Stripped]}
+	if rm := removals(d, 0, hs); len(rm) > 0 {
+		cr.HeaderMutation = &extprocv3.HeaderMutation{RemoveHeaders: rm}
 	}
 	resp := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
 		RequestHeaders: &extprocv3.HeadersResponse{Response: cr},
@@ -179,9 +200,9 @@ func (s *Server) requestBody(ctx context.Context, st *stream_, b *extprocv3.Http
 	} else {
 		s.in.body.Add(ctx, 1, s.in.bodyOpts[bodyNone]...)
 	}
-	d.Stripped = 0 // removed with the headers answer
+	d.Stripped, d.OtherPatchbay = 0, false // removed with the headers answer
 	assign.Assign(d.Model, id, st.hs, d)
-	resp := s.answer(ctx, st.st, d, true, nil)
+	resp := s.answer(ctx, st.st, d, st.hs, true, nil)
 	s.in.latency.Record(ctx, time.Since(start).Seconds())
 	return resp
 }
@@ -230,9 +251,16 @@ type reply struct {
 
 // answer turns a decision into Envoy's answer: for body mode (onBody) a body response,
 // else a headers response; errors become immediate responses.
-func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, onBody bool, span trace.Span) *extprocv3.ProcessingResponse {
+func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs []*corev3.HeaderValue, onBody bool, span trace.Span) *extprocv3.ProcessingResponse {
 	switch d.Outcome {
 	case assign.PassThrough:
+		if d.OtherPatchbay {
+			return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
+				RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
+					HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: removals(d, 0, hs)},
+				}},
+			}}
+		}
 		return passThrough[d.Stripped]
 	case assign.UnknownModel, assign.UnknownVersion, assign.PinForbidden:
 		s.in.rejected.Add(ctx, 1, s.in.rejectOpts[d.Outcome]...)
@@ -262,7 +290,7 @@ func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, onB
 		n, setBits = n+1, setBits|experimentsBit
 	}
 	r.hm.SetHeaders = r.set[:n]
-	r.hm.RemoveHeaders = removeLists[d.Stripped&^setBits]
+	r.hm.RemoveHeaders = removals(d, setBits, hs)
 	r.cr.HeaderMutation = &r.hm
 	r.cr.ClearRouteCache = true
 	if onBody {

@@ -90,6 +90,18 @@ func TestProcessSequences(t *testing.T) {
 			want: []*extprocv3.ProcessingResponse{routed([]string{headers.Version, headers.Experiments, headers.ServedBy}, bucketOf("ranker-salt", nobody))},
 		},
 		{
+			name: "unknown x-patchbay-* client headers removed too",
+			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, nobody,
+				"x-patchbay-arm", "treatment", headers.Bucket, "1", headers.Version, "v7", "x-patchbay-arm", "again")},
+			want: []*extprocv3.ProcessingResponse{routed([]string{headers.Version, "x-patchbay-arm"}, bucketOf("ranker-salt", nobody))},
+		},
+		{
+			name: "non-model path: unknown x-patchbay-* removed",
+			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2", "x-patchbay-debug", "1")},
+			want: []*extprocv3.ProcessingResponse{{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{
+				Response: &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: []string{"x-patchbay-debug"}}}}}}},
+		},
+		{
 			name: "gRPC OIP: model from x-patchbay-model",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(false, ":path", headers.GRPCInferencePrefix+"ModelInfer", "content-type", "application/grpc", headers.Model, "ranker", headers.UserID, nobody)},
 			want: []*extprocv3.ProcessingResponse{routed(nil, bucketOf("ranker-salt", nobody))},

@@ -57,6 +57,9 @@ type Decision struct {
 	GRPC bool
 	// Stripped has bit i set when the client sent headers.Stripped[i].
 	Stripped uint8
+	// OtherPatchbay is true when the client sent other x-patchbay-* headers (not
+	// x-patchbay-model, not in headers.Stripped): they are removed too.
+	OtherPatchbay bool
 	// Identity as found (aliases request memory); Anonymous when none was found.
 	Identity  string
 	Anonymous bool
@@ -130,11 +133,14 @@ func Decide(t *policy.Table, hs []*corev3.HeaderValue, d *Decision) {
 				modelHeader = Value(h)
 				continue
 			}
+			known := false
 			for i, s := range headers.Stripped {
 				if k == s {
 					d.Stripped |= 1 << i
+					known = true
 				}
 			}
+			d.OtherPatchbay = d.OtherPatchbay || !known
 		}
 		if idRank > 0 {
 			for i, name := range t.Identity[:idRank] {
