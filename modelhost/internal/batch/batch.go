@@ -76,6 +76,13 @@ func (b *Batcher) Do(ctx context.Context, inputs []*tensor.Tensor) (Result, erro
 		rows = int(inputs[0].Shape[0])
 	}
 	c := &call{ctx: ctx, inputs: inputs, rows: rows, enq: time.Now(), done: make(chan struct{})}
+	// Checked first: with room in the queue, a select would pick the enqueue half the time
+	// after Stop, and nobody would ever run the call.
+	select {
+	case <-b.stop:
+		return Result{}, ErrStopped
+	default:
+	}
 	select {
 	case b.queue <- c:
 	case <-b.stop:
