@@ -131,11 +131,14 @@ func (s *Server) handle(ctx context.Context, st *stream_, req *extprocv3.Process
 func (s *Server) requestHeaders(ctx context.Context, st *stream_, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
 	start := time.Now()
 	cur := s.state.Load()
-	if cur == nil {
-		// No policy yet: change nothing; Envoy's baseline split applies.
-		return continueRequestHeaders
-	}
 	hs := h.GetHeaders().GetHeaders()
+	if cur == nil {
+		// No policy yet: decide nothing (Envoy's baseline split applies), but still
+		// remove the client's x-patchbay-* headers.
+		var d assign.Decision
+		assign.ScanForbidden(hs, &d)
+		return s.answer(ctx, nil, &d, hs, false, nil)
+	}
 	var span trace.Span
 	if s.tracer != nil {
 		ctx, span = s.tracer.Start(s.prop.Extract(ctx, &carrier{hs: hs}), "patchbay.extproc.decide", trace.WithSpanKind(trace.SpanKindInternal))

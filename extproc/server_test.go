@@ -212,7 +212,7 @@ func TestObservabilityModeIsNotAnswered(t *testing.T) {
 	}
 }
 
-func TestNoPolicyChangesNothing(t *testing.T) {
+func TestNoPolicyDecidesNothing(t *testing.T) {
 	t.Parallel()
 	h := startServer(t, Config{}, nil)
 	got, err := h.exchange(t, reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, "u1"))
@@ -221,6 +221,15 @@ func TestNoPolicyChangesNothing(t *testing.T) {
 	}
 	if diff := cmp.Diff([]*extprocv3.ProcessingResponse{emptyReqHeaders}, got, protocmp.Transform()); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
+	}
+	got, err = h.exchange(t, reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.Version, "v8", headers.Model, "ranker", "x-patchbay-x", "1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{
+		Response: &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: []string{headers.Version, "x-patchbay-x"}}}}}}
+	if diff := cmp.Diff([]*extprocv3.ProcessingResponse{want}, got, protocmp.Transform()); diff != "" {
+		t.Errorf("forbidden headers without a policy (-want +got):\n%s", diff)
 	}
 }
 

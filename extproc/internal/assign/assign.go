@@ -133,14 +133,7 @@ func Decide(t *policy.Table, hs []*corev3.HeaderValue, d *Decision) {
 				modelHeader = Value(h)
 				continue
 			}
-			known := false
-			for i, s := range headers.Stripped {
-				if k == s {
-					d.Stripped |= 1 << i
-					known = true
-				}
-			}
-			d.OtherPatchbay = d.OtherPatchbay || !known
+			d.notePatchbay(k)
 		}
 		if idRank > 0 {
 			for i, name := range t.Identity[:idRank] {
@@ -189,6 +182,28 @@ func Decide(t *policy.Table, hs []*corev3.HeaderValue, d *Decision) {
 		return
 	}
 	Assign(m, d.Identity, hs, d)
+}
+
+// notePatchbay records a client-sent x-patchbay-* header other than x-patchbay-model.
+func (d *Decision) notePatchbay(k string) {
+	for i, s := range headers.Stripped {
+		if k == s {
+			d.Stripped |= 1 << i
+			return
+		}
+	}
+	d.OtherPatchbay = true
+}
+
+// ScanForbidden fills only d.Stripped and d.OtherPatchbay: what to remove when there
+// is no policy to decide with.
+func ScanForbidden(hs []*corev3.HeaderValue, d *Decision) {
+	*d = Decision{}
+	for _, h := range hs {
+		if k := h.GetKey(); strings.HasPrefix(k, headers.Prefix) && k != headers.Model {
+			d.notePatchbay(k)
+		}
+	}
 }
 
 // Assign decides for a known model and identity ("" for none): bucket, experiments and
