@@ -165,6 +165,13 @@ func TestRender(t *testing.T) {
 	if got := b.GetNode().GetId(); got != "edge-0" {
 		t.Errorf("node id = %q", got)
 	}
+	for _, l := range b.GetLayeredRuntime().GetLayers() {
+		if l.GetName() == "static" {
+			if got := l.GetStaticLayer().GetFields()[ListenerLimitKey(Edge)].GetNumberValue(); got != 987 {
+				t.Errorf("listener connection limit = %v, want 987 (4/5 of 1234)", got)
+			}
+		}
+	}
 	heap := new(fixedheapv3.FixedHeapConfig)
 	if err := b.GetOverloadManager().GetResourceMonitors()[0].GetTypedConfig().UnmarshalTo(heap); err != nil || heap.GetMaxHeapSizeBytes() != 512<<20 {
 		t.Errorf("fixed heap = %v, %v", heap, err)
@@ -289,5 +296,27 @@ func TestVersionIsEmbedded(t *testing.T) {
 	}
 	if got, want := Version(), strings.TrimSpace(string(pin)); got != want || got == "" {
 		t.Fatalf("Version() = %q, want %q", got, want)
+	}
+}
+
+// TestFilesListenerLimit keeps the files' per-listener cap at 4/5 of the global one,
+// the rule Render and the Helm chart apply.
+func TestFilesListenerLimit(t *testing.T) {
+	t.Parallel()
+	for _, role := range Roles {
+		b := mustParse(t, role)
+		conn := new(downstreamv3.DownstreamConnectionsConfig)
+		if err := b.GetOverloadManager().GetResourceMonitors()[1].GetTypedConfig().UnmarshalTo(conn); err != nil {
+			t.Fatal(err)
+		}
+		var got float64
+		for _, l := range b.GetLayeredRuntime().GetLayers() {
+			if l.GetName() == "static" {
+				got = l.GetStaticLayer().GetFields()[ListenerLimitKey(role)].GetNumberValue()
+			}
+		}
+		if want := float64(conn.GetMaxActiveDownstreamConnections() * 4 / 5); got != want {
+			t.Errorf("%s.yaml: %s = %v, want %v", role, ListenerLimitKey(role), got, want)
+		}
 	}
 }

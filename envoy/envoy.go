@@ -26,6 +26,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/patchbay-io/patchbay/internal/envoyvalidate"
 
@@ -119,7 +120,7 @@ func Render(role Role, p Params) (*bootstrapv3.Bootstrap, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s.yaml: %w", role, err)
 	}
-	if err := apply(b, p); err != nil {
+	if err := apply(b, role, p); err != nil {
 		return nil, fmt.Errorf("render %s bootstrap: %w", role, err)
 	}
 	if err := Check(role, b); err != nil {
@@ -133,7 +134,7 @@ func MarshalJSON(b *bootstrapv3.Bootstrap) ([]byte, error) {
 	return protojson.MarshalOptions{Multiline: true, UseProtoNames: true}.Marshal(b)
 }
 
-func apply(b *bootstrapv3.Bootstrap, p Params) error {
+func apply(b *bootstrapv3.Bootstrap, role Role, p Params) error {
 	if p.NodeID != "" {
 		b.GetNode().Id = p.NodeID
 	}
@@ -185,6 +186,11 @@ func apply(b *bootstrapv3.Bootstrap, p Params) error {
 	}
 	if p.MaxHeapBytes > 0 || p.MaxConnections > 0 {
 		if err := setMonitors(b, p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if p.MaxConnections > 0 {
+		if err := setListenerLimit(b, role, p.MaxConnections*4/5); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -391,4 +397,25 @@ func setMonitors(b *bootstrapv3.Bootstrap, p Params) error {
 		return errors.New("overload_manager: the resource monitor to set is missing from the file")
 	}
 	return nil
+}
+
+// ListenerLimitKey is the runtime key capping connections on the role's routing listener.
+func ListenerLimitKey(role Role) string {
+	return "envoy.resource_limits.listener.patchbay_" + string(role) + ".connection_limit"
+}
+
+// setListenerLimit sets the per-listener connection cap in the "static" runtime layer:
+// four fifths of the global cap, so probes still get in under a connection flood.
+func setListenerLimit(b *bootstrapv3.Bootstrap, role Role, limit int64) error {
+	for _, l := range b.GetLayeredRuntime().GetLayers() {
+		if l.GetName() != "static" || l.GetStaticLayer() == nil {
+			continue
+		}
+		if l.GetStaticLayer().Fields == nil {
+			l.GetStaticLayer().Fields = map[string]*structpb.Value{}
+		}
+		l.GetStaticLayer().Fields[ListenerLimitKey(role)] = structpb.NewNumberValue(float64(limit))
+		return nil
+	}
+	return errors.New("layered_runtime: no static layer for the listener connection limit")
 }
