@@ -60,7 +60,7 @@ const experiment = `experiments:
       - {name: treatment, version: v8, weight: 50}
 `
 
-func startChain(t *testing.T, traffic, extra string) *chain {
+func startChain(t testing.TB, traffic, extra string) *chain {
 	t.Helper()
 	c := &chain{t: t, dir: t.TempDir()}
 	c.a = startHost(t, "host-a", "ranker/v7")
