@@ -2,9 +2,11 @@ package extproc
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -403,5 +405,33 @@ func TestServeStopsOnCancel(t *testing.T) {
 	}
 	if err := srv.Serve(context.Background(), lis); err == nil || !strings.Contains(err.Error(), "twice") {
 		t.Errorf("second Serve: %v", err)
+	}
+}
+
+// TestExperimentsHeaderBeyondPrecomputed covers models with too many exposure
+// combinations to precompute: the header is then assembled per request.
+func TestExperimentsHeaderBeyondPrecomputed(t *testing.T) {
+	t.Parallel()
+	p := &policyv1.Policy{ConfigVersion: "many", Models: []*policyv1.Model{{Name: "m", Salt: "ms", Versions: []string{"v1", "v2"}}}}
+	for _, l := range []string{"a", "b", "c"} {
+		p.Layers = append(p.Layers, &policyv1.Layer{Name: l, Salt: "L" + l})
+		e := &policyv1.Experiment{Name: "e" + l, Layer: l, SlotStart: 0, SlotEnd: policyv1.LayerSlots, Salt: "S" + l}
+		for i := range 20 {
+			e.Arms = append(e.Arms, &policyv1.Arm{Name: "arm" + strconv.Itoa(i), Version: []string{"v1", "v2"}[i%2], Weight: 1})
+		}
+		p.Models[0].Experiments = append(p.Models[0].Experiments, e)
+	}
+	h := startServer(t, Config{}, p)
+	for _, id := range []string{"u1", "u2", "u3"} {
+		got, err := h.exchange(t, reqHeaders(true, ":path", "/v2/models/m/infer", headers.UserID, id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		arm := func(l string) int { return int(policyv1.Hash("S"+l, id) % 20) }
+		want := routed(nil, bucketOf("ms", id), set(headers.Version, []string{"v1", "v2"}[arm("a")%2]),
+			set(headers.Experiments, fmt.Sprintf("ea=arm%d,eb=arm%d,ec=arm%d", arm("a"), arm("b"), arm("c"))))
+		if diff := cmp.Diff([]*extprocv3.ProcessingResponse{want}, got, protocmp.Transform()); diff != "" {
+			t.Errorf("user %s (-want +got):\n%s", id, diff)
+		}
 	}
 }
