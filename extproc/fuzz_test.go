@@ -33,7 +33,7 @@ func FuzzHandle(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, first, second []byte) {
-		var st stream_
+		var st streamState
 		for _, raw := range [][]byte{first, second} {
 			var req extprocv3.ProcessingRequest
 			if proto.Unmarshal(raw, &req) != nil {

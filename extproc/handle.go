@@ -20,8 +20,8 @@ import (
 	"github.com/patchbay-io/patchbay/extproc/internal/policy"
 )
 
-// stream_ is the per-stream (per HTTP request) state.
-type stream_ struct {
+// streamState is the per-stream (per HTTP request) state.
+type streamState struct {
 	protocol *extprocv3.ProtocolConfiguration
 	// Body mode: the headers message is kept until the body arrives.
 	waiting bool
@@ -102,7 +102,7 @@ var passThrough = func() []*extprocv3.ProcessingResponse {
 	return out
 }()
 
-func (s *Server) handle(ctx context.Context, st *stream_, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
+func (s *Server) handle(ctx context.Context, st *streamState, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
 	switch r := req.GetRequest().(type) {
 	case *extprocv3.ProcessingRequest_RequestHeaders:
 		if req.GetObservabilityMode() {
@@ -128,7 +128,7 @@ func (s *Server) handle(ctx context.Context, st *stream_, req *extprocv3.Process
 }
 
 // requestHeaders decides a request from its headers.
-func (s *Server) requestHeaders(ctx context.Context, st *stream_, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+func (s *Server) requestHeaders(ctx context.Context, st *streamState, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
 	start := time.Now()
 	cur := s.state.Load()
 	hs := h.GetHeaders().GetHeaders()
@@ -158,7 +158,7 @@ func (s *Server) requestHeaders(ctx context.Context, st *stream_, h *extprocv3.H
 
 // awaitBody prepares body mode: it returns the headers answer that asks Envoy for the
 // buffered body, or nil when the body cannot be had (d is then decided without identity).
-func (s *Server) awaitBody(ctx context.Context, st *stream_, cur *state, hs []*corev3.HeaderValue, endOfStream bool, d *assign.Decision) *extprocv3.ProcessingResponse {
+func (s *Server) awaitBody(ctx context.Context, st *streamState, cur *state, hs []*corev3.HeaderValue, endOfStream bool, d *assign.Decision) *extprocv3.ProcessingResponse {
 	mode := st.protocol.GetRequestBodyMode()
 	buffered := mode == filterv3.ProcessingMode_BUFFERED || mode == filterv3.ProcessingMode_BUFFERED_PARTIAL
 	if endOfStream || (!buffered && st.protocol.GetSendBodyWithoutWaitingForHeaderResponse()) {
@@ -187,7 +187,7 @@ func (s *Server) awaitBody(ctx context.Context, st *stream_, cur *state, hs []*c
 }
 
 // requestBody decides a body-mode request once its body has arrived.
-func (s *Server) requestBody(ctx context.Context, st *stream_, b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
+func (s *Server) requestBody(ctx context.Context, st *streamState, b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
 	if len(st.body)+len(b.GetBody()) <= s.cfg.MaxBodyBytes {
 		st.body = append(st.body, b.GetBody()...)
 	}

@@ -234,7 +234,7 @@ var errNoMessage = status.Error(codes.InvalidArgument, "ext_proc: processing req
 // Process is the ext_proc stream: one HTTP request's messages, answered one by one.
 func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error {
 	ctx := stream.Context()
-	var st stream_
+	var st streamState
 	for first := true; ; first = false {
 		req, err := stream.Recv()
 		if err != nil {

@@ -149,7 +149,7 @@ func TestHandlerAllocations(t *testing.T) {
 		t.Fatal(err)
 	}
 	hdrs := benchRequest("u42")
-	var st stream_
+	var st streamState
 	n := testing.AllocsPerRun(1000, func() { srv.requestHeaders(context.Background(), &st, hdrs.GetRequestHeaders()) })
 	t.Logf("%.1f allocations per headers answer (no-op meter)", n)
 	if n > 1 {
@@ -183,7 +183,7 @@ func BenchmarkHandleHeaders(b *testing.B) {
 				reqs[i] = benchRequest("user-" + strconv.Itoa(i))
 			}
 			ctx := context.Background()
-			var st stream_
+			var st streamState
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
