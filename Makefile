@@ -27,9 +27,8 @@ fmt-check: ## fail if gofmt would change a file
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
-bench: ## benchmarks; each prints its ratio against a baseline measured in the same run
-	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 ./xds/
-	$(GO) test -run '^$$' -bench . -benchtime 2s -count 1 ./extproc/... ./modelhost/... ./test/bench/... 2>/dev/null || true
+bench: ## run every benchmark (each with a same-run baseline) and write docs/bench/report.md + ratios.png
+	$(GO) run ./test/bench/report -out docs/bench
 
 fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./xds/rollout/
