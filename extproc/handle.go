@@ -31,6 +31,12 @@ type streamState struct {
 	body    []byte
 }
 
+// epoch anchors since: durations between two since() calls need one monotonic clock
+// read each, where time.Now reads the wall clock too.
+var epoch = time.Now()
+
+func since() time.Duration { return time.Since(epoch) }
+
 // Fixed answers that carry no decision; immutable and shared (concurrent marshalling
 // of an unchanging message is safe).
 var (
@@ -129,7 +135,7 @@ func (s *Server) handle(ctx context.Context, st *streamState, req *extprocv3.Pro
 
 // requestHeaders decides a request from its headers.
 func (s *Server) requestHeaders(ctx context.Context, st *streamState, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
-	start := time.Now()
+	start := since()
 	cur := s.state.Load()
 	hs := h.GetHeaders().GetHeaders()
 	if cur == nil {
@@ -152,7 +158,7 @@ func (s *Server) requestHeaders(ctx context.Context, st *streamState, h *extproc
 		}
 	}
 	resp := s.answer(ctx, cur, &d, hs, false, span)
-	s.in.latency.Record(ctx, time.Since(start).Seconds())
+	s.in.latency.Record(ctx, (since() - start).Seconds())
 	return resp
 }
 
@@ -194,7 +200,7 @@ func (s *Server) requestBody(ctx context.Context, st *streamState, b *extprocv3.
 	if !b.GetEndOfStream() {
 		return continueRequestBody
 	}
-	start := time.Now()
+	start := since()
 	st.waiting = false
 	d := &st.pending
 	id, ok := IdentityFromBody(st.body, st.st.tbl.Identity)
@@ -206,7 +212,7 @@ func (s *Server) requestBody(ctx context.Context, st *streamState, b *extprocv3.
 	d.Stripped, d.OtherPatchbay = 0, false // removed with the headers answer
 	assign.Assign(d.Model, id, st.hs, d)
 	resp := s.answer(ctx, st.st, d, st.hs, true, nil)
-	s.in.latency.Record(ctx, time.Since(start).Seconds())
+	s.in.latency.Record(ctx, (since() - start).Seconds())
 	return resp
 }
 
