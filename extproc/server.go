@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
+	"google.golang.org/grpc/keepalive"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -154,7 +155,14 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	if s.served.Swap(true) {
 		return errors.New("extproc: Serve called twice")
 	}
-	var opts []grpc.ServerOption
+	opts := []grpc.ServerOption{
+		// Envoy may keep its connection to us alive with HTTP/2 pings (cluster
+		// connection_keepalive); grpc-go's default policy answers pings more frequent
+		// than every 5 minutes with GOAWAY. Accept them down to 10 s.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		// Find dead Envoy connections.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+	}
 	if s.cfg.NumStreamWorkers > 0 {
 		opts = append(opts, grpc.NumStreamWorkers(s.cfg.NumStreamWorkers))
 	}
