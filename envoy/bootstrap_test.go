@@ -320,3 +320,36 @@ func TestFilesListenerLimit(t *testing.T) {
 		}
 	}
 }
+
+// TestPinnedEnvoyEverywhere: every place that fetches or runs Envoy names the pinned
+// release, so bumping .envoy-version without them fails here.
+func TestPinnedEnvoyEverywhere(t *testing.T) {
+	t.Parallel()
+	tag := "v" + Version()
+	for file, pattern := range map[string]string{
+		"../compose.yaml":                           `image: envoyproxy/envoy:(v[0-9.]+)`,
+		"../charts/patchbay/values.yaml":            `tag: (v[0-9.]+)\s+# envoy/.envoy-version`,
+		"../charts/patchbay/templates/_helpers.tpl": `default "envoyproxy/envoy:(v[0-9.]+)"`,
+		"../charts/testdata/full-values.yaml":       `repository: envoyproxy/envoy, tag: (v[0-9.]+)`,
+	} {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := regexp.MustCompile(pattern).FindSubmatch(data)
+		if m == nil {
+			t.Errorf("%s: no Envoy version found (pattern %s)", file, pattern)
+			continue
+		}
+		if string(m[1]) != tag {
+			t.Errorf("%s names Envoy %s, want %s (.envoy-version)", file, m[1], tag)
+		}
+	}
+	wf, err := os.ReadFile("../.github/workflows/envoy-e2e.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(wf, []byte("envoy/.envoy-version")) {
+		t.Error("the e2e workflow does not install the version in envoy/.envoy-version")
+	}
+}
