@@ -12,6 +12,7 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	earlymutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	statuspb "google.golang.org/genproto/googleapis/rpc/status"
@@ -20,6 +21,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/internal/envoyvalidate"
 )
@@ -79,7 +81,8 @@ func fetch(t *testing.T, s discoveryv3.AggregatedDiscoveryService_StreamAggregat
 
 // TestEnvoyNodeGetsValidConfig acts as an Envoy edge node on a real ADS stream: every
 // resource it receives passes Envoy's validation rules inside every Any, and its listener
-// strips client headers, then runs ext_proc (headers only, failing open), then the router.
+// strips client routing headers before route selection, then runs ext_proc (headers only,
+// failing open), then the router.
 func TestEnvoyNodeGetsValidConfig(t *testing.T) {
 	dir := t.TempDir()
 	fakeDNS.set("ranker-v2.models.svc", "10.9.0.2")
@@ -143,12 +146,33 @@ func TestEnvoyNodeGetsValidConfig(t *testing.T) {
 			for _, f := range hcm.GetHttpFilters() {
 				names = append(names, f.GetName())
 			}
-			want := []string{"envoy.filters.http.header_mutation", "envoy.filters.http.ext_proc", "envoy.filters.http.router"}
-			if len(names) != 3 || names[0] != want[0] || names[1] != want[1] || names[2] != want[2] {
+			want := []string{"envoy.filters.http.ext_proc", "envoy.filters.http.router"}
+			if len(names) != 2 || names[0] != want[0] || names[1] != want[1] {
 				t.Fatalf("filters %v, want %v", names, want)
 			}
+			// Client routing headers go before route selection: an early header mutation.
+			early := hcm.GetEarlyHeaderMutationExtensions()
+			if len(early) != 1 {
+				t.Fatalf("early header mutations: %v", early)
+			}
+			em := &earlymutationv3.HeaderMutation{}
+			if err := early[0].GetTypedConfig().UnmarshalTo(em); err != nil {
+				t.Fatal(err)
+			}
+			removed := map[string]bool{}
+			for _, m := range em.GetMutations() {
+				removed[m.GetRemove()] = true
+			}
+			for _, h := range headers.Stripped {
+				if !removed[h] {
+					t.Errorf("%s is not stripped before routing", h)
+				}
+			}
+			if removed[headers.Model] {
+				t.Errorf("%s must reach ext_proc and the routes", headers.Model)
+			}
 			ep := &extprocv3.ExternalProcessor{}
-			if err := hcm.GetHttpFilters()[1].GetTypedConfig().UnmarshalTo(ep); err != nil {
+			if err := hcm.GetHttpFilters()[0].GetTypedConfig().UnmarshalTo(ep); err != nil {
 				t.Fatal(err)
 			}
 			pm := ep.GetProcessingMode()

@@ -414,6 +414,17 @@ func TestChainFaults(t *testing.T) {
 		if counts["v7"] < 50 || counts["v8"] < 50 {
 			t.Fatalf("fail-open split %v, want about 50/50", counts)
 		}
+		// With ext_proc down nothing strips headers but Envoy's early header mutation: forged
+		// routing headers must still not choose the variant (slot 99 is v8, and so is the pin).
+		forged := 0
+		for i := 0; i < 50; i++ {
+			if c.mustUser(t, "forger", "x-patchbay-version", "v8", "x-patchbay-bucket", "99").version == "v8" {
+				forged++
+			}
+		}
+		if forged >= 45 {
+			t.Fatalf("%d of 50 forged requests landed on the forged version with ext_proc down", forged)
+		}
 		c.ep.start()
 		// The edge reconnects with backoff, as Envoy does; wait until decisions flow again.
 		waitFor(t, 10*time.Second, "ext_proc calls to succeed again", func() bool {

@@ -26,6 +26,7 @@ import (
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	earlymutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -237,6 +238,22 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	h := req.Header.Clone()
+	// Early header mutations run before route selection and before any filter.
+	for _, e := range s.hcm.GetEarlyHeaderMutationExtensions() {
+		em := &earlymutationv3.HeaderMutation{}
+		if err := e.GetTypedConfig().UnmarshalTo(em); err != nil {
+			http.Error(w, err.Error(), 500)
+			return
+		}
+		for _, m := range em.GetMutations() {
+			if r := m.GetRemove(); r != "" {
+				h.Del(r)
+			}
+			if a := m.GetAppend(); a != nil {
+				applyHeaderOption(h, a, h)
+			}
+		}
+	}
 	for _, f := range s.hcm.GetHttpFilters() {
 		switch f.GetName() {
 		case "envoy.filters.http.header_mutation":

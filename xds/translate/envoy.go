@@ -19,6 +19,7 @@ import (
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	upstreamcodecv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/upstream_codec/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	earlymutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	previoushostsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -36,7 +37,7 @@ import (
 )
 
 // Envoy builds the resources for an Envoy node of the given role: one listener (HCM with
-// header_mutation -> ext_proc -> router, routes over RDS), the route table, one EDS cluster
+// an early header mutation stripping client routing headers, then ext_proc -> router, routes over RDS), the route table, one EDS cluster
 // per model version, and its endpoints.
 func Envoy(in *Input, opts Options, role Role) (Resources, error) {
 	name, addr := EdgeListener, opts.EdgeAddress
@@ -99,9 +100,6 @@ func envoyListener(name, addr string, opts Options, role Role) (*listenerv3.List
 		AllowModeOverride: true,
 	}
 	filters := []*hcmv3.HttpFilter{
-		httpFilter("envoy.filters.http.header_mutation", &headermutationv3.HeaderMutation{
-			Mutations: &headermutationv3.Mutations{RequestMutations: strip},
-		}),
 		httpFilter("envoy.filters.http.ext_proc", extproc),
 		httpFilter("envoy.filters.http.router", &routerv3.Router{}),
 	}
@@ -111,6 +109,14 @@ func envoyListener(name, addr string, opts Options, role Role) (*listenerv3.List
 		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{
 			RouteConfigName: RouteConfigName,
 			ConfigSource:    adsSource(),
+		}},
+		// Client-sent routing headers are removed by an early header mutation: it runs
+		// before route selection and before any filter, so a client cannot pick its
+		// variant even when ext_proc is unreachable (an HTTP header_mutation filter would
+		// run after Envoy has already picked the route with the forged headers).
+		EarlyHeaderMutationExtensions: []*corev3.TypedExtensionConfig{{
+			Name:        "envoy.http.early_header_mutation.header_mutation",
+			TypedConfig: mustAny(&earlymutationv3.HeaderMutation{Mutations: strip}),
 		}},
 		HttpFilters:                  filters,
 		NormalizePath:                wrapperspb.Bool(true),
