@@ -32,6 +32,13 @@ bench: ## run every benchmark (each with a same-run baseline) and write docs/ben
 
 fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./xds/rollout/
+	$(GO) test -run '^$$' -fuzz FuzzDecide -fuzztime 30s ./extproc/internal/assign/
+	$(GO) test -run '^$$' -fuzz FuzzParsePath -fuzztime 30s ./extproc/internal/assign/
+	$(GO) test -run '^$$' -fuzz FuzzIdentityFromBody -fuzztime 30s ./extproc/
+	$(GO) test -run '^$$' -fuzz FuzzHandle -fuzztime 30s ./extproc/
+	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 30s ./modelhost/internal/oipjson/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./envoy/
+	$(GO) test -run '^$$' -fuzz FuzzValidateAny -fuzztime 30s ./internal/envoyvalidate/
 
 generate: ## regenerate protobuf code in api/ (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
 	PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative api/policy/v1/policy.proto

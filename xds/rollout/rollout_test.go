@@ -121,6 +121,19 @@ func TestValidateCrossFile(t *testing.T) {
 	}
 }
 
+func TestTooManyLayers(t *testing.T) {
+	r := &Rollout{APIVersion: APIVersion, Kind: Kind, Model: "m", Source: Position{File: "m.yaml", Line: 1},
+		Versions: []Version{{Name: "v1", Endpoints: []string{"10.0.0.1:80"}, Protocol: "http"}}, Traffic: map[string]int{"v1": 100}}
+	for i := 0; i <= MaxLayersPerModel; i++ {
+		r.Experiments = append(r.Experiments, Experiment{Name: "e" + string(rune('a'+i)), Layer: "l" + string(rune('a'+i)), Allocation: 1,
+			Arms: []Arm{{Name: "a", Version: "v1", Weight: 1}}})
+	}
+	err := Validate(&Set{Rollouts: []*Rollout{r}})
+	if err == nil || !strings.Contains(err.Error(), "m.yaml:1: experiments: the experiments span 17 layers; at most 16 per model") {
+		t.Fatalf("got %v", err)
+	}
+}
+
 func FuzzParse(f *testing.F) {
 	for _, p := range []string{"testdata/good/ranker.yaml", "testdata/bad/ranker.yaml"} {
 		b, err := os.ReadFile(p)

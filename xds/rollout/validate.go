@@ -24,6 +24,10 @@ var (
 // MaxRetries bounds the per-model retry count.
 const MaxRetries = 10
 
+// MaxLayersPerModel bounds the layers one model's experiments may span (ext_proc keeps the
+// exposures of a request in a fixed-size array; it refuses policies beyond this).
+const MaxLayersPerModel = 16
+
 // Validate checks every rule of shared/design.md across the set and returns all
 // problems at once, each with file, line and field path.
 func Validate(s *Set) error {
@@ -121,6 +125,13 @@ func Validate(s *Set) error {
 					add(r, af+".weight", "%d: arm weights must be positive", a.Weight)
 				}
 			}
+		}
+		layers := map[string]bool{}
+		for _, e := range r.Experiments {
+			layers[e.Layer] = true
+		}
+		if len(layers) > MaxLayersPerModel {
+			add(r, "experiments", "the experiments span %d layers; at most %d per model", len(layers), MaxLayersPerModel)
 		}
 		if r.Timeout.Duration < 0 {
 			add(r, "timeout", "must not be negative")

@@ -70,8 +70,17 @@ func Build(in *Input, opts Options) (*Built, error) {
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
+	// The policy is part of the version: an edit that only touches experiments changes
+	// nothing Envoy sees but must still reach ext_proc.
+	policy := Policy(in, "")
+	pb, err := proto.MarshalOptions{Deterministic: true}.Marshal(policy)
+	if err != nil {
+		return nil, err
+	}
+	h.Write(pb)
 	version := hex.EncodeToString(h.Sum(nil))[:16]
-	b := &Built{Version: version, Policy: Policy(in, version)}
+	policy.ConfigVersion = version
+	b := &Built{Version: version, Policy: policy}
 	for _, f := range []struct {
 		dst **cachev3.Snapshot
 		res Resources

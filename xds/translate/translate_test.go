@@ -126,6 +126,14 @@ func TestBuildIsDeterministic(t *testing.T) {
 	if a.Version != b.Version || a.Policy.ConfigVersion != a.Version {
 		t.Fatalf("versions %s / %s / policy %s", a.Version, b.Version, a.Policy.ConfigVersion)
 	}
+	in.Set.Rollouts[0].Experiments[0].Allocation = 30
+	e, err := Build(in, testOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Version == a.Version {
+		t.Fatal("an experiment change (policy only) kept the version")
+	}
 	in.Set.Rollouts[0].Traffic = map[string]int{"v7": 80, "v8": 20}
 	c, err := Build(in, testOpts)
 	if err != nil {
