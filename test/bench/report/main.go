@@ -93,8 +93,8 @@ func run(out string) error {
 	}
 	type row struct {
 		what, figure, baseline, ratio, goal string
-		ratioV                               float64
-		goalV                                float64
+		ratioV                              float64
+		goalV                               float64
 	}
 	var rows []row
 	add := func(what, bench, unit, figure, baseline string, goal float64) {
