@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/patchbay-io/patchbay/extproc"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 )
@@ -28,6 +30,8 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	gcPercent := fs.Int("gc-percent", 0, "GOGC for the process when > 0 (default: the runtime's, or $GOGC)")
 	workers := fs.Uint("stream-workers", 0, "gRPC stream worker goroutines (grpc.NumStreamWorkers); 0: a goroutine per stream")
+	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for decision spans (unset: tracing off)")
+	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
@@ -55,7 +59,17 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("extproc: %w", err)
 	}
 	defer metrics.Shutdown(context.Background())
+	var tracerProvider trace.TracerProvider
+	if *otlp != "" {
+		tp, shutdown, err := telemetry.NewTracerProvider(ctx, "patchbay-extproc", *otlp, *sampleRatio)
+		if err != nil {
+			return fmt.Errorf("extproc: %w", err)
+		}
+		defer shutdown(context.Background())
+		tracerProvider = tp
+	}
 	srv, err := extproc.New(extproc.Config{
+		TracerProvider:   tracerProvider,
 		XDSAddress:       *xdsAddr,
 		NodeID:           *nodeID,
 		IdentityHeaders:  ids,
