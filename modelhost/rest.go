@@ -255,7 +255,11 @@ func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 		span.SetAttributes(attribute.String("patchbay.model", name), attribute.String("patchbay.version", v.spec.Version))
 	}
 	st := restPool.Get().(*restState)
-	defer restPool.Put(st)
+	defer func() {
+		if st.body.Cap() <= 1<<20 && cap(st.out) <= 1<<20 { // large buffers go to the GC
+			restPool.Put(st)
+		}
+	}()
 	out, aerr := s.inferREST(ctx, v, r, st)
 	if aerr != nil {
 		s.failed(ctx, span, v, "rest", aerr)

@@ -1,0 +1,40 @@
+package modelhost
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/rs/zerolog"
+
+	"github.com/patchbay-io/patchbay/api/oip"
+)
+
+// BenchmarkGRPCModelInferMethod is the host's own cost of a 16-float ModelInfer
+// (conversion, checks, model, response), without grpc-go's transport.
+func BenchmarkGRPCModelInferMethod(b *testing.B) {
+	repo := b.TempDir()
+	dir := filepath.Join(repo, "lin", "v1")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "linear.json"), []byte(`{"link":"logistic","weights":[`+strings.Repeat("0.1,", 15)+`0.1],"bias":0}`), 0o644)
+	os.WriteFile(filepath.Join(dir, "model.yaml"), []byte("runtime: linear\nartifact: linear.json\ninputs: [{name: x, datatype: FP32, shape: [-1, 16]}]\noutputs: [{name: y, datatype: FP32, shape: [-1]}]\n"), 0o644)
+	s, err := New(Config{Repository: repo, Logger: zerolog.Nop()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	g := &grpcService{s: s}
+	req := &oip.ModelInferRequest{ModelName: "lin", Id: "x", Inputs: []*oip.ModelInferRequest_InferInputTensor{{
+		Name: "x", Datatype: "FP32", Shape: []int64{1, 16}, Contents: &oip.InferTensorContents{Fp32Contents: make([]float32, 16)}}}}
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := g.ModelInfer(ctx, req); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
