@@ -50,7 +50,8 @@ type Batcher struct {
 	run   Func
 	queue chan *call
 	stop  chan struct{}
-	wg    sync.WaitGroup // collector and running batches
+	done  chan struct{}  // closed when the collector has drained the queue and batches finished
+	wg    sync.WaitGroup // running batches
 	sem   chan struct{}
 	once  sync.Once
 }
@@ -62,8 +63,8 @@ var ErrStopped = errors.New("batcher stopped")
 func New(cfg Config, run Func) *Batcher {
 	cfg.MaxRows = max(cfg.MaxRows, 1)
 	cfg.Instances = max(cfg.Instances, 1)
-	b := &Batcher{cfg: cfg, run: run, queue: make(chan *call, 1024), stop: make(chan struct{}), sem: make(chan struct{}, cfg.Instances)}
-	b.wg.Add(1)
+	b := &Batcher{cfg: cfg, run: run, queue: make(chan *call, 1024), stop: make(chan struct{}), done: make(chan struct{}),
+		sem: make(chan struct{}, cfg.Instances)}
 	go b.collect()
 	return b
 }
@@ -102,11 +103,14 @@ func (b *Batcher) Do(ctx context.Context, inputs []*tensor.Tensor) (Result, erro
 // call Do concurrently with or after Stop (the host drains in-flight requests first).
 func (b *Batcher) Stop() {
 	b.once.Do(func() { close(b.stop) })
-	b.wg.Wait()
+	<-b.done
 }
 
 func (b *Batcher) collect() {
-	defer b.wg.Done()
+	defer func() {
+		b.wg.Wait()
+		close(b.done)
+	}()
 	var carry *call // a call that did not fit in the previous batch
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
