@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/modelhost"
 )
@@ -24,8 +26,16 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 	adminAddr := fs.String("admin", "", "optional extra listen address for /metrics and health only")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	maxBody := fs.Int64("max-body-bytes", 8<<20, "largest REST body / gRPC message")
+	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for inference spans (unset: tracing off)")
+	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("modelhost: %w", errors.Join(err, errUsage))
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("modelhost: %v: %w", err, errUsage)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("modelhost: unexpected arguments %q: %w", fs.Args(), errUsage)
 	}
 	if *repo == "" {
 		fs.Usage()
@@ -40,7 +50,17 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("modelhost: %w", err)
 	}
 	defer func() { _ = metrics.Shutdown(context.WithoutCancel(ctx)) }()
+	var tracerProvider trace.TracerProvider
+	if *otlp != "" {
+		tp, shutdown, err := telemetry.NewTracerProvider(ctx, "patchbay-modelhost", *otlp, *sampleRatio)
+		if err != nil {
+			return fmt.Errorf("modelhost: %w", err)
+		}
+		defer func() { _ = shutdown(context.WithoutCancel(ctx)) }()
+		tracerProvider = tp
+	}
 	srv, err := modelhost.New(modelhost.Config{
+		TracerProvider: tracerProvider,
 		Repository:     *repo,
 		Logger:         log,
 		MeterProvider:  metrics.Provider,
