@@ -117,8 +117,9 @@ func (c mdCarrier) Keys() []string {
 	return out
 }
 
-func first(md metadata.MD, k string) string {
-	if v := md[k]; len(v) > 0 {
+// incoming reads one metadata value without copying the whole incoming metadata.
+func incoming(ctx context.Context, k string) string {
+	if v := metadata.ValueFromIncomingContext(ctx, k); len(v) > 0 {
 		return v[0]
 	}
 	return ""
@@ -127,15 +128,20 @@ func first(md metadata.MD, k string) string {
 func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) (*oip.ModelInferResponse, error) {
 	s := g.s
 	start := time.Now()
-	md, _ := metadata.FromIncomingContext(ctx)
 	name, ver := r.GetModelName(), r.GetModelVersion()
 	if name == "" {
-		name = first(md, headers.Model)
+		name = incoming(ctx, headers.Model)
 	}
 	if ver == "" {
-		ver = first(md, headers.Version)
+		ver = incoming(ctx, headers.Version)
 	}
-	ctx, span := s.startSpan(ctx, mdCarrier(md), first(md, "traceparent") != "", "oip.grpc.infer")
+	var carrier mdCarrier
+	traced := incoming(ctx, "traceparent") != ""
+	if traced {
+		md, _ := metadata.FromIncomingContext(ctx)
+		carrier = mdCarrier(md)
+	}
+	ctx, span := s.startSpan(ctx, carrier, traced, "oip.grpc.infer")
 	defer span.End()
 	if name == "" {
 		e := errInvalid("model_name is empty and no %s metadata was sent", headers.Model)
@@ -156,7 +162,7 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 		s.failed(ctx, span, v, "grpc", aerr)
 		return nil, grpcErr(aerr)
 	}
-	_ = grpc.SetHeader(ctx, metadata.MD{headers.ServedBy: v.servedBy})
+	_ = grpc.SetHeader(ctx, v.servedByMD)
 	s.inst.requests.Add(ctx, 1, v.attrs.grpc)
 	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.grpc)
 	return resp, nil

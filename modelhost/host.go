@@ -23,7 +23,9 @@ import (
 	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/trace"
 	tracenoop "go.opentelemetry.io/otel/trace/noop"
+	"google.golang.org/grpc/metadata"
 
+	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/modelhost/internal/batch"
 	rt "github.com/patchbay-io/patchbay/modelhost/runtime"
 	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
@@ -81,13 +83,14 @@ type model struct {
 
 // version is one loaded (or failed) model version.
 type version struct {
-	spec     *versionSpec
-	model    rt.Model
-	batcher  *batch.Batcher
-	err      error // load failure; the version is not ready
-	finger   string
-	servedBy []string // header value "model/version"
-	attrs    versionAttrs
+	spec       *versionSpec
+	model      rt.Model
+	batcher    *batch.Batcher
+	err        error // load failure; the version is not ready
+	finger     string
+	servedBy   []string    // header value "model/version"
+	servedByMD metadata.MD // the same as gRPC response metadata
+	attrs      versionAttrs
 
 	refs    atomic.Int64
 	drained chan struct{}
@@ -311,6 +314,7 @@ func (s *Server) pickDefault(m *model) *version {
 
 func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 	v := &version{drained: make(chan struct{}), servedBy: []string{name + "/" + vname}}
+	v.servedByMD = metadata.MD{headers.ServedBy: v.servedBy}
 	v.attrs = s.inst.versionAttrs(name, vname)
 	known := make([]string, 0, len(s.cfg.Runtimes))
 	for k := range s.cfg.Runtimes {
