@@ -29,7 +29,6 @@ import (
 	"github.com/patchbay-io/patchbay/modelhost/internal/batch"
 	rt "github.com/patchbay-io/patchbay/modelhost/runtime"
 	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
-	"github.com/patchbay-io/patchbay/modelhost/tensor"
 )
 
 // Config configures a Server. Zero values take the documented defaults.
@@ -427,6 +426,3 @@ func (s *Server) Index(readyOnly bool) []IndexEntry {
 	}
 	return out
 }
-
-// signatureOf returns the version's input and output metadata.
-func (v *version) signature() ([]tensor.Meta, []tensor.Meta) { return v.spec.Inputs, v.spec.Outputs }
