@@ -29,6 +29,7 @@ import (
 	"github.com/patchbay-io/patchbay/modelhost/internal/batch"
 	rt "github.com/patchbay-io/patchbay/modelhost/runtime"
 	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
+	"github.com/patchbay-io/patchbay/modelhost/tensor"
 )
 
 // Config configures a Server. Zero values take the documented defaults.
@@ -84,6 +85,7 @@ type model struct {
 type version struct {
 	spec       *versionSpec
 	model      rt.Model
+	predict    batch.Func // model.Predict behind a recover
 	batcher    *batch.Batcher
 	err        error // load failure; the version is not ready
 	finger     string
@@ -339,6 +341,7 @@ func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 		return v
 	}
 	v.model = mdl
+	v.predict = s.guard(name, vname, mdl)
 	if spec.MaxBatch > 0 {
 		inst := spec.Instances
 		if inst == 0 {
@@ -347,9 +350,23 @@ func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 		attrs := v.attrs
 		v.batcher = batch.New(batch.Config{MaxRows: spec.MaxBatch, MaxDelay: spec.MaxDelay, Instances: inst,
 			Observe: func(rows int) { s.inst.batchRows.Record(context.Background(), int64(rows), attrs.base) },
-		}, mdl.Predict)
+		}, v.predict)
 	}
 	return v
+}
+
+// guard turns a runtime panic into an error, so a faulty model fails its requests
+// instead of the process.
+func (s *Server) guard(model, version string, m rt.Model) batch.Func {
+	return func(ctx context.Context, in []*tensor.Tensor) (out []*tensor.Tensor, err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				s.log.Error().Str("model", model).Str("version", version).Interface("panic", p).Msg("runtime panicked")
+				out, err = nil, fmt.Errorf("runtime panicked: %v", p)
+			}
+		}()
+		return m.Predict(ctx, in)
+	}
 }
 
 // Unload removes a model from service, waiting for its in-flight requests.

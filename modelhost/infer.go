@@ -176,7 +176,7 @@ func (s *Server) run(ctx context.Context, v *version, inputs []*tensor.Tensor, r
 			s.inst.queue.Record(ctx, res.Queued.Seconds(), v.attrs.base)
 		}
 	} else {
-		outs, err = v.model.Predict(ctx, inputs)
+		outs, err = v.predict(ctx, inputs)
 		if len(inputs) > 0 && len(inputs[0].Shape) > 0 {
 			s.inst.batchRows.Record(ctx, inputs[0].Shape[0], v.attrs.base)
 		}

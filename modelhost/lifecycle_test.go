@@ -344,3 +344,42 @@ func TestMetricsExposed(t *testing.T) {
 		}
 	}
 }
+
+// panicky is a runtime that panics on a negative input.
+type panicky struct{}
+
+func (panicky) Predict(_ context.Context, in []*tensor.Tensor) ([]*tensor.Tensor, error) {
+	if in[0].F32[0] < 0 {
+		panic("negative input")
+	}
+	return []*tensor.Tensor{{Datatype: tensor.FP32, Shape: []int64{in[0].Shape[0]}, F32: make([]float32, in[0].Shape[0])}}, nil
+}
+
+// TestRuntimePanicFailsOnlyTheRequest: a runtime panic becomes a 500 / Internal for
+// that request (batched or not) and the host keeps serving.
+func TestRuntimePanicFailsOnlyTheRequest(t *testing.T) {
+	repo := testRepo(t)
+	for _, m := range []struct{ name, batching string }{{"boom", ""}, {"boom-batched", "batching: {max_batch_size: 4, max_delay: 1ms}\n"}} {
+		writeFile(t, filepath.Join(repo, m.name, "v1", "model.yaml"), "runtime: panicky\n"+
+			"inputs: [{name: x, datatype: FP32, shape: [-1, 1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1]}]\n"+m.batching)
+	}
+	h := startHost(t, repo, func(c *modelhost.Config) {
+		c.Runtimes = builtin.Loaders()
+		c.Runtimes["panicky"] = func(runtime.Spec) (runtime.Model, error) { return panicky{}, nil }
+	})
+	for _, model := range []string{"boom", "boom-batched"} {
+		var out struct{ Error string }
+		r := h.do(t, "POST", "/v2/models/"+model+"/infer", `{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[-1]}]}`, nil, &out)
+		if r.StatusCode != 500 || !strings.Contains(out.Error, "runtime panicked: negative input") {
+			t.Errorf("%s: %d %q, want 500 runtime panicked", model, r.StatusCode, out.Error)
+		}
+		_, err := h.grpc.ModelInfer(context.Background(), &oip.ModelInferRequest{ModelName: model, Inputs: []*oip.ModelInferRequest_InferInputTensor{{
+			Name: "x", Datatype: "FP32", Shape: []int64{1, 1}, Contents: &oip.InferTensorContents{Fp32Contents: []float32{-1}}}}})
+		if statusCode(err) != codes.Internal {
+			t.Errorf("%s over gRPC: %v, want Internal", model, err)
+		}
+		if r := h.do(t, "POST", "/v2/models/"+model+"/infer", `{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[1]}]}`, nil, nil); r.StatusCode != 200 {
+			t.Errorf("%s after a panic: %d", model, r.StatusCode)
+		}
+	}
+}
