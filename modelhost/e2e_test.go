@@ -14,6 +14,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -133,6 +134,10 @@ func TestMetadataAndReadinessGRPC(t *testing.T) {
 	}
 	if _, err := h.grpc.ModelReady(ctx, &oip.ModelReadyRequest{Name: "nope"}); status.Code(err) != codes.NotFound {
 		t.Errorf("ModelReady nope: %v, want NotFound", err)
+	}
+	hc, err := healthpb.NewHealthClient(h.conn).Check(ctx, &healthpb.HealthCheckRequest{Service: "inference.GRPCInferenceService"})
+	if err != nil || hc.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("grpc.health.v1 Check: %v %v", hc, err)
 	}
 	md, err := h.grpc.ModelMetadata(ctx, &oip.ModelMetadataRequest{Name: "churn"})
 	if err != nil {

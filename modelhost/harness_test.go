@@ -33,6 +33,7 @@ type host struct {
 	srv  *modelhost.Server
 	url  string
 	grpc oip.GRPCInferenceServiceClient
+	conn *grpc.ClientConn
 	repo string
 	logs *bytes.Buffer
 }
@@ -118,7 +119,7 @@ func startHost(t testing.TB, repo string, mutate func(*modelhost.Config)) *host 
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &host{srv: srv, url: "http://" + hl.Addr().String(), grpc: oip.NewGRPCInferenceServiceClient(conn), repo: repo, logs: logs}
+	h := &host{srv: srv, url: "http://" + hl.Addr().String(), grpc: oip.NewGRPCInferenceServiceClient(conn), conn: conn, repo: repo, logs: logs}
 	t.Cleanup(func() {
 		conn.Close()
 		// Idle (and never-used) client connections would hold Shutdown for seconds.

@@ -8,6 +8,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	grpchealth "google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/patchbay-io/patchbay/api/oip"
 )
 
 // Serve serves REST on httpLis and gRPC on grpcLis (either may be nil) until ctx ends,
@@ -27,9 +31,16 @@ func (s *Server) Serve(ctx context.Context, httpLis, grpcLis net.Listener) error
 		}()
 		s.log.Info().Str("addr", httpLis.Addr().String()).Msg("OIP REST listening")
 	}
+	var health *grpchealth.Server
 	if grpcLis != nil {
 		gs = grpc.NewServer(s.GRPCServerOptions()...)
 		s.RegisterGRPC(gs)
+		// Standard gRPC health (for Envoy and Kubernetes gRPC probes): the overall
+		// status and the OIP service follow server readiness.
+		health = grpchealth.NewServer()
+		healthpb.RegisterHealthServer(gs, health)
+		health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+		health.SetServingStatus(oip.GRPCInferenceService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 		go func() {
 			if err := gs.Serve(grpcLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 				errc <- err
@@ -43,6 +54,9 @@ func (s *Server) Serve(ctx context.Context, httpLis, grpcLis net.Listener) error
 	case serveErr = <-errc:
 	}
 	s.closing.Store(true)
+	if health != nil {
+		health.Shutdown() // NOT_SERVING while draining
+	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.ShutdownTimeout)
 	defer cancel()
 	if hs != nil {
