@@ -94,6 +94,14 @@ func (b *Batcher) Do(ctx context.Context, inputs []*tensor.Tensor) (Result, erro
 	select {
 	case <-c.done:
 		return c.res, c.err
+	case <-b.done:
+		// Queued just as Stop ran: the collector either drained it or is gone.
+		select {
+		case <-c.done:
+			return c.res, c.err
+		default:
+			return Result{}, ErrStopped
+		}
 	case <-ctx.Done():
 		return Result{}, ctx.Err()
 	}

@@ -177,3 +177,30 @@ func TestConcatSplitRejectMismatch(t *testing.T) {
 		t.Fatalf("Split: %v %v", parts, err)
 	}
 }
+
+// TestDoRacingStopNeverHangs: calls racing Stop either run or get ErrStopped.
+func TestDoRacingStopNeverHangs(t *testing.T) {
+	for range 50 {
+		var calls, maxRows atomic.Int64
+		b := New(Config{MaxRows: 4, MaxDelay: 100 * time.Microsecond}, double(&calls, &maxRows))
+		var wg sync.WaitGroup
+		for id := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, err := b.Do(context.Background(), []*tensor.Tensor{rowsOf(id, 1)})
+				if err != nil && !errors.Is(err, ErrStopped) {
+					t.Error(err)
+				}
+			}()
+		}
+		b.Stop()
+		done := make(chan struct{})
+		go func() { wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("a Do racing Stop never returned")
+		}
+	}
+}
