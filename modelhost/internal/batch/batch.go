@@ -107,8 +107,8 @@ func (b *Batcher) Do(ctx context.Context, inputs []*tensor.Tensor) (Result, erro
 	}
 }
 
-// Stop ends the batcher after the calls already queued have run. Callers must not
-// call Do concurrently with or after Stop (the host drains in-flight requests first).
+// Stop ends the batcher after the calls already queued have run. A Do racing Stop
+// either runs or returns ErrStopped; the host drains in-flight requests before Stop.
 func (b *Batcher) Stop() {
 	b.once.Do(func() { close(b.stop) })
 	<-b.done
