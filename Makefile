@@ -3,7 +3,7 @@ SHELL := bash
 GO    ?= go
 PKGS  ?= ./...
 
-.PHONY: help up build test test-short vet fmt-check bench fuzz generate fixtures e2e-envoy clean
+.PHONY: help up build test test-short vet fmt-check bench fuzz generate tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,11 +37,22 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzIdentityFromBody -fuzztime 30s ./extproc/
 	$(GO) test -run '^$$' -fuzz FuzzHandle -fuzztime 30s ./extproc/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 30s ./modelhost/internal/oipjson/
+	$(GO) test -run '^$$' -fuzz FuzzModelInfer -fuzztime 30s ./modelhost/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./envoy/
 	$(GO) test -run '^$$' -fuzz FuzzValidateAny -fuzztime 30s ./internal/envoyvalidate/
 
+fixtures: ## regenerate the XGBoost fixtures and example models (needs Debian's python3-xgboost)
+	/usr/bin/python3 test/fixtures/xgboost/gen.py
+
 generate: ## regenerate protobuf code in api/ (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
 	PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative api/policy/v1/policy.proto
+	cd api/oip && PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative \
+	  --go-grpc_out=. --go-grpc_opt=paths=source_relative grpc_predict_v2.proto
+
+tools: ## install protoc (Debian) and the Go protoc plugins used by make generate
+	apt-get install -y protobuf-compiler
+	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
 
 e2e-envoy: ## real-Envoy end-to-end tests (need envoy on PATH or ENVOY_BIN)
 	$(GO) test -count=1 -v ./test/envoy/...
