@@ -45,7 +45,7 @@ func Validate(m proto.Message) error {
 		return errors.New("validate: nil message")
 	}
 	var w walker
-	w.check(m.ProtoReflect(), string(m.ProtoReflect().Descriptor().Name()), 0)
+	w.check(m.ProtoReflect(), &path{seg: string(m.ProtoReflect().Descriptor().Name()), index: -1}, 0)
 	return errors.Join(w.errs...)
 }
 
@@ -53,32 +53,67 @@ type walker struct {
 	errs []error
 }
 
-func (w *walker) fail(path string, err error) {
-	w.errs = append(w.errs, fmt.Errorf("%s: %w", path, err))
+// path is a field path built only when an error needs it: walking a large
+// configuration must not pay for strings it never prints.
+type path struct {
+	parent *path
+	seg    string // ".field", "<type>", or a root name
+	index  int    // list index when >= 0
+	key    string // map key when isKey
+	isKey  bool
+}
+
+func (p *path) field(name string) *path { return &path{parent: p, seg: "." + name, index: -1} }
+func (p *path) elem(i int) *path        { return &path{parent: p, index: i} }
+func (p *path) mapKey(k string) *path   { return &path{parent: p, key: k, isKey: true, index: -1} }
+func (p *path) typ(name protoreflect.FullName) *path {
+	return &path{parent: p, seg: "<" + string(name) + ">", index: -1}
+}
+
+func (p *path) String() string {
+	if p == nil {
+		return ""
+	}
+	s := p.parent.String() + p.seg
+	switch {
+	case p.isKey:
+		s += fmt.Sprintf("[%q]", p.key)
+	case p.index >= 0:
+		s += fmt.Sprintf("[%d]", p.index)
+	}
+	return s
+}
+
+func (w *walker) fail(p *path, err error) {
+	w.errs = append(w.errs, fmt.Errorf("%s: %w", p, err))
 }
 
 // check validates the root message m (one ValidateAll covers every nested message
 // that is not inside an Any) and then walks it for Any values and deprecated fields.
-func (w *walker) check(m protoreflect.Message, path string, depth int) {
+func (w *walker) check(m protoreflect.Message, p *path, depth int) {
 	if v, ok := m.Interface().(validator); ok {
 		if err := v.ValidateAll(); err != nil {
-			w.fail(path, err)
+			w.fail(p, err)
 		}
 	}
-	w.walk(m, path, depth)
+	w.walk(m, p, depth)
 }
 
 // walk visits every set field of m, opening Any values.
-func (w *walker) walk(m protoreflect.Message, path string, depth int) {
+func (w *walker) walk(m protoreflect.Message, at *path, depth int) {
 	if m.Descriptor().FullName() == anyName {
-		w.openAny(m, path, depth)
+		w.openAny(m, at, depth)
 		return
 	}
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		p := path + "." + fd.TextName()
 		if isDeprecated(fd) {
-			w.fail(p, errors.New("field is deprecated"))
+			w.fail(at.field(fd.TextName()), errors.New("field is deprecated"))
 		}
+		isMsg := fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind
+		if !isMsg && !(fd.IsMap() && fd.MapValue().Kind() == protoreflect.MessageKind) {
+			return true // scalars hold no Any
+		}
+		p := at.field(fd.TextName())
 		switch {
 		case fd.IsList():
 			if fd.Kind() != protoreflect.MessageKind && fd.Kind() != protoreflect.GroupKind {
@@ -86,14 +121,14 @@ func (w *walker) walk(m protoreflect.Message, path string, depth int) {
 			}
 			l := v.List()
 			for i := range l.Len() {
-				w.walk(l.Get(i).Message(), fmt.Sprintf("%s[%d]", p, i), depth)
+				w.walk(l.Get(i).Message(), p.elem(i), depth)
 			}
 		case fd.IsMap():
 			if fd.MapValue().Kind() != protoreflect.MessageKind {
 				return true
 			}
 			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-				w.walk(mv.Message(), fmt.Sprintf("%s[%q]", p, k.String()), depth)
+				w.walk(mv.Message(), p.mapKey(k.String()), depth)
 				return true
 			})
 		case fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind:
@@ -106,9 +141,9 @@ func (w *walker) walk(m protoreflect.Message, path string, depth int) {
 const anyName protoreflect.FullName = "google.protobuf.Any"
 
 // openAny unpacks an Any from the global registry and checks what is inside.
-func (w *walker) openAny(m protoreflect.Message, path string, depth int) {
+func (w *walker) openAny(m protoreflect.Message, p *path, depth int) {
 	if depth >= maxAnyDepth {
-		w.fail(path, fmt.Errorf("more than %d nested Any values", maxAnyDepth))
+		w.fail(p, fmt.Errorf("more than %d nested Any values", maxAnyDepth))
 		return
 	}
 	a, ok := m.Interface().(*anypb.Any)
@@ -120,24 +155,24 @@ func (w *walker) openAny(m protoreflect.Message, path string, depth int) {
 			err = proto.Unmarshal(b, a)
 		}
 		if err != nil {
-			w.fail(path, fmt.Errorf("read Any: %w", err))
+			w.fail(p, fmt.Errorf("read Any: %w", err))
 			return
 		}
 	}
 	if a.GetTypeUrl() == "" {
-		w.fail(path, errors.New("Any has no type_url"))
+		w.fail(p, errors.New("Any has no type_url"))
 		return
 	}
 	inner, err := anypb.UnmarshalNew(a, proto.UnmarshalOptions{})
 	if err != nil {
 		if errors.Is(err, protoregistry.NotFound) {
-			w.fail(path, fmt.Errorf("Any type %q is not registered (import the Go package of that extension)", a.GetTypeUrl()))
+			w.fail(p, fmt.Errorf("Any type %q is not registered (import the Go package of that extension)", a.GetTypeUrl()))
 		} else {
-			w.fail(path, fmt.Errorf("unpack Any %q: %w", a.GetTypeUrl(), err))
+			w.fail(p, fmt.Errorf("unpack Any %q: %w", a.GetTypeUrl(), err))
 		}
 		return
 	}
-	inPath := path + "<" + string(inner.ProtoReflect().Descriptor().FullName()) + ">"
+	inPath := p.typ(inner.ProtoReflect().Descriptor().FullName())
 	if typeURL, value, ok := typedStruct(inner); ok {
 		// Check the TypedStruct's own rules, then the message it stands for.
 		w.check(inner.ProtoReflect(), inPath, depth+1)
@@ -146,7 +181,7 @@ func (w *walker) openAny(m protoreflect.Message, path string, depth int) {
 			w.fail(inPath, err)
 			return
 		}
-		w.check(typed.ProtoReflect(), inPath+"<"+string(typed.ProtoReflect().Descriptor().FullName())+">", depth+1)
+		w.check(typed.ProtoReflect(), inPath.typ(typed.ProtoReflect().Descriptor().FullName()), depth+1)
 		return
 	}
 	w.check(inner.ProtoReflect(), inPath, depth+1)
