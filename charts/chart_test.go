@@ -506,7 +506,7 @@ func checkFlags(t *testing.T, r *rendered, full bool) {
 			}
 		}
 		e := argFlags(t, container(t, r, "rel-patchbay-extproc", "extproc"), "extproc")
-		for f, want := range map[string]string{"gc-percent": "400", "stream-workers": "4", "node-id": "extproc-fixed", "xds": "patchbay-xds.other.svc:28000"} {
+		for f, want := range map[string]string{"gc-percent": "400", "stream-workers": "4", "node-id": "extproc-fixed", "xds": "patchbay-xds.other.svc:28000", "trace-sample-ratio": "0.05"} {
 			if e[f] != want {
 				t.Errorf("extproc --%s = %q, want %q", f, e[f], want)
 			}
@@ -648,17 +648,31 @@ func TestChartRejectsBadValues(t *testing.T) {
 		set  []string
 		want string
 	}{
-		{[]string{"modelhosts[0].name=Bad_Name"}, "want a DNS label"},
-		{[]string{"xds.listen=18000"}, "want host:port"},
+		// values.schema.json: typos, bad enums and bad addresses fail before rendering.
+		{[]string{"xds.edgeListner=0.0.0.0:10000"}, "additional properties 'edgeListner' not allowed"},
+		{[]string{"xds.logLevel=loud"}, "/xds/logLevel"},
+		{[]string{"modelhosts[0].name=Bad_Name"}, "/modelhosts/0/name"},
+		{[]string{"xds.listen=18000"}, "/xds/listen"},
+		{[]string{"envoy.maxHeapBytes=0"}, "/envoy/maxHeapBytes"},
+		// the templates' own checks
 		{[]string{"xds.rollouts.files=null"}, "xds.rollouts: set files"},
+		{[]string{"--skip-schema-validation", "modelhosts[0].name=Bad_Name"}, "want a DNS label"},
+		{[]string{"--skip-schema-validation", "xds.listen=18000"}, "want host:port"},
 	} {
-		var args []string
-		for _, s := range tc.set {
-			args = append(args, "--set", s)
-		}
-		_, err := helm(t, append([]string{"template", release, chartDir}, args...)...)
-		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("helm template --set %v: %v, want an error containing %q", tc.set, err, tc.want)
-		}
+		t.Run(strings.Join(tc.set, " "), func(t *testing.T) {
+			t.Parallel()
+			var args []string
+			for _, s := range tc.set {
+				if strings.HasPrefix(s, "--") {
+					args = append(args, s)
+				} else {
+					args = append(args, "--set", s)
+				}
+			}
+			_, err := helm(t, append([]string{"template", release, chartDir}, args...)...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("helm template %v: %v, want an error containing %q", tc.set, err, tc.want)
+			}
+		})
 	}
 }

@@ -71,7 +71,7 @@ whose value is set (not "", not 0; booleans always).
 {{- range $pair := rest . -}}
 {{- $name := index $pair 0 -}}
 {{- $v := index $pair 1 -}}
-{{- if kindIs "float64" $v }}{{ $v = int64 $v }}{{ end -}}
+{{- if and (kindIs "float64" $v) (eq (floor $v) $v) }}{{ $v = int64 $v }}{{ end -}}
 {{- if or (kindIs "bool" $v) (and $v (ne (toString $v) "0")) -}}
 {{- $out = append $out (printf "%s=%v" $name $v) -}}
 {{- end -}}
