@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -17,6 +18,12 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	xdsresolver "google.golang.org/grpc/xds"
+
+	"github.com/patchbay-io/patchbay/api/oip"
 )
 
 // syncBuffer is a bytes.Buffer safe for the writer goroutines of child processes.
@@ -77,10 +84,27 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 
 	hostHTTP := []string{freeAddr(t), freeAddr(t)}
 	hostGRPC := []string{freeAddr(t), freeAddr(t)}
+	// The example rollouts with their fixed ports moved to this test's free ones.
+	rollouts := t.TempDir()
+	examples := filepath.Join("..", "..", "examples")
+	files, err := filepath.Glob(filepath.Join(examples, "rollouts", "*.yaml"))
+	if err != nil || len(files) != 3 {
+		t.Fatalf("example rollouts: %v %v", files, err)
+	}
+	moved := strings.NewReplacer("127.0.0.1:9001", hostHTTP[0], "127.0.0.1:9002", hostHTTP[1], "127.0.0.1:9011", hostGRPC[0], "127.0.0.1:9012", hostGRPC[1])
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(rollouts, filepath.Base(f)), []byte(moved.Replace(string(b))), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	xdsListen, xdsAdmin := freeAddr(t), freeAddr(t)
 	extprocListen, extprocAdmin := freeAddr(t), freeAddr(t)
 	args := []string{
-		"--examples", filepath.Join("..", "..", "examples"), "--bin", bin, "--envoy", "off",
+		"--examples", examples, "--rollouts", rollouts, "--bin", bin, "--envoy", "off",
 		"--modelhost-http", strings.Join(hostHTTP, ","), "--modelhost-grpc", strings.Join(hostGRPC, ","),
 		"--xds-listen", xdsListen, "--xds-admin", xdsAdmin,
 		"--extproc-listen", extprocListen, "--extproc-admin", extprocAdmin,
@@ -154,6 +178,44 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	if code, body := get("http://" + extprocAdmin + "/readyz"); code != http.StatusOK {
 		t.Errorf("ext_proc readyz = %d %s", code, body)
 	}
+
+	// The proxyless gRPC path runs without Envoy: a grpc-go client with the xDS
+	// bootstrap up wrote dials xds:///churn and reaches the model hosts.
+	m := regexp.MustCompile(`GRPC_XDS_BOOTSTRAP=(\S+)`).FindStringSubmatch(banner)
+	if m == nil {
+		t.Fatal("banner has no GRPC_XDS_BOOTSTRAP")
+	}
+	bootstrap, err := os.ReadFile(m[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	resolver, err := xdsresolver.NewXDSResolverWithConfigForTesting(bootstrap)
+	if err != nil {
+		t.Fatalf("grpc-go rejects up's xDS bootstrap: %v\n%s", err, bootstrap)
+	}
+	conn, err := grpc.NewClient("xds:///churn", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	versions := map[string]int{}
+	for range 20 {
+		rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+		r, err := oip.NewGRPCInferenceServiceClient(conn).ModelInfer(rctx, &oip.ModelInferRequest{
+			ModelName: "churn",
+			Inputs: []*oip.ModelInferRequest_InferInputTensor{{
+				Name: "features", Datatype: "FP32", Shape: []int64{1, 4},
+				Contents: &oip.InferTensorContents{Fp32Contents: []float32{0.3, 12, 1, 0}},
+			}},
+		}, grpc.WaitForReady(true))
+		rcancel()
+		if err != nil {
+			t.Fatalf("proxyless ModelInfer churn: %v", err)
+		}
+		versions[r.GetModelVersion()]++
+	}
+	t.Logf("proxyless churn answers by version: %v", versions)
+	conn.Close()
 
 	pids := startedPIDs(stderr.String())
 	if len(pids) != 4 {
