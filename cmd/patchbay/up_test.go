@@ -24,6 +24,7 @@ import (
 	xdsresolver "google.golang.org/grpc/xds"
 
 	"github.com/patchbay-io/patchbay/api/oip"
+	pbenvoy "github.com/patchbay-io/patchbay/envoy"
 )
 
 // syncBuffer is a bytes.Buffer safe for the writer goroutines of child processes.
@@ -304,4 +305,48 @@ func TestLineWriterPrefixesWholeLines(t *testing.T) {
 	if out.String() != want {
 		t.Errorf("got\n%q\nwant\n%q", out.String(), want)
 	}
+}
+
+// TestUpWithoutEnvoySaysHowToGetIt: with no ENVOY_BIN, no envoy on PATH and no
+// download, `up` keeps going and says which Envoy to get and how, and what still runs;
+// the bootstrap it would have used is already written and valid.
+func TestUpWithoutEnvoySaysHowToGetIt(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	newRun := func(bin string) *upRun {
+		return &upRun{
+			cfg: upConfig{
+				envoy: bin, download: false, xdsListen: "127.0.0.1:18000", extprocListen: "127.0.0.1:18080",
+				envoyAdmin: "127.0.0.1:9901", envoyStat: "127.0.0.1:9902",
+				readyTimeout: time.Second, envoyTimeout: time.Second, stopGrace: time.Second,
+			},
+			stdout: io.Discard, log: &prefixLog{w: io.Discard}, dir: t.TempDir(),
+		}
+	}
+	u := newRun("auto")
+	ok, note := u.startEnvoy(context.Background())
+	if ok {
+		t.Fatal("startEnvoy reported Envoy up without any Envoy")
+	}
+	for _, want := range []string{"ENVOY_BIN", "PATH", "func-e use " + pbenvoy.Version(), "envoyproxy/envoy:v" + pbenvoy.Version(), "model hosts", "proxyless"} {
+		if !strings.Contains(note, want) {
+			t.Errorf("note lacks %q:\n%s", want, note)
+		}
+	}
+	js, err := os.ReadFile(filepath.Join(u.dir, "envoy-edge.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pbenvoy.Parse(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pbenvoy.Check(pbenvoy.Edge, b); err != nil {
+		t.Errorf("the bootstrap up writes fails the checks: %v", err)
+	}
+
+	u = newRun(filepath.Join(t.TempDir(), "no-such-envoy"))
+	if ok, note := u.startEnvoy(context.Background()); ok || !strings.Contains(note, "did not start") {
+		t.Errorf("--envoy pointing nowhere: ok=%v note %q", ok, note)
+	}
+	u.stopAll()
 }
