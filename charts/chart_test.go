@@ -676,3 +676,22 @@ func TestChartRejectsBadValues(t *testing.T) {
 		})
 	}
 }
+
+// TestChartNoBlockingPDB: with one replica, a PodDisruptionBudget of minAvailable 1
+// would block every node drain; the chart leaves it out.
+func TestChartNoBlockingPDB(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs helm")
+	}
+	out, err := helm(t, "template", release, chartDir, "--set", "xds.replicas=1,extproc.replicas=1,envoy.replicas=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := decode(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.pdbs) != 0 {
+		t.Errorf("single-replica components got PDBs %v", keys(r.pdbs))
+	}
+}
