@@ -35,7 +35,7 @@ type suite struct {
 var suites = []suite{
 	{"control plane", "./xds/", "Translate1000x3|EditToRoute|MemoryPer1000Models", "1x"},
 	{"ext_proc vs floor", "./test/bench/extproc/", "ExtprocVsFloor", "1x"},
-	{"model host", "./test/bench/modelhost/", ".", "1x"},
+	{"model host", "./test/bench/modelhost/", ".", "2000x"},
 	{"whole chain", "./test/e2e/", ".", "1x"},
 }
 
@@ -115,18 +115,27 @@ func run(out string) error {
 		}
 		return fmt.Sprintf(format, v)
 	}
-	add("ext_proc throughput", "BenchmarkExtprocVsFloor", "throughput-ratio",
-		"", "trivial ext_proc floor server, same run", 0.9)
+	add("ext_proc throughput, one stream per request, 16 workers", "BenchmarkExtprocVsFloor", "throughput-ratio",
+		"patchbay ext_proc", "trivial ext_proc floor server (fixed answer, same shape)", 0.9)
 	add("ext_proc CPU per decision (floor/patchbay)", "BenchmarkExtprocVsFloor", "cpu-efficiency-ratio",
 		f("BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision", "%.2f µs/decision"), f("BenchmarkExtprocVsFloor", "floor-cpu-us/decision", "floor %.2f µs"), 0.9)
 	add("REST infer, 16 floats", "BenchmarkRESTInfer", "ratio",
 		f("BenchmarkRESTInfer", "modelhost-ns/req", "%.0f ns/req"), f("BenchmarkRESTInfer", "baseline-ns/req", "bare net/http echo %.0f ns"), 0.7)
 	add("gRPC ModelInfer, 16 floats", "BenchmarkGRPCInfer", "ratio",
 		f("BenchmarkGRPCInfer", "modelhost-ns/req", "%.0f ns/req"), f("BenchmarkGRPCInfer", "baseline-ns/req", "no-op grpc-go unary %.0f ns"), 0.8)
-	add("XGBoost per row vs XGBoost", "BenchmarkXGBoostVsReference", "ratio",
-		f("BenchmarkXGBoostVsReference", "ns/row", "%.0f ns/row"), f("BenchmarkXGBoostVsReference", "xgboost-ns/row", "xgboost %.0f ns/row"), 1.0)
-	add("batching on vs off, 64 clients", "BenchmarkBatching", "ratio",
-		f("BenchmarkBatching", "batched-req/s", "%.0f req/s"), f("BenchmarkBatching", "unbatched-req/s", "off %.0f req/s"), 0)
+	for _, obj := range []string{"binary", "regression", "multiclass"} {
+		b := "BenchmarkXGBoostVsReference/" + obj
+		add("XGBoost per row vs XGBoost itself, "+obj, b, "ratio",
+			f(b, "ns/row", "%.0f ns/row"), f(b, "xgboost-ns/row", "xgboost (python3-xgboost, 1 thread) %.0f ns/row"), 1.0)
+	}
+	for _, m := range []struct{ name, what string }{
+		{"ranker", "XGBoost ranker (CPU, ~0.3 µs/row)"},
+		{"accel", "model with a 200 µs fixed cost per call"},
+	} {
+		b := "BenchmarkBatching/" + m.name
+		add("batching on vs off, 64 clients, "+m.what, b, "ratio",
+			f(b, "batched-req/s", "%.0f req/s"), f(b, "unbatched-req/s", "off %.0f req/s"), 0)
+	}
 	add("chain throughput kept vs host direct", "BenchmarkChainVsDirect", "throughput-kept-ratio",
 		f("BenchmarkChainVsDirect", "chain-req/s", "%.0f req/s")+", +"+f("BenchmarkChainVsDirect", "added-p50-us", "%.0f µs")+" p50, +"+f("BenchmarkChainVsDirect", "added-p99-us", "%.0f µs")+" p99",
 		f("BenchmarkChainVsDirect", "direct-req/s", "direct %.0f req/s"), 0)
@@ -161,7 +170,7 @@ func run(out string) error {
 	for _, r := range rows {
 		if r.ratioV > 0 && r.goalV > 0 {
 			bars = append(bars, r.ratioV)
-			names = append(names, strings.SplitN(r.what, ",", 2)[0])
+			names = append(names, short(r.what))
 		}
 	}
 	return chart(filepath.Join(out, "ratios.png"), bars, names)
@@ -188,6 +197,12 @@ func chart(path string, vals plotter.Values, names []string) error {
 	p.X.Tick.Label.Rotation = 0.35
 	p.X.Tick.Label.XAlign = -0.9
 	return p.Save(9*vg.Inch, 5*vg.Inch, path)
+}
+
+func short(s string) string {
+	s = strings.NewReplacer("XGBoost per row vs XGBoost itself, ", "xgb ", "ext_proc ", "extproc ", " (floor/patchbay)", "",
+		", one stream per request, 16 workers", "", ", 16 floats", "").Replace(s)
+	return s
 }
 
 // parse reads `go test -bench` output: result lines and the log lines under them.
