@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"syscall"
@@ -261,9 +262,7 @@ func (u *upRun) startChild(ctx context.Context, name, bin string, args []string,
 	cmd := exec.Command(bin, args...)
 	w := u.log.writer(name)
 	cmd.Stdout, cmd.Stderr = w, w
-	// Own process group: the terminal's Ctrl-C reaches only `up`, which then stops
-	// the parts in order instead of all of them at once.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = ownProcessGroup()
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("up: start %s: %w", name, err)
 	}
@@ -279,6 +278,18 @@ func (u *upRun) startChild(ctx context.Context, name, bin string, args []string,
 	u.parts = append(u.parts, p)
 	u.log.printf("up", "started %s (pid %d): %s %s", name, p.pid, filepath.Base(bin), strings.Join(args, " "))
 	return u.waitReady(ctx, p, readyURL, timeout)
+}
+
+// ownProcessGroup puts a child in its own process group where the platform has them
+// (Setpgid, Unix): the terminal's Ctrl-C then reaches only `up`, which stops the parts
+// in order instead of all of them at once. The field is set by name so that this file
+// also builds where SysProcAttr has no Setpgid (Windows).
+func ownProcessGroup() *syscall.SysProcAttr {
+	attr := new(syscall.SysProcAttr)
+	if f := reflect.ValueOf(attr).Elem().FieldByName("Setpgid"); f.IsValid() && f.Kind() == reflect.Bool {
+		f.SetBool(true)
+	}
+	return attr
 }
 
 // waitReady polls url until it answers 200, the part exits, ctx ends or timeout passes.
