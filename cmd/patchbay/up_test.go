@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/patchbay-io/patchbay/api/oip"
 	pbenvoy "github.com/patchbay-io/patchbay/envoy"
+	"github.com/patchbay-io/patchbay/xds/rollout"
 )
 
 // syncBuffer is a bytes.Buffer safe for the writer goroutines of child processes.
@@ -349,4 +351,48 @@ func TestUpWithoutEnvoySaysHowToGetIt(t *testing.T) {
 		t.Errorf("--envoy pointing nowhere: ok=%v note %q", ok, note)
 	}
 	u.stopAll()
+}
+
+// TestExampleRollouts pins what examples/README.md promises about the example rollouts,
+// loaded with the control plane's strict loader.
+func TestExampleRollouts(t *testing.T) {
+	t.Parallel()
+	set, err := rollout.LoadDir(filepath.Join("..", "..", "examples", "rollouts"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ranker, churn, recs := set.Model("ranker"), set.Model("churn"), set.Model("recs")
+	if ranker == nil || churn == nil || recs == nil || len(set.Rollouts) != 3 {
+		t.Fatalf("want exactly ranker, churn and recs; got %d rollouts", len(set.Rollouts))
+	}
+	if ranker.Traffic["v7"] != 90 || ranker.Traffic["v8"] != 10 {
+		t.Errorf("ranker traffic %v, want 90/10", ranker.Traffic)
+	}
+	if len(ranker.Shadow) != 1 || ranker.Shadow[0].Version != "v8" || ranker.Shadow[0].Percent != 5 {
+		t.Errorf("ranker shadow %+v, want 5%% to v8", ranker.Shadow)
+	}
+	if len(ranker.Experiments) != 1 || ranker.Experiments[0].Name != "ranker-ltv" || ranker.Experiments[0].Layer != "ranking" {
+		t.Errorf("ranker experiments %+v, want ranker-ltv in layer ranking", ranker.Experiments)
+	}
+	if churn.Traffic["v1"] != 50 || churn.Traffic["v2"] != 50 || churn.Versions[0].Protocol != "grpc" {
+		t.Errorf("churn: traffic %v, protocol %q; want 50/50 over gRPC", churn.Traffic, churn.Versions[0].Protocol)
+	}
+	if recs.Traffic["v1"] != 100 {
+		t.Errorf("recs traffic %v, want 100%% v1", recs.Traffic)
+	}
+	// Their endpoints are the hosts `up` starts by default.
+	c, err := parseUp([]string{"--examples", filepath.Join("..", "..", "examples")}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts := append(append([]string{}, c.hostHTTP...), c.hostGRPC...)
+	for _, r := range set.Rollouts {
+		for _, v := range r.Versions {
+			for _, ep := range v.Endpoints {
+				if !slices.Contains(hosts, ep) {
+					t.Errorf("%s %s endpoint %s is not a model host `up` starts (%v)", r.Model, v.Name, ep, hosts)
+				}
+			}
+		}
+	}
 }
