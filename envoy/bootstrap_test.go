@@ -117,7 +117,7 @@ func TestCheckCatchesBrokenBootstraps(t *testing.T) {
 		}, "lds_config must use ads"},
 		{"admin on every interface", func(t *testing.T, b *bootstrapv3.Bootstrap) {
 			b.Admin.Address.GetSocketAddress().Address = "0.0.0.0"
-		}, "is not loopback"},
+		}, "is not a loopback IP"},
 		{"wrong role metadata", func(t *testing.T, b *bootstrapv3.Bootstrap) {
 			b.Node.Metadata.Fields[RoleKey].Kind = nil
 		}, "node.metadata"},
@@ -211,7 +211,8 @@ func TestRenderRejectsBadParams(t *testing.T) {
 		{"port zero", Params{ExtProc: "127.0.0.1:0"}, "port must be"},
 		{"port too big", Params{OTel: "127.0.0.1:70000"}, "port must be"},
 		{"empty host", Params{XDS: ":18000"}, "empty host"},
-		{"public admin", Params{Admin: "0.0.0.0:9901"}, "not loopback"},
+		{"public admin", Params{Admin: "0.0.0.0:9901"}, "not a loopback IP"},
+		{"admin by name", Params{Admin: "localhost:9901"}, "not a loopback IP"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

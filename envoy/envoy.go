@@ -248,8 +248,9 @@ func Check(role Role, b *bootstrapv3.Bootstrap) error {
 	}
 
 	adminAddr := b.GetAdmin().GetAddress().GetSocketAddress()
-	if ip := net.ParseIP(adminAddr.GetAddress()); adminAddr.GetAddress() != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		bad("admin.address %q is not loopback: admin can drain and stop Envoy", adminAddr.GetAddress())
+	if ip := net.ParseIP(adminAddr.GetAddress()); ip == nil || !ip.IsLoopback() {
+		// An IP literal: the admin address is bound, and envoy_admin is a STATIC cluster.
+		bad("admin.address %q is not a loopback IP: admin can drain and stop Envoy", adminAddr.GetAddress())
 	}
 
 	clusters := map[string]*clusterv3.Cluster{}
