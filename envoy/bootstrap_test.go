@@ -213,6 +213,7 @@ func TestRenderRejectsBadParams(t *testing.T) {
 		{"empty host", Params{XDS: ":18000"}, "empty host"},
 		{"public admin", Params{Admin: "0.0.0.0:9901"}, "not a loopback IP"},
 		{"admin by name", Params{Admin: "localhost:9901"}, "not a loopback IP"},
+		{"stats listener by name", Params{Stats: "localhost:9902"}, "not an IP"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

@@ -232,7 +232,8 @@ func staticCluster(b *bootstrapv3.Bootstrap, name string) *clusterv3.Cluster {
 //   - static clusters patchbay_xds, patchbay_extproc and patchbay_otel exist and speak
 //     HTTP/2 explicitly (typed_extension_protocol_options), as gRPC needs;
 //   - every cluster a static listener routes to exists, and envoy_admin points at admin;
-//   - names are unique and each static cluster has an endpoint.
+//   - names are unique, each static cluster has an endpoint, STATIC clusters and
+//     listeners use IP literals (Envoy resolves no names there).
 func Check(role Role, b *bootstrapv3.Bootstrap) error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -264,6 +265,15 @@ func Check(role Role, b *bootstrapv3.Bootstrap) error {
 		}
 		if !hasEndpoint(c) {
 			bad("cluster %s: no endpoint", c.GetName())
+		}
+		if c.GetType() == clusterv3.Cluster_STATIC {
+			for _, le := range c.GetLoadAssignment().GetEndpoints() {
+				for _, e := range le.GetLbEndpoints() {
+					if a := e.GetEndpoint().GetAddress().GetSocketAddress().GetAddress(); net.ParseIP(a) == nil {
+						bad("cluster %s is STATIC but endpoint %q is not an IP (Envoy resolves no names there)", c.GetName(), a)
+					}
+				}
+			}
 		}
 	}
 
@@ -307,6 +317,9 @@ func Check(role Role, b *bootstrapv3.Bootstrap) error {
 			bad("static_resources.listeners[%d]: duplicate name %q", i, l.GetName())
 		}
 		listeners[l.GetName()] = true
+		if a := l.GetAddress().GetSocketAddress().GetAddress(); net.ParseIP(a) == nil {
+			bad("listener %s binds %q, which is not an IP", l.GetName(), a)
+		}
 		for _, target := range routedClusters(l.GetFilterChains()) {
 			if clusters[target] == nil {
 				bad("listener %s routes to cluster %q, which is not a static cluster", l.GetName(), target)
