@@ -23,9 +23,10 @@ import (
 //	DELETE /v1/models/{model}/rollback   release a rollback before the file changes
 //
 // Without a version, the model goes back to its last known-good split: the most recent
-// applied state whose traffic differs from the current one. With a version, 100% of the
-// model's traffic goes to it, experiments and shadows off. Either way it is live at once
-// and holds until the model's rollout file changes. Both need "Authorization: Bearer TOKEN".
+// split its files served that differs from the current one (a second rollback goes one
+// step further back). With a version, 100% of the model's traffic goes to it. Either way
+// the rest of the model's config is the current file's, experiments and shadows are off,
+// it is live at once and it holds until the model's rollout file changes. Both need "Authorization: Bearer TOKEN".
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -122,31 +123,44 @@ func (s *Server) Rollback(ctx context.Context, model, version string) (*Rollback
 	if o := s.state.overrides[model]; o != nil {
 		current = o.rollout
 	}
-	var target *rollout.Rollout
+	// A rollback is an emergency state built on the current file (its endpoints, timeouts,
+	// protocol): only the split changes, and experiments and shadows are off until the
+	// file changes, so no arm or mirror keeps sending users to the version rolled back from.
+	target := *file
+	target.Experiments, target.Shadow = nil, nil
 	var reason string
+	fromIndex := -1 // the history entry a split rollback came from
 	if version != "" {
-		if !hasVersion(current, version) {
+		if !hasVersion(file, version) {
 			return nil, http.StatusBadRequest, fmt.Errorf("model %q has no version %q", model, version)
 		}
-		c := *current
-		c.Traffic = map[string]int{version: 100}
-		c.Experiments, c.Shadow = nil, nil
-		target, reason = &c, "all traffic to "+version
+		target.Traffic = map[string]int{version: 100}
+		reason = "all traffic to " + version
 	} else {
+		// The most recent split the files served that differs from what the file says now
+		// and from the rollback in force (so a second rollback goes one step further back),
+		// and whose versions all still exist.
 		h := s.state.history[model]
-		for i := len(h) - 1; i >= 0; i-- {
-			if !sameTraffic(h[i].Traffic, current.Traffic) {
-				target = h[i]
-				break
-			}
+		start := len(h) - 1
+		if o := s.state.overrides[model]; o != nil && o.fromIndex >= 0 {
+			start = o.fromIndex - 1 // a rollback in force: go further back than it did
 		}
-		if target == nil {
+		var found map[string]int
+		for i := start; i >= 0 && found == nil; i-- {
+			t := h[i].Traffic
+			if sameTraffic(t, file.Traffic) || sameTraffic(t, current.Traffic) || !versionsExist(file, t) {
+				continue
+			}
+			found, fromIndex = t, i
+		}
+		if found == nil {
 			return nil, http.StatusConflict, fmt.Errorf("model %q has no earlier split to go back to: name a version", model)
 		}
+		target.Traffic = found
 		reason = "last known-good split"
 	}
 	prev := s.state.overrides[model]
-	s.state.overrides[model] = &override{rollout: target, fileFP: fingerprint(file), reason: reason, at: time.Now().UTC()}
+	s.state.overrides[model] = &override{rollout: &target, fileFP: fingerprint(file), reason: reason, at: time.Now().UTC(), fromIndex: fromIndex}
 	if err := s.applyLocked(ctx); err != nil {
 		if prev == nil {
 			delete(s.state.overrides, model)
@@ -232,6 +246,16 @@ func hasVersion(r *rollout.Rollout, v string) bool {
 		}
 	}
 	return false
+}
+
+// versionsExist reports whether every version with traffic is still in the rollout.
+func versionsExist(r *rollout.Rollout, traffic map[string]int) bool {
+	for v, w := range traffic {
+		if w > 0 && !hasVersion(r, v) {
+			return false
+		}
+	}
+	return true
 }
 
 func sameTraffic(a, b map[string]int) bool {

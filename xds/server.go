@@ -88,10 +88,11 @@ type state struct {
 
 // override is a rollback in force: it holds until the model's file content changes.
 type override struct {
-	rollout *rollout.Rollout
-	fileFP  string
-	reason  string
-	at      time.Time
+	rollout   *rollout.Rollout
+	fileFP    string
+	reason    string
+	at        time.Time
+	fromIndex int // history index of the split it restored; -1 for a named version
 }
 
 type statusError struct {
@@ -244,26 +245,38 @@ func serveGRPC(gs *grpc.Server, lis net.Listener) error {
 // changes nothing that is served: the error is logged, counted and shown on /status.
 func (s *Server) Reload(ctx context.Context, why string) {
 	set, err := rollout.LoadDir(s.cfg.RolloutsDir)
+	if err == nil {
+		// Resolve names never seen before outside the lock: a slow or failing DNS must
+		// not stall /readyz, /status or the rollback API.
+		s.resolveNew(ctx, set)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
 		s.rejectLocked(ctx, fmt.Errorf("rollouts rejected, still serving the last good config: %w", err))
 		return
 	}
-	s.resolveMissingLocked(ctx, set)
-	prevFiles := s.state.files
+	prevFiles, prevOverrides := s.state.files, s.state.overrides
 	s.state.files = set
-	// A rollback holds until that model's file content changes.
-	for model, o := range s.state.overrides {
+	// A rollback holds until that model's file content changes. Work on a copy: if the
+	// new files fail to apply, the rollback in force stays recorded.
+	overrides := make(map[string]*override, len(prevOverrides))
+	var released []string
+	for model, o := range prevOverrides {
 		if r := set.Model(model); r == nil || fingerprint(r) != o.fileFP {
-			delete(s.state.overrides, model)
-			s.log.Info().Str("model", model).Msg("rollback released: the model's rollout file changed")
+			released = append(released, model)
+			continue
 		}
+		overrides[model] = o
 	}
+	s.state.overrides = overrides
 	if err := s.applyLocked(ctx); err != nil {
-		s.state.files = prevFiles
+		s.state.files, s.state.overrides = prevFiles, prevOverrides
 		s.rejectLocked(ctx, err)
 		return
+	}
+	for _, model := range released {
+		s.log.Info().Str("model", model).Msg("rollback released: the model's rollout file changed")
 	}
 	s.log.Info().Str("version", s.state.built.Version).Str("reason", why).Int("models", len(set.Rollouts)).Msg("config applied")
 }
@@ -318,7 +331,12 @@ func (s *Server) applyLocked(ctx context.Context) error {
 	s.state.slots = slots
 	s.state.built = built
 	s.state.applied = time.Now().UTC()
-	for _, r := range set.Rollouts {
+	// History holds the file states that were served (not rollbacks), so a rollback
+	// goes back through what the files said.
+	for _, r := range s.state.files.Rollouts {
+		if s.state.overrides[r.Model] != nil {
+			continue
+		}
 		h := s.state.history[r.Model]
 		if n := len(h); n == 0 || fingerprint(h[n-1]) != fingerprint(r) {
 			h = append(h, r)
@@ -343,20 +361,43 @@ func (s *Server) Version() string {
 	return s.state.built.Version
 }
 
-// resolveMissingLocked resolves host names never seen before, so that a new endpoint
-// name is served with addresses in the same reload.
-func (s *Server) resolveMissingLocked(ctx context.Context, set *rollout.Set) {
+// resolveNew resolves, in parallel and without the lock, the host names of set that were
+// never looked up, so a new endpoint name is served with addresses in the same reload.
+// A failure is remembered as an empty answer: refreshDNS retries it every DNSRefresh.
+func (s *Server) resolveNew(ctx context.Context, set *rollout.Set) {
+	s.mu.Lock()
+	var hosts []string
 	for _, h := range translate.Hostnames(set) {
-		if _, ok := s.state.resolved[h]; ok {
-			continue
+		if _, ok := s.state.resolved[h]; !ok {
+			hosts = append(hosts, h)
 		}
-		ips, err := s.lookup(ctx, h)
-		if err != nil {
-			s.log.Warn().Err(err).Str("host", h).Msg("endpoint name does not resolve yet; its version has no endpoints")
-			continue
-		}
-		s.state.resolved[h] = ips
 	}
+	s.mu.Unlock()
+	if len(hosts) == 0 {
+		return
+	}
+	answers := make([][]string, len(hosts))
+	var wg sync.WaitGroup
+	for i, h := range hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ips, err := s.lookup(ctx, h)
+			if err != nil {
+				s.log.Warn().Err(err).Str("host", h).Msg("endpoint name does not resolve yet; its version has no endpoints until it does")
+				ips = []string{}
+			}
+			answers[i] = ips
+		}()
+	}
+	wg.Wait()
+	s.mu.Lock()
+	for i, h := range hosts {
+		if _, ok := s.state.resolved[h]; !ok {
+			s.state.resolved[h] = answers[i]
+		}
+	}
+	s.mu.Unlock()
 }
 
 func (s *Server) lookup(ctx context.Context, host string) ([]string, error) {

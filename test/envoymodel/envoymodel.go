@@ -468,7 +468,7 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	var err error
 	for i := 0; i < tries; i++ {
 		resp, err = p.forward(req.Context(), timeout, cluster, req, upHeaders, body, s)
-		if err == nil && resp.StatusCode < 500 {
+		if err == nil && !retriable(a.GetRetryPolicy(), resp.StatusCode) {
 			break
 		}
 		if i < tries-1 && resp != nil {
@@ -486,6 +486,29 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	copyHeaders(w.Header(), respHeaders)
 	w.WriteHeader(resp.StatusCode)
 	io.Copy(w, resp.Body)
+}
+
+// retriable follows retry_on as patchbay emits it: connection failures and resets always
+// (err != nil before this is called), and the listed retriable_status_codes; "5xx" and
+// "gateway-error" when present.
+func retriable(rp *routev3.RetryPolicy, status int) bool {
+	if rp == nil {
+		return false
+	}
+	on := rp.GetRetryOn()
+	switch {
+	case strings.Contains(on, "5xx") && status >= 500:
+		return true
+	case strings.Contains(on, "gateway-error") && status >= 502 && status <= 504:
+		return true
+	case strings.Contains(on, "retriable-status-codes"):
+		for _, c := range rp.GetRetriableStatusCodes() {
+			if int(c) == status {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func copyHeaders(dst, src http.Header) {

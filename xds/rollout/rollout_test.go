@@ -121,6 +121,26 @@ func TestValidateCrossFile(t *testing.T) {
 	}
 }
 
+func TestOneProtocolAndNoDuplicateEndpoints(t *testing.T) {
+	doc := "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\nversions:\n" +
+		"  - {name: v1, endpoints: [\"10.0.0.1:80\", \"10.0.0.1:80\"]}\n" +
+		"  - {name: v2, endpoints: [\"10.0.0.2:81\"], protocol: grpc}\n" +
+		"traffic: {v1: 50, v2: 50}\n"
+	rs, err := Parse("m.yaml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = Validate(&Set{Rollouts: rs})
+	for _, want := range []string{
+		`m.yaml:5: versions[0].endpoints[1]: "10.0.0.1:80" is listed twice`,
+		`m.yaml:6: versions[1].protocol: "grpc" differs from v1's "http": all versions of a model use one protocol`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("missing %q in %v", want, err)
+		}
+	}
+}
+
 func TestTooManyLayers(t *testing.T) {
 	r := &Rollout{APIVersion: APIVersion, Kind: Kind, Model: "m", Source: Position{File: "m.yaml", Line: 1},
 		Versions: []Version{{Name: "v1", Endpoints: []string{"10.0.0.1:80"}, Protocol: "http"}}, Traffic: map[string]int{"v1": 100}}

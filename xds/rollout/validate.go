@@ -158,6 +158,11 @@ func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) ma
 	}
 	for i, v := range r.Versions {
 		f := "versions[" + strconv.Itoa(i) + "]"
+		// One protocol per model: the REST and gRPC OIP routes share the model's split,
+		// so an HTTP/1.1 version and a gRPC version cannot sit in one split.
+		if i > 0 && validProtocol(v.Protocol) && validProtocol(r.Versions[0].Protocol) && v.Protocol != r.Versions[0].Protocol {
+			add(r, f+".protocol", "%q differs from %s's %q: all versions of a model use one protocol", v.Protocol, r.Versions[0].Name, r.Versions[0].Protocol)
+		}
 		switch {
 		case !versionNameRe.MatchString(v.Name):
 			add(r, f+".name", "%q is not a valid version name (lower-case letters, digits, '.', '-')", v.Name)
@@ -168,12 +173,19 @@ func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) ma
 		if len(v.Endpoints) == 0 {
 			add(r, f+".endpoints", "a version needs at least one endpoint")
 		}
+		versionEndpoints := map[string]bool{}
 		for j, ep := range v.Endpoints {
+			ef := f + ".endpoints[" + strconv.Itoa(j) + "]"
 			if err := checkEndpoint(ep); err != nil {
-				add(r, f+".endpoints["+strconv.Itoa(j)+"]", "%v", err)
+				add(r, ef, "%v", err)
 			}
+			// gRPC clients reject a cluster listing one address twice.
+			if versionEndpoints[ep] {
+				add(r, ef, "%q is listed twice", ep)
+			}
+			versionEndpoints[ep] = true
 		}
-		if v.Protocol != "http" && v.Protocol != "grpc" {
+		if !validProtocol(v.Protocol) {
 			add(r, f+".protocol", "%q: want http or grpc", v.Protocol)
 		}
 	}
@@ -244,3 +256,5 @@ func versionList(r *Rollout) string {
 	}
 	return strings.Join(names, ", ")
 }
+
+func validProtocol(p string) bool { return p == "http" || p == "grpc" }

@@ -263,6 +263,7 @@ func directRoute(name string, m *routev3.RouteMatch, status uint32, msg string) 
 func versionAction(r *rollout.Rollout, version string) *routev3.Route_Route {
 	a := baseAction(r)
 	a.ClusterSpecifier = &routev3.RouteAction_Cluster{Cluster: ClusterName(r.Model, version)}
+	a.RequestMirrorPolicies = mirrors(r, version)
 	return &routev3.Route_Route{Route: a}
 }
 
@@ -283,8 +284,19 @@ func splitAction(r *rollout.Rollout, slots SlotMap) *routev3.Route_Route {
 		// down) Envoy draws a random value: the split holds, stickiness does not.
 		RandomValueSpecifier: &routev3.WeightedCluster_HeaderName{HeaderName: headers.Bucket},
 	}}
+	a.RequestMirrorPolicies = mirrors(r, "")
+	return &routev3.Route_Route{Route: a}
+}
+
+// mirrors are the model's shadows, for every route of the model (split, experiment and
+// pinned versions alike) except, on a version route, a shadow of that same version.
+func mirrors(r *rollout.Rollout, servedVersion string) []*routev3.RouteAction_RequestMirrorPolicy {
+	var out []*routev3.RouteAction_RequestMirrorPolicy
 	for _, sh := range r.Shadow {
-		a.RequestMirrorPolicies = append(a.RequestMirrorPolicies, &routev3.RouteAction_RequestMirrorPolicy{
+		if sh.Version == servedVersion {
+			continue
+		}
+		out = append(out, &routev3.RouteAction_RequestMirrorPolicy{
 			Cluster: ClusterName(r.Model, sh.Version),
 			RuntimeFraction: &corev3.RuntimeFractionalPercent{DefaultValue: &typev3.FractionalPercent{
 				Numerator:   uint32(sh.Percent*10000 + 0.5),
@@ -292,7 +304,7 @@ func splitAction(r *rollout.Rollout, slots SlotMap) *routev3.Route_Route {
 			}},
 		})
 	}
-	return &routev3.Route_Route{Route: a}
+	return out
 }
 
 func baseAction(r *rollout.Rollout) *routev3.RouteAction {

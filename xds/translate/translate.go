@@ -93,6 +93,15 @@ func versionNames(r *rollout.Rollout) []string {
 // endpoints returns the IP:port endpoints of a version, resolving DNS names through in.Resolved.
 func (in *Input) endpoints(v rollout.Version) []hostPort {
 	var out []hostPort
+	// Two names (or a name and its own IP) may give one address: gRPC NACKs a cluster
+	// listing an address twice, so each address appears once.
+	seen := map[hostPort]bool{}
+	add := func(hp hostPort) {
+		if !seen[hp] {
+			seen[hp] = true
+			out = append(out, hp)
+		}
+	}
 	for _, ep := range v.Endpoints {
 		host, portStr, err := net.SplitHostPort(ep)
 		if err != nil {
@@ -100,13 +109,13 @@ func (in *Input) endpoints(v rollout.Version) []hostPort {
 		}
 		port, _ := strconv.Atoi(portStr)
 		if net.ParseIP(host) != nil {
-			out = append(out, hostPort{host, uint32(port)})
+			add(hostPort{host, uint32(port)})
 			continue
 		}
 		ips := append([]string(nil), in.Resolved[host]...)
 		sort.Strings(ips)
 		for _, ip := range ips {
-			out = append(out, hostPort{ip, uint32(port)})
+			add(hostPort{ip, uint32(port)})
 		}
 	}
 	return out
