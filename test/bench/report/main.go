@@ -169,7 +169,7 @@ func run(out string) error {
 	var names []string
 	for _, r := range rows {
 		if r.ratioV > 0 && r.goalV > 0 {
-			bars = append(bars, r.ratioV)
+			bars = append(bars, r.ratioV/r.goalV)
 			names = append(names, short(r.what))
 		}
 	}
@@ -178,8 +178,8 @@ func run(out string) error {
 
 func chart(path string, vals plotter.Values, names []string) error {
 	p := plot.New()
-	p.Title.Text = "patchbay vs same-run baselines (goal line at 1.0)"
-	p.Y.Label.Text = "ratio"
+	p.Title.Text = "patchbay vs same-run baselines: ratio / goal (at or above the line meets the goal)"
+	p.Y.Label.Text = "ratio / goal"
 	if len(vals) == 0 {
 		vals, names = plotter.Values{0}, []string{"no data"}
 	}
