@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -440,7 +441,7 @@ func (s *Server) refreshDNS(ctx context.Context) {
 		s.mu.Lock()
 		diff := false
 		for h, ips := range changed {
-			if !equalStrings(s.state.resolved[h], ips) {
+			if !slices.Equal(s.state.resolved[h], ips) {
 				s.state.resolved[h] = ips
 				diff = true
 			}
@@ -454,16 +455,4 @@ func (s *Server) refreshDNS(ctx context.Context) {
 		}
 		s.mu.Unlock()
 	}
-}
-
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
