@@ -194,12 +194,26 @@ func (s *Server) GRPCServer(ctx context.Context) *grpc.Server {
 // Run loads the rollouts, then serves ADS on grpcLis and the admin API on adminLis until
 // ctx is done, reloading on file changes and re-resolving DNS names.
 func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error {
-	s.Reload(ctx, "start")
-	gs := s.GRPCServer(ctx)
-	admin := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	errc := make(chan error, 4)
+	// The watch goes in place first, then the first load: an edit in between is seen.
+	watching := make(chan struct{})
+	go func() {
+		errc <- watch.Run(ctx, watch.Config{Dir: s.cfg.RolloutsDir, Debounce: s.cfg.Debounce, Resync: s.cfg.Resync,
+			Ready: func() { close(watching) }},
+			func() { s.Reload(ctx, "files changed") })
+	}()
+	select {
+	case <-watching:
+	case err := <-errc:
+		grpcLis.Close()
+		adminLis.Close()
+		return err
+	}
+	s.Reload(ctx, "start")
+	gs := s.GRPCServer(ctx)
+	admin := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second}
 	go func() { errc <- serveGRPC(gs, grpcLis) }()
 	go func() {
 		if err := admin.Serve(adminLis); !errors.Is(err, http.ErrServerClosed) {
@@ -207,10 +221,6 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 			return
 		}
 		errc <- nil
-	}()
-	go func() {
-		errc <- watch.Run(ctx, watch.Config{Dir: s.cfg.RolloutsDir, Debounce: s.cfg.Debounce, Resync: s.cfg.Resync},
-			func() { s.Reload(ctx, "files changed") })
 	}()
 	go func() { s.refreshDNS(ctx); errc <- nil }()
 	s.log.Info().Str("ads", grpcLis.Addr().String()).Str("admin", adminLis.Addr().String()).

@@ -18,6 +18,9 @@ type Config struct {
 	Debounce time.Duration
 	// Resync reports a change this often even without events (0: never).
 	Resync time.Duration
+	// Ready, if set, is called once the watch is in place: a change made after it
+	// returns is never missed.
+	Ready func()
 }
 
 // Run watches cfg.Dir until ctx is done, calling changed (from one goroutine, never
@@ -31,6 +34,9 @@ func Run(ctx context.Context, cfg Config, changed func()) error {
 	defer w.Close()
 	if err := w.Add(cfg.Dir); err != nil {
 		return fmt.Errorf("watch %s: %w", cfg.Dir, err)
+	}
+	if cfg.Ready != nil {
+		cfg.Ready()
 	}
 	var (
 		timer   = time.NewTimer(time.Hour)
