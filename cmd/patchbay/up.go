@@ -284,10 +284,17 @@ func (u *upRun) startChild(ctx context.Context, name, bin string, args []string,
 // (Setpgid, Unix): the terminal's Ctrl-C then reaches only `up`, which stops the parts
 // in order instead of all of them at once. The field is set by name so that this file
 // also builds where SysProcAttr has no Setpgid (Windows).
+//
+// Where the platform has it (Pdeathsig, Linux) the child also gets SIGTERM when `up`
+// dies for any reason (SIGKILL, a panic), so no part outlives it holding its ports.
 func ownProcessGroup() *syscall.SysProcAttr {
 	attr := new(syscall.SysProcAttr)
-	if f := reflect.ValueOf(attr).Elem().FieldByName("Setpgid"); f.IsValid() && f.Kind() == reflect.Bool {
+	v := reflect.ValueOf(attr).Elem()
+	if f := v.FieldByName("Setpgid"); f.IsValid() && f.Kind() == reflect.Bool {
 		f.SetBool(true)
+	}
+	if f := v.FieldByName("Pdeathsig"); f.IsValid() && f.CanSet() {
+		f.Set(reflect.ValueOf(syscall.Signal(15)).Convert(f.Type())) // SIGTERM
 	}
 	return attr
 }

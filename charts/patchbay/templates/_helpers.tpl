@@ -111,6 +111,7 @@ dynamic_resources:
 static_resources:
   listeners:
     - name: patchbay_stats
+      ignore_global_conn_limit: true
       address:
         socket_address: {address: {{ first $stats | quote }}, port_value: {{ include "patchbay.port" $v.stats }}}
       filter_chains:
