@@ -255,12 +255,18 @@ func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 		span.SetAttributes(attribute.String("patchbay.model", name), attribute.String("patchbay.version", v.spec.Version))
 	}
 	st := restPool.Get().(*restState)
+	reuse := true
 	defer func() {
-		if st.body.Cap() <= 1<<20 && cap(st.out) <= 1<<20 { // large buffers go to the GC
+		if reuse && st.body.Cap() <= 1<<20 && cap(st.out) <= 1<<20 { // large buffers go to the GC
 			restPool.Put(st)
 		}
 	}()
 	out, aerr := s.inferREST(ctx, v, r, st)
+	if ctx.Err() != nil {
+		// The caller gave up while its rows may still sit in a batch: the batcher reads
+		// st's tensors when that batch runs, so st must not be handed to another request.
+		reuse = false
+	}
 	if aerr != nil {
 		s.failed(ctx, span, v, "rest", aerr)
 		writeError(w, aerr)
