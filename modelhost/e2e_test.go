@@ -275,6 +275,12 @@ func TestVersionSelection(t *testing.T) {
 	if err != nil || resp.ModelName != "churn" || resp.ModelVersion != "v1" {
 		t.Errorf("gRPC via metadata: %v %v", resp, err)
 	}
+	// The router's choice wins: a message naming another version is refused, not obeyed.
+	_, err = h.grpc.ModelInfer(ctx, &oip.ModelInferRequest{ModelName: "churn", ModelVersion: "v2", Inputs: []*oip.ModelInferRequest_InferInputTensor{{
+		Name: "features", Datatype: "FP32", Shape: []int64{1, 4}, Contents: &oip.InferTensorContents{Fp32Contents: []float32{1, 1, 1, 1}}}}})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("model_version v2 against a routed v1: %v, want InvalidArgument", err)
+	}
 }
 
 func TestRequestedOutputsHonoured(t *testing.T) {

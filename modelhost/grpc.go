@@ -132,8 +132,14 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 	if name == "" {
 		name = incoming(ctx, headers.Model)
 	}
-	if ver == "" {
-		ver = incoming(ctx, headers.Version)
+	// The version the router chose (x-patchbay-version, set by Envoy and ext_proc) wins:
+	// ext_proc cannot read gRPC bodies, so a request naming another version in
+	// model_version would otherwise step around the split, experiments and pinning rules.
+	if routed := incoming(ctx, headers.Version); routed != "" {
+		if ver != "" && ver != routed {
+			return nil, status.Errorf(codes.InvalidArgument, "model_version %q conflicts with the version the router chose (%q); leave model_version empty behind patchbay", ver, routed)
+		}
+		ver = routed
 	}
 	var carrier mdCarrier
 	traced := incoming(ctx, "traceparent") != ""
