@@ -29,6 +29,19 @@ type streamState struct {
 	hs      []*corev3.HeaderValue
 	pending assign.Decision
 	body    []byte
+	// oneBodyMessage: the body arrives in one (buffered) message.
+	oneBodyMessage bool
+}
+
+// bodyOverride asks Envoy for the buffered request body and otherwise keeps the filter's
+// configured mode (request headers sent; response headers, bodies and trailers skipped).
+var bodyOverride = &filterv3.ProcessingMode{
+	RequestHeaderMode:   filterv3.ProcessingMode_SEND,
+	ResponseHeaderMode:  filterv3.ProcessingMode_SKIP,
+	RequestBodyMode:     filterv3.ProcessingMode_BUFFERED,
+	ResponseBodyMode:    filterv3.ProcessingMode_NONE,
+	RequestTrailerMode:  filterv3.ProcessingMode_SKIP,
+	ResponseTrailerMode: filterv3.ProcessingMode_SKIP,
 }
 
 // epoch anchors since: durations between two since() calls need one monotonic clock
@@ -175,6 +188,7 @@ func (s *Server) awaitBody(ctx context.Context, st *streamState, cur *state, hs 
 		return nil
 	}
 	st.waiting, st.st, st.hs, st.pending = true, cur, hs, *d
+	st.oneBodyMessage = true // buffered by configuration, or by the override below
 	cr := &extprocv3.CommonResponse{}
 	if rm := removals(d, 0, hs); len(rm) > 0 {
 		cr.HeaderMutation = &extprocv3.HeaderMutation{RemoveHeaders: rm}
@@ -183,8 +197,10 @@ func (s *Server) awaitBody(ctx context.Context, st *streamState, cur *state, hs 
 		RequestHeaders: &extprocv3.HeadersResponse{Response: cr},
 	}}
 	if !buffered {
-		// Needs allow_mode_override in the filter config (see README).
-		resp.ModeOverride = &filterv3.ProcessingMode{RequestBodyMode: filterv3.ProcessingMode_BUFFERED}
+		// Needs allow_mode_override in the filter config (see README). The override is a
+		// whole processing mode: Envoy applies every field, so the rest repeats the
+		// filter's configuration (else response headers would turn on, a round trip more).
+		resp.ModeOverride = bodyOverride
 	}
 	if e := s.log.Debug(); e.Enabled() {
 		e.Str("model", d.Model.Name).Msg("no identity in headers; asking for the body")
@@ -197,7 +213,10 @@ func (s *Server) requestBody(ctx context.Context, st *streamState, b *extprocv3.
 	if len(st.body)+len(b.GetBody()) <= s.cfg.MaxBodyBytes {
 		st.body = append(st.body, b.GetBody()...)
 	}
-	if !b.GetEndOfStream() {
+	// In BUFFERED and BUFFERED_PARTIAL modes (configured, or asked for by the override)
+	// the body comes as one message, which is not marked end_of_stream when the request
+	// has trailers or the buffer limit was reached: decide on it either way.
+	if !b.GetEndOfStream() && !st.oneBodyMessage {
 		return continueRequestBody
 	}
 	start := since()

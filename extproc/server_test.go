@@ -262,7 +262,11 @@ func TestBodyMode(t *testing.T) {
 				Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
 					HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: []string{headers.Bucket}},
 				}}},
-				ModeOverride: &filterv3.ProcessingMode{RequestBodyMode: filterv3.ProcessingMode_BUFFERED},
+				ModeOverride: &filterv3.ProcessingMode{
+					RequestHeaderMode: filterv3.ProcessingMode_SEND, ResponseHeaderMode: filterv3.ProcessingMode_SKIP,
+					RequestBodyMode: filterv3.ProcessingMode_BUFFERED, ResponseBodyMode: filterv3.ProcessingMode_NONE,
+					RequestTrailerMode: filterv3.ProcessingMode_SKIP, ResponseTrailerMode: filterv3.ProcessingMode_SKIP,
+				},
 			},
 			bodyRouted(bucketOf("thumbs-salt", "u5")),
 		}
@@ -270,16 +274,17 @@ func TestBodyMode(t *testing.T) {
 			t.Errorf("(-want +got):\n%s", diff)
 		}
 	})
-	t.Run("filter already buffers: no override; partial chunks", func(t *testing.T) {
+	t.Run("filter already buffers: no override; one body message not marked final", func(t *testing.T) {
+		// Envoy sends the buffered body with end_of_stream false when trailers follow (and
+		// BUFFERED_PARTIAL does when its limit is reached): it is still the whole message.
 		first := reqHeaders(false, ":path", "/v2/models/thumbs/infer")
 		first.ProtocolConfig = &extprocv3.ProtocolConfiguration{RequestBodyMode: filterv3.ProcessingMode_BUFFERED_PARTIAL}
-		got, err := h.exchange(t, first, bodyMsg(body[:40], false), bodyMsg(body[40:], true))
+		got, err := h.exchange(t, first, bodyMsg(body, false))
 		if err != nil {
 			t.Fatal(err)
 		}
 		want := []*extprocv3.ProcessingResponse{
 			{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{}}}},
-			emptyReqBody,
 			bodyRouted(bucketOf("thumbs-salt", "u5")),
 		}
 		if diff := cmp.Diff(want, got, protocmp.Transform()); diff != "" {
