@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -213,6 +214,13 @@ func (u *upRun) run(ctx context.Context) (err error) {
 
 func (u *upRun) startAll(ctx context.Context) error {
 	c := u.cfg
+	// A port already taken (often by the parts of an earlier `up` that was killed) would
+	// answer our readiness checks for a child that died on the clash: say so up front.
+	ports := append(append([]string{}, c.hostHTTP...), c.hostGRPC...)
+	ports = append(ports, c.xdsListen, c.xdsAdmin, c.extprocListen, c.extprocAdmin)
+	if err := portsFree(ports); err != nil {
+		return err
+	}
 	token := make([]byte, 24)
 	if _, err := rand.Read(token); err != nil {
 		return fmt.Errorf("up: admin token: %w", err)
@@ -278,6 +286,18 @@ func (u *upRun) startChild(ctx context.Context, name, bin string, args []string,
 	u.parts = append(u.parts, p)
 	u.log.printf("up", "started %s (pid %d): %s %s", name, p.pid, filepath.Base(bin), strings.Join(args, " "))
 	return u.waitReady(ctx, p, readyURL, timeout)
+}
+
+// portsFree reports the first address that cannot be listened on.
+func portsFree(addrs []string) error {
+	for _, a := range addrs {
+		l, err := net.Listen("tcp", a)
+		if err != nil {
+			return fmt.Errorf("up: %s is in use (%v): is an earlier patchbay up (or another server) still running? Stop it or change the flag", a, err)
+		}
+		l.Close()
+	}
+	return nil
 }
 
 // ownProcessGroup puts a child in its own process group where the platform has them

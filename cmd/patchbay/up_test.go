@@ -396,3 +396,28 @@ func TestExampleRollouts(t *testing.T) {
 		}
 	}
 }
+
+func TestUpRefusesTakenPorts(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	err = portsFree([]string{l.Addr().String()})
+	if err == nil || !strings.Contains(err.Error(), "is in use") {
+		t.Fatalf("a taken port: %v", err)
+	}
+	free := freeAddrForTest(t)
+	if err := portsFree([]string{free}); err != nil {
+		t.Fatalf("a free port: %v", err)
+	}
+}
+
+func freeAddrForTest(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
