@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	xdsresolver "google.golang.org/grpc/xds"
 
+	"github.com/patchbay-io/patchbay/test/harness"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
@@ -34,29 +35,12 @@ type cp struct {
 	srv       *Server
 	cancel    context.CancelFunc
 	done      chan error
-	logs      *syncBuffer
+	logs      *harness.Buffer
 	stateFile string
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func startCP(t testing.TB, dir string) *cp {
-	c := &cp{t: t, dir: dir, grpcAddr: "127.0.0.1:0", adminAddr: "127.0.0.1:0", logs: &syncBuffer{}}
+	c := &cp{t: t, dir: dir, grpcAddr: "127.0.0.1:0", adminAddr: "127.0.0.1:0", logs: &harness.Buffer{}}
 	c.start()
 	t.Cleanup(func() {
 		c.stop()

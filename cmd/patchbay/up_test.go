@@ -15,7 +15,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,26 +25,9 @@ import (
 
 	"github.com/patchbay-io/patchbay/api/oip"
 	pbenvoy "github.com/patchbay-io/patchbay/envoy"
+	"github.com/patchbay-io/patchbay/test/harness"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
-
-// syncBuffer is a bytes.Buffer safe for the writer goroutines of child processes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
@@ -116,7 +98,7 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	var stdout, stderr syncBuffer
+	var stdout, stderr harness.Buffer
 	done := make(chan error, 1)
 	go func() { done <- runUp(ctx, args, &stdout, &stderr) }()
 	defer func() {

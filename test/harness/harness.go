@@ -121,22 +121,24 @@ func FreeAddr(t testing.TB) string {
 type Process struct {
 	Name string
 	cmd  *exec.Cmd
-	out  *logBuffer
+	out  *Buffer
 	done chan struct{}
 }
 
-type logBuffer struct {
+// Buffer is a bytes.Buffer that many goroutines may write to (a child's stdout and
+// stderr, a logger) while a test reads it.
+type Buffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *logBuffer) Write(p []byte) (int, error) {
+func (l *Buffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *logBuffer) String() string {
+func (l *Buffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
@@ -146,7 +148,7 @@ func (l *logBuffer) String() string {
 // its stop. Its output is logged only if the test fails.
 func Start(t testing.TB, name, ready, bin string, args ...string) *Process {
 	t.Helper()
-	p := &Process{Name: name, out: &logBuffer{}, done: make(chan struct{})}
+	p := &Process{Name: name, out: &Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
