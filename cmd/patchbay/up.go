@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,6 +28,7 @@ import (
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/envoy"
+	"github.com/patchbay-io/patchbay/xds/rollout"
 )
 
 // upConfig is everything `patchbay up` starts, and where.
@@ -179,6 +181,7 @@ type upRun struct {
 	log    *prefixLog
 	parts  []*part // in start order
 	dir    string
+	served []string // per model host: what it serves, for the banner
 }
 
 func (u *upRun) run(ctx context.Context) (err error) {
@@ -230,10 +233,11 @@ func (u *upRun) startAll(ctx context.Context) error {
 		return fmt.Errorf("up: %w", err)
 	}
 
+	repos := u.hostRepositories()
 	for i := range c.hostHTTP {
 		name := "modelhost-" + string(rune('a'+i))
 		if err := u.startChild(ctx, name, c.bin, []string{"modelhost",
-			"--repository", c.repository, "--http", c.hostHTTP[i], "--grpc", c.hostGRPC[i], "--log-level", c.logLevel,
+			"--repository", repos[i], "--http", c.hostHTTP[i], "--grpc", c.hostGRPC[i], "--log-level", c.logLevel,
 		}, "http://"+c.hostHTTP[i]+"/v2/health/ready", c.readyTimeout); err != nil {
 			return err
 		}
@@ -286,6 +290,73 @@ func (u *upRun) startChild(ctx context.Context, name, bin string, args []string,
 	u.parts = append(u.parts, p)
 	u.log.printf("up", "started %s (pid %d): %s %s", name, p.pid, filepath.Base(bin), strings.Join(args, " "))
 	return u.waitReady(ctx, p, readyURL, timeout)
+}
+
+// hostRepositories gives each model host a repository holding only the versions whose
+// rollout endpoints name that host (copied from the full repository into up's temporary
+// directory). A host then serves one version of a model, so its answers prove the split
+// on every path — including proxyless gRPC, which cannot add x-patchbay-version to pick a
+// version on a shared host. A host no rollout names, or rollouts that do not load (the
+// control plane reports why), gets the full repository.
+func (u *upRun) hostRepositories() []string {
+	c := u.cfg
+	repos := make([]string, len(c.hostHTTP))
+	u.served = make([]string, len(c.hostHTTP))
+	for i := range repos {
+		repos[i] = c.repository
+		u.served[i] = "every model in " + c.repository
+	}
+	set, err := rollout.LoadDir(c.rollouts)
+	if err != nil {
+		return repos
+	}
+	for i := range c.hostHTTP {
+		var versions []string
+		for _, r := range set.Rollouts {
+			for _, v := range r.Versions {
+				if slices.Contains(v.Endpoints, c.hostHTTP[i]) || slices.Contains(v.Endpoints, c.hostGRPC[i]) {
+					versions = append(versions, filepath.Join(r.Model, v.Name))
+				}
+			}
+		}
+		if len(versions) == 0 {
+			continue
+		}
+		dir := filepath.Join(u.dir, "repository-"+string(rune('a'+i)))
+		if err := copyVersions(c.repository, dir, versions); err != nil {
+			u.log.printf("up", "host %s serves the whole repository: %v", c.hostHTTP[i], err)
+			continue
+		}
+		repos[i] = dir
+		u.served[i] = strings.Join(versions, ", ")
+	}
+	return repos
+}
+
+// copyVersions copies the files of each <model>/<version> directory from src to dst.
+func copyVersions(src, dst string, versions []string) error {
+	for _, mv := range versions {
+		entries, err := os.ReadDir(filepath.Join(src, mv))
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(filepath.Join(dst, mv), 0o755); err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if e.IsDir() {
+				continue
+			}
+			b, err := os.ReadFile(filepath.Join(src, mv, e.Name()))
+			if err != nil {
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dst, mv, e.Name()), b, 0o644); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // portsFree reports the first address that cannot be listened on.
@@ -511,7 +582,7 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	var b strings.Builder
 	fmt.Fprintf(&b, "\npatchbay is up.\n")
 	for i := range c.hostHTTP {
-		fmt.Fprintf(&b, "  model host %c     REST http://%s   gRPC %s   (every model in %s)\n", 'a'+i, c.hostHTTP[i], c.hostGRPC[i], c.repository)
+		fmt.Fprintf(&b, "  model host %c     REST http://%s   gRPC %s   (%s)\n", 'a'+i, c.hostHTTP[i], c.hostGRPC[i], u.served[i])
 	}
 	fmt.Fprintf(&b, "  control plane    ADS %s   admin http://%s/status\n", c.xdsListen, c.xdsAdmin)
 	fmt.Fprintf(&b, "  ext_proc         %s   admin http://%s/metrics\n", c.extprocListen, c.extprocAdmin)
@@ -536,7 +607,7 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 		fmt.Fprintf(&b, "  %s -H '%s: churn' -H '%s: carol' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, churn, c.edgeListener)
 	}
 	fmt.Fprintf(&b, "  # a model host directly (no routing): pick the version yourself\n")
-	fmt.Fprintf(&b, "  curl -s -d '%s' http://%s/v2/models/ranker/versions/v8/infer\n", ranker, c.hostHTTP[0])
+	fmt.Fprintf(&b, "  curl -s -d '%s' http://%s/v2/models/ranker/versions/v7/infer\n", ranker, c.hostHTTP[0])
 	fmt.Fprintf(&b, "  %s -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, churn, c.hostGRPC[0])
 	fmt.Fprintf(&b, "  # proxyless gRPC: a gRPC client with xDS support routes itself, no Envoy\n")
 	fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s  then dial xds:///churn\n", grpcBootstrap)

@@ -143,10 +143,20 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 			t.Errorf("model host %s ready = %d %s", h, code, body)
 		}
 	}
-	// A real inference on each host, version named in the path.
+	// A real inference on each host, version named in the path: each host serves the
+	// versions its rollout endpoints name (ranker v7 on a, v8 on b), and only those.
 	body := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0.5,1.2,3.4,0.1,0.0,2.2,1.1,0.7]}]}`
-	for _, h := range hostHTTP {
-		resp, err := client.Post("http://"+h+"/v2/models/ranker/versions/v8/infer", "application/json", strings.NewReader(body))
+	for i, h := range hostHTTP {
+		other := []string{"v8", "v7"}[i]
+		if resp, err := client.Post("http://"+h+"/v2/models/ranker/versions/"+other+"/infer", "application/json", strings.NewReader(body)); err != nil {
+			t.Errorf("infer on %s: %v", h, err)
+		} else {
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusNotFound {
+				t.Errorf("host %s answers ranker %s (%s), which its rollout endpoints do not name", h, other, resp.Status)
+			}
+		}
+		resp, err := client.Post("http://"+h+"/v2/models/ranker/versions/"+[]string{"v7", "v8"}[i]+"/infer", "application/json", strings.NewReader(body))
 		if err != nil {
 			t.Errorf("infer on %s: %v", h, err)
 			continue
@@ -200,6 +210,11 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 		versions[r.GetModelVersion()]++
 	}
 	t.Logf("proxyless churn answers by version: %v", versions)
+	// churn is 50/50 and each host serves one churn version, so both answer (a one-sided
+	// result over 20 RPCs has probability 2e-6).
+	if versions["v1"] == 0 || versions["v2"] == 0 {
+		t.Errorf("proxyless churn split %v: want both v1 and v2", versions)
+	}
 	conn.Close()
 
 	pids := startedPIDs(stderr.String())
