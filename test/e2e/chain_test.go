@@ -321,6 +321,20 @@ func TestChainHTTP(t *testing.T) {
 // no request fails, and every answer comes from one of the versions that was live.
 func TestChainRollbackUnderLoad(t *testing.T) {
 	c := startChain(t, "{v7: 100, v8: 0}", "")
+	// A third version, deployed and healthy on its own host but never given traffic: an
+	// answer from it would be a request routed to a version that was not live.
+	repo := repoWith(t, "ranker/v7")
+	if err := os.Rename(filepath.Join(repo, "ranker", "v7"), filepath.Join(repo, "ranker", "v9")); err != nil {
+		t.Fatal(err)
+	}
+	v9 := &host{http: freeAddr(t), grpc: freeAddr(t)}
+	v9.proc = startProc(t, "host-v9", "http://"+v9.http+"/v2/health/ready",
+		"modelhost", "--repository", repo, "--http", v9.http, "--grpc", v9.grpc, "--log-level", "warn")
+	withV9 := func(traffic string) string {
+		doc := rankerRollout(c.a.http, c.b.http, traffic, "")
+		doc = strings.Replace(doc, "traffic: {", fmt.Sprintf("  - {name: v9, endpoints: [%q]}\ntraffic: {v9: 0, ", v9.http), 1)
+		return doc
+	}
 	var (
 		stop     atomic.Bool
 		failures atomic.Int64
@@ -350,7 +364,7 @@ func TestChainRollbackUnderLoad(t *testing.T) {
 		if i%2 == 0 {
 			traffic = "{v7: 0, v8: 100}"
 		}
-		writeRollout(t, c.dir, "ranker.yaml", rankerRollout(c.a.http, c.b.http, traffic, ""))
+		writeRollout(t, c.dir, "ranker.yaml", withV9(traffic))
 		time.Sleep(30 * time.Millisecond)
 	}
 	stop.Store(true)
@@ -358,7 +372,10 @@ func TestChainRollbackUnderLoad(t *testing.T) {
 	if failures.Load() != 0 || wrong.Load() != 0 || total.Load() < 200 {
 		t.Fatalf("%d requests: %d failed, %d from no live version", total.Load(), failures.Load(), wrong.Load())
 	}
-	t.Logf("%d requests during 100 flips, none failed", total.Load())
+	if got := metricSum(t, "http://"+v9.http+"/metrics", "patchbay_modelhost_requests_total"); got != 0 {
+		t.Fatalf("the never-live version v9 served %v requests", got)
+	}
+	t.Logf("%d requests during 100 flips, none failed, none on the never-live version", total.Load())
 }
 
 // TestChainFaults kills each part in turn.
