@@ -41,6 +41,10 @@ type Version struct {
 	Name      string   `yaml:"name"`
 	Endpoints []string `yaml:"endpoints"`
 	Protocol  string   `yaml:"protocol"`
+	// TLS makes Envoy's cluster for this version originate (m)TLS to its endpoints, with the
+	// certificates the control plane's --upstream-tls-* flags name (the flag turns it on for
+	// every version).
+	TLS bool `yaml:"tls"`
 }
 
 // Shadow mirrors a fraction of the model's requests to a version; responses are discarded.

@@ -46,7 +46,20 @@ type Options struct {
 	SidecarAddress string        // host:port of the sidecar outbound listener
 	ExtprocTimeout time.Duration // ext_proc message_timeout; 0 means DefaultTimeout
 	AccessLog      bool          // stdout access log with the routing decision
+
+	// UpstreamTLS, when its CA is set, makes Envoy's clusters to model hosts originate TLS
+	// (presenting Cert/Key when set) for every version; without it only versions with
+	// `tls: true` do, and those need it set. Paths are as Envoy sees them; Envoy reads them
+	// through SDS from files, so rotation needs no push.
+	UpstreamTLS    TLSFiles
+	AllUpstreamTLS bool // --upstream-tls: every version, not only `tls: true` ones
+	// EdgeTLS, when Cert is set, makes the edge listener terminate TLS (requiring client
+	// certificates when CA is set too).
+	EdgeTLS TLSFiles
 }
+
+// TLSFiles are PEM paths as Envoy sees them.
+type TLSFiles struct{ Cert, Key, CA string }
 
 // Role is the kind of Envoy node.
 type Role int
