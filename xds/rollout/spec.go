@@ -57,7 +57,9 @@ type Shadow struct {
 type Experiment struct {
 	Name       string  `yaml:"name"`
 	Layer      string  `yaml:"layer"`
-	Allocation float64 `yaml:"allocation"`
+	// Allocation is the percent of the layer's users in the experiment, 0 to 100 with at
+	// most two decimals; 0 pauses the experiment (nobody is assigned).
+	Allocation Hundredths `yaml:"allocation"`
 	Match      *Match  `yaml:"match"`
 	Arms       []Arm   `yaml:"arms"`
 }
@@ -71,7 +73,8 @@ type Match struct {
 type Arm struct {
 	Name    string `yaml:"name"`
 	Version string `yaml:"version"`
-	Weight  int    `yaml:"weight"`
+	// Weight is relative to the other arms' weights: 1..MaxArmWeight.
+	Weight int `yaml:"weight"`
 }
 
 // Position is a place in a rollout file.

@@ -3,7 +3,6 @@ package rollout
 import (
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"regexp"
 	"sort"
@@ -21,6 +20,14 @@ var (
 	headerRe = regexp.MustCompile(`^[a-z0-9!#$%&'*+.^_|~-]+$`)
 )
 
+// MaxArmWeight bounds one arm's weight, so that the weights of any experiment sum far below
+// the uint32 the ext_proc policy carries them in (a weight of 2^32 used to wrap to 0).
+const MaxArmWeight = 1_000_000
+
+// MaxArmsPerExperiment bounds an experiment's arms (with MaxArmWeight, the sum of weights
+// stays below 2^32).
+const MaxArmsPerExperiment = 100
+
 // MaxRetries bounds the per-model retry count.
 const MaxRetries = 10
 
@@ -37,7 +44,7 @@ func Validate(s *Set) error {
 	}
 	models := map[string]*Rollout{}
 	experiments := map[string]*Rollout{}
-	layerAlloc := map[string]float64{}
+	layerAlloc := map[string]Hundredths{}
 	for _, r := range s.Rollouts {
 		if r.APIVersion != APIVersion {
 			add(r, "apiVersion", "got %q, want %q", r.APIVersion, APIVersion)
@@ -85,13 +92,12 @@ func Validate(s *Set) error {
 			if !nameRe.MatchString(e.Layer) {
 				add(r, f+".layer", "%q is not a valid layer name", e.Layer)
 			}
-			if !(e.Allocation > 0 && e.Allocation <= 100) {
-				add(r, f+".allocation", "%v is outside (0, 100]", e.Allocation)
-			} else if e.Allocation*100 != math.Trunc(e.Allocation*100) {
-				add(r, f+".allocation", "%v has more than two decimals (the layer has 10000 slots)", e.Allocation)
+			// 0 pauses the experiment: nobody is assigned, its arms stay defined.
+			if e.Allocation < 0 || e.Allocation > HundredthsMax {
+				add(r, f+".allocation", "%v is outside [0, 100]", e.Allocation)
 			} else {
 				layerAlloc[e.Layer] += e.Allocation
-				if layerAlloc[e.Layer] > 100+1e-9 {
+				if layerAlloc[e.Layer] > HundredthsMax {
 					add(r, f+".allocation", "layer %q is over-allocated: its experiments take %v%% of users", e.Layer, layerAlloc[e.Layer])
 				}
 			}
@@ -108,6 +114,8 @@ func Validate(s *Set) error {
 			}
 			if len(e.Arms) == 0 {
 				add(r, f+".arms", "an experiment needs at least one arm")
+			} else if len(e.Arms) > MaxArmsPerExperiment {
+				add(r, f+".arms", "%d arms; at most %d", len(e.Arms), MaxArmsPerExperiment)
 			}
 			arms := map[string]bool{}
 			for j, a := range e.Arms {
@@ -123,6 +131,8 @@ func Validate(s *Set) error {
 				}
 				if a.Weight <= 0 {
 					add(r, af+".weight", "%d: arm weights must be positive", a.Weight)
+				} else if a.Weight > MaxArmWeight {
+					add(r, af+".weight", "%d is over the maximum arm weight %d (weights are relative: scale them down)", a.Weight, MaxArmWeight)
 				}
 			}
 		}

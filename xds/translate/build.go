@@ -33,7 +33,8 @@ type Built struct {
 // deterministic bytes, so replicas given the same files serve the same version and an edit
 // that changes nothing changes no version. Nothing is returned unless every resource of
 // every flavour passes Envoy's validation rules (inside every Any), every snapshot is
-// consistent, and every route names a cluster that exists.
+// consistent, every route names a cluster that exists, and the ext_proc policy passes
+// policyv1.Validate (the rules ext_proc compiles it by).
 func Build(in *Input, opts Options) (*Built, error) {
 	edge, err := Envoy(in, opts, Edge)
 	if err != nil {
@@ -73,6 +74,11 @@ func Build(in *Input, opts Options) (*Built, error) {
 	// The policy is part of the version: an edit that only touches experiments changes
 	// nothing Envoy sees but must still reach ext_proc.
 	policy := Policy(in, "")
+	// ext_proc compiles the policy by these rules and NACKs a policy that breaks one: refuse
+	// it here, with the Envoy resources, so Envoy and ext_proc never disagree.
+	if err := policyv1.Validate(policy); err != nil {
+		return nil, fmt.Errorf("ext_proc policy: %w", err)
+	}
 	pb, err := proto.MarshalOptions{Deterministic: true}.Marshal(policy)
 	if err != nil {
 		return nil, err

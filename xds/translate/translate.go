@@ -179,11 +179,14 @@ func Policy(in *Input, version string) *policyv1.Policy {
 			if _, ok := layerNext[e.Layer]; !ok {
 				layers = append(layers, e.Layer)
 			}
+			// Allocation is exact hundredths of a percent, one slot each (LayerSlots is
+			// 10000). 0 (a paused experiment) gives an empty range: nobody is assigned.
 			start := layerNext[e.Layer]
-			end := start + uint32(e.Allocation*100+0.5)
-			if end > policyv1.LayerSlots {
-				end = policyv1.LayerSlots
+			alloc := uint32(0)
+			if e.Allocation > 0 {
+				alloc = uint32(min(int64(e.Allocation), policyv1.LayerSlots))
 			}
+			end := min(start+alloc, policyv1.LayerSlots)
 			layerNext[e.Layer] = end
 			pe := &policyv1.Experiment{
 				Name:      e.Name,

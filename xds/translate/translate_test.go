@@ -126,7 +126,7 @@ func TestBuildIsDeterministic(t *testing.T) {
 	if a.Version != b.Version || a.Policy.ConfigVersion != a.Version {
 		t.Fatalf("versions %s / %s / policy %s", a.Version, b.Version, a.Policy.ConfigVersion)
 	}
-	in.Set.Rollouts[0].Experiments[0].Allocation = 30
+	in.Set.Rollouts[0].Experiments[0].Allocation = 3000 // 30%, in hundredths
 	e, err := Build(in, testOpts)
 	if err != nil {
 		t.Fatal(err)

@@ -147,6 +147,10 @@ func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
 	if p == nil {
 		return nil, errors.New("policy: missing")
 	}
+	// The control plane's build gate refuses by the same rules, so what it serves compiles.
+	if err := policyv1.Validate(p); err != nil {
+		return nil, err
+	}
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
