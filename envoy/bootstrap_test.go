@@ -256,17 +256,20 @@ func TestEnvoyVersionMatchesProtos(t *testing.T) {
 // FuzzParse: a bootstrap parser must return an error on any input, never panic.
 func FuzzParse(f *testing.F) {
 	for _, role := range Roles {
-		data, err := File(role)
-		if err != nil {
-			f.Fatal(err)
+		for _, file := range []func(Role) ([]byte, error){File, MTLSFile} {
+			data, err := file(role)
+			if err != nil {
+				f.Fatal(err)
+			}
+			f.Add(data)
 		}
-		f.Add(data)
 	}
 	f.Add([]byte("node: {id: x}\nadmin: [1, 2]"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		b, err := Parse(data)
 		if err == nil {
-			_ = Check(Edge, b)
+			_ = CheckMTLS(Edge, b)
+			_ = SDSPaths(b)
 		}
 	})
 }

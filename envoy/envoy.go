@@ -1,6 +1,7 @@
-// Package envoy holds patchbay's Envoy bootstraps (edge.yaml, sidecar.yaml), embedded,
-// with the strict parser, the checks they must pass and the renderer that sets their
-// addresses for a deployment (`patchbay up`, the Helm chart's test).
+// Package envoy holds patchbay's Envoy bootstraps (edge.yaml, sidecar.yaml, and their
+// mutual-TLS variants edge-mtls.yaml, sidecar-mtls.yaml with the SDS files in sds/),
+// embedded, with the strict parser, the checks they must pass and the renderer that sets
+// their addresses for a deployment (`patchbay up`, the Helm chart's test).
 package envoy
 
 import (
@@ -35,7 +36,7 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 )
 
-//go:embed edge.yaml sidecar.yaml
+//go:embed edge.yaml sidecar.yaml edge-mtls.yaml sidecar-mtls.yaml sds/*.yaml
 var files embed.FS
 
 //go:embed .envoy-version
@@ -76,6 +77,15 @@ func File(role Role) ([]byte, error) {
 	return nil, fmt.Errorf("envoy bootstrap: unknown role %q (want edge or sidecar)", role)
 }
 
+// MTLSFile returns the mutual-TLS bootstrap file of a role (<role>-mtls.yaml), as shipped.
+func MTLSFile(role Role) ([]byte, error) {
+	switch role {
+	case Edge, Sidecar:
+		return files.ReadFile(string(role) + "-mtls.yaml")
+	}
+	return nil, fmt.Errorf("envoy bootstrap: unknown role %q (want edge or sidecar)", role)
+}
+
 // Parse decodes a YAML (or JSON) bootstrap strictly: unknown fields, wrong types and
 // duplicate keys are errors, as they are for Envoy.
 func Parse(data []byte) (*bootstrapv3.Bootstrap, error) {
@@ -108,22 +118,40 @@ type Params struct {
 	MaxHeapBytes uint64
 	// MaxConnections caps downstream connections; 0 keeps the file's.
 	MaxConnections int64
+	// MTLS renders <role>-mtls.yaml: TLS with client certificates to patchbay_xds and
+	// patchbay_extproc, certificates through SDS from files.
+	MTLS bool
+	// SDSDir is the directory of the SDS files the mTLS variant reads (SDSCertificateFile,
+	// SDSValidationFile; see WriteSDS); empty keeps DefaultSDSDir. Only with MTLS.
+	SDSDir string
 }
 
 // Render returns the role's bootstrap with p applied, checked with Check.
+// With p.MTLS it is the mTLS variant, checked with CheckMTLS.
 func Render(role Role, p Params) (*bootstrapv3.Bootstrap, error) {
-	data, err := File(role)
+	file, check := File, Check
+	if p.MTLS {
+		file, check = MTLSFile, CheckMTLS
+	} else if p.SDSDir != "" {
+		return nil, errors.New("render: SDSDir is only for the mTLS bootstrap (set MTLS)")
+	}
+	data, err := file(role)
 	if err != nil {
 		return nil, err
 	}
 	b, err := Parse(data)
 	if err != nil {
-		return nil, fmt.Errorf("%s.yaml: %w", role, err)
+		return nil, fmt.Errorf("%s bootstrap file: %w", role, err)
 	}
 	if err := apply(b, role, p); err != nil {
 		return nil, fmt.Errorf("render %s bootstrap: %w", role, err)
 	}
-	if err := Check(role, b); err != nil {
+	if p.SDSDir != "" {
+		if err := setSDSDir(b, p.SDSDir); err != nil {
+			return nil, fmt.Errorf("render %s bootstrap: %w", role, err)
+		}
+	}
+	if err := check(role, b); err != nil {
 		return nil, fmt.Errorf("render %s bootstrap: %w", role, err)
 	}
 	return b, nil
@@ -233,7 +261,9 @@ func staticCluster(b *bootstrapv3.Bootstrap, name string) *clusterv3.Cluster {
 //     HTTP/2 explicitly (typed_extension_protocol_options), as gRPC needs;
 //   - every cluster a static listener routes to exists, and envoy_admin points at admin;
 //   - names are unique, each static cluster has an endpoint, STATIC clusters and
-//     listeners use IP literals (Envoy resolves no names there).
+//     listeners use IP literals (Envoy resolves no names there);
+//   - a TLS transport socket on patchbay_xds or patchbay_extproc has the shape CheckMTLS
+//     asks for (a half-configured TLS cluster is an error, not plain text).
 func Check(role Role, b *bootstrapv3.Bootstrap) error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -308,6 +338,13 @@ func Check(role Role, b *bootstrapv3.Bootstrap) error {
 		}
 		if err := checkHTTP2(c); err != nil {
 			bad("cluster %s: %v", name, err)
+		}
+	}
+	for _, name := range []string{ClusterXDS, ClusterExtProc} {
+		if c := clusters[name]; c.GetTransportSocket() != nil {
+			if err := checkUpstreamMTLS(c, serverIdentity[name]); err != nil {
+				bad("cluster %s: %v", name, err)
+			}
 		}
 	}
 
