@@ -16,10 +16,10 @@ import (
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	xdsresolver "google.golang.org/grpc/xds"
 
+	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/test/harness"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
@@ -145,15 +145,16 @@ func waitFor(t testing.TB, d time.Duration, what string, ok func() bool) {
 	}
 }
 
-// backend is a gRPC server that answers UnaryCall with its name in hostname.
+// backend is a gRPC server that answers OIP ModelInfer with its name as model_version
+// (proxyless routes carry only the OIP inference methods).
 type backend struct {
-	testgrpc.UnimplementedTestServiceServer
+	oip.UnimplementedGRPCInferenceServiceServer
 	name string
 	addr string
 }
 
-func (b *backend) UnaryCall(context.Context, *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
-	return &testgrpc.SimpleResponse{Hostname: b.name}, nil
+func (b *backend) ModelInfer(context.Context, *oip.ModelInferRequest) (*oip.ModelInferResponse, error) {
+	return &oip.ModelInferResponse{ModelVersion: b.name}, nil
 }
 
 func startBackend(t testing.TB, name string) *backend {
@@ -163,7 +164,7 @@ func startBackend(t testing.TB, name string) *backend {
 	}
 	b := &backend{name: name, addr: lis.Addr().String()}
 	gs := grpc.NewServer()
-	testgrpc.RegisterTestServiceServer(gs, b)
+	oip.RegisterGRPCInferenceServiceServer(gs, b)
 	go gs.Serve(lis)
 	t.Cleanup(gs.Stop)
 	return b
@@ -195,7 +196,7 @@ func rolloutDoc(model string, endpoints map[string]string, traffic string, extra
 
 // xdsClient dials xds:///<model> with grpc-go's own xDS client and our server as its
 // management server: the independent peer that NACKs what it dislikes.
-func xdsClient(t testing.TB, c *cp, model string) testgrpc.TestServiceClient {
+func xdsClient(t testing.TB, c *cp, model string) oip.GRPCInferenceServiceClient {
 	t.Helper()
 	bootstrap := fmt.Sprintf(`{
 		"xds_servers": [{"server_uri": %q, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
@@ -210,24 +211,24 @@ func xdsClient(t testing.TB, c *cp, model string) testgrpc.TestServiceClient {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return testgrpc.NewTestServiceClient(conn)
+	return oip.NewGRPCInferenceServiceClient(conn)
 }
 
 // call makes one RPC and returns the name of the backend that answered.
-func call(ctx context.Context, c testgrpc.TestServiceClient, md ...string) (string, error) {
+func call(ctx context.Context, c oip.GRPCInferenceServiceClient, md ...string) (string, error) {
 	if len(md) > 0 {
 		ctx = metadata.AppendToOutgoingContext(ctx, md...)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	r, err := c.UnaryCall(ctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+	r, err := c.ModelInfer(ctx, &oip.ModelInferRequest{}, grpc.WaitForReady(true))
 	if err != nil {
 		return "", err
 	}
-	return r.GetHostname(), nil
+	return r.GetModelVersion(), nil
 }
 
-func countCalls(t testing.TB, c testgrpc.TestServiceClient, n int, md ...string) map[string]int {
+func countCalls(t testing.TB, c oip.GRPCInferenceServiceClient, n int, md ...string) map[string]int {
 	t.Helper()
 	out := map[string]int{}
 	for i := 0; i < n; i++ {
@@ -241,7 +242,7 @@ func countCalls(t testing.TB, c testgrpc.TestServiceClient, n int, md ...string)
 }
 
 // allGoTo waits (bounded) until n consecutive RPCs are answered by want.
-func allGoTo(t testing.TB, c testgrpc.TestServiceClient, want string, md ...string) {
+func allGoTo(t testing.TB, c oip.GRPCInferenceServiceClient, want string, md ...string) {
 	t.Helper()
 	waitFor(t, 5*time.Second, "all RPCs on "+want, func() bool {
 		for i := 0; i < 30; i++ {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
@@ -176,61 +177,83 @@ func accessLog() *accesslogv3.AccessLog {
 	}
 }
 
-// envoyRoutes builds the one route table every Envoy node uses.
+// envoyRoutes builds the one route table every Envoy node uses. Only the OIP inference
+// surface reaches a model cluster: REST POST .../infer, GET metadata and GET .../ready (and
+// the server-level GETs chosen by x-patchbay-model) for models served over REST; the six
+// inference methods of inference.GRPCInferenceService (with x-patchbay-model) for models
+// served over gRPC. Everything else — the repository extension, other methods and verbs,
+// the other protocol of a model — gets a direct_response from Envoy.
+//
+// A direct_response to a gRPC request (content-type application/grpc or application/grpc+…)
+// is not sent as HTTP: the router hands it to sendLocalReply (envoy
+// source/common/router/router.cc, Filter::decodeHeaders), which answers gRPC requests
+// trailers-only with :status 200, content-type application/grpc, grpc-status from
+// Grpc::Utility::httpToGrpcStatus(status) and the body, percent-encoded, as grpc-message
+// (source/common/http/utility.cc, Utility::prepareLocalReply; source/common/grpc/status.cc:
+// 403 -> PERMISSION_DENIED, 404 -> UNIMPLEMENTED; source/common/grpc/common.cc,
+// hasGrpcContentType). So the statuses below are chosen for both audiences: a repository
+// call is 403 (gRPC PERMISSION_DENIED) on gRPC and 404 on REST, anything else 404 (gRPC
+// UNIMPLEMENTED).
 func envoyRoutes(in *Input) *routev3.RouteConfiguration {
-	var routes []*routev3.Route
+	routes := []*routev3.Route{
+		directRoute("repository-grpc", prefixMatch(grpcRepositoryPrefix), 403, msgRepository),
+		directRoute("repository-rest", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
+			PathSeparatedPrefix: restRepositoryPrefix}}, 404, msgRepository),
+	}
 	for _, r := range in.Set.Rollouts {
-		rest := func() *routev3.RouteMatch {
-			return &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{PathSeparatedPrefix: "/v2/models/" + r.Model}}
-		}
-		grpc := func() *routev3.RouteMatch {
-			return &routev3.RouteMatch{
-				PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
-				Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
-			}
+		base := restModelsPrefix + r.Model
+		if r.Versions[0].Protocol == "grpc" {
+			routes = append(routes, modelRoutes(in, r, "grpc", grpcSurfaceMatch(r.Model))...)
+			routes = append(routes,
+				directRoute(r.Model+"/grpc-other", &routev3.RouteMatch{
+					PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
+					Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
+				}, 404, "method not served through patchbay: the data path carries only "+strings.Join(GRPCMethods, ", ")),
+				directRoute(r.Model+"/rest-refused", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
+					PathSeparatedPrefix: base}}, 404, "model "+r.Model+" is served over OIP gRPC only"),
+				directRoute(r.Model+"/server-rest-refused", restServerMatch(r.Model), 404, "model "+r.Model+" is served over OIP gRPC only"),
+			)
+			continue
 		}
 		// Paths that name a version: honoured when pinning is on, refused otherwise —
 		// also when ext_proc is unreachable.
 		if r.Pinning {
 			for _, v := range r.Versions {
-				routes = append(routes, &routev3.Route{
-					Name: r.Model + "/pin/" + v.Name,
-					Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
-						PathSeparatedPrefix: "/v2/models/" + r.Model + "/versions/" + v.Name}},
-					Action:                 versionAction(r, v.Name),
-					ResponseHeadersToAdd:   []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
-					RequestHeadersToAdd:    []*corev3.HeaderValueOption{setHeader(headers.Version, v.Name)},
-					RequestHeadersToRemove: nil,
-				})
+				vbase := base + "/versions/" + v.Name
+				for i, m := range []*routev3.RouteMatch{restInferMatch(vbase), restReadMatch(vbase)} {
+					routes = append(routes, &routev3.Route{
+						Name:                 r.Model + "/pin/" + v.Name + []string{"/infer", "/read"}[i],
+						Match:                m,
+						Action:               versionAction(r, v.Name),
+						ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
+						RequestHeadersToAdd:  []*corev3.HeaderValueOption{setHeader(headers.Version, v.Name)},
+					})
+				}
 			}
 		} else {
 			routes = append(routes, directRoute(r.Model+"/pin-refused",
-				&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/v2/models/" + r.Model + "/versions/"}},
-				403, "model "+r.Model+" does not allow choosing a version"))
+				prefixMatch(base+"/versions/"), 403, "model "+r.Model+" does not allow choosing a version"))
 		}
-		for _, match := range []func() *routev3.RouteMatch{rest, grpc} {
-			for _, v := range r.Versions {
-				m := match()
-				m.Headers = append(m.Headers, exactHeader(headers.Version, v.Name))
-				routes = append(routes, &routev3.Route{
-					Name:                 r.Model + "/version/" + v.Name,
-					Match:                m,
-					Action:               versionAction(r, v.Name),
-					ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
-				})
-			}
-			routes = append(routes, &routev3.Route{
-				Name:   r.Model + "/split",
-				Match:  match(),
-				Action: splitAction(r, in.slotMap(r)),
-			})
-		}
+		routes = append(routes, modelRoutes(in, r, "infer", restInferMatch(base))...)
+		routes = append(routes, modelRoutes(in, r, "read", restReadMatch(base))...)
+		routes = append(routes, modelRoutes(in, r, "server", restServerMatch(r.Model))...)
+		routes = append(routes,
+			directRoute(r.Model+"/rest-other", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
+				PathSeparatedPrefix: base}}, 404, "not served through patchbay: the data path carries only POST "+base+"/infer, GET "+base+" and GET "+base+"/ready"),
+			directRoute(r.Model+"/grpc-refused", &routev3.RouteMatch{
+				PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
+				Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
+			}, 404, "model "+r.Model+" is served over OIP REST only"),
+		)
 	}
 	routes = append(routes,
-		directRoute("unknown-model", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: restModelsPrefix}},
-			404, "unknown model"),
-		directRoute("unknown-grpc-model", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix}},
+		directRoute("unknown-model", prefixMatch(restModelsPrefix), 404, "unknown model"),
+		directRoute("server-needs-model", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{
+			SafeRegex: &matcherv3.RegexMatcher{Regex: serverSurfaceRegex}}},
+			404, "server-level calls need "+headers.Model+" naming a known model"),
+		directRoute("unknown-grpc-model", prefixMatch(grpcOIPPrefix),
 			404, "unknown model: set "+headers.Model+" to a known model"),
+		directRoute("not-inference", prefixMatch("/"), 404, "not found: patchbay's data path carries only the OIP inference surface"),
 	)
 	return &routev3.RouteConfiguration{
 		Name: RouteConfigName,
@@ -246,6 +269,27 @@ func envoyRoutes(in *Input) *routev3.RouteConfiguration {
 		}},
 		ValidateClusters: wrapperspb.Bool(false),
 	}
+}
+
+// modelRoutes are, for one match of a model's inference surface, its version routes (a
+// header-matched x-patchbay-version) and then its split.
+func modelRoutes(in *Input, r *rollout.Rollout, kind string, match *routev3.RouteMatch) []*routev3.Route {
+	var out []*routev3.Route
+	for _, v := range r.Versions {
+		m := proto.Clone(match).(*routev3.RouteMatch)
+		m.Headers = append(m.Headers, exactHeader(headers.Version, v.Name))
+		out = append(out, &routev3.Route{
+			Name:                 r.Model + "/" + kind + "/version/" + v.Name,
+			Match:                m,
+			Action:               versionAction(r, v.Name),
+			ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
+		})
+	}
+	return append(out, &routev3.Route{
+		Name:   r.Model + "/" + kind + "/split",
+		Match:  match,
+		Action: splitAction(r, in.slotMap(r)),
+	})
 }
 
 func directRoute(name string, m *routev3.RouteMatch, status uint32, msg string) *routev3.Route {

@@ -3,9 +3,13 @@ package translate
 import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
@@ -32,15 +36,22 @@ func GRPC(in *Input) Resources {
 	return res
 }
 
+// grpcListener is one model's api_listener. Only the six OIP inference methods are routed;
+// grpc-go cannot send a direct_response (it fails any non-forwarding route, and an RPC that
+// matches no route, with UNAVAILABLE: grpc-go internal/xds/resolver/serviceconfig.go), so
+// the repository methods and every other method match routes whose fault filter override
+// aborts every RPC at the client with a clear status (PERMISSION_DENIED for the repository
+// extension, UNIMPLEMENTED otherwise) before any cluster is picked (grpc-go
+// internal/xds/httpfilter/fault). Those routes name the model's first cluster only because
+// a route action must name one; no RPC is ever sent to it.
 func grpcListener(r *rollout.Rollout) *listenerv3.Listener {
-	var routes []*routev3.Route
+	routes := []*routev3.Route{grpcAbortRoute(r, "/repository-refused", prefixMatch(grpcRepositoryPrefix), codes.PermissionDenied)}
 	for _, v := range r.Versions {
+		m := grpcSurfaceMatch("")
+		m.Headers = []*routev3.HeaderMatcher{exactHeader(headers.Version, v.Name)}
 		routes = append(routes, &routev3.Route{
-			Name: r.Model + "/version/" + v.Name,
-			Match: &routev3.RouteMatch{
-				PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"},
-				Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Version, v.Name)},
-			},
+			Name:  r.Model + "/version/" + v.Name,
+			Match: m,
 			Action: &routev3.Route_Route{Route: grpcAction(r, &routev3.RouteAction{
 				ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: ClusterName(r.Model, v.Name)},
 			})},
@@ -55,13 +66,16 @@ func grpcListener(r *rollout.Rollout) *listenerv3.Listener {
 			})
 		}
 	}
-	routes = append(routes, &routev3.Route{
-		Name:  r.Model + "/split",
-		Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
-		Action: &routev3.Route_Route{Route: grpcAction(r, &routev3.RouteAction{
-			ClusterSpecifier: &routev3.RouteAction_WeightedClusters{WeightedClusters: &routev3.WeightedCluster{Clusters: cws}},
-		})},
-	})
+	routes = append(routes,
+		&routev3.Route{
+			Name:  r.Model + "/split",
+			Match: grpcSurfaceMatch(""),
+			Action: &routev3.Route_Route{Route: grpcAction(r, &routev3.RouteAction{
+				ClusterSpecifier: &routev3.RouteAction_WeightedClusters{WeightedClusters: &routev3.WeightedCluster{Clusters: cws}},
+			})},
+		},
+		grpcAbortRoute(r, "/not-inference", prefixMatch("/"), codes.Unimplemented),
+	)
 	hcm := &hcmv3.HttpConnectionManager{
 		StatPrefix: r.Model,
 		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{
@@ -72,11 +86,34 @@ func grpcListener(r *rollout.Rollout) *listenerv3.Listener {
 				Routes:  routes,
 			}},
 		}},
-		HttpFilters: []*hcmv3.HttpFilter{httpFilter("envoy.filters.http.router", &routerv3.Router{})},
+		HttpFilters: []*hcmv3.HttpFilter{
+			// No fault at the listener level: only the refusing routes override it.
+			httpFilter(faultFilter, &faultv3.HTTPFault{}),
+			httpFilter("envoy.filters.http.router", &routerv3.Router{}),
+		},
 	}
 	return &listenerv3.Listener{
 		Name:        r.Model,
 		ApiListener: &listenerv3.ApiListener{ApiListener: mustAny(hcm)},
+	}
+}
+
+const faultFilter = "envoy.filters.http.fault"
+
+// grpcAbortRoute refuses every RPC it matches at the client with code.
+func grpcAbortRoute(r *rollout.Rollout, name string, m *routev3.RouteMatch, code codes.Code) *routev3.Route {
+	return &routev3.Route{
+		Name:  r.Model + name,
+		Match: m,
+		Action: &routev3.Route_Route{Route: &routev3.RouteAction{
+			ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: ClusterName(r.Model, r.Versions[0].Name)},
+		}},
+		TypedPerFilterConfig: map[string]*anypb.Any{faultFilter: mustAny(&faultv3.HTTPFault{
+			Abort: &faultv3.FaultAbort{
+				ErrorType:  &faultv3.FaultAbort_GrpcStatus{GrpcStatus: uint32(code)},
+				Percentage: &typev3.FractionalPercent{Numerator: 100, Denominator: typev3.FractionalPercent_HUNDRED},
+			},
+		})},
 	}
 }
 
