@@ -4,6 +4,7 @@ import (
 	"context"
 	"testing"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/protobuf/proto"
 
@@ -25,6 +26,8 @@ func FuzzHandle(f *testing.F) {
 	f.Add(hdr, seed(bodyMsg(`{"parameters":{"x-user-id":"u1"}}`, true)))
 	f.Add(seed(reqHeaders(true, ":path", "/v2/models/ranker/versions/v8", headers.UserID, "u")), seed(respHeadersMsg))
 	f.Add([]byte{}, hdr)
+	f.Add(seed(reqHeaders(false, ":path", headers.GRPCInferencePrefix+"ModelInfer", "content-type", "application/grpc", headers.Model, "ranker", headers.Model, "thumbs")), seed(respHeadersMsg))
+	f.Add(seed(reqHeaders(false, ":path", "/v2/models/ranker/infer", headers.Model, "ranker", headers.UserID, "u1")), seed(reqBodyMsg))
 	srv, err := New(Config{})
 	if err != nil {
 		f.Fatal(err)
@@ -58,6 +61,7 @@ func FuzzHandle(f *testing.F) {
 			if _, err := proto.Marshal(resp); err != nil {
 				t.Fatalf("answer does not marshal: %v", err)
 			}
+			checkOneModel(t, &st, &req, resp)
 		}
 	})
 }
@@ -80,4 +84,42 @@ func matchingKind(req *extprocv3.ProcessingRequest, resp *extprocv3.ProcessingRe
 		return resp.GetResponseTrailers() != nil
 	}
 	return false
+}
+
+// checkOneModel holds a routed answer to one model: a decision (a bucket is set) also
+// overwrites x-patchbay-model, once, and only for a request that named at most one model.
+func checkOneModel(t *testing.T, st *streamState, req *extprocv3.ProcessingRequest, resp *extprocv3.ProcessingResponse) {
+	t.Helper()
+	cr := resp.GetRequestHeaders().GetResponse()
+	if cr == nil {
+		cr = resp.GetRequestBody().GetResponse()
+	}
+	var models, buckets int
+	for _, o := range cr.GetHeaderMutation().GetSetHeaders() {
+		switch o.GetHeader().GetKey() {
+		case headers.Model:
+			models++
+			if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD || len(o.GetHeader().GetRawValue()) == 0 {
+				t.Fatalf("x-patchbay-model not overwritten with a raw value: %v", o)
+			}
+		case headers.Bucket:
+			buckets++
+		}
+	}
+	if buckets != models || models > 1 {
+		t.Fatalf("%d bucket and %d model headers set: %v", buckets, models, resp)
+	}
+	hs := req.GetRequestHeaders().GetHeaders().GetHeaders()
+	if req.GetRequestBody() != nil {
+		hs = st.hs
+	}
+	n := 0
+	for _, h := range hs {
+		if h.GetKey() == headers.Model {
+			n++
+		}
+	}
+	if models > 0 && n > 1 {
+		t.Fatalf("routed a request with %d x-patchbay-model headers", n)
+	}
 }

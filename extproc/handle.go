@@ -271,7 +271,7 @@ type reply struct {
 	br      extprocv3.BodyResponse
 	cr      extprocv3.CommonResponse
 	hm      extprocv3.HeaderMutation
-	set     [5]*corev3.HeaderValueOption
+	set     [6]*corev3.HeaderValueOption
 	bucket  corev3.HeaderValueOption
 	bucketV corev3.HeaderValue
 	buf     [20]byte
@@ -290,7 +290,7 @@ func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs 
 			}}
 		}
 		return passThrough[d.Stripped]
-	case assign.UnknownModel, assign.UnknownVersion, assign.PinForbidden:
+	case assign.UnknownModel, assign.UnknownVersion, assign.PinForbidden, assign.ModelConflict:
 		s.in.rejected.Add(ctx, 1, s.in.rejectOpts[d.Outcome]...)
 		if span != nil {
 			span.SetAttributes(attribute.String("patchbay.model", d.ModelName), attribute.String("patchbay.error", errorMessage(d)))
@@ -303,8 +303,11 @@ func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs 
 	r.bucketV.RawValue = strconv.AppendUint(r.buf[:0], d.Bucket, 10)
 	r.bucket.Header = &r.bucketV
 	r.bucket.AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
-	r.set[0] = &r.bucket
-	n, setBits := 1, bucketBit
+	// x-patchbay-model is always overwritten with the decided model (prebuilt per model),
+	// so Envoy's route cannot disagree with the decision.
+	r.set[0] = m.Header
+	r.set[1] = &r.bucket
+	n, setBits := 2, bucketBit
 	if d.Version != nil {
 		r.set[n] = d.Version.Header
 		n, setBits = n+1, setBits|versionBit
@@ -410,6 +413,11 @@ func errorMessage(d *assign.Decision) string {
 		return "unknown model " + strconv.Quote(d.ModelName)
 	case assign.UnknownVersion:
 		return "model " + strconv.Quote(d.ModelName) + ": unknown version " + strconv.Quote(d.PinnedVersion)
+	case assign.ModelConflict:
+		if d.ModelHeaders > 1 {
+			return headers.Model + " given " + strconv.Itoa(d.ModelHeaders) + " times: a request names one model"
+		}
+		return "path names model " + strconv.Quote(d.ModelName) + " but " + headers.Model + " names " + strconv.Quote(d.HeaderModel) + ": a request names one model"
 	default:
 		return "model " + strconv.Quote(d.ModelName) + ": requests may not name a version (pinning is off for this model)"
 	}
@@ -422,16 +430,22 @@ func immediateError(d *assign.Decision) *extprocv3.ProcessingResponse {
 	ir := &extprocv3.ImmediateResponse{Details: msg}
 	if d.GRPC {
 		code := uint32(5) // NOT_FOUND
-		if d.Outcome == assign.PinForbidden {
+		switch d.Outcome {
+		case assign.PinForbidden:
 			code = 7 // PERMISSION_DENIED
+		case assign.ModelConflict:
+			code = 3 // INVALID_ARGUMENT
 		}
 		ir.Status = &typev3.HttpStatus{Code: typev3.StatusCode_OK}
 		ir.GrpcStatus = &extprocv3.GrpcStatus{Status: code}
 		ir.Headers = &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{policy.SetHeader("grpc-message", grpcMessage(msg))}}
 	} else {
 		ir.Status = &typev3.HttpStatus{Code: typev3.StatusCode_NotFound}
-		if d.Outcome == assign.PinForbidden {
+		switch d.Outcome {
+		case assign.PinForbidden:
 			ir.Status.Code = typev3.StatusCode_Forbidden
+		case assign.ModelConflict:
+			ir.Status.Code = typev3.StatusCode_BadRequest
 		}
 		body, _ := json.Marshal(struct {
 			Error string `json:"error"`

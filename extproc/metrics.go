@@ -20,7 +20,7 @@ type instruments struct {
 	updates   metric.Int64Counter
 	latency   metric.Float64Histogram
 
-	rejectOpts [assign.NeedBody + 1][]metric.AddOption
+	rejectOpts [assign.ModelConflict + 1][]metric.AddOption
 	bodyOpts   [bodyResults][]metric.AddOption
 	acceptOpt  []metric.AddOption
 	rejectOpt  []metric.AddOption
@@ -61,6 +61,7 @@ func newInstruments(m metric.Meter) (*instruments, error) {
 	in.rejectOpts[assign.UnknownModel] = opts(attribute.String("reason", "unknown_model"))
 	in.rejectOpts[assign.UnknownVersion] = opts(attribute.String("reason", "unknown_version"))
 	in.rejectOpts[assign.PinForbidden] = opts(attribute.String("reason", "pin_forbidden"))
+	in.rejectOpts[assign.ModelConflict] = opts(attribute.String("reason", "model_conflict"))
 	in.bodyOpts[bodyIdentity] = opts(attribute.String("result", "identity"))
 	in.bodyOpts[bodyNone] = opts(attribute.String("result", "none"))
 	in.bodyOpts[bodyUnusable] = opts(attribute.String("result", "unusable"))

@@ -73,29 +73,29 @@ func TestProcessSequences(t *testing.T) {
 		{
 			name: "headers only, experiment arm decides the version",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(false, ":path", "/v2/models/ranker/infer", headers.UserID, treated)},
-			want: []*extprocv3.ProcessingResponse{routed(nil, bucketOf("ranker-salt", treated), set(headers.Version, "v8"), set(headers.Experiments, "ltv=treatment"))},
+			want: []*extprocv3.ProcessingResponse{routed(nil, set(headers.Model, "ranker"), bucketOf("ranker-salt", treated), set(headers.Version, "v8"), set(headers.Experiments, "ltv=treatment"))},
 		},
 		{
 			name: "two layers: first experiment in file order decides",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, both)},
-			want: []*extprocv3.ProcessingResponse{routed(nil, bucketOf("ranker-salt", both), set(headers.Version, "v7"), set(headers.Experiments, "ltv=control,color=b"))},
+			want: []*extprocv3.ProcessingResponse{routed(nil, set(headers.Model, "ranker"), bucketOf("ranker-salt", both), set(headers.Version, "v7"), set(headers.Experiments, "ltv=control,color=b"))},
 		},
 		{
 			name: "second layer alone",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, colorOnly)},
-			want: []*extprocv3.ProcessingResponse{routed(nil, bucketOf("ranker-salt", colorOnly), set(headers.Version, "v7"), set(headers.Experiments, "color=a"))},
+			want: []*extprocv3.ProcessingResponse{routed(nil, set(headers.Model, "ranker"), bucketOf("ranker-salt", colorOnly), set(headers.Version, "v7"), set(headers.Experiments, "color=a"))},
 		},
 		{
 			name: "no experiment: bucket only; forbidden client headers removed",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, nobody,
 				headers.Version, "v8", headers.Experiments, "ltv=treatment", headers.Bucket, "1", headers.ServedBy, "x", headers.Model, "ranker")},
-			want: []*extprocv3.ProcessingResponse{routed([]string{headers.Version, headers.Experiments, headers.ServedBy}, bucketOf("ranker-salt", nobody))},
+			want: []*extprocv3.ProcessingResponse{routed([]string{headers.Version, headers.Experiments, headers.ServedBy}, set(headers.Model, "ranker"), bucketOf("ranker-salt", nobody))},
 		},
 		{
 			name: "unknown x-patchbay-* client headers removed too",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, nobody,
 				"x-patchbay-arm", "treatment", headers.Bucket, "1", headers.Version, "v7", "x-patchbay-arm", "again")},
-			want: []*extprocv3.ProcessingResponse{routed([]string{headers.Version, "x-patchbay-arm"}, bucketOf("ranker-salt", nobody))},
+			want: []*extprocv3.ProcessingResponse{routed([]string{headers.Version, "x-patchbay-arm"}, set(headers.Model, "ranker"), bucketOf("ranker-salt", nobody))},
 		},
 		{
 			name: "non-model path: unknown x-patchbay-* removed",
@@ -106,12 +106,12 @@ func TestProcessSequences(t *testing.T) {
 		{
 			name: "gRPC OIP: model from x-patchbay-model",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(false, ":path", headers.GRPCInferencePrefix+"ModelInfer", "content-type", "application/grpc", headers.Model, "ranker", headers.UserID, nobody)},
-			want: []*extprocv3.ProcessingResponse{routed(nil, bucketOf("ranker-salt", nobody))},
+			want: []*extprocv3.ProcessingResponse{routed(nil, set(headers.Model, "ranker"), bucketOf("ranker-salt", nobody))},
 		},
 		{
 			name: "allowed pin",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/thumbs/versions/v2/infer", headers.UserID, "u1")},
-			want: []*extprocv3.ProcessingResponse{routed(nil, bucketOf("thumbs-salt", "u1"), set(headers.Version, "v2"))},
+			want: []*extprocv3.ProcessingResponse{routed(nil, set(headers.Model, "thumbs"), bucketOf("thumbs-salt", "u1"), set(headers.Version, "v2"))},
 		},
 		{
 			name: "non-model path passes untouched",
@@ -156,7 +156,7 @@ func TestProcessSequences(t *testing.T) {
 				reqBodyMsg, reqTrailersMsg, respHeadersMsg, respBodyMsg, respTrailersMsg,
 			},
 			want: []*extprocv3.ProcessingResponse{
-				routed(nil, bucketOf("ranker-salt", nobody)),
+				routed(nil, set(headers.Model, "ranker"), bucketOf("ranker-salt", nobody)),
 				emptyReqBody, emptyReqTrailers, emptyRespHeaders, emptyRespBody, emptyRespTrailers,
 			},
 		},
@@ -268,7 +268,7 @@ func TestBodyMode(t *testing.T) {
 					RequestTrailerMode: filterv3.ProcessingMode_SKIP, ResponseTrailerMode: filterv3.ProcessingMode_SKIP,
 				},
 			},
-			bodyRouted(bucketOf("thumbs-salt", "u5")),
+			bodyRouted(set(headers.Model, "thumbs"), bucketOf("thumbs-salt", "u5")),
 		}
 		if diff := cmp.Diff(want, got, protocmp.Transform()); diff != "" {
 			t.Errorf("(-want +got):\n%s", diff)
@@ -285,7 +285,7 @@ func TestBodyMode(t *testing.T) {
 		}
 		want := []*extprocv3.ProcessingResponse{
 			{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{}}}},
-			bodyRouted(bucketOf("thumbs-salt", "u5")),
+			bodyRouted(set(headers.Model, "thumbs"), bucketOf("thumbs-salt", "u5")),
 		}
 		if diff := cmp.Diff(want, got, protocmp.Transform()); diff != "" {
 			t.Errorf("(-want +got):\n%s", diff)
@@ -296,7 +296,7 @@ func TestBodyMode(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if diff := cmp.Diff([]*extprocv3.ProcessingResponse{routed(nil, bucketOf("thumbs-salt", "u6"))}, got, protocmp.Transform()); diff != "" {
+		if diff := cmp.Diff([]*extprocv3.ProcessingResponse{routed(nil, set(headers.Model, "thumbs"), bucketOf("thumbs-salt", "u6"))}, got, protocmp.Transform()); diff != "" {
 			t.Errorf("(-want +got):\n%s", diff)
 		}
 	})
@@ -314,8 +314,8 @@ func TestBodyMode(t *testing.T) {
 				t.Fatalf("%v %v", got, err)
 			}
 			m := got[0].GetRequestHeaders().GetResponse().GetHeaderMutation()
-			if len(m.GetSetHeaders()) != 1 || m.GetSetHeaders()[0].GetHeader().GetKey() != headers.Bucket || got[0].GetModeOverride() != nil {
-				t.Errorf("want a bucket and no override, got %v", got[0])
+			if len(m.GetSetHeaders()) != 2 || m.GetSetHeaders()[0].GetHeader().GetKey() != headers.Model || m.GetSetHeaders()[1].GetHeader().GetKey() != headers.Bucket || got[0].GetModeOverride() != nil {
+				t.Errorf("want the model and a bucket and no override, got %v", got[0])
 			}
 		})
 	}
@@ -433,7 +433,7 @@ func TestExperimentsHeaderBeyondPrecomputed(t *testing.T) {
 			t.Fatal(err)
 		}
 		arm := func(l string) int { return int(policyv1.Hash("S"+l, id) % 20) }
-		want := routed(nil, bucketOf("ms", id), set(headers.Version, []string{"v1", "v2"}[arm("a")%2]),
+		want := routed(nil, set(headers.Model, "m"), bucketOf("ms", id), set(headers.Version, []string{"v1", "v2"}[arm("a")%2]),
 			set(headers.Experiments, fmt.Sprintf("ea=arm%d,eb=arm%d,ec=arm%d", arm("a"), arm("b"), arm("c"))))
 		if diff := cmp.Diff([]*extprocv3.ProcessingResponse{want}, got, protocmp.Transform()); diff != "" {
 			t.Errorf("user %s (-want +got):\n%s", id, diff)

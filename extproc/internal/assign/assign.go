@@ -31,6 +31,9 @@ const (
 	PinForbidden
 	// NeedBody: a body-mode model without identity in the headers; decide on the body.
 	NeedBody
+	// ModelConflict: the request names more than one model (x-patchbay-model repeated,
+	// or a path and x-patchbay-model that disagree); refused (400 / INVALID_ARGUMENT).
+	ModelConflict
 )
 
 // Source says what decided the version.
@@ -53,6 +56,10 @@ type Decision struct {
 	// ModelName and PinnedVersion are as the request spelled them (alias request memory).
 	ModelName     string
 	PinnedVersion string
+	// HeaderModel is the first x-patchbay-model value and ModelHeaders how many times
+	// the header came (Envoy sends each repeated header as its own HeaderValue).
+	HeaderModel  string
+	ModelHeaders int
 	// GRPC is true for gRPC requests (errors then carry a gRPC status).
 	GRPC bool
 	// Stripped has bit i set when the client sent headers.Stripped[i].
@@ -119,7 +126,7 @@ func ParsePath(path string) (model, version string, ok bool) {
 // Decide fills d for a request with headers hs under table t. It does not allocate.
 func Decide(t *policy.Table, hs []*corev3.HeaderValue, d *Decision) {
 	*d = Decision{}
-	var path, modelHeader string
+	var path string
 	idRank := len(t.Identity)
 	for _, h := range hs {
 		k := h.GetKey()
@@ -130,7 +137,10 @@ func Decide(t *policy.Table, hs []*corev3.HeaderValue, d *Decision) {
 			d.GRPC = strings.HasPrefix(Value(h), "application/grpc")
 		case strings.HasPrefix(k, headers.Prefix):
 			if k == headers.Model {
-				modelHeader = Value(h)
+				if d.ModelHeaders == 0 {
+					d.HeaderModel = Value(h)
+				}
+				d.ModelHeaders++
 				continue
 			}
 			d.notePatchbay(k)
@@ -148,7 +158,10 @@ func Decide(t *policy.Table, hs []*corev3.HeaderValue, d *Decision) {
 	}
 	model, version, isModelPath := ParsePath(path)
 	if !isModelPath {
-		model = modelHeader
+		model = d.HeaderModel
+	}
+	if d.conflict(model, isModelPath) {
+		return
 	}
 	if model == "" {
 		d.Outcome = PassThrough
@@ -195,15 +208,48 @@ func (d *Decision) notePatchbay(k string) {
 	d.OtherPatchbay = true
 }
 
-// ScanForbidden fills only d.Stripped and d.OtherPatchbay: what to remove when there
-// is no policy to decide with.
+// ScanForbidden fills only d.Stripped and d.OtherPatchbay (what to remove when there is
+// no policy to decide with), and refuses a request that names more than one model
+// (Outcome ModelConflict), which needs no policy to tell; otherwise Outcome is PassThrough.
 func ScanForbidden(hs []*corev3.HeaderValue, d *Decision) {
 	*d = Decision{}
+	var path string
 	for _, h := range hs {
-		if k := h.GetKey(); strings.HasPrefix(k, headers.Prefix) && k != headers.Model {
+		k := h.GetKey()
+		switch {
+		case k == ":path":
+			path = Value(h)
+		case k == "content-type":
+			d.GRPC = strings.HasPrefix(Value(h), "application/grpc")
+		case k == headers.Model:
+			if d.ModelHeaders == 0 {
+				d.HeaderModel = Value(h)
+			}
+			d.ModelHeaders++
+		case strings.HasPrefix(k, headers.Prefix):
 			d.notePatchbay(k)
 		}
 	}
+	model, _, isModelPath := ParsePath(path)
+	if !isModelPath {
+		model = d.HeaderModel
+	}
+	d.conflict(model, isModelPath)
+}
+
+// conflict refuses a request that names more than one model: x-patchbay-model more
+// than once (Envoy sends each repeated header as its own HeaderValue: its ext_proc
+// filter copies every HeaderMap entry, source/extensions/filters/http/ext_proc/
+// mutation_utils.cc headersToProto, and only inline headers are comma-joined), or a
+// model path and an x-patchbay-model that differ. Envoy's route, which may match on
+// the header, and this decision must name the same model.
+func (d *Decision) conflict(model string, isModelPath bool) bool {
+	if d.ModelHeaders > 1 || (isModelPath && d.ModelHeaders == 1 && d.HeaderModel != model) {
+		d.ModelName = model
+		d.Outcome = ModelConflict
+		return true
+	}
+	return false
 }
 
 // Assign decides for a known model and identity ("" for none): bucket, experiments and

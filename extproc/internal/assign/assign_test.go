@@ -104,7 +104,10 @@ func TestDecide(t *testing.T) {
 		{"non-model path passes", hdrs(":path", "/v2/health/ready", headers.UserID, "u1"), PassThrough, "", "u1", "", Split, 0},
 		{"model from path", hdrs(":path", "/v2/models/ranker/infer", headers.UserID, "u1"), Routed, "ranker", "u1", "", Split, 0},
 		{"model from header on gRPC", hdrs(":path", headers.GRPCInferencePrefix+"ModelInfer", headers.Model, "ranker", "content-type", "application/grpc", headers.UserID, "u1"), Routed, "ranker", "u1", "", Split, 0},
-		{"path beats header", hdrs(":path", "/v2/models/ranker/infer", headers.Model, "thumbs", headers.UserID, "u1"), Routed, "ranker", "u1", "", Split, 0},
+		{"path and header disagree", hdrs(":path", "/v2/models/ranker/infer", headers.Model, "thumbs", headers.UserID, "u1"), ModelConflict, "", "u1", "", Split, 0},
+		{"path and header agree", hdrs(":path", "/v2/models/ranker/infer", headers.Model, "ranker", headers.UserID, "u1"), Routed, "ranker", "u1", "", Split, 0},
+		{"header repeated, same model", hdrs(":path", "/v2/models/ranker/infer", headers.Model, "ranker", headers.Model, "ranker"), ModelConflict, "", "", "", Split, 0},
+		{"header repeated on gRPC", hdrs(":path", headers.GRPCInferencePrefix+"ModelInfer", headers.Model, "ranker", headers.Model, "thumbs"), ModelConflict, "", "", "", Split, 0},
 		{"unknown model", hdrs(":path", "/v2/models/nope/infer"), UnknownModel, "", "", "", Split, 0},
 		{"unknown model in header", hdrs(":path", "/x", headers.Model, "nope"), UnknownModel, "", "", "", Split, 0},
 		{"pin allowed", hdrs(":path", "/v2/models/ranker/versions/v9/infer", headers.UserID, "u1"), Routed, "ranker", "u1", "v9", Pin, 0},
@@ -323,6 +326,8 @@ func TestDecideDoesNotAllocate(t *testing.T) {
 		"anonymous":   hdrs(":path", "/v2/models/ranker/infer", "content-type", "application/json"),
 		"pin":         hdrs(":path", "/v2/models/ranker/versions/v8/infer", headers.UserID, "u1"),
 		"passthrough": hdrs(":path", "/v2/health/ready"),
+		"conflict":    hdrs(":path", "/v2/models/ranker/infer", headers.Model, "thumbs", headers.UserID, "u1"),
+		"repeated":    hdrs(":path", headers.GRPCInferencePrefix+"ModelInfer", headers.Model, "ranker", headers.Model, "ranker"),
 	}
 	for name, hs := range cases {
 		var d Decision

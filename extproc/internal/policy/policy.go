@@ -46,6 +46,9 @@ type Model struct {
 	Salt     string
 	Pinning  bool
 	BodyMode bool
+	// Header sets x-patchbay-model to Name: every routed answer carries it, so Envoy's
+	// route and the decision name the same model.
+	Header   *corev3.HeaderValueOption
 	Versions []*Version
 	versions map[string]*Version
 	// Experiments in file order; the first the user is in decides the version.
@@ -204,6 +207,7 @@ func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
 			Salt:     pm.GetSalt(),
 			Pinning:  pm.GetPinning(),
 			BodyMode: pm.GetBodyMode(),
+			Header:   SetHeader(headers.Model, pm.GetName()),
 			versions: make(map[string]*Version),
 		}
 		if len(pm.GetVersions()) == 0 {
