@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -28,6 +30,7 @@ import (
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/envoy"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
 
@@ -36,6 +39,8 @@ type upConfig struct {
 	bin                   string // the patchbay binary to run for each part
 	rollouts, repository  string
 	hostHTTP, hostGRPC    []string
+	hostAdmin             []string // model hosts' admin listeners (repository API, behind the token)
+	tls                   bool     // --tls: a throwaway CA, and mTLS on every hop
 	xdsListen, xdsAdmin   string
 	extprocListen         string
 	extprocAdmin          string
@@ -73,6 +78,8 @@ func parseUp(args []string, stderr io.Writer) (upConfig, error) {
 	fs.StringVar(&c.repository, "repository", "", "model repository (default DIR/models of --examples)")
 	hostHTTP := fs.String("modelhost-http", "127.0.0.1:9001,127.0.0.1:9002", "comma-separated OIP REST addresses, one model host each (the example rollouts name these)")
 	hostGRPC := fs.String("modelhost-grpc", "127.0.0.1:9011,127.0.0.1:9012", "comma-separated OIP gRPC addresses, same order as --modelhost-http")
+	hostAdmin := fs.String("modelhost-admin", "127.0.0.1:9021,127.0.0.1:9022", "comma-separated model host admin addresses (repository API, behind the admin token), same order as --modelhost-http")
+	fs.BoolVar(&c.tls, "tls", false, "make a throwaway local CA and certificates (in the run directory) and run every part with mutual TLS")
 	fs.StringVar(&c.xdsListen, "xds-listen", "127.0.0.1:18000", "control plane ADS address")
 	fs.StringVar(&c.xdsAdmin, "xds-admin", "127.0.0.1:18001", "control plane admin address (/readyz, /status, rollback)")
 	fs.StringVar(&c.extprocListen, "extproc-listen", "127.0.0.1:18080", "ext_proc gRPC address")
@@ -103,10 +110,10 @@ func parseUp(args []string, stderr io.Writer) (upConfig, error) {
 	if c.repository == "" {
 		c.repository = filepath.Join(*examples, "models")
 	}
-	c.hostHTTP, c.hostGRPC = splitList(*hostHTTP), splitList(*hostGRPC)
+	c.hostHTTP, c.hostGRPC, c.hostAdmin = splitList(*hostHTTP), splitList(*hostGRPC), splitList(*hostAdmin)
 	var errs []error
-	if len(c.hostHTTP) == 0 || len(c.hostHTTP) != len(c.hostGRPC) {
-		errs = append(errs, fmt.Errorf("--modelhost-http has %d addresses and --modelhost-grpc %d: want the same number, at least one", len(c.hostHTTP), len(c.hostGRPC)))
+	if len(c.hostHTTP) == 0 || len(c.hostHTTP) != len(c.hostGRPC) || len(c.hostHTTP) != len(c.hostAdmin) {
+		errs = append(errs, fmt.Errorf("--modelhost-http has %d addresses, --modelhost-grpc %d and --modelhost-admin %d: want the same number, at least one", len(c.hostHTTP), len(c.hostGRPC), len(c.hostAdmin)))
 	}
 	for _, dir := range []string{c.rollouts, c.repository} {
 		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
@@ -182,6 +189,9 @@ type upRun struct {
 	parts  []*part // in start order
 	dir    string
 	served []string // per model host: what it serves, for the banner
+	tls    *upTLS   // with --tls: the throwaway PKI
+	client *http.Client
+	help   map[string]string // `bin <part> -h` output, to see which flags a part has
 }
 
 func (u *upRun) run(ctx context.Context) (err error) {
@@ -221,9 +231,22 @@ func (u *upRun) startAll(ctx context.Context) error {
 	// answer our readiness checks for a child that died on the clash: say so up front.
 	ports := append(append([]string{}, c.hostHTTP...), c.hostGRPC...)
 	ports = append(ports, c.xdsListen, c.xdsAdmin, c.extprocListen, c.extprocAdmin)
+	if u.hasFlag("modelhost", "admin-token-file") {
+		ports = append(ports, c.hostAdmin...)
+	}
 	if err := portsFree(ports); err != nil {
 		return err
 	}
+	u.client = &http.Client{Timeout: time.Second}
+	if c.tls {
+		t, err := newUpTLS(filepath.Join(u.dir, "tls"))
+		if err != nil {
+			return err
+		}
+		u.tls = t
+		u.client.Transport = &http.Transport{TLSClientConfig: t.clientConfig("operator")}
+	}
+	// 24 random bytes, hex: a 48-byte token (model hosts refuse tokens under 32 bytes).
 	token := make([]byte, 24)
 	if _, err := rand.Read(token); err != nil {
 		return fmt.Errorf("up: admin token: %w", err)
@@ -236,22 +259,51 @@ func (u *upRun) startAll(ctx context.Context) error {
 	repos := u.hostRepositories()
 	for i := range c.hostHTTP {
 		name := "modelhost-" + string(rune('a'+i))
-		if err := u.startChild(ctx, name, c.bin, []string{"modelhost",
+		args := []string{"modelhost",
 			"--repository", repos[i], "--http", c.hostHTTP[i], "--grpc", c.hostGRPC[i], "--log-level", c.logLevel,
-		}, "http://"+c.hostHTTP[i]+"/v2/health/ready", c.readyTimeout); err != nil {
+		}
+		if u.hasFlag("modelhost", "admin-token-file") {
+			args = append(args, "--admin", c.hostAdmin[i], "--admin-token-file", tokenFile)
+		}
+		args = append(args, u.serverTLSArgs("modelhost")...)
+		if err := u.startChild(ctx, name, c.bin, args, u.url(c.hostHTTP[i], "/v2/health/ready"), c.readyTimeout); err != nil {
 			return err
 		}
 	}
-	if err := u.startChild(ctx, "xds", c.bin, []string{"xds",
+	xdsArgs := []string{"xds",
 		"--rollouts", c.rollouts, "--listen", c.xdsListen, "--admin", c.xdsAdmin,
 		"--edge-listener", c.edgeListener, "--sidecar-listener", c.sidecar,
 		"--admin-token-file", tokenFile, "--log-level", c.logLevel,
-	}, "http://"+c.xdsAdmin+"/readyz", c.readyTimeout); err != nil {
+	}
+	xdsArgs = append(xdsArgs, u.serverTLSArgs("xds")...)
+	if u.tls != nil {
+		// Envoy's clusters to the model hosts (which require client certificates) and the
+		// edge listener use TLS too; Envoy presents its own (edge) certificate.
+		edge := u.tls.files["edge"]
+		for _, f := range [][2]string{
+			{"upstream-tls-ca", edge.CA}, {"upstream-tls-cert", edge.Cert}, {"upstream-tls-key", edge.Key},
+			{"edge-tls-cert", edge.Cert}, {"edge-tls-key", edge.Key}, {"edge-client-ca", edge.CA},
+		} {
+			if u.hasFlag("xds", f[0]) {
+				xdsArgs = append(xdsArgs, "--"+f[0], f[1])
+			}
+		}
+		if u.hasFlag("xds", "upstream-tls") {
+			xdsArgs = append(xdsArgs, "--upstream-tls")
+		}
+	}
+	if err := u.startChild(ctx, "xds", c.bin, xdsArgs, u.url(c.xdsAdmin, "/readyz"), c.readyTimeout); err != nil {
 		return err
 	}
-	if err := u.startChild(ctx, "extproc", c.bin, []string{"extproc",
+	extprocArgs := []string{"extproc",
 		"--listen", c.extprocListen, "--xds", c.xdsListen, "--admin", c.extprocAdmin, "--log-level", c.logLevel,
-	}, "http://"+c.extprocAdmin+"/readyz", c.readyTimeout); err != nil {
+	}
+	extprocArgs = append(extprocArgs, u.serverTLSArgs("extproc")...)
+	if u.tls != nil {
+		f := u.tls.files["extproc"]
+		extprocArgs = append(extprocArgs, "--xds-ca", f.CA, "--xds-cert", f.Cert, "--xds-key", f.Key)
+	}
+	if err := u.startChild(ctx, "extproc", c.bin, extprocArgs, u.url(c.extprocAdmin, "/readyz"), c.readyTimeout); err != nil {
 		return err
 	}
 	grpcBootstrap, err := u.writeGRPCBootstrap()
@@ -264,6 +316,92 @@ func (u *upRun) startAll(ctx context.Context) error {
 	}
 	u.printTry(envoyUp, envoyNote, tokenFile, grpcBootstrap)
 	return nil
+}
+
+// upTLS is the throwaway PKI of `up --tls`: one CA and a certificate per role, each with
+// the role's URI SAN (envoy.Identity) and the loopback names, in one directory that goes
+// away with the run.
+type upTLS struct {
+	dir   string
+	files map[string]tlsfiles.Files // by role: xds, extproc, modelhost, edge, grpc, operator
+}
+
+// upRoles are the certificates up makes: the three servers (each also the client
+// certificate of that part: ext_proc's to the control plane), Envoy (edge), proxyless
+// gRPC clients (grpc) and the person at the terminal (operator: curl, grpcurl, and up's
+// own readiness checks).
+var upRoles = []string{"xds", "extproc", "modelhost", "edge", "grpc", "operator"}
+
+func newUpTLS(dir string) (*upTLS, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("up: %w", err)
+	}
+	ca, err := tlsfiles.NewCA("patchbay up (throwaway)", 7*24*time.Hour)
+	if err != nil {
+		return nil, fmt.Errorf("up: %w", err)
+	}
+	t := &upTLS{dir: dir, files: map[string]tlsfiles.Files{}}
+	for _, role := range upRoles {
+		f, err := ca.WriteLeaf(dir, role, tlsfiles.Leaf{
+			Name: "patchbay-" + role, Hosts: []string{"127.0.0.1", "::1", "localhost"},
+			URI: envoy.Identity(role), ValidFor: 7 * 24 * time.Hour,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("up: certificate for %s: %w", role, err)
+		}
+		t.files[role] = f
+	}
+	return t, nil
+}
+
+// clientConfig is a TLS client config presenting the role's certificate and trusting
+// only the throwaway CA.
+func (t *upTLS) clientConfig(role string) *tls.Config {
+	f := t.files[role]
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if pem, err := os.ReadFile(f.CA); err == nil {
+		cfg.RootCAs = x509.NewCertPool()
+		cfg.RootCAs.AppendCertsFromPEM(pem)
+	}
+	if c, err := tls.LoadX509KeyPair(f.Cert, f.Key); err == nil {
+		cfg.Certificates = []tls.Certificate{c}
+	}
+	return cfg
+}
+
+// serverTLSArgs are the --tls-cert/--tls-key/--client-ca flags of a server part (they
+// cover its admin listener too); none without --tls.
+func (u *upRun) serverTLSArgs(role string) []string {
+	if u.tls == nil {
+		return nil
+	}
+	f := u.tls.files[role]
+	return []string{"--tls-cert", f.Cert, "--tls-key", f.Key, "--client-ca", f.CA}
+}
+
+// url is http://addr/path, or https:// with --tls.
+func (u *upRun) url(addr, path string) string {
+	if u.tls != nil {
+		return "https://" + addr + path
+	}
+	return "http://" + addr + path
+}
+
+// hasFlag reports whether `bin part -h` lists --flag, for flags that not every build of
+// the parts has (a stale --bin); asked once per part.
+func (u *upRun) hasFlag(part, flag string) bool {
+	if u.help == nil {
+		u.help = map[string]string{}
+	}
+	out, ok := u.help[part]
+	if !ok {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		b, _ := exec.CommandContext(ctx, u.cfg.bin, part, "-h").CombinedOutput()
+		out = string(b)
+		u.help[part] = out
+	}
+	return strings.Contains(out, "-"+flag+" ") || strings.Contains(out, "-"+flag+"\n")
 }
 
 // startChild runs `bin args...` and waits until readyURL answers 200.
@@ -392,7 +530,10 @@ func ownProcessGroup() *syscall.SysProcAttr {
 
 // waitReady polls url until it answers 200, the part exits, ctx ends or timeout passes.
 func (u *upRun) waitReady(ctx context.Context, p *part, url string, timeout time.Duration) error {
-	client := &http.Client{Timeout: time.Second}
+	client := u.client
+	if client == nil {
+		client = &http.Client{Timeout: time.Second}
+	}
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -450,10 +591,24 @@ func (u *upRun) startEnvoy(ctx context.Context) (bool, string) {
 	if ctx.Err() != nil {
 		return false, ""
 	}
-	bootstrap, err := envoy.Render(envoy.Edge, envoy.Params{
+	params := envoy.Params{
 		NodeID: "patchbay-up-edge", XDS: c.xdsListen, ExtProc: c.extprocListen,
 		Admin: c.envoyAdmin, Stats: c.envoyStat,
-	})
+	}
+	if u.tls != nil {
+		// The mTLS bootstrap, its SDS files naming the edge certificate: Envoy re-reads
+		// them when they are replaced (atomically) in the watched directories.
+		sds := filepath.Join(u.dir, "sds")
+		edge := u.tls.files["edge"]
+		if err := os.MkdirAll(sds, 0o700); err != nil {
+			return false, fmt.Sprintf("Envoy not started: %v", err)
+		}
+		if err := envoy.WriteSDS(sds, envoy.PEMFiles{Cert: edge.Cert, Key: edge.Key, CA: edge.CA, WatchDir: u.tls.dir}); err != nil {
+			return false, fmt.Sprintf("Envoy not started: %v", err)
+		}
+		params.MTLS, params.SDSDir = true, sds
+	}
+	bootstrap, err := envoy.Render(envoy.Edge, params)
 	if err != nil {
 		return false, fmt.Sprintf("Envoy not started: %v", err)
 	}
@@ -556,12 +711,26 @@ Still running without it: the model hosts (OIP REST and gRPC), the control plane
 gRPC clients route through it) and ext_proc.`, why, v)
 }
 
-// writeGRPCBootstrap writes the xDS bootstrap a proxyless gRPC client needs.
+// writeGRPCBootstrap writes the xDS bootstrap a proxyless gRPC client needs. With --tls
+// its channel to the control plane uses grpc-go's "tls" channel credentials (gRFC A65;
+// grpc-go internal/xds/bootstrap/tlscreds/bundle.go): the keys are those of the
+// file_watcher certificate provider (credentials/tls/certprovider/pemfile/builder.go),
+// refresh_interval included, so the files are re-read when they rotate.
 func (u *upRun) writeGRPCBootstrap() (string, error) {
+	creds := map[string]any{"type": "insecure"}
+	if u.tls != nil {
+		f := u.tls.files["grpc"]
+		creds = map[string]any{"type": "tls", "config": map[string]any{
+			"ca_certificate_file": f.CA,
+			"certificate_file":    f.Cert,
+			"private_key_file":    f.Key,
+			"refresh_interval":    "60s",
+		}}
+	}
 	b, err := json.MarshalIndent(map[string]any{
 		"xds_servers": []any{map[string]any{
 			"server_uri":      u.cfg.xdsListen,
-			"channel_creds":   []any{map[string]any{"type": "insecure"}},
+			"channel_creds":   []any{creds},
 			"server_features": []any{"xds_v3"},
 		}},
 		"node": map[string]any{"id": "patchbay-up-grpc-client", "locality": map[string]any{}},
@@ -580,40 +749,60 @@ func (u *upRun) writeGRPCBootstrap() (string, error) {
 func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap string) {
 	c := u.cfg
 	var b strings.Builder
+	// With --tls every curl and grpcurl presents the operator certificate and trusts only
+	// the throwaway CA.
+	curl, grpcurl := "curl", "grpcurl -plaintext"
+	if u.tls != nil {
+		op := u.tls.files["operator"]
+		curl = fmt.Sprintf("curl --cacert %s --cert %s --key %s", op.CA, op.Cert, op.Key)
+		grpcurl = fmt.Sprintf("grpcurl -cacert %s -cert %s -key %s", op.CA, op.Cert, op.Key)
+	}
+	grpcurl += " -import-path api/oip -proto grpc_predict_v2.proto"
 	fmt.Fprintf(&b, "\npatchbay is up.\n")
 	for i := range c.hostHTTP {
-		fmt.Fprintf(&b, "  model host %c     REST http://%s   gRPC %s   (%s)\n", 'a'+i, c.hostHTTP[i], c.hostGRPC[i], u.served[i])
+		fmt.Fprintf(&b, "  model host %c     REST %s   gRPC %s   (%s)\n", 'a'+i, u.url(c.hostHTTP[i], ""), c.hostGRPC[i], u.served[i])
 	}
-	fmt.Fprintf(&b, "  control plane    ADS %s   admin http://%s/status\n", c.xdsListen, c.xdsAdmin)
-	fmt.Fprintf(&b, "  ext_proc         %s   admin http://%s/metrics\n", c.extprocListen, c.extprocAdmin)
-	edge := "http://" + c.edgeListener
+	fmt.Fprintf(&b, "  control plane    ADS %s   admin %s\n", c.xdsListen, u.url(c.xdsAdmin, "/status"))
+	fmt.Fprintf(&b, "  ext_proc         %s   admin %s\n", c.extprocListen, u.url(c.extprocAdmin, "/metrics"))
+	edge := u.url(c.edgeListener, "")
 	if envoyUp {
 		fmt.Fprintf(&b, "  Envoy edge       %s   ready/metrics http://%s/ready, /stats/prometheus\n", edge, c.envoyStat)
 	} else {
 		fmt.Fprintf(&b, "\n%s\n", envoyNote)
 	}
+	if u.tls != nil {
+		fmt.Fprintf(&b, "\nMutual TLS on every hop (--tls): a throwaway CA and certificates in %s\n", u.tls.dir)
+		fmt.Fprintf(&b, "  (ca.crt; <role>.crt/.key with URI SAN %s<role> for %s). Plain-text clients are refused.\n", envoy.IdentityPrefix, strings.Join(upRoles, ", "))
+	}
 	ranker := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0.5,1.2,3.4,0.1,0.0,2.2,1.1,0.7]}]}`
 	recs := `{"inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[42]}]}`
 	churn := `{"model_name":"churn","inputs":[{"name":"features","datatype":"FP32","shape":[1,4],"contents":{"fp32_contents":[0.3,12,1,0]}}]}`
-	grpcurl := "grpcurl -plaintext -import-path api/oip -proto grpc_predict_v2.proto"
 	fmt.Fprintf(&b, "\nTry:\n")
 	if envoyUp {
 		fmt.Fprintf(&b, "  # ranker through Envoy: 90/10 v7/v8, sticky per user; the answer names the version in %s\n", headers.ServedBy)
-		fmt.Fprintf(&b, "  curl -si -H '%s: alice' -H 'content-type: application/json' -d '%s' %s/v2/models/ranker/infer\n", headers.UserID, ranker, edge)
+		fmt.Fprintf(&b, "  %s -si -H '%s: alice' -H 'content-type: application/json' -d '%s' %s/v2/models/ranker/infer\n", curl, headers.UserID, ranker, edge)
 		fmt.Fprintf(&b, "  # the ranker-ltv experiment (20%% of US/CA users): see %s on the response\n", headers.Experiments)
-		fmt.Fprintf(&b, "  for u in u1 u2 u3 u4 u5 u6 u7 u8 u9 u10; do curl -s -o /dev/null -D - -H \"%s: $u\" -H 'x-country: US' -d '%s' %s/v2/models/ranker/infer | grep -i x-patchbay; done\n", headers.UserID, ranker, edge)
-		fmt.Fprintf(&b, "  curl -s -H '%s: bob' -d '%s' %s/v2/models/recs/infer\n", headers.UserID, recs, edge)
+		fmt.Fprintf(&b, "  for u in u1 u2 u3 u4 u5 u6 u7 u8 u9 u10; do %s -s -o /dev/null -D - -H \"%s: $u\" -H 'x-country: US' -d '%s' %s/v2/models/ranker/infer | grep -i x-patchbay; done\n", curl, headers.UserID, ranker, edge)
+		fmt.Fprintf(&b, "  %s -s -H '%s: bob' -d '%s' %s/v2/models/recs/infer\n", curl, headers.UserID, recs, edge)
 		fmt.Fprintf(&b, "  # churn over OIP gRPC through Envoy (50/50 v1/v2)\n")
 		fmt.Fprintf(&b, "  %s -H '%s: churn' -H '%s: carol' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, churn, c.edgeListener)
 	}
 	fmt.Fprintf(&b, "  # a model host directly (no routing): pick the version yourself\n")
-	fmt.Fprintf(&b, "  curl -s -d '%s' http://%s/v2/models/ranker/versions/v7/infer\n", ranker, c.hostHTTP[0])
+	fmt.Fprintf(&b, "  %s -s -d '%s' %s/v2/models/ranker/versions/v7/infer\n", curl, ranker, u.url(c.hostHTTP[0], ""))
 	fmt.Fprintf(&b, "  %s -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, churn, c.hostGRPC[0])
+	if u.hasFlag("modelhost", "admin-token-file") {
+		fmt.Fprintf(&b, "  # the model repository API lives only on a host's admin listener, behind the token\n")
+		fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.hostAdmin[0], "/v2/repository/index"))
+	}
 	fmt.Fprintf(&b, "  # proxyless gRPC: a gRPC client with xDS support routes itself, no Envoy\n")
 	fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s  then dial xds:///churn\n", grpcBootstrap)
+	if u.tls != nil {
+		g := u.tls.files["grpc"]
+		fmt.Fprintf(&b, "  (its xDS channel uses mTLS from the bootstrap; dial the model hosts with TLS too: CA %s, certificate %s, key %s, server name localhost)\n", g.CA, g.Cert, g.Key)
+	}
 	fmt.Fprintf(&b, "  # control plane: state, then an instant rollback; or edit %s (live in milliseconds)\n", c.rollouts)
-	fmt.Fprintf(&b, "  curl -s http://%s/status\n", c.xdsAdmin)
-	fmt.Fprintf(&b, "  curl -s -X POST -H \"Authorization: Bearer $(cat %s)\" http://%s/v1/models/ranker/rollback\n", tokenFile, c.xdsAdmin)
+	fmt.Fprintf(&b, "  %s -s %s\n", curl, u.url(c.xdsAdmin, "/status"))
+	fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.xdsAdmin, "/v1/models/ranker/rollback"))
 	fmt.Fprintf(&b, "\nCtrl-C stops everything.\n")
 	fmt.Fprint(u.stdout, b.String())
 }

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -19,12 +21,18 @@ import (
 	"testing"
 	"time"
 
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 	xdsresolver "google.golang.org/grpc/xds"
 
 	"github.com/patchbay-io/patchbay/api/oip"
 	pbenvoy "github.com/patchbay-io/patchbay/envoy"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/test/harness"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
@@ -273,6 +281,7 @@ func TestUpFlags(t *testing.T) {
 		{[]string{"--examples", "/nonexistent"}, "is not a directory"},
 		{[]string{"--examples", examples, "--modelhost-http", "127.0.0.1:1", "--modelhost-grpc", "127.0.0.1:2,127.0.0.1:3"}, "the same number"},
 		{[]string{"--examples", examples, "--stop-grace", "0s"}, "must be positive"},
+		{[]string{"--examples", examples, "--modelhost-admin", "127.0.0.1:1"}, "--modelhost-admin 1"},
 		{[]string{"--examples", examples, "extra"}, "unexpected arguments"},
 	} {
 		_, err := parseUp(tc.args, io.Discard)
@@ -417,4 +426,262 @@ func freeAddrForTest(t *testing.T) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+// upForTest runs `patchbay up --envoy off` with extra flags on free ports, with copies of
+// the example rollouts moved to those ports, and waits for its banner.
+type upForTest struct {
+	hostHTTP, hostGRPC, hostAdmin       []string
+	xdsListen, xdsAdmin                 string
+	extprocListen, extprocAdmin, banner string
+	cancel                              context.CancelFunc
+	done                                chan error
+	stdout, stderr                      *harness.Buffer
+}
+
+func startUpForTest(t *testing.T, extra ...string) *upForTest {
+	t.Helper()
+	bin := buildPatchbay(t)
+	u := &upForTest{
+		hostHTTP: []string{freeAddr(t), freeAddr(t)}, hostGRPC: []string{freeAddr(t), freeAddr(t)},
+		hostAdmin: []string{freeAddr(t), freeAddr(t)},
+		xdsListen: freeAddr(t), xdsAdmin: freeAddr(t), extprocListen: freeAddr(t), extprocAdmin: freeAddr(t),
+		done: make(chan error, 1), stdout: new(harness.Buffer), stderr: new(harness.Buffer),
+	}
+	rollouts := t.TempDir()
+	examples := filepath.Join("..", "..", "examples")
+	files, err := filepath.Glob(filepath.Join(examples, "rollouts", "*.yaml"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("example rollouts: %v %v", files, err)
+	}
+	moved := strings.NewReplacer("127.0.0.1:9001", u.hostHTTP[0], "127.0.0.1:9002", u.hostHTTP[1], "127.0.0.1:9011", u.hostGRPC[0], "127.0.0.1:9012", u.hostGRPC[1])
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(rollouts, filepath.Base(f)), []byte(moved.Replace(string(b))), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	args := append([]string{
+		"--examples", examples, "--rollouts", rollouts, "--bin", bin, "--envoy", "off",
+		"--modelhost-http", strings.Join(u.hostHTTP, ","), "--modelhost-grpc", strings.Join(u.hostGRPC, ","),
+		"--modelhost-admin", strings.Join(u.hostAdmin, ","),
+		"--xds-listen", u.xdsListen, "--xds-admin", u.xdsAdmin,
+		"--extproc-listen", u.extprocListen, "--extproc-admin", u.extprocAdmin,
+		"--edge-listener", freeAddr(t), "--sidecar-listener", freeAddr(t),
+		"--ready-timeout", "60s", "--stop-grace", "5s", "--log-level", "warn",
+	}, extra...)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	u.cancel = cancel
+	go func() { u.done <- runUp(ctx, args, u.stdout, u.stderr) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-u.done:
+		case <-time.After(30 * time.Second):
+			t.Error("up did not return within 30s of cancel")
+		}
+		if t.Failed() {
+			t.Logf("up stdout:\n%s\nup stderr:\n%s", u.stdout.String(), u.stderr.String())
+		}
+	})
+	deadline := time.Now().Add(90 * time.Second)
+	for !strings.Contains(u.stdout.String(), "patchbay is up.") {
+		select {
+		case err := <-u.done:
+			u.done <- err
+			t.Fatalf("up returned before it was up: %v", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("up did not come up within 90s")
+		}
+	}
+	u.banner = u.stdout.String()
+	return u
+}
+
+// TestUpTLS runs `patchbay up --tls`: every part serves mutual TLS with the throwaway
+// CA's certificates; the proxyless gRPC path works over mTLS with the xDS bootstrap up
+// wrote (grpc-go's own xDS client, "tls" channel credentials); and plain-text clients,
+// or TLS clients without a certificate, are refused by the control plane, ext_proc and
+// the model hosts.
+func TestUpTLS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and starts the patchbay binary")
+	}
+	if missing := missingTLSFlags(t); len(missing) > 0 {
+		t.Skipf("the parts lack the TLS flags up --tls passes: %v", missing)
+	}
+	u := startUpForTest(t, "--tls")
+	m := regexp.MustCompile(`certificates in (\S+)`).FindStringSubmatch(u.banner)
+	if m == nil {
+		t.Fatalf("banner does not say where the certificates are:\n%s", u.banner)
+	}
+	dir := m[1]
+	pem := func(role string) tlsfiles.Files {
+		return tlsfiles.Files{Cert: filepath.Join(dir, role+".crt"), Key: filepath.Join(dir, role+".key"), CA: filepath.Join(dir, "ca.crt")}
+	}
+	for _, want := range []string{
+		"curl --cacert " + pem("operator").CA + " --cert " + pem("operator").Cert + " --key " + pem("operator").Key + " -s https://" + u.xdsAdmin + "/status",
+		"grpcurl -cacert " + pem("operator").CA, "https://" + u.hostHTTP[0] + "/v2/models/ranker/versions/v7/infer",
+	} {
+		if !strings.Contains(u.banner, want) {
+			t.Errorf("banner lacks %q", want)
+		}
+	}
+	// Each certificate carries its role's identity.
+	for _, role := range upRoles {
+		cert, err := tls.LoadX509KeyPair(pem(role).Cert, pem(role).Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leaf, err := x509.ParseCertificate(cert.Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(leaf.URIs) != 1 || leaf.URIs[0].String() != pbenvoy.Identity(role) {
+			t.Errorf("%s certificate URIs %v, want %s", role, leaf.URIs, pbenvoy.Identity(role))
+		}
+	}
+
+	operator, err := tlsfiles.Load(pem("operator"), tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mtls := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: operator.ClientConfig("127.0.0.1")}}
+	caOnly, err := tlsfiles.Load(tlsfiles.Files{CA: pem("operator").CA}, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	noCert := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: caOnly.ClientConfig("127.0.0.1")}}
+	plain := &http.Client{Timeout: 5 * time.Second}
+	for _, addr := range []string{u.xdsAdmin + "/readyz", u.extprocAdmin + "/readyz", u.hostHTTP[0] + "/v2/health/ready", u.hostHTTP[1] + "/v2/health/ready"} {
+		resp, err := mtls.Get("https://" + addr)
+		if err != nil {
+			t.Errorf("mTLS GET %s: %v", addr, err)
+		} else {
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				t.Errorf("mTLS GET %s = %s", addr, resp.Status)
+			}
+		}
+		if resp, err := plain.Get("http://" + addr); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				t.Errorf("plain-text GET %s answered 200", addr)
+			}
+		}
+		if resp, err := noCert.Get("https://" + addr); err == nil {
+			resp.Body.Close()
+			t.Errorf("TLS GET %s without a client certificate answered %s", addr, resp.Status)
+		}
+	}
+	body := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0.5,1.2,3.4,0.1,0.0,2.2,1.1,0.7]}]}`
+	if resp, err := mtls.Post("https://"+u.hostHTTP[0]+"/v2/models/ranker/versions/v7/infer", "application/json", strings.NewReader(body)); err != nil {
+		t.Errorf("mTLS infer: %v", err)
+	} else {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), `"outputs"`) {
+			t.Errorf("mTLS infer = %s %s", resp.Status, b)
+		}
+	}
+
+	// Plain-text gRPC clients are refused: the control plane (an ADS stream), ext_proc and
+	// a model host (gRPC).
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, addr := range []string{u.xdsListen, u.extprocListen, u.hostGRPC[0]} {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err = healthpb.NewHealthClient(conn).Check(rctx, &healthpb.HealthCheckRequest{})
+		if addr == u.hostGRPC[0] {
+			_, err = oip.NewGRPCInferenceServiceClient(conn).ServerLive(rctx, &oip.ServerLiveRequest{})
+		}
+		if addr == u.xdsListen {
+			var stream discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+			if stream, err = discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(rctx); err == nil {
+				if err = stream.Send(&discoveryv3.DiscoveryRequest{TypeUrl: "type.googleapis.com/envoy.config.listener.v3.Listener"}); err == nil {
+					_, err = stream.Recv()
+				}
+			}
+		}
+		rcancel()
+		conn.Close()
+		if code := status.Code(err); code != codes.Unavailable {
+			t.Errorf("plain-text gRPC to %s: %v (code %v), want Unavailable (no TLS handshake, no service)", addr, err, code)
+		}
+	}
+
+	// Proxyless gRPC over mTLS: grpc-go's xDS client with the bootstrap up wrote (mTLS to
+	// the control plane from its "tls" channel credentials), TLS with the grpc certificate
+	// to the model hosts.
+	bm := regexp.MustCompile(`GRPC_XDS_BOOTSTRAP=(\S+)`).FindStringSubmatch(u.banner)
+	if bm == nil {
+		t.Fatal("banner has no GRPC_XDS_BOOTSTRAP")
+	}
+	bootstrap, err := os.ReadFile(bm[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(bootstrap), `"type": "tls"`) || strings.Contains(string(bootstrap), "insecure") {
+		t.Errorf("the xDS bootstrap does not use tls channel credentials:\n%s", bootstrap)
+	}
+	resolver, err := xdsresolver.NewXDSResolverWithConfigForTesting(bootstrap)
+	if err != nil {
+		t.Fatalf("grpc-go rejects up's xDS bootstrap: %v\n%s", err, bootstrap)
+	}
+	grpcID, err := tlsfiles.Load(pem("grpc"), tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := grpc.NewClient("xds:///churn", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(credentials.NewTLS(grpcID.ClientConfig("localhost"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	versions := map[string]int{}
+	for range 20 {
+		rctx, rcancel := context.WithTimeout(ctx, 10*time.Second)
+		r, err := oip.NewGRPCInferenceServiceClient(conn).ModelInfer(rctx, &oip.ModelInferRequest{
+			ModelName: "churn",
+			Inputs: []*oip.ModelInferRequest_InferInputTensor{{
+				Name: "features", Datatype: "FP32", Shape: []int64{1, 4},
+				Contents: &oip.InferTensorContents{Fp32Contents: []float32{0.3, 12, 1, 0}},
+			}},
+		}, grpc.WaitForReady(true))
+		rcancel()
+		if err != nil {
+			t.Fatalf("proxyless ModelInfer churn over mTLS: %v", err)
+		}
+		versions[r.GetModelVersion()]++
+	}
+	if versions["v1"] == 0 || versions["v2"] == 0 {
+		t.Errorf("proxyless churn split over mTLS %v: want both v1 and v2", versions)
+	}
+}
+
+// missingTLSFlags lists the contract's TLS flags the parts do not have yet.
+func missingTLSFlags(t *testing.T) []string {
+	t.Helper()
+	u := &upRun{cfg: upConfig{bin: buildPatchbay(t)}}
+	var missing []string
+	for part, flags := range map[string][]string{
+		"xds":       {"tls-cert", "tls-key", "client-ca"},
+		"extproc":   {"tls-cert", "tls-key", "client-ca", "xds-ca", "xds-cert", "xds-key"},
+		"modelhost": {"tls-cert", "tls-key", "client-ca"},
+	} {
+		for _, f := range flags {
+			if !u.hasFlag(part, f) {
+				missing = append(missing, part+" --"+f)
+			}
+		}
+	}
+	return missing
 }
