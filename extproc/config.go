@@ -5,6 +5,7 @@
 package extproc
 
 import (
+	"crypto/tls"
 	"errors"
 	"time"
 
@@ -38,6 +39,17 @@ type Config struct {
 	XDSMinBackoff, XDSMaxBackoff time.Duration
 	// ShutdownGrace bounds graceful stop when Serve's context ends (default 5s).
 	ShutdownGrace time.Duration
+	// TLS, when set, serves ext_proc and gRPC health over TLS; client certificates are
+	// required when it asks for them (tlsfiles.Source.ServerConfig("h2") with a client
+	// CA). Nil: plaintext.
+	TLS *tls.Config
+	// AdminTLS, when set, serves ServeAdmin over TLS (tlsfiles.Source.ServerConfig("h2",
+	// "http/1.1")). Nil: plaintext.
+	AdminTLS *tls.Config
+	// XDSTLS, when set, is the xDS client's TLS: it verifies the control plane and
+	// presents a certificate if it has one (tlsfiles.Source.ClientConfig(host of
+	// XDSAddress)). Nil: plaintext.
+	XDSTLS *tls.Config
 }
 
 func (c *Config) defaults() error {

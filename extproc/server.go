@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	stdlog "log"
 	"net"
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -166,6 +169,9 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	if s.cfg.NumStreamWorkers > 0 {
 		opts = append(opts, grpc.NumStreamWorkers(s.cfg.NumStreamWorkers))
 	}
+	if s.cfg.TLS != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(s.cfg.TLS)))
+	}
 	gs := grpc.NewServer(opts...)
 	extprocv3.RegisterExternalProcessorServer(gs, s)
 	healthpb.RegisterHealthServer(gs, s.health)
@@ -183,6 +189,7 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 			Logger:       s.log,
 			MinBackoff:   s.cfg.XDSMinBackoff,
 			MaxBackoff:   s.cfg.XDSMaxBackoff,
+			TLS:          s.cfg.XDSTLS,
 		})
 		if err != nil {
 			return fmt.Errorf("extproc: %w", err)
@@ -200,7 +207,8 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 			gs.Stop()
 		}
 	})
-	s.log.Info().Str("listen", lis.Addr().String()).Str("xds", s.cfg.XDSAddress).Msg("serving ext_proc")
+	s.log.Info().Str("listen", lis.Addr().String()).Str("xds", s.cfg.XDSAddress).
+		Bool("tls", s.cfg.TLS != nil).Bool("xds_tls", s.cfg.XDSTLS != nil).Msg("serving ext_proc")
 	err := gs.Serve(lis)
 	cancel()
 	wg.Wait()
@@ -208,6 +216,48 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		return fmt.Errorf("extproc: serve %s: %w", lis.Addr(), err)
 	}
 	return nil
+}
+
+// ServeAdmin serves AdminHandler(metrics) on lis, over TLS when Config.AdminTLS is set,
+// until ctx ends; it then shuts down (bounded by ShutdownGrace) and returns nil.
+func (s *Server) ServeAdmin(ctx context.Context, lis net.Listener, metrics http.Handler) error {
+	hs := &http.Server{
+		Handler:           s.AdminHandler(metrics),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		TLSConfig:         s.cfg.AdminTLS,
+		ErrorLog:          stdlog.New(debugWriter{s.log}, "", 0), // e.g. refused TLS handshakes
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownGrace)
+		defer cancel()
+		_ = hs.Shutdown(sctx)
+	}()
+	var err error
+	if s.cfg.AdminTLS != nil {
+		// The certificate comes from TLSConfig (GetConfigForClient), not from files here.
+		err = hs.ServeTLS(lis, "", "")
+	} else {
+		err = hs.Serve(lis)
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		<-done
+		return nil
+	}
+	return fmt.Errorf("extproc: admin %s: %w", lis.Addr(), err)
+}
+
+// debugWriter logs net/http's server errors (TLS handshakes refused, for example) at debug.
+type debugWriter struct{ log zerolog.Logger }
+
+func (w debugWriter) Write(p []byte) (int, error) {
+	w.log.Debug().Str("listener", "admin").Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
 }
 
 // AdminHandler serves /readyz (200 once a policy is in force) and /metrics (the given

@@ -1,8 +1,10 @@
 package extproc
 
 import (
+	"bytes"
 	"context"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -10,10 +12,14 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 )
 
 // controlPlane is go-control-plane's real ADS server over a LinearCache of the policy
@@ -23,11 +29,18 @@ type controlPlane struct {
 	addr  string
 	gs    *grpc.Server
 
-	mu   sync.Mutex
-	reqs []*discoveryv3.DiscoveryRequest
+	mu    sync.Mutex
+	reqs  []*discoveryv3.DiscoveryRequest
+	peers []string // verified client certificate URI of each stream ("" without one)
 }
 
 func startControlPlane(t testing.TB, addr string, p *policyv1.Policy) *controlPlane {
+	t.Helper()
+	return startControlPlaneWith(t, addr, p)
+}
+
+// startControlPlaneWith starts the control plane with extra gRPC server options (TLS).
+func startControlPlaneWith(t testing.TB, addr string, p *policyv1.Policy, opts ...grpc.ServerOption) *controlPlane {
 	t.Helper()
 	cp := &controlPlane{cache: cachev3.NewLinearCache(policyv1.TypeURL)}
 	if p != nil {
@@ -49,6 +62,18 @@ func startControlPlane(t testing.TB, addr string, p *policyv1.Policy) *controlPl
 	cp.addr = lis.Addr().String()
 	ctx, cancel := context.WithCancel(context.Background())
 	srv := serverv3.NewServer(ctx, cp.cache, serverv3.CallbackFuncs{
+		StreamOpenFunc: func(ctx context.Context, _ int64, _ string) error {
+			uri := ""
+			if pr, ok := peer.FromContext(ctx); ok {
+				if info, ok := pr.AuthInfo.(credentials.TLSInfo); ok {
+					uri = tlsfiles.PeerURI(&info.State)
+				}
+			}
+			cp.mu.Lock()
+			cp.peers = append(cp.peers, uri)
+			cp.mu.Unlock()
+			return nil
+		},
 		StreamRequestFunc: func(_ int64, r *discoveryv3.DiscoveryRequest) error {
 			cp.mu.Lock()
 			cp.reqs = append(cp.reqs, r)
@@ -56,7 +81,7 @@ func startControlPlane(t testing.TB, addr string, p *policyv1.Policy) *controlPl
 			return nil
 		},
 	})
-	cp.gs = grpc.NewServer()
+	cp.gs = grpc.NewServer(opts...)
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(cp.gs, srv)
 	go func() { _ = cp.gs.Serve(lis) }()
 	t.Cleanup(func() { cp.gs.Stop(); cancel() })
@@ -172,4 +197,67 @@ func TestApplyResources(t *testing.T) {
 	if err := srv.applyResources("3", []*anyT{misnamed}); err == nil {
 		t.Error("resource with another name accepted")
 	}
+}
+
+// TestPolicyOverTLSXDS: ext_proc's xDS client verifies a TLS control plane that requires
+// client certificates, presents its own (seen by the control plane as the extproc role),
+// and gets its policy and updates; a client that cannot verify the control plane takes
+// nothing from it.
+func TestPolicyOverTLSXDS(t *testing.T) {
+	t.Parallel()
+	p := newPKI(t)
+	cpFiles := p.leaf(t, "xds", "xds")
+	epFiles := p.leaf(t, "extproc-client", "extproc")
+	cpTLS := load(t, cpFiles, 0).ServerConfig("h2") // CA set: client certificates required
+	cp := startControlPlaneWith(t, "127.0.0.1:0", testPolicy("c1"), grpc.Creds(credentials.NewTLS(cpTLS)))
+
+	h := startServer(t, Config{
+		XDSAddress: cp.addr, NodeID: "ep-tls", XDSMinBackoff: 20 * time.Millisecond, XDSMaxBackoff: 100 * time.Millisecond,
+		XDSTLS: load(t, epFiles, 0).ClientConfig(tlsfiles.ServerNameOf(cp.addr)),
+	}, nil)
+	eventually(t, 5*time.Second, "policy over TLS", func() bool { return h.srv.ConfigVersion() == "c1" })
+	cp.mu.Lock()
+	peers := append([]string(nil), cp.peers...)
+	cp.mu.Unlock()
+	if len(peers) == 0 || peers[0] != "spiffe://patchbay.local/role/extproc" {
+		t.Errorf("control plane saw client identities %q, want the extproc certificate's URI", peers)
+	}
+	if err := cp.cache.UpdateResource(policyv1.ResourceName, testPolicy("c2")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "update over TLS", func() bool { return h.srv.ConfigVersion() == "c2" })
+
+	// A client that does not trust the control plane's CA never takes a policy from it:
+	// the handshake fails on every attempt (bounded wait: it keeps retrying meanwhile).
+	other := newPKI(t)
+	var logs syncBuffer
+	untrusting := startServer(t, Config{
+		XDSAddress: cp.addr, XDSMinBackoff: 10 * time.Millisecond, XDSMaxBackoff: 20 * time.Millisecond,
+		XDSTLS: load(t, tlsfiles.Files{Cert: epFiles.Cert, Key: epFiles.Key, CA: other.leaf(t, "x", "xds").CA}, 0).ClientConfig("127.0.0.1"),
+		Logger: zerolog.New(&logs),
+	}, nil)
+	eventually(t, 5*time.Second, "a refused handshake", func() bool {
+		return strings.Count(logs.String(), "verify server certificate") >= 3
+	})
+	if untrusting.srv.Ready() {
+		t.Error("took a policy from a control plane whose certificate it cannot verify")
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test reading it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

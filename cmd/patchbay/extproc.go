@@ -7,15 +7,15 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"runtime/debug"
 	"strings"
-	"time"
 
+	"github.com/rs/zerolog"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/patchbay-io/patchbay/extproc"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 )
 
 // runExtproc runs the ext_proc router until ctx ends.
@@ -32,6 +32,12 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 	workers := fs.Uint("stream-workers", 0, "gRPC stream worker goroutines (grpc.NumStreamWorkers); 0: a goroutine per stream")
 	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for decision spans (unset: tracing off)")
 	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
+	tlsCert := fs.String("tls-cert", "", "PEM certificate: serve ext_proc and the admin listener over TLS (re-read when it changes)")
+	tlsKey := fs.String("tls-key", "", "PEM key of --tls-cert")
+	clientCA := fs.String("client-ca", "", "PEM CA bundle: require client certificates that chain to it (needs --tls-cert)")
+	xdsCA := fs.String("xds-ca", "", "PEM CA bundle that the control plane's certificate must chain to: dial --xds over TLS")
+	xdsCert := fs.String("xds-cert", "", "PEM client certificate presented to the control plane (with --xds-key)")
+	xdsKey := fs.String("xds-key", "", "PEM key of --xds-cert")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
@@ -54,6 +60,12 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 			ids = append(ids, h)
 		}
 	}
+	serverTLS, xdsTLS, err := extprocTLS(log, *xdsAddr,
+		tlsfiles.Files{Cert: *tlsCert, Key: *tlsKey, CA: *clientCA},
+		tlsfiles.Files{Cert: *xdsCert, Key: *xdsKey, CA: *xdsCA})
+	if err != nil {
+		return err
+	}
 	metrics, err := telemetry.NewMetrics()
 	if err != nil {
 		return fmt.Errorf("extproc: %w", err)
@@ -68,7 +80,7 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 		defer shutdown(context.Background())
 		tracerProvider = tp
 	}
-	srv, err := extproc.New(extproc.Config{
+	cfg := extproc.Config{
 		TracerProvider:   tracerProvider,
 		XDSAddress:       *xdsAddr,
 		NodeID:           *nodeID,
@@ -76,7 +88,14 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 		Logger:           log,
 		Meter:            metrics.Meter("patchbay/extproc"),
 		NumStreamWorkers: uint32(*workers),
-	})
+	}
+	if serverTLS != nil {
+		cfg.TLS, cfg.AdminTLS = serverTLS.ServerConfig("h2"), serverTLS.ServerConfig("h2", "http/1.1")
+	}
+	if xdsTLS != nil {
+		cfg.XDSTLS = xdsTLS.ClientConfig(tlsfiles.ServerNameOf(*xdsAddr))
+	}
+	srv, err := extproc.New(cfg)
 	if err != nil {
 		return err
 	}
@@ -89,15 +108,47 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 		lis.Close()
 		return fmt.Errorf("extproc: admin listen %s: %w", *admin, err)
 	}
-	hs := &http.Server{Handler: srv.AdminHandler(metrics.Handler), ReadHeaderTimeout: 5 * time.Second}
+	actx, stopAdmin := context.WithCancel(ctx)
+	adminDone := make(chan struct{})
 	go func() {
-		if err := hs.Serve(adminLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		defer close(adminDone)
+		if err := srv.ServeAdmin(actx, adminLis, metrics.Handler); err != nil {
 			log.Error().Err(err).Msg("admin server stopped")
 		}
 	}()
 	err = srv.Serve(ctx, lis)
-	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	_ = hs.Shutdown(sctx)
+	stopAdmin()
+	<-adminDone
 	return err
+}
+
+// extprocTLS loads the serving and the xDS client TLS files (nil where none are named).
+// Both are re-read when they change.
+func extprocTLS(log zerolog.Logger, xdsAddr string, serve, xds tlsfiles.Files) (serverSrc, xdsSrc *tlsfiles.Source, err error) {
+	opts := func(what string) tlsfiles.Options {
+		return tlsfiles.Options{
+			OnError: func(err error) {
+				log.Error().Err(err).Str("tls", what).Msg("TLS files reload failed; keeping the last good ones")
+			},
+			OnReload: func() { log.Info().Str("tls", what).Msg("TLS files reloaded") },
+		}
+	}
+	if serve.Enabled() {
+		if serve.Cert == "" || serve.Key == "" {
+			return nil, nil, fmt.Errorf("extproc: --tls-cert and --tls-key go together, and --client-ca needs them: %w", errUsage)
+		}
+		if serverSrc, err = tlsfiles.Load(serve, opts("serve")); err != nil {
+			return nil, nil, fmt.Errorf("extproc: %w", err)
+		}
+	}
+	if xds.Enabled() {
+		if (xds.Cert == "") != (xds.Key == "") {
+			return nil, nil, fmt.Errorf("extproc: --xds-cert and --xds-key go together: %w", errUsage)
+		}
+		if xdsSrc, err = tlsfiles.Load(xds, opts("xds")); err != nil {
+			return nil, nil, fmt.Errorf("extproc: %w", err)
+		}
+		log.Info().Str("server_name", tlsfiles.ServerNameOf(xdsAddr)).Msg("control plane over TLS")
+	}
+	return serverSrc, xdsSrc, nil
 }

@@ -6,6 +6,7 @@ package xdsclient
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/anypb"
 )
@@ -36,7 +38,9 @@ type Config struct {
 	Logger       zerolog.Logger
 	// MinBackoff and MaxBackoff bound the reconnect delay (defaults 100ms and 5s).
 	MinBackoff, MaxBackoff time.Duration
-	// DialOptions are added to the defaults (insecure transport credentials).
+	// TLS, when set, secures the connection (credentials.NewTLS); nil: plaintext.
+	TLS *tls.Config
+	// DialOptions are added to the defaults (the transport credentials above).
 	DialOptions []grpc.DialOption
 }
 
@@ -59,7 +63,11 @@ func New(cfg Config) (*Client, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		cfg.MaxBackoff = 5 * time.Second
 	}
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, cfg.DialOptions...)
+	creds := insecure.NewCredentials()
+	if cfg.TLS != nil {
+		creds = credentials.NewTLS(cfg.TLS)
+	}
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, cfg.DialOptions...)
 	conn, err := grpc.NewClient(cfg.Address, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("xds client: dial %q: %w", cfg.Address, err)
