@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +31,7 @@ import (
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
@@ -49,7 +51,8 @@ type Proxy struct {
 	cfg     Config
 	state   atomic.Pointer[state]
 	extproc *grpc.ClientConn
-	client  *http.Client
+	client  *http.Client // HTTP/1.1 clusters (Envoy's default upstream protocol)
+	h2c     *http.Client // clusters with http2_protocol_options, plaintext
 	rr      atomic.Uint64
 	mirrors sync.WaitGroup
 
@@ -80,10 +83,8 @@ func Start(ctx context.Context, cfg Config) (*Proxy, error) {
 	p := &Proxy{
 		cfg:     cfg,
 		extproc: ep,
-		client: &http.Client{Transport: &http.Transport{
-			MaxIdleConnsPerHost: 256,
-			DialContext:         (&net.Dialer{Timeout: time.Second}).DialContext,
-		}},
+		client:  upstreamClient(func(p *http.Protocols) { p.SetHTTP1(true) }),
+		h2c:     upstreamClient(func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }),
 	}
 	p.state.Store(&state{clusters: map[string]*clusterv3.Cluster{}, endpoints: map[string]*endpointv3.ClusterLoadAssignment{}})
 	go p.xdsLoop(ctx)
@@ -229,12 +230,12 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	s := p.state.Load()
 	if s.hcm == nil || s.routes == nil {
-		http.Error(w, "no listener config yet", http.StatusServiceUnavailable)
+		localReply(w, req, http.StatusServiceUnavailable, "no listener config yet", nil, -1)
 		return
 	}
 	body, err := io.ReadAll(io.LimitReader(req.Body, 1<<20+1))
 	if err != nil || len(body) > 1<<20 {
-		http.Error(w, "request body too large", http.StatusRequestEntityTooLarge)
+		localReply(w, req, http.StatusRequestEntityTooLarge, "request body too large", nil, -1)
 		return
 	}
 	h := req.Header.Clone()
@@ -242,7 +243,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	for _, e := range s.hcm.GetEarlyHeaderMutationExtensions() {
 		em := &earlymutationv3.HeaderMutation{}
 		if err := e.GetTypedConfig().UnmarshalTo(em); err != nil {
-			http.Error(w, err.Error(), 500)
+			localReply(w, req, 500, err.Error(), nil, -1)
 			return
 		}
 		for _, m := range em.GetMutations() {
@@ -259,7 +260,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		case "envoy.filters.http.header_mutation":
 			hm := &headermutationv3.HeaderMutation{}
 			if err := f.GetTypedConfig().UnmarshalTo(hm); err != nil {
-				http.Error(w, err.Error(), 500)
+				localReply(w, req, 500, err.Error(), nil, -1)
 				return
 			}
 			for _, m := range hm.GetMutations().GetRequestMutations() {
@@ -273,28 +274,35 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		case "envoy.filters.http.ext_proc":
 			cfg := &extprocfilterv3.ExternalProcessor{}
 			if err := f.GetTypedConfig().UnmarshalTo(cfg); err != nil {
-				http.Error(w, err.Error(), 500)
+				localReply(w, req, 500, err.Error(), nil, -1)
 				return
 			}
 			imm, err := p.callExtproc(req.Context(), cfg, req, h, &body)
 			if err != nil {
 				if !cfg.GetFailureModeAllow() {
-					http.Error(w, "ext_proc failed", http.StatusInternalServerError)
+					localReply(w, req, http.StatusInternalServerError, "ext_proc failed", nil, -1)
 					return
 				}
 				p.ExtprocFailures.Add(1)
 				continue
 			}
 			if imm != nil {
+				// ext_proc's ImmediateResponse is a local reply with the response's
+				// grpc_status when set (envoy source/extensions/filters/http/ext_proc/
+				// ext_proc.cc, Filter::sendImmediateResponse; default status 200).
+				hdrs := http.Header{}
 				for _, o := range imm.GetHeaders().GetSetHeaders() {
-					w.Header().Set(o.GetHeader().GetKey(), headerValue(o.GetHeader()))
+					hdrs.Set(o.GetHeader().GetKey(), headerValue(o.GetHeader()))
 				}
 				code := int(imm.GetStatus().GetCode())
 				if code == 0 {
 					code = 200
 				}
-				w.WriteHeader(code)
-				w.Write(imm.GetBody())
+				gs := -1
+				if imm.GetGrpcStatus() != nil {
+					gs = int(imm.GetGrpcStatus().GetStatus())
+				}
+				localReply(w, req, code, string(imm.GetBody()), hdrs, gs)
 				return
 			}
 		case "envoy.filters.http.router":
@@ -302,7 +310,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			return
 		}
 	}
-	http.Error(w, "no router filter", http.StatusInternalServerError)
+	localReply(w, req, http.StatusInternalServerError, "no router filter", nil, -1)
 }
 
 // callExtproc speaks Envoy's ext_proc sequence for request headers (and a buffered body
@@ -415,13 +423,20 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	vh := s.routes.GetVirtualHosts()[0]
 	var rt *routev3.Route
 	for _, r := range vh.GetRoutes() {
-		if matches(r.GetMatch(), req.URL.Path, h) {
+		ok, err := matches(r.GetMatch(), req, h)
+		if err != nil {
+			localReply(w, req, http.StatusInternalServerError, "envoymodel: route "+r.GetName()+": "+err.Error(), nil, -1)
+			return
+		}
+		if ok {
 			rt = r
 			break
 		}
 	}
 	if rt == nil {
-		http.Error(w, "no route", http.StatusNotFound)
+		// The router's "no route" is a local reply with an empty body (envoy
+		// source/common/router/router.cc, Filter::decodeHeaders).
+		localReply(w, req, http.StatusNotFound, "", nil, -1)
 		return
 	}
 	respHeaders := http.Header{}
@@ -431,11 +446,11 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 		}
 	}
 	if dr := rt.GetDirectResponse(); dr != nil {
+		// A direct response is a local reply: for a gRPC request it becomes a gRPC status
+		// (envoy source/common/router/router.cc, Filter::decodeHeaders).
 		addAll(rt.GetResponseHeadersToAdd())
 		addAll(vh.GetResponseHeadersToAdd())
-		copyHeaders(w.Header(), respHeaders)
-		w.WriteHeader(int(dr.GetStatus()))
-		io.WriteString(w, dr.GetBody().GetInlineString())
+		localReply(w, req, int(dr.GetStatus()), dr.GetBody().GetInlineString(), respHeaders, -1)
 		return
 	}
 	a := rt.GetRoute()
@@ -477,8 +492,7 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 		}
 	}
 	if err != nil {
-		w.WriteHeader(http.StatusServiceUnavailable)
-		io.WriteString(w, "upstream connect error or disconnect/reset before headers: "+err.Error())
+		localReply(w, req, http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers: "+err.Error(), nil, -1)
 		return
 	}
 	defer resp.Body.Close()
@@ -486,6 +500,13 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	copyHeaders(w.Header(), respHeaders)
 	w.WriteHeader(resp.StatusCode)
 	io.Copy(w, resp.Body)
+	// Trailers (gRPC's grpc-status and grpc-message) are read once the body ends and are
+	// passed on as trailers.
+	for k, vs := range resp.Trailer {
+		for _, v := range vs {
+			w.Header().Add(http.TrailerPrefix+k, v)
+		}
+	}
 }
 
 // retriable follows retry_on as patchbay emits it: connection failures and resets always
@@ -552,39 +573,163 @@ func fractionHit(f *typev3.FractionalPercent) bool {
 	return rand.Uint32N(den) < f.GetNumerator()
 }
 
-func matches(m *routev3.RouteMatch, path string, h http.Header) bool {
+func matches(m *routev3.RouteMatch, req *http.Request, h http.Header) (bool, error) {
+	path := req.URL.Path
 	switch {
 	case m.GetPathSeparatedPrefix() != "":
 		pre := m.GetPathSeparatedPrefix()
 		if path != pre && !strings.HasPrefix(path, pre+"/") {
-			return false
+			return false, nil
 		}
-	case m.GetPrefix() != "" || m.GetPathSpecifier() != nil:
+	case m.GetPath() != "":
+		// path: exact, the query string removed.
+		if path != m.GetPath() {
+			return false, nil
+		}
+	case m.GetSafeRegex() != nil:
+		// safe_regex: RE2 matched against the whole path (Go's regexp is RE2 syntax).
+		re, err := compileAnchored(m.GetSafeRegex().GetRegex())
+		if err != nil {
+			return false, err
+		}
+		if !re.MatchString(path) {
+			return false, nil
+		}
+	case m.GetPrefix() != "":
 		if !strings.HasPrefix(path, m.GetPrefix()) {
-			return false
+			return false, nil
+		}
+	case m.GetPathSpecifier() != nil:
+		if _, ok := m.GetPathSpecifier().(*routev3.RouteMatch_Prefix); !ok {
+			return false, fmt.Errorf("path specifier %T is not modelled", m.GetPathSpecifier())
 		}
 	}
+	if m.GetCaseSensitive() != nil && !m.GetCaseSensitive().GetValue() {
+		return false, fmt.Errorf("case_sensitive false is not modelled")
+	}
 	for _, hm := range m.GetHeaders() {
-		v, ok := h[http.CanonicalHeaderKey(hm.GetName())]
-		present := ok && len(v) > 0
+		// A header present more than once is matched on its values joined with ','
+		// (envoy source/common/http/header_utility.cc, HeaderUtility::matchHeaders and
+		// getAllOfHeaderAsString).
+		v, present := requestHeader(req, h, hm.GetName())
 		var hit bool
 		switch {
 		case hm.GetStringMatch() != nil:
-			hit = present && v[0] == hm.GetStringMatch().GetExact()
+			sm := hm.GetStringMatch()
+			switch {
+			case sm.GetSafeRegex() != nil:
+				re, err := compileAnchored(sm.GetSafeRegex().GetRegex())
+				if err != nil {
+					return false, err
+				}
+				hit = present && re.MatchString(v)
+			case sm.GetIgnoreCase():
+				return false, fmt.Errorf("header %s: ignore_case is not modelled", hm.GetName())
+			case sm.GetMatchPattern() == nil:
+				return false, fmt.Errorf("header %s: empty string_match is not modelled", hm.GetName())
+			default:
+				em, ok := sm.GetMatchPattern().(*matcherv3.StringMatcher_Exact)
+				if !ok {
+					return false, fmt.Errorf("header %s: %T is not modelled", hm.GetName(), sm.GetMatchPattern())
+				}
+				hit = present && v == em.Exact
+			}
 		case hm.GetPresentMatch():
 			hit = present
-		default:
+		case hm.GetHeaderMatchSpecifier() == nil:
 			hit = present
+		default:
+			return false, fmt.Errorf("header %s: %T is not modelled", hm.GetName(), hm.GetHeaderMatchSpecifier())
 		}
 		if hit == hm.GetInvertMatch() {
-			return false
+			return false, nil
 		}
 	}
-	return true
+	return true, nil
+}
+
+// requestHeader is a request header as Envoy's matchers see it: pseudo-headers from the
+// request line, others with every value joined by ','.
+func requestHeader(req *http.Request, h http.Header, name string) (string, bool) {
+	switch name {
+	case ":method":
+		return req.Method, true
+	case ":path":
+		return req.URL.RequestURI(), true
+	case ":authority":
+		return req.Host, true
+	case ":scheme":
+		return "http", true
+	}
+	vs, ok := h[http.CanonicalHeaderKey(name)]
+	if !ok || len(vs) == 0 {
+		return "", false
+	}
+	return strings.Join(vs, ","), true
+}
+
+var regexCache sync.Map // string -> *regexp.Regexp
+
+func compileAnchored(expr string) (*regexp.Regexp, error) {
+	if re, ok := regexCache.Load(expr); ok {
+		return re.(*regexp.Regexp), nil
+	}
+	re, err := regexp.Compile(`^(?:` + expr + `)$`)
+	if err != nil {
+		return nil, fmt.Errorf("safe_regex %q: %w", expr, err)
+	}
+	regexCache.Store(expr, re)
+	return re, nil
+}
+
+const httpOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+func upstreamClient(protos func(*http.Protocols)) *http.Client {
+	ps := new(http.Protocols)
+	protos(ps)
+	return &http.Client{Transport: &http.Transport{
+		MaxIdleConnsPerHost: 256,
+		DialContext:         (&net.Dialer{Timeout: time.Second}).DialContext,
+		Protocols:           ps,
+	}}
+}
+
+// upstreamFor picks the cluster's upstream protocol as Envoy does, whatever the downstream
+// protocol: HTTP/2 only with explicit http2_protocol_options (in the cluster's
+// HttpProtocolOptions, or the deprecated cluster field), otherwise HTTP/1.1 (envoy
+// source/extensions/upstreams/http/config.cc, ProtocolOptionsConfigImpl; api
+// envoy/extensions/upstreams/http/v3/http_protocol_options.proto: "If this is not set,
+// HTTP/1.1 is used"). So a gRPC request sent to an HTTP/1.1 cluster goes out as HTTP/1.1,
+// and a gRPC server there drops the connection: a 503 local reply, gRPC UNAVAILABLE.
+// Options the model does not know fail the request rather than guess.
+func (p *Proxy) upstreamFor(c *clusterv3.Cluster) (*http.Client, error) {
+	if c.GetTransportSocket() != nil {
+		return nil, fmt.Errorf("cluster %q: transport_socket %q is not modelled", c.GetName(), c.GetTransportSocket().GetName())
+	}
+	a, ok := c.GetTypedExtensionProtocolOptions()[httpOptionsKey]
+	if !ok {
+		if c.GetHttp2ProtocolOptions() != nil {
+			return p.h2c, nil
+		}
+		return p.client, nil
+	}
+	opts := &upstreamhttpv3.HttpProtocolOptions{}
+	if err := a.UnmarshalTo(opts); err != nil {
+		return nil, fmt.Errorf("cluster %q: %w", c.GetName(), err)
+	}
+	switch {
+	case opts.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil:
+		return p.h2c, nil
+	case opts.GetExplicitHttpConfig().GetHttpProtocolOptions() != nil:
+		return p.client, nil
+	case opts.GetUpstreamProtocolOptions() == nil:
+		return p.client, nil
+	}
+	return nil, fmt.Errorf("cluster %q: upstream protocol options %T are not modelled", c.GetName(), opts.GetUpstreamProtocolOptions())
 }
 
 // forward sends one attempt to a round-robin endpoint of the cluster, through the
-// cluster's upstream header_mutation filter.
+// cluster's upstream header_mutation filter, in the cluster's protocol.
 func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster string, req *http.Request, h http.Header, body []byte, s *state) (*http.Response, error) {
 	cla := s.endpoints[cluster]
 	var addrs []string
@@ -598,10 +743,16 @@ func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster stri
 		return nil, fmt.Errorf("no healthy upstream in cluster %q", cluster)
 	}
 	up := h.Clone()
-	if c := s.clusters[cluster]; c != nil {
-		if a, ok := c.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; ok {
-			applyUpstreamFilters(a, up)
-		}
+	c := s.clusters[cluster]
+	if c == nil {
+		return nil, fmt.Errorf("unknown cluster %q", cluster)
+	}
+	if a, ok := c.GetTypedExtensionProtocolOptions()[httpOptionsKey]; ok {
+		applyUpstreamFilters(a, up)
+	}
+	client, err := p.upstreamFor(c)
+	if err != nil {
+		return nil, err
 	}
 	addr := addrs[p.rr.Add(1)%uint64(len(addrs))]
 	ctx, cancel := context.WithTimeout(ctx, timeout)
@@ -612,7 +763,7 @@ func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster stri
 	}
 	out.Header = up
 	out.Host = req.Host
-	resp, err := p.client.Do(out)
+	resp, err := client.Do(out)
 	if err != nil {
 		cancel()
 		return nil, err
