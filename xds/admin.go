@@ -3,7 +3,6 @@ package xds
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -26,7 +25,8 @@ import (
 // split its files served that differs from the current one (a second rollback goes one
 // step further back). With a version, 100% of the model's traffic goes to it. Either way
 // the rest of the model's config is the current file's, experiments and shadows are off,
-// it is live at once and it holds until the model's rollout file changes. Both need "Authorization: Bearer TOKEN".
+// it is live at once and it holds until the model's rollout file changes. Both need
+// "Authorization: Bearer TOKEN" or a client certificate with role operator (see auth).
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -44,14 +44,34 @@ func (s *Server) AdminHandler() http.Handler {
 	return mux
 }
 
+// auth guards a mutation: a client certificate with role operator (when client
+// certificates are required), or "Authorization: Bearer TOKEN" (the scheme in any case;
+// compared in constant time). The model in the path must be a valid model name.
 func (s *Server) auth(next http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if s.cfg.AdminToken == "" {
-			writeJSON(w, http.StatusForbidden, errorBody("rollback API disabled: start patchbay xds with --admin-token-file"))
+		if m := r.PathValue("model"); !rollout.ValidModelName(m) {
+			writeJSON(w, http.StatusBadRequest, errorBody(fmt.Sprintf("%q is not a model name (a DNS label)", m)))
 			return
 		}
-		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.cfg.AdminToken)) != 1 {
+		if s.identity && r.TLS != nil && s.peers.role(r.TLS) == RoleOperator {
+			next(w, r)
+			return
+		}
+		if s.token == nil {
+			writeJSON(w, http.StatusForbidden, errorBody("mutations disabled: start patchbay xds with --admin-token-file, or use a client certificate with role operator"))
+			return
+		}
+		scheme, got, _ := strings.Cut(strings.TrimSpace(r.Header.Get("Authorization")), " ")
+		ok := false
+		if strings.EqualFold(scheme, "Bearer") {
+			var err error
+			if ok, err = s.token.check(strings.TrimSpace(got)); err != nil {
+				s.log.Error().Err(err).Msg("admin token unusable; refusing mutations until it is fixed")
+				writeJSON(w, http.StatusServiceUnavailable, errorBody("the admin token file is unusable; see the control plane's log"))
+				return
+			}
+		}
+		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="patchbay"`)
 			writeJSON(w, http.StatusUnauthorized, errorBody("missing or wrong bearer token"))
 			return
@@ -185,18 +205,23 @@ type Status struct {
 	LastError       *statusError    `json:"last_error,omitempty"`
 	RejectedConfigs int             `json:"rejected_configs"`
 	Clients         map[Flavour]int `json:"clients"`
+	// Names is every endpoint host name known (served or in a refused config): its
+	// addresses and whether it resolves (ok, unresolved, stale).
+	Names map[string]hostState `json:"names,omitempty"`
 }
 
 // ModelStatus is one model's served state.
 type ModelStatus struct {
-	Name        string             `json:"name"`
-	File        string             `json:"file"`
-	Versions    []string           `json:"versions"`
-	Traffic     map[string]int     `json:"traffic"`
-	SlotRuns    []translate.Run    `json:"slot_runs"`
-	Experiments []string           `json:"experiments,omitempty"`
-	Shadows     map[string]float64 `json:"shadows,omitempty"`
-	Rollback    *RollbackStatus    `json:"rollback,omitempty"`
+	Name     string   `json:"name"`
+	File     string   `json:"file"`
+	Versions []string `json:"versions"`
+	// Endpoints shows each version's endpoints and what they resolve to.
+	Endpoints   map[string][]EndpointStatus `json:"endpoints"`
+	Traffic     map[string]int              `json:"traffic"`
+	SlotRuns    []translate.Run             `json:"slot_runs"`
+	Experiments []string                    `json:"experiments,omitempty"`
+	Shadows     map[string]float64          `json:"shadows,omitempty"`
+	Rollback    *RollbackStatus             `json:"rollback,omitempty"`
 }
 
 // RollbackStatus describes a rollback in force.
@@ -211,6 +236,12 @@ func (s *Server) Status() Status {
 	defer s.mu.Unlock()
 	st := Status{RolloutsDir: s.cfg.RolloutsDir, LastError: s.state.lastErr, RejectedConfigs: s.state.rejected,
 		Clients: s.metrics.clients.byFlavour(), Models: []ModelStatus{}}
+	if len(s.state.dns) > 0 {
+		st.Names = map[string]hostState{}
+		for h, hs := range s.state.dns {
+			st.Names[h] = *hs
+		}
+	}
 	if s.state.built == nil {
 		return st
 	}
@@ -218,9 +249,11 @@ func (s *Server) Status() Status {
 	at := s.state.applied
 	st.AppliedAt = &at
 	for _, r := range s.effectiveLocked().Rollouts {
-		ms := ModelStatus{Name: r.Model, File: r.Source.File, Traffic: r.Traffic, SlotRuns: s.state.slots[r.Model].Runs()}
+		ms := ModelStatus{Name: r.Model, File: r.Source.File, Traffic: r.Traffic, SlotRuns: s.state.slots[r.Model].Runs(),
+			Endpoints: map[string][]EndpointStatus{}}
 		for _, v := range r.Versions {
 			ms.Versions = append(ms.Versions, v.Name)
+			ms.Endpoints[v.Name] = s.endpointStatusLocked(v)
 		}
 		for _, e := range r.Experiments {
 			ms.Experiments = append(ms.Experiments, e.Name)

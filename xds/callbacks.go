@@ -9,6 +9,10 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 )
 
 type metrics struct {
@@ -17,6 +21,8 @@ type metrics struct {
 	rejected     metric.Int64Counter
 	applies      metric.Int64Counter
 	rollbacks    metric.Int64Counter
+	emptyRefused metric.Int64Counter
+	refused      metric.Int64Counter
 	applySeconds metric.Float64Histogram
 	clients      *clientCounts
 }
@@ -47,6 +53,19 @@ func newMetrics(m metric.Meter, s *Server) (*metrics, error) {
 	out.nacks, err = m.Int64Counter("patchbay_xds_nacks", metric.WithDescription("xDS responses rejected by clients, by flavour and type"))
 	all = append(all, err)
 	out.rejected, err = m.Int64Counter("patchbay_xds_rejected_configs", metric.WithDescription("rollout configs refused (bad files or failed validation); the last good config kept serving"))
+	all = append(all, err)
+	out.emptyRefused, err = m.Int64Counter("patchbay_xds_empty_reloads_refused", metric.WithDescription("reloads refused because they found no rollout at all (start with --allow-empty to allow)"))
+	all = append(all, err)
+	out.refused, err = m.Int64Counter("patchbay_xds_streams_refused", metric.WithDescription("xDS streams closed because the client's identity may not have what it asked for, by role"))
+	all = append(all, err)
+	_, err = m.Int64ObservableGauge("patchbay_xds_unresolved_endpoint_names", metric.WithDescription("endpoint host names that do not resolve (state unresolved: never did; stale: last known addresses kept), by model, version and host"),
+		metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
+			for _, p := range s.nameProblems() {
+				o.Observe(1, metric.WithAttributes(attribute.String("model", p.model), attribute.String("version", p.version),
+					attribute.String("host", p.host), attribute.String("state", p.state)))
+			}
+			return nil
+		}))
 	all = append(all, err)
 	out.applies, err = m.Int64Counter("patchbay_xds_config_applies", metric.WithDescription("configs applied"))
 	all = append(all, err)
@@ -79,26 +98,80 @@ func newMetrics(m metric.Meter, s *Server) (*metrics, error) {
 	return out, nil
 }
 
-// callbacks count clients, pushes and NACKs, and log NACKs once each.
+// callbacks decide each stream's flavour (from its client certificate when identities are
+// on, else from its node), refuse what the flavour may not have, and count clients, pushes
+// and NACKs, logging NACKs once each.
 func (s *Server) callbacks() serverv3.Callbacks {
 	c := s.metrics.clients
-	seen := func(id int64, n *corev3.Node) Flavour {
+	var (
+		rolesMu sync.Mutex
+		roles   = map[int64]string{}
+	)
+	opened := func(ctx context.Context, id int64) error {
+		if !s.identity {
+			return nil
+		}
+		role := s.peers.streamRole(ctx)
+		if _, ok := roleFlavour[role]; !ok {
+			s.metrics.refused.Add(ctx, 1, metric.WithAttributes(attribute.String("role", role)))
+			if role == "" {
+				return status.Error(codes.PermissionDenied, "xds: the client certificate carries no patchbay identity (URI SAN "+SPIFFEPrefix+"<role>)")
+			}
+			return status.Errorf(codes.PermissionDenied, "xds: role %q is not an xDS client", role)
+		}
+		rolesMu.Lock()
+		roles[id] = role
+		rolesMu.Unlock()
+		return nil
+	}
+	// decide returns the stream's flavour, fixed by its first request.
+	decide := func(id int64, n *corev3.Node) (Flavour, bool) {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		f, ok := c.streams[id]
-		if !ok && n != nil {
-			f = FlavourOf(n)
-			c.streams[id] = f
+		if f, ok := c.streams[id]; ok {
+			return f, true
 		}
-		return f
+		var f Flavour
+		if s.identity {
+			rolesMu.Lock()
+			f = roleFlavour[roles[id]]
+			rolesMu.Unlock()
+		} else if n != nil {
+			f = FlavourOf(n)
+		} else {
+			return "", false
+		}
+		c.streams[id] = f
+		return f, true
+	}
+	// admit checks the request against the stream's flavour: the ext_proc policy goes to
+	// ext_proc only, and ext_proc gets nothing else.
+	admit := func(id int64, n *corev3.Node, typeURL string) (*corev3.Node, error) {
+		f, ok := decide(id, n)
+		if !ok {
+			return n, status.Error(codes.InvalidArgument, "xds: the first request of a stream must carry a node")
+		}
+		if (typeURL == policyv1.TypeURL) != (f == FlavourExtproc) {
+			s.metrics.refused.Add(context.Background(), 1, metric.WithAttributes(attribute.String("role", string(f))))
+			return n, status.Errorf(codes.PermissionDenied, "xds: %s clients are not served %s", f, typeURL)
+		}
+		if n == nil {
+			return nil, nil // a later delta request: the stream's marked node is reused
+		}
+		return withFlavour(n, f), nil
 	}
 	closed := func(id int64) {
 		c.mu.Lock()
 		delete(c.streams, id)
 		c.mu.Unlock()
+		rolesMu.Lock()
+		delete(roles, id)
+		rolesMu.Unlock()
 	}
 	nack := func(id int64, n *corev3.Node, typeURL, nonce, msg string) {
-		f := seen(id, n)
+		c.mu.Lock()
+		f := c.streams[id]
+		c.mu.Unlock()
 		s.metrics.nacks.Add(context.Background(), 1, metric.WithAttributes(
 			attribute.String("flavour", string(f)), attribute.String("type", typeURL)))
 		s.log.Warn().Int64("stream", id).Str("node", n.GetId()).Str("flavour", string(f)).
@@ -112,11 +185,18 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			attribute.String("flavour", string(f)), attribute.String("type", typeURL)))
 	}
 	return serverv3.CallbackFuncs{
-		StreamClosedFunc: func(id int64, _ *corev3.Node) { closed(id) },
+		StreamOpenFunc:      func(ctx context.Context, id int64, _ string) error { return opened(ctx, id) },
+		DeltaStreamOpenFunc: func(ctx context.Context, id int64, _ string) error { return opened(ctx, -id) },
+		StreamClosedFunc:    func(id int64, _ *corev3.Node) { closed(id) },
 		StreamRequestFunc: func(id int64, r *discoveryv3.DiscoveryRequest) error {
-			seen(id, r.GetNode())
+			// go-control-plane has filled in the stream's node when the request omits it.
+			n, err := admit(id, r.GetNode(), r.GetTypeUrl())
+			if err != nil {
+				return err
+			}
+			r.Node = n
 			if r.GetErrorDetail() != nil {
-				nack(id, r.GetNode(), r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail().GetMessage())
+				nack(id, n, r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail().GetMessage())
 			}
 			return nil
 		},
@@ -126,9 +206,17 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		// Delta streams are numbered apart from SotW ones: keep them apart in the map.
 		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { closed(-id) },
 		StreamDeltaRequestFunc: func(id int64, r *discoveryv3.DeltaDiscoveryRequest) error {
-			seen(-id, r.GetNode())
+			// Here the node is filled in after this callback: a request without one keeps
+			// the node (already marked) the stream's first request had.
+			n, err := admit(-id, r.GetNode(), r.GetTypeUrl())
+			if err != nil {
+				return err
+			}
+			if n != nil {
+				r.Node = n
+			}
 			if r.GetErrorDetail() != nil {
-				nack(-id, r.GetNode(), r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail().GetMessage())
+				nack(-id, n, r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail().GetMessage())
 			}
 			return nil
 		},

@@ -24,7 +24,7 @@ import (
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
-const testToken = "s3cret-token"
+const testToken = "s3cret-token-of-at-least-32-bytes-for-tests"
 
 // cp is a control plane under test, restartable on the same ports.
 type cp struct {
@@ -37,10 +37,14 @@ type cp struct {
 	done      chan error
 	logs      *harness.Buffer
 	stateFile string
+	configure func(*Config) // optional: adjust the config before New
 }
 
-func startCP(t testing.TB, dir string) *cp {
-	c := &cp{t: t, dir: dir, grpcAddr: "127.0.0.1:0", adminAddr: "127.0.0.1:0", logs: &harness.Buffer{}}
+func startCP(t testing.TB, dir string) *cp { return startCPWith(t, dir, nil) }
+
+// startCPWith starts a control plane whose config configure adjusts (nil: as startCP).
+func startCPWith(t testing.TB, dir string, configure func(*Config)) *cp {
+	c := &cp{t: t, dir: dir, grpcAddr: "127.0.0.1:0", adminAddr: "127.0.0.1:0", logs: &harness.Buffer{}, configure: configure}
 	c.start()
 	t.Cleanup(func() {
 		c.stop()
@@ -69,7 +73,7 @@ func (c *cp) start() {
 		c.t.Fatal(err)
 	}
 	c.grpcAddr, c.adminAddr = gl.Addr().String(), al.Addr().String()
-	srv, err := New(Config{
+	cfg := Config{
 		RolloutsDir: c.dir,
 		Translate:   translate.Options{EdgeAddress: "127.0.0.1:10000", SidecarAddress: "127.0.0.1:15001", AccessLog: true},
 		AdminToken:  testToken,
@@ -78,7 +82,11 @@ func (c *cp) start() {
 		LookupHost:  fakeDNS.lookup,
 		StateFile:   c.stateFile,
 		Logger:      zerolog.New(c.logs),
-	})
+	}
+	if c.configure != nil {
+		c.configure(&cfg)
+	}
+	srv, err := New(cfg)
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -86,6 +94,9 @@ func (c *cp) start() {
 	c.srv, c.cancel, c.done = srv, cancel, make(chan error, 1)
 	go func() { c.done <- srv.Run(ctx, gl, al) }()
 	waitFor(c.t, 5*time.Second, "control plane ready", func() bool {
+		if cfg.TLS.Enabled() { // the admin port speaks TLS: wait for a config instead
+			return srv.Version() != ""
+		}
 		resp, err := http.Get("http://" + c.adminAddr + "/healthz")
 		if err != nil {
 			return false

@@ -5,6 +5,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -46,10 +47,34 @@ func FlavourOf(n *corev3.Node) Flavour {
 	return FlavourEdge
 }
 
+// flavourKey is the node metadata field in which the server records the flavour it decided
+// for a stream (from the client certificate when identities are on); any value a client
+// sends there is overwritten.
+const flavourKey = "patchbay.flavour"
+
 // nodeHash keys the snapshot cache by flavour: every node of a flavour shares one snapshot.
 type nodeHash struct{}
 
-func (nodeHash) ID(n *corev3.Node) string { return string(FlavourOf(n)) }
+func (nodeHash) ID(n *corev3.Node) string {
+	if f, ok := n.GetMetadata().GetFields()[flavourKey]; ok {
+		return f.GetStringValue()
+	}
+	return string(FlavourOf(n))
+}
+
+// withFlavour returns a copy of n marked with the flavour the server decided. The client's
+// node is not changed in place: go-control-plane keeps it for the stream's later requests.
+func withFlavour(n *corev3.Node, f Flavour) *corev3.Node {
+	c := proto.Clone(n).(*corev3.Node)
+	if c.Metadata == nil {
+		c.Metadata = &structpb.Struct{}
+	}
+	if c.Metadata.Fields == nil {
+		c.Metadata.Fields = map[string]*structpb.Value{}
+	}
+	c.Metadata.Fields[flavourKey] = structpb.NewStringValue(string(f))
+	return c
+}
 
 // nackGuard wraps the composed cache so that a NACK does not trigger an immediate resend
 // of the version the client just rejected. go-control-plane's caches answer any request

@@ -8,12 +8,11 @@ package xds
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
-	"slices"
-	"sort"
 	"sync"
 	"time"
 
@@ -26,12 +25,14 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/translate"
 	"github.com/patchbay-io/patchbay/xds/watch"
@@ -43,8 +44,28 @@ type Config struct {
 	RolloutsDir string
 	// Translate holds the Envoy listener addresses and other emitted knobs.
 	Translate translate.Options
-	// AdminToken guards the rollback API; empty disables it.
+	// AdminToken guards the rollback API and every other mutation (at least 32 bytes).
 	AdminToken string
+	// AdminTokenFile holds the token instead (--admin-token-file); it is re-read when it
+	// changes, so the token rotates without a restart. Neither set: only an mTLS client
+	// with role operator may mutate (none without TLS).
+	AdminTokenFile string
+	// AllowEmpty lets a reload that finds no rollout at all remove every model. Without it
+	// such a reload (an empty directory, a half-synced ConfigMap, a wrong mount) is refused
+	// and reported like any bad config.
+	AllowEmpty bool
+	// Settle is how long the rollout files must stay unchanged (size, modification time
+	// and content) before they are applied (default 100ms): a file written in several
+	// writes is never applied half-written, and its parse errors are not reported until it
+	// stops changing. Negative: apply at once.
+	Settle time.Duration
+	// TLS, with Cert and Key, serves ADS and the admin API over TLS from files re-read when
+	// they change. With CA too, client certificates are required and verified, and a
+	// client's flavour and role follow its certificate (see PeerRoles), not what it says.
+	TLS tlsfiles.Files
+	// PeerRoles maps a client certificate's URI SAN to a role (edge, sidecar, grpc,
+	// extproc, operator), beside the built-in spiffe://patchbay.local/role/<role>.
+	PeerRoles map[string]string
 	// Debounce is how long the directory must be quiet before a reload (default 10ms).
 	Debounce time.Duration
 	// Resync reloads the directory this often even without file events (default 30s).
@@ -70,6 +91,11 @@ type Server struct {
 	cache     cachev3.Cache
 	metrics   *metrics
 
+	tls      *tlsfiles.Source // nil without TLS
+	identity bool             // client certificates required: roles follow them
+	token    *tokenSource     // nil: no bearer token configured
+	peers    *peerRoles
+
 	mu    sync.Mutex
 	state state
 }
@@ -85,6 +111,21 @@ type state struct {
 	applied   time.Time
 	lastErr   *statusError
 	rejected  int
+	// dns is what is known of each endpoint host name: addresses, and whether it resolves.
+	dns map[string]*hostState
+	// candidate is the last set read that was refused only because a version with a share
+	// has no resolved endpoint; it is tried again when a name's addresses change.
+	candidate *rollout.Set
+}
+
+// hostState is one endpoint host name's resolution, as /status shows it.
+type hostState struct {
+	Addresses []string `json:"addresses"`
+	// State is ok, unresolved (never resolved: its versions have no endpoints from it) or
+	// stale (resolved before, fails now: its last known addresses are kept).
+	State string    `json:"state"`
+	Error string    `json:"error,omitempty"`
+	Since time.Time `json:"since"`
 }
 
 // override is a rollback in force: it holds until the model's file content changes.
@@ -114,6 +155,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Resync <= 0 {
 		cfg.Resync = 30 * time.Second
 	}
+	if cfg.Settle == 0 {
+		cfg.Settle = 100 * time.Millisecond
+	}
 	if cfg.DNSRefresh <= 0 {
 		cfg.DNSRefresh = 5 * time.Second
 	}
@@ -138,7 +182,32 @@ func New(cfg Config) (*Server, error) {
 			resolved:  map[string][]string{},
 			overrides: map[string]*override{},
 			history:   map[string][]*rollout.Rollout{},
+			dns:       map[string]*hostState{},
 		},
+	}
+	if cfg.AdminToken != "" || cfg.AdminTokenFile != "" {
+		ts, err := newTokenSource(cfg.AdminToken, cfg.AdminTokenFile)
+		if err != nil {
+			return nil, err
+		}
+		s.token = ts
+	}
+	peers, err := newPeerRoles(cfg.PeerRoles)
+	if err != nil {
+		return nil, err
+	}
+	s.peers = peers
+	if cfg.TLS.Enabled() {
+		if cfg.TLS.Cert == "" {
+			return nil, errors.New("xds: TLS needs a certificate and key (--tls-cert, --tls-key)")
+		}
+		src, err := tlsfiles.Load(cfg.TLS, tlsfiles.Options{OnError: func(err error) {
+			log.Error().Err(err).Msg("TLS files changed but cannot be loaded; keeping the last good ones")
+		}})
+		if err != nil {
+			return nil, fmt.Errorf("xds: %w", err)
+		}
+		s.tls, s.identity = src, cfg.TLS.CA != ""
 	}
 	classify := func(typeURL string) string {
 		if typeURL == policyv1.TypeURL {
@@ -175,11 +244,15 @@ func (s *Server) Cache() cachev3.Cache { return s.cache }
 // GRPCServer returns a gRPC server with ADS, the per-type discovery services and the
 // health service registered.
 func (s *Server) GRPCServer(ctx context.Context) *grpc.Server {
-	gs := grpc.NewServer(
+	opts := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(1_000_000),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	}
+	if s.tls != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(s.tls.ServerConfig("h2"))))
+	}
+	gs := grpc.NewServer(opts...)
 	xs := serverv3.NewServer(ctx, s.cache, s.callbacks())
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, xs)
 	listenerservice.RegisterListenerDiscoveryServiceServer(gs, xs)
@@ -213,6 +286,9 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 	}
 	s.Reload(ctx, "start")
 	gs := s.GRPCServer(ctx)
+	if s.tls != nil {
+		adminLis = tls.NewListener(adminLis, s.tls.ServerConfig("h2", "http/1.1"))
+	}
 	admin := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second}
 	go func() { errc <- serveGRPC(gs, grpcLis) }()
 	go func() {
@@ -254,8 +330,23 @@ func serveGRPC(gs *grpc.Server, lis net.Listener) error {
 
 // Reload reads the rollout directory and applies it if it is valid. A bad directory
 // changes nothing that is served: the error is logged, counted and shown on /status.
+// Files still changing are not read as a config at all: a later event reloads them.
 func (s *Server) Reload(ctx context.Context, why string) {
-	set, err := rollout.LoadDir(s.cfg.RolloutsDir)
+	files, settled, err := s.readSettled(ctx)
+	if !settled {
+		s.log.Info().Str("reason", why).Dur("settle", s.cfg.Settle).
+			Msg("rollout files are still changing; they are applied once they settle")
+		return
+	}
+	var set *rollout.Set
+	if err == nil {
+		set, err = rollout.LoadData(files)
+	}
+	if err == nil && len(set.Rollouts) == 0 && !s.cfg.AllowEmpty {
+		err = fmt.Errorf("no rollout in %s (an empty directory, a half-synced ConfigMap or a wrong mount?): "+
+			"refusing to remove every model (start with --allow-empty to allow it)", s.cfg.RolloutsDir)
+		s.metrics.emptyRefused.Add(ctx, 1)
+	}
 	if err == nil {
 		// Resolve names never seen before outside the lock: a slow or failing DNS must
 		// not stall /readyz, /status or the rollback API.
@@ -267,6 +358,43 @@ func (s *Server) Reload(ctx context.Context, why string) {
 		s.rejectLocked(ctx, fmt.Errorf("rollouts rejected, still serving the last good config: %w", err))
 		return
 	}
+	s.applyFilesLocked(ctx, set, why)
+}
+
+// settleTries bounds how many settle intervals one reload waits for files that keep changing.
+const settleTries = 20
+
+// readSettled reads the rollout files until two reads a settle interval apart agree (same
+// names, sizes, modification times and bytes) and returns the second read; what is parsed is
+// exactly what was seen unchanged. settled is false when the files kept changing (or ctx
+// ended): the writes in progress will cause another reload.
+func (s *Server) readSettled(ctx context.Context) (files []rollout.File, settled bool, err error) {
+	prev, err := rollout.ReadDir(s.cfg.RolloutsDir)
+	if err != nil || s.cfg.Settle < 0 {
+		return prev, true, err
+	}
+	for range settleTries {
+		t := time.NewTimer(s.cfg.Settle)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, false, nil
+		case <-t.C:
+		}
+		cur, err := rollout.ReadDir(s.cfg.RolloutsDir)
+		if err != nil {
+			return nil, true, err
+		}
+		if rollout.Same(prev, cur) {
+			return cur, true, nil
+		}
+		prev = cur
+	}
+	return nil, false, nil
+}
+
+// applyFilesLocked makes set the file state and applies it, or keeps the previous one.
+func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why string) {
 	prevFiles, prevOverrides := s.state.files, s.state.overrides
 	s.state.files = set
 	// A rollback holds until that model's file content changes. Work on a copy: if the
@@ -283,9 +411,14 @@ func (s *Server) Reload(ctx context.Context, why string) {
 	s.state.overrides = overrides
 	if err := s.applyLocked(ctx); err != nil {
 		s.state.files, s.state.overrides = prevFiles, prevOverrides
+		s.state.candidate = nil
+		if errors.Is(err, errUnresolved) {
+			s.state.candidate = set
+		}
 		s.rejectLocked(ctx, err)
 		return
 	}
+	s.state.candidate = nil
 	for _, model := range released {
 		s.log.Info().Str("model", model).Msg("rollback released: the model's rollout file changed")
 	}
@@ -317,6 +450,9 @@ func (s *Server) effectiveLocked() *rollout.Set {
 func (s *Server) applyLocked(ctx context.Context) error {
 	start := time.Now()
 	set := s.effectiveLocked()
+	if err := s.checkResolvedLocked(set); err != nil {
+		return fmt.Errorf("config rejected, still serving the last good config: %w", err)
+	}
 	slots := translate.SlotMaps(set, s.state.slots)
 	in := &translate.Input{Set: set, Slots: slots, Resolved: s.state.resolved}
 	built, err := translate.Build(in, s.cfg.Translate)
@@ -370,99 +506,4 @@ func (s *Server) Version() string {
 		return ""
 	}
 	return s.state.built.Version
-}
-
-// resolveNew resolves, in parallel and without the lock, the host names of set that were
-// never looked up, so a new endpoint name is served with addresses in the same reload.
-// A failure is remembered as an empty answer: refreshDNS retries it every DNSRefresh.
-func (s *Server) resolveNew(ctx context.Context, set *rollout.Set) {
-	s.mu.Lock()
-	var hosts []string
-	for _, h := range translate.Hostnames(set) {
-		if _, ok := s.state.resolved[h]; !ok {
-			hosts = append(hosts, h)
-		}
-	}
-	s.mu.Unlock()
-	if len(hosts) == 0 {
-		return
-	}
-	answers := make([][]string, len(hosts))
-	var wg sync.WaitGroup
-	for i, h := range hosts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ips, err := s.lookup(ctx, h)
-			if err != nil {
-				s.log.Warn().Err(err).Str("host", h).Msg("endpoint name does not resolve yet; its version has no endpoints until it does")
-				ips = []string{}
-			}
-			answers[i] = ips
-		}()
-	}
-	wg.Wait()
-	s.mu.Lock()
-	for i, h := range hosts {
-		if _, ok := s.state.resolved[h]; !ok {
-			s.state.resolved[h] = answers[i]
-		}
-	}
-	s.mu.Unlock()
-}
-
-func (s *Server) lookup(ctx context.Context, host string) ([]string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	ips, err := s.cfg.LookupHost(ctx, host)
-	if err != nil {
-		return nil, err
-	}
-	sort.Strings(ips)
-	return ips, nil
-}
-
-// refreshDNS re-resolves every endpoint name periodically and re-applies when any
-// name's addresses changed. A failed lookup keeps the last known addresses.
-func (s *Server) refreshDNS(ctx context.Context) {
-	t := time.NewTicker(s.cfg.DNSRefresh)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		s.mu.Lock()
-		var hosts []string
-		if s.state.files != nil {
-			hosts = translate.Hostnames(s.state.files)
-		}
-		s.mu.Unlock()
-		changed := map[string][]string{}
-		for _, h := range hosts {
-			ips, err := s.lookup(ctx, h)
-			if err != nil {
-				s.log.Warn().Err(err).Str("host", h).Msg("re-resolve failed; keeping the last addresses")
-				continue
-			}
-			changed[h] = ips
-		}
-		s.mu.Lock()
-		diff := false
-		for h, ips := range changed {
-			if !slices.Equal(s.state.resolved[h], ips) {
-				s.state.resolved[h] = ips
-				diff = true
-			}
-		}
-		if diff {
-			if err := s.applyLocked(ctx); err != nil {
-				s.rejectLocked(ctx, err)
-			} else {
-				s.log.Info().Str("version", s.state.built.Version).Msg("endpoint addresses changed")
-			}
-		}
-		s.mu.Unlock()
-	}
 }

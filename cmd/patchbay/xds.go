@@ -10,11 +10,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
 
 	"github.com/patchbay-io/patchbay/internal/telemetry"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/translate"
@@ -29,7 +31,13 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		admin      = fs.String("admin", "127.0.0.1:18001", "admin HTTP address: /readyz /metrics /status, rollback API")
 		edge       = fs.String("edge-listener", "127.0.0.1:10000", "address of the edge Envoy listener emitted to edge nodes")
 		sidecar    = fs.String("sidecar-listener", "127.0.0.1:15001", "address of the outbound listener emitted to sidecar nodes")
-		tokenFile  = fs.String("admin-token-file", "", "file holding the bearer token of the rollback API (unset: rollback API disabled)")
+		tokenFile  = fs.String("admin-token-file", "", "file holding the bearer token (at least 32 bytes) of the rollback API; re-read when it changes (unset: only an mTLS operator identity may mutate)")
+		allowEmpty = fs.Bool("allow-empty", false, "apply a reload that finds no rollout at all (default: refused, keeping every model served)")
+		settle     = fs.Duration("settle", 100*time.Millisecond, "how long the rollout files must stay unchanged before they are applied (a file still being written is never applied half-written)")
+		tlsCert    = fs.String("tls-cert", "", "PEM certificate served on the ADS and admin ports (re-read when it changes)")
+		tlsKey     = fs.String("tls-key", "", "PEM key of --tls-cert")
+		clientCA   = fs.String("client-ca", "", "PEM CA bundle: client certificates required and verified on both ports; a client's role then follows its certificate's URI SAN (spiffe://patchbay.local/role/<role>)")
+		peerRoles  = stringsFlag{}
 		extprocTO  = fs.Duration("extproc-timeout", translate.DefaultTimeout, "ext_proc message timeout emitted to Envoy (fail open after it)")
 		accessLog  = fs.Bool("access-log", true, "emit an Envoy stdout access log with the routing decision")
 		dnsRefresh = fs.Duration("dns-refresh", 5*time.Second, "how often endpoint host names are re-resolved")
@@ -37,8 +45,17 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		stateFile  = fs.String("state-file", "", "file that keeps each model's slot map across restarts (recommended; unset: splits are laid out afresh on restart)")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
 	)
+	fs.Var(&peerRoles, "peer-role", "URI=role: give client certificates with this URI SAN a role (edge, sidecar, grpc, extproc, operator); repeatable")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	roles := map[string]string{}
+	for _, pr := range peerRoles {
+		uri, role, err := xds.ParsePeerRole(pr)
+		if err != nil {
+			return fmt.Errorf("%w: %w", errUsage, err)
+		}
+		roles[uri] = role
 	}
 	if *dir == "" || fs.NArg() > 0 {
 		fs.Usage()
@@ -47,16 +64,6 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 	log, err := telemetry.NewLogger(stderr, *logLevel)
 	if err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
-	}
-	token := ""
-	if *tokenFile != "" {
-		b, err := os.ReadFile(*tokenFile)
-		if err != nil {
-			return fmt.Errorf("admin token: %w", err)
-		}
-		if token = strings.TrimSpace(string(b)); token == "" {
-			return fmt.Errorf("admin token file %s is empty", *tokenFile)
-		}
 	}
 	metrics, err := telemetry.NewMetrics()
 	if err != nil {
@@ -68,12 +75,16 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		Translate: translate.Options{
 			EdgeAddress: *edge, SidecarAddress: *sidecar, ExtprocTimeout: *extprocTO, AccessLog: *accessLog,
 		},
-		AdminToken: token,
-		StateFile:  *stateFile,
-		DNSRefresh: *dnsRefresh,
-		Debounce:   *debounce,
-		Logger:     log,
-		Metrics:    metrics,
+		AdminTokenFile: *tokenFile,
+		AllowEmpty:     *allowEmpty,
+		Settle:         *settle,
+		TLS:            tlsfiles.Files{Cert: *tlsCert, Key: *tlsKey, CA: *clientCA},
+		PeerRoles:      roles,
+		StateFile:      *stateFile,
+		DNSRefresh:     *dnsRefresh,
+		Debounce:       *debounce,
+		Logger:         log,
+		Metrics:        metrics,
 	})
 	if err != nil {
 		return err
@@ -127,6 +138,9 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	tokenFile := fs.String("token-file", "", "file holding the admin bearer token (or set PATCHBAY_ADMIN_TOKEN)")
 	version := fs.String("version", "", "send 100% to this version (default: the last known-good split)")
 	release := fs.Bool("release", false, "release a rollback in force instead")
+	xdsCA := fs.String("xds-ca", "", "PEM CA of the control plane's admin certificate (https admin URL)")
+	xdsCert := fs.String("xds-cert", "", "PEM client certificate to present (role operator needs no token)")
+	xdsKey := fs.String("xds-key", "", "PEM key of --xds-cert")
 	// Accept the model before or after the flags.
 	var model string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
@@ -140,6 +154,9 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if model == "" {
 		return fmt.Errorf("rollout rollback: name the model: %w", errUsage)
+	}
+	if !rollout.ValidModelName(model) {
+		return fmt.Errorf("rollout rollback: %q is not a model name: %w", model, errUsage)
 	}
 	token := os.Getenv("PATCHBAY_ADMIN_TOKEN")
 	if *tokenFile != "" {
@@ -158,13 +175,23 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(*admin, "/")+"/v1/models/"+model+"/rollback", bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(*admin, "/")+"/v1/models/"+url.PathEscape(model)+"/rollback", bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Authorization", "Bearer "+token)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
+	client := http.DefaultClient
+	if f := (tlsfiles.Files{Cert: *xdsCert, Key: *xdsKey, CA: *xdsCA}); f.Enabled() {
+		src, err := tlsfiles.Load(f, tlsfiles.Options{})
+		if err != nil {
+			return fmt.Errorf("rollback: %w", err)
+		}
+		client = &http.Client{Transport: &http.Transport{TLSClientConfig: src.ClientConfig(req.URL.Hostname())}}
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return fmt.Errorf("rollback: %w", err)
 	}
@@ -176,3 +203,9 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	_, err = stdout.Write(out)
 	return err
 }
+
+// stringsFlag is a repeatable string flag.
+type stringsFlag []string
+
+func (f *stringsFlag) String() string     { return strings.Join(*f, ",") }
+func (f *stringsFlag) Set(v string) error { *f = append(*f, v); return nil }

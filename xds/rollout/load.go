@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -52,51 +53,87 @@ func IsRolloutFile(name string) bool {
 	return ext == ".yaml" || ext == ".yml"
 }
 
-// LoadDir loads and validates every *.yaml / *.yml file directly in dir, in name order.
-// All problems are returned at once, joined.
-func LoadDir(dir string) (*Set, error) {
+// File is one rollout file as read from disk: its content and what identifies that content
+// (size and modification time), or the error that stopped the read.
+type File struct {
+	Path    string
+	Data    []byte
+	Size    int64
+	ModTime time.Time
+	Err     error
+}
+
+// Same reports whether two reads of a directory saw the same files with the same contents.
+func Same(a, b []File) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		x, y := a[i], b[i]
+		if x.Path != y.Path || x.Size != y.Size || !x.ModTime.Equal(y.ModTime) ||
+			(x.Err == nil) != (y.Err == nil) || !bytes.Equal(x.Data, y.Data) {
+			return false
+		}
+		if x.Err != nil && x.Err.Error() != y.Err.Error() {
+			return false
+		}
+	}
+	return true
+}
+
+// ReadDir reads every rollout file directly in dir (see IsRolloutFile; symlinks followed,
+// directories skipped), in name order, without parsing. A file that cannot be read is
+// returned with its Err; only an unreadable directory is an error.
+func ReadDir(dir string) ([]File, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("read rollout directory: %w", err)
 	}
-	var paths []string
+	var files []File
 	for _, e := range entries {
 		if !IsRolloutFile(e.Name()) {
 			continue
 		}
 		p := filepath.Join(dir, e.Name())
 		// Follow symlinks (ConfigMap mounts) but skip directories.
-		if st, err := os.Stat(p); err == nil && st.IsDir() {
+		st, err := os.Stat(p)
+		if err == nil && st.IsDir() {
 			continue
 		}
-		paths = append(paths, p)
+		f := File{Path: p}
+		if err == nil {
+			f.Size, f.ModTime = st.Size(), st.ModTime()
+			f.Data, f.Err = readBounded(p)
+		} else {
+			f.Err = err
+		}
+		files = append(files, f)
 	}
-	return LoadFiles(paths...)
+	return files, nil
 }
 
-// LoadFiles loads and validates the named files (a directory argument is read with LoadDir's rules).
-func LoadFiles(paths ...string) (*Set, error) {
+// LoadDir loads and validates every *.yaml / *.yml file directly in dir, in name order.
+// All problems are returned at once, joined.
+func LoadDir(dir string) (*Set, error) {
+	files, err := ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	return LoadData(files)
+}
+
+// LoadData parses and validates files already read (see ReadDir).
+func LoadData(files []File) (*Set, error) {
 	var (
 		set  Set
 		errs []error
 	)
-	for _, p := range paths {
-		if st, err := os.Stat(p); err == nil && st.IsDir() {
-			sub, err := LoadDir(p)
-			if sub != nil {
-				set.Rollouts = append(set.Rollouts, sub.Rollouts...)
-			}
-			if err != nil {
-				errs = append(errs, err)
-			}
+	for _, f := range files {
+		if f.Err != nil {
+			errs = append(errs, &Error{File: f.Path, Msg: f.Err.Error()})
 			continue
 		}
-		data, err := readBounded(p)
-		if err != nil {
-			errs = append(errs, &Error{File: p, Msg: err.Error()})
-			continue
-		}
-		rs, err := Parse(p, data)
+		rs, err := Parse(f.Path, f.Data)
 		set.Rollouts = append(set.Rollouts, rs...)
 		if err != nil {
 			errs = append(errs, err)
@@ -109,6 +146,25 @@ func LoadFiles(paths ...string) (*Set, error) {
 		return nil, err
 	}
 	return &set, nil
+}
+
+// LoadFiles loads and validates the named files (a directory argument is read with LoadDir's rules).
+func LoadFiles(paths ...string) (*Set, error) {
+	var files []File
+	for _, p := range paths {
+		if st, err := os.Stat(p); err == nil && st.IsDir() {
+			sub, err := ReadDir(p)
+			if err != nil {
+				files = append(files, File{Path: p, Err: err})
+				continue
+			}
+			files = append(files, sub...)
+			continue
+		}
+		data, err := readBounded(p)
+		files = append(files, File{Path: p, Data: data, Err: err})
+	}
+	return LoadData(files)
 }
 
 func readBounded(p string) ([]byte, error) {

@@ -55,13 +55,13 @@ type Shadow struct {
 
 // Experiment assigns a slice of a layer's users to arms.
 type Experiment struct {
-	Name       string  `yaml:"name"`
-	Layer      string  `yaml:"layer"`
+	Name  string `yaml:"name"`
+	Layer string `yaml:"layer"`
 	// Allocation is the percent of the layer's users in the experiment, 0 to 100 with at
 	// most two decimals; 0 pauses the experiment (nobody is assigned).
 	Allocation Hundredths `yaml:"allocation"`
-	Match      *Match  `yaml:"match"`
-	Arms       []Arm   `yaml:"arms"`
+	Match      *Match     `yaml:"match"`
+	Arms       []Arm      `yaml:"arms"`
 }
 
 // Match targets an experiment on request headers: every listed header must hold one of its values.

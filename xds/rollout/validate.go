@@ -268,3 +268,7 @@ func versionList(r *Rollout) string {
 }
 
 func validProtocol(p string) bool { return p == "http" || p == "grpc" }
+
+// ValidModelName reports whether s is a valid model name (a DNS label), for callers that
+// take a model name from outside (the admin API, the CLI).
+func ValidModelName(s string) bool { return modelNameRe.MatchString(s) }

@@ -34,7 +34,7 @@ type suite struct {
 
 var suites = []suite{
 	{"control plane", "./xds/", "Translate1000x3|EditToRoute|MemoryPer1000Models", "1x"},
-	{"ext_proc vs floor", "./test/bench/extproc/", "ExtprocVsFloor", "1x"},
+	{"ext_proc vs floor, mTLS on vs off", "./test/bench/extproc/", "ExtprocVsFloor|ExtprocMTLS", "1x"},
 	{"model host", "./test/bench/modelhost/", ".", "2000x"},
 	{"whole chain", "./test/e2e/", ".", "1x"},
 }
@@ -119,6 +119,10 @@ func run(out string) error {
 		"patchbay ext_proc", "trivial ext_proc floor server (fixed answer, same shape)", 0.9)
 	add("ext_proc CPU per decision (floor/patchbay)", "BenchmarkExtprocVsFloor", "cpu-efficiency-ratio",
 		f("BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision", "%.2f µs/decision"), f("BenchmarkExtprocVsFloor", "floor-cpu-us/decision", "floor %.2f µs"), 0.9)
+	add("ext_proc with mTLS: throughput, TLS on / off", "BenchmarkExtprocMTLS", "mtls-throughput-ratio",
+		"`patchbay extproc --tls-cert --tls-key --client-ca`", "the same binary in plaintext", 0)
+	add("ext_proc with mTLS: CPU per decision, TLS on / off (above 1: TLS costs more)", "BenchmarkExtprocMTLS", "mtls-cpu-ratio",
+		f("BenchmarkExtprocMTLS", "mtls-cpu-us/decision", "%.2f µs/decision"), f("BenchmarkExtprocMTLS", "plain-cpu-us/decision", "plaintext %.2f µs"), 0)
 	add("REST infer, 16 floats", "BenchmarkRESTInfer", "ratio",
 		f("BenchmarkRESTInfer", "modelhost-ns/req", "%.0f ns/req"), f("BenchmarkRESTInfer", "baseline-ns/req", "bare net/http echo %.0f ns"), 0.7)
 	add("gRPC ModelInfer, 16 floats", "BenchmarkGRPCInfer", "ratio",
