@@ -103,7 +103,7 @@ func TestHalfWrittenFileIsNeverServed(t *testing.T) {
 
 	full := docA("{v1: 50, v2: 50}") + "---\n" + docB
 	cut1 := len(docA("{v1: 50, v2: 50}") + "---\n") // a valid file holding model a only
-	cut2 := cut1 + len(docB)/2                        // model b cut mid-document
+	cut2 := cut1 + len(docB)/2                      // model b cut mid-document
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
 		t.Fatal(err)
