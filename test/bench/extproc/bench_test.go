@@ -93,7 +93,7 @@ func runServer(mode string) int {
 }
 
 // floor answers request headers with a fixed mutation of the same shape as a
-// patchbay decision (three headers, clear_route_cache), built once.
+// patchbay decision (four headers, clear_route_cache), built once.
 type floor struct {
 	extprocv3.UnimplementedExternalProcessorServer
 }
@@ -101,7 +101,7 @@ type floor struct {
 var floorAnswer = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
 	RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
 		HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
-			fixed(headers.Bucket, "12754204003123123123"), fixed(headers.Version, "v8"), fixed(headers.Experiments, "ltv=treatment"),
+			fixed(headers.Model, "ranker"), fixed(headers.Bucket, "12754204003123123123"), fixed(headers.Version, "v8"), fixed(headers.Experiments, "ltv=treatment"),
 		}},
 		ClearRouteCache: true,
 	}},
