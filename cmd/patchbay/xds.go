@@ -40,6 +40,13 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		peerRoles  = stringsFlag{}
 		extprocTO  = fs.Duration("extproc-timeout", translate.DefaultTimeout, "ext_proc message timeout emitted to Envoy (fail open after it)")
 		accessLog  = fs.Bool("access-log", true, "emit an Envoy stdout access log with the routing decision")
+		upTLSCA    = fs.String("upstream-tls-ca", "", "PEM CA bundle, as Envoy sees it, that model hosts' certificates chain to; needed by --upstream-tls and by versions with tls: true (Envoy re-reads it when its directory changes)")
+		upTLSCert  = fs.String("upstream-tls-cert", "", "PEM client certificate, as Envoy sees it, that Envoy presents to model hosts over TLS")
+		upTLSKey   = fs.String("upstream-tls-key", "", "PEM key of --upstream-tls-cert, as Envoy sees it")
+		upTLSAll   = fs.Bool("upstream-tls", false, "Envoy's clusters to every model version originate TLS (default: only versions with tls: true)")
+		edgeCert   = fs.String("edge-tls-cert", "", "PEM certificate, as Envoy sees it, served by the edge listener (TLS on the edge)")
+		edgeKey    = fs.String("edge-tls-key", "", "PEM key of --edge-tls-cert, as Envoy sees it")
+		edgeCA     = fs.String("edge-client-ca", "", "PEM CA bundle, as Envoy sees it: the edge listener requires and verifies client certificates")
 		dnsRefresh = fs.Duration("dns-refresh", 5*time.Second, "how often endpoint host names are re-resolved")
 		debounce   = fs.Duration("debounce", 10*time.Millisecond, "quiet time after a file event before reloading")
 		stateFile  = fs.String("state-file", "", "file that keeps each model's slot map across restarts (recommended; unset: splits are laid out afresh on restart)")
@@ -61,6 +68,15 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		fs.Usage()
 		return fmt.Errorf("xds: --rollouts DIR is required: %w", errUsage)
 	}
+	topts := translate.Options{
+		EdgeAddress: *edge, SidecarAddress: *sidecar, ExtprocTimeout: *extprocTO, AccessLog: *accessLog,
+		UpstreamTLS:    translate.TLSFiles{CA: *upTLSCA, Cert: *upTLSCert, Key: *upTLSKey},
+		AllUpstreamTLS: *upTLSAll,
+		EdgeTLS:        translate.TLSFiles{Cert: *edgeCert, Key: *edgeKey, CA: *edgeCA},
+	}
+	if err := translate.CheckOptions(topts); err != nil {
+		return fmt.Errorf("xds: %w: %w", errUsage, err)
+	}
 	log, err := telemetry.NewLogger(stderr, *logLevel)
 	if err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
@@ -71,10 +87,8 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	defer metrics.Shutdown(context.Background())
 	srv, err := xds.New(xds.Config{
-		RolloutsDir: *dir,
-		Translate: translate.Options{
-			EdgeAddress: *edge, SidecarAddress: *sidecar, ExtprocTimeout: *extprocTO, AccessLog: *accessLog,
-		},
+		RolloutsDir:    *dir,
+		Translate:      topts,
 		AdminTokenFile: *tokenFile,
 		AllowEmpty:     *allowEmpty,
 		Settle:         *settle,

@@ -44,7 +44,7 @@ func Build(in *Input, opts Options) (*Built, error) {
 	if err != nil {
 		return nil, err
 	}
-	grpc := GRPC(in)
+	grpc := GRPCWith(in, opts)
 
 	h := sha256.New()
 	var errs []error

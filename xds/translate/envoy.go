@@ -41,6 +41,9 @@ import (
 // an early header mutation stripping client routing headers, then ext_proc -> router, routes over RDS), the route table, one EDS cluster
 // per model version, and its endpoints.
 func Envoy(in *Input, opts Options, role Role) (Resources, error) {
+	if err := checkTLS(in.Set, opts); err != nil {
+		return nil, err
+	}
 	name, addr := EdgeListener, opts.EdgeAddress
 	if role == Sidecar {
 		name, addr = SidecarListener, opts.SidecarAddress
@@ -53,9 +56,12 @@ func Envoy(in *Input, opts Options, role Role) (Resources, error) {
 		resource.ListenerType: {lis},
 		resource.RouteType:    {envoyRoutes(in)},
 	}
+	if secrets := envoySecrets(in.Set, opts, role); len(secrets) > 0 {
+		res[resource.SecretType] = secrets
+	}
 	for _, r := range in.Set.Rollouts {
 		for _, v := range r.Versions {
-			res[resource.ClusterType] = append(res[resource.ClusterType], envoyCluster(r, v))
+			res[resource.ClusterType] = append(res[resource.ClusterType], envoyCluster(r, v, opts))
 			res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v))
 		}
 	}
@@ -130,18 +136,22 @@ func envoyListener(name, addr string, opts Options, role Role) (*listenerv3.List
 	if opts.AccessLog {
 		hcm.AccessLog = []*accesslogv3.AccessLog{accessLog()}
 	}
+	chain := &listenerv3.FilterChain{
+		Filters: []*listenerv3.Filter{{
+			Name:       "envoy.filters.network.http_connection_manager",
+			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(hcm)},
+		}},
+	}
+	if role == Edge && opts.EdgeTLS.Cert != "" {
+		chain.TransportSocket = edgeDownstreamTLS(opts)
+	}
 	return &listenerv3.Listener{
 		Name: name,
 		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
 			Address:       host,
 			PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(port)},
 		}}},
-		FilterChains: []*listenerv3.FilterChain{{
-			Filters: []*listenerv3.Filter{{
-				Name:       "envoy.filters.network.http_connection_manager",
-				ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(hcm)},
-			}},
-		}},
+		FilterChains:                  []*listenerv3.FilterChain{chain},
 		PerConnectionBufferLimitBytes: wrapperspb.UInt32(1 << 20),
 	}, nil
 }
@@ -378,8 +388,11 @@ func baseAction(r *rollout.Rollout) *routev3.RouteAction {
 // envoyCluster is one model version: EDS endpoints, active health checks on the OIP
 // readiness path, outlier detection, HTTP/2 for gRPC versions, and an upstream filter that
 // names the version on every request sent to it (mirrors included).
-func envoyCluster(r *rollout.Rollout, v rollout.Version) *clusterv3.Cluster {
+func envoyCluster(r *rollout.Rollout, v rollout.Version, deploy Options) *clusterv3.Cluster {
 	c := edsCluster(ClusterName(r.Model, v.Name))
+	if upstreamTLS(v, deploy) {
+		envoyUpstreamTLS(c, v, deploy)
+	}
 	c.OutlierDetection = &clusterv3.OutlierDetection{
 		Consecutive_5Xx:                    wrapperspb.UInt32(5),
 		ConsecutiveGatewayFailure:          wrapperspb.UInt32(3),

@@ -24,12 +24,20 @@ import (
 // gRPC picks weighted clusters per RPC at random (it has no header_name random value), so
 // the proxyless split is exact in aggregate but not sticky per user; header-matched version
 // routes work as on Envoy. Weights are summed per version rather than emitted as slot runs.
-func GRPC(in *Input) Resources {
+func GRPC(in *Input) Resources { return GRPCWith(in, Options{}) }
+
+// GRPCWith is GRPC with the deployment options: clusters of versions with upstream TLS
+// carry the proxyless UpstreamTlsContext (grpcUpstreamTLS).
+func GRPCWith(in *Input, opts Options) Resources {
 	res := Resources{}
 	for _, r := range in.Set.Rollouts {
 		res[resource.ListenerType] = append(res[resource.ListenerType], grpcListener(r))
 		for _, v := range r.Versions {
-			res[resource.ClusterType] = append(res[resource.ClusterType], edsCluster(ClusterName(r.Model, v.Name)))
+			c := edsCluster(ClusterName(r.Model, v.Name))
+			if upstreamTLS(v, opts) {
+				grpcUpstreamTLS(c)
+			}
+			res[resource.ClusterType] = append(res[resource.ClusterType], c)
 			res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v))
 		}
 	}

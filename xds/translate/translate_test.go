@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -179,5 +180,79 @@ func TestDNSNamesResolveToEDS(t *testing.T) {
 	cla := b2.Edge.GetResources(resource.EndpointType)["thumbs_v1"]
 	if !strings.Contains(protojson.Format(cla), "10.1.0.9") {
 		t.Fatalf("EDS lacks the new address: %v", cla)
+	}
+}
+
+// tlsCases are the TLS variants: options per case in testdata/tls/<case>.yaml.
+var tlsCases = map[string]Options{
+	// Only versions with tls: true; Envoy presents a client certificate; plain edge.
+	"version": {EdgeAddress: "0.0.0.0:10000", SidecarAddress: "127.0.0.1:15001",
+		UpstreamTLS: TLSFiles{CA: "/etc/patchbay/upstream/ca.crt", Cert: "/etc/patchbay/upstream/tls.crt", Key: "/etc/patchbay/upstream/tls.key"}},
+	// Every version (--upstream-tls), CA only; edge TLS requiring client certificates.
+	"all": {EdgeAddress: "0.0.0.0:10443", SidecarAddress: "127.0.0.1:15001", AllUpstreamTLS: true,
+		UpstreamTLS: TLSFiles{CA: "/etc/patchbay/upstream/ca.crt"},
+		EdgeTLS:     TLSFiles{Cert: "/etc/patchbay/edge/tls.crt", Key: "/etc/patchbay/edge/tls.key", CA: "/etc/patchbay/edge-clients/ca.crt"}},
+}
+
+func TestGoldenTLS(t *testing.T) {
+	for name, opts := range tlsCases {
+		t.Run(name, func(t *testing.T) {
+			in := loadInput(t, filepath.Join("testdata", "tls", name+".yaml"))
+			b, err := Build(in, opts)
+			if err != nil {
+				t.Fatalf("Build: %v", err)
+			}
+			edge, _ := Envoy(in, opts, Edge)
+			sidecar, _ := Envoy(in, opts, Sidecar)
+			grpc := GRPCWith(in, opts)
+			got := normalize(t, map[string]any{
+				"version":         b.Version,
+				"edge_listeners":  edge[resource.ListenerType],
+				"edge_secrets":    edge[resource.SecretType],
+				"sidecar_secrets": sidecar[resource.SecretType],
+				"clusters":        edge[resource.ClusterType],
+				"grpc_clusters":   grpc[resource.ClusterType],
+			})
+			golden := filepath.Join("testdata", "tls", name+".golden.json")
+			if *update {
+				if err := os.WriteFile(golden, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test -update)", err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("%s differs from the translation; run go test ./xds/translate -update and review the diff", golden)
+			}
+			// Sidecars never get the edge's certificate.
+			for _, s := range sidecar[resource.SecretType] {
+				if n := cachev3.GetResourceName(s); n == SecretEdgeCert || n == SecretEdgeClientCA {
+					t.Errorf("sidecar got edge secret %s", n)
+				}
+			}
+		})
+	}
+}
+
+// TestTLSNeedsCA: a version asking for TLS, or --upstream-tls, without an upstream CA is a
+// build error naming the version, as are half key pairs; nothing is served.
+func TestTLSNeedsCA(t *testing.T) {
+	for _, tc := range []struct {
+		file string
+		opts Options
+		want string
+	}{
+		{"testdata/tls/version.yaml", testOpts, "model ranker version v7: tls: true needs the control plane's --upstream-tls-ca"},
+		{"testdata/split.yaml", Options{EdgeAddress: "0.0.0.0:1", SidecarAddress: "127.0.0.1:2", AllUpstreamTLS: true}, "--upstream-tls needs --upstream-tls-ca"},
+		{"testdata/split.yaml", Options{EdgeAddress: "0.0.0.0:1", SidecarAddress: "127.0.0.1:2", UpstreamTLS: TLSFiles{CA: "/ca", Cert: "/c"}}, "--upstream-tls-cert and --upstream-tls-key go together"},
+		{"testdata/split.yaml", Options{EdgeAddress: "0.0.0.0:1", SidecarAddress: "127.0.0.1:2", EdgeTLS: TLSFiles{CA: "/ca"}}, "--edge-client-ca needs --edge-tls-cert"},
+		{"testdata/split.yaml", Options{EdgeAddress: "0.0.0.0:1", SidecarAddress: "127.0.0.1:2", EdgeTLS: TLSFiles{Cert: "/c"}}, "--edge-tls-cert and --edge-tls-key go together"},
+	} {
+		b, err := Build(loadInput(t, tc.file), tc.opts)
+		if err == nil || b != nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s %+v: Build = %v, %v; want error %q", tc.file, tc.opts, b, err, tc.want)
+		}
 	}
 }
