@@ -99,6 +99,31 @@ type ServiceMonitor struct {
 	} `json:"spec"`
 }
 
+// Certificate is the subset of cert-manager.io/v1 Certificate the chart renders, decoded
+// strictly like the rest.
+type Certificate struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		SecretName  string   `json:"secretName"`
+		Duration    string   `json:"duration"`
+		RenewBefore string   `json:"renewBefore"`
+		Usages      []string `json:"usages"`
+		URIs        []string `json:"uris"`
+		DNSNames    []string `json:"dnsNames"`
+		PrivateKey  struct {
+			Algorithm      string `json:"algorithm"`
+			Size           int    `json:"size"`
+			RotationPolicy string `json:"rotationPolicy"`
+		} `json:"privateKey"`
+		IssuerRef struct {
+			Name  string `json:"name"`
+			Kind  string `json:"kind"`
+			Group string `json:"group"`
+		} `json:"issuerRef"`
+	} `json:"spec"`
+}
+
 // rendered is one chart rendering, decoded.
 type rendered struct {
 	configMaps  map[string]*corev1.ConfigMap
@@ -109,6 +134,7 @@ type rendered struct {
 	netpols     map[string]*networkingv1.NetworkPolicy
 	monitors    map[string]*ServiceMonitor
 	accounts    map[string]*corev1.ServiceAccount
+	certs       map[string]*Certificate
 }
 
 var docSep = regexp.MustCompile(`(?m)^---\s*$`)
@@ -121,6 +147,7 @@ func decode(manifests string) (*rendered, error) {
 		services: map[string]*corev1.Service{}, pdbs: map[string]*policyv1.PodDisruptionBudget{},
 		hpas: map[string]*autoscalingv2.HorizontalPodAutoscaler{}, netpols: map[string]*networkingv1.NetworkPolicy{},
 		monitors: map[string]*ServiceMonitor{}, accounts: map[string]*corev1.ServiceAccount{},
+		certs: map[string]*Certificate{},
 	}
 	for i, doc := range docSep.Split(manifests, -1) {
 		if strings.TrimSpace(stripComments(doc)) == "" {
@@ -157,6 +184,9 @@ func decode(manifests string) (*rendered, error) {
 		case "monitoring.coreos.com/v1/ServiceMonitor":
 			o := new(ServiceMonitor)
 			obj, put = o, func() { r.monitors[o.Name] = o }
+		case "cert-manager.io/v1/Certificate":
+			o := new(Certificate)
+			obj, put = o, func() { r.certs[o.Name] = o }
 		default:
 			return nil, fmt.Errorf("document %d: unexpected kind %s", i, gvk)
 		}
@@ -249,9 +279,11 @@ func TestChartRender(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		values []string
+		tls    tlsCase
 	}{
-		{"default values", nil},
-		{"full values", []string{"-f", fullValues}},
+		{"default values", nil, tlsOff},
+		{"full values", []string{"-f", fullValues}, tlsCertManager},
+		{"mTLS from given Secrets", []string{"--set", "tls.enabled=true,xds.tls.secretName=xds-certs,sidecar.example.enabled=true"}, tlsSecrets},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := helm(t, append([]string{"template", release, chartDir, "--namespace", namespace}, tc.values...)...)
@@ -262,14 +294,16 @@ func TestChartRender(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			full := tc.values != nil
+			full := tc.tls == tlsCertManager
 			checkWorkloads(t, r)
 			checkServices(t, r)
 			checkFlags(t, r, full)
-			checkBootstraps(t, r, full)
+			checkBootstraps(t, r, full, tc.tls != tlsOff)
+			checkTLS(t, r, tc.tls)
+			checkNetworkPolicies(t, r, full)
 			if full {
 				checkFull(t, r)
-			} else {
+			} else if tc.tls == tlsOff {
 				checkDefaultRollouts(t, r)
 			}
 		})
@@ -524,7 +558,7 @@ func checkFlags(t *testing.T, r *rendered, full bool) {
 // checkBootstraps: the Envoy bootstraps the chart renders are envoy/edge.yaml and
 // envoy/sidecar.yaml with the chart's addresses and limits, and pass Envoy's
 // validation rules and patchbay's checks.
-func checkBootstraps(t *testing.T, r *rendered, full bool) {
+func checkBootstraps(t *testing.T, r *rendered, full, mtls bool) {
 	t.Helper()
 	domain, xdsPort, extprocPort, otel := "cluster.local", "18000", "18080", "127.0.0.1:4317"
 	edge := envoy.Params{Admin: "127.0.0.1:9901", Stats: "0.0.0.0:9902", MaxHeapBytes: 805306368, MaxConnections: 50000}
@@ -539,6 +573,7 @@ func checkBootstraps(t *testing.T, r *rendered, full bool) {
 		p.XDS = fmt.Sprintf("rel-patchbay-xds.%s.svc.%s:%s", namespace, domain, xdsPort)
 		p.ExtProc = fmt.Sprintf("rel-patchbay-extproc.%s.svc.%s:%s", namespace, domain, extprocPort)
 		p.OTel = otel
+		p.MTLS = mtls
 		want, err := envoy.Render(role, p)
 		if err != nil {
 			t.Fatalf("envoy.Render(%s): %v", role, err)
@@ -551,7 +586,11 @@ func checkBootstraps(t *testing.T, r *rendered, full bool) {
 		if err != nil {
 			t.Fatalf("chart's %s bootstrap: %v", role, err)
 		}
-		if err := envoy.Check(role, got); err != nil {
+		check := envoy.Check
+		if mtls {
+			check = envoy.CheckMTLS
+		}
+		if err := check(role, got); err != nil {
 			t.Errorf("chart's %s bootstrap fails the checks: %v", role, err)
 		}
 		if diff := cmp.Diff(want, got, protocmp.Transform()); diff != "" {
@@ -606,19 +645,34 @@ func checkFull(t *testing.T, r *rendered) {
 			t.Errorf("model host %s: Deployment or Service missing", name)
 		}
 	}
+	volume := func(spec corev1.PodSpec, name string) *corev1.Volume {
+		for i, v := range spec.Volumes {
+			if v.Name == name {
+				return &spec.Volumes[i]
+			}
+		}
+		return nil
+	}
 	ranker := r.deployments["rel-patchbay-modelhost-ranker"].Spec.Template.Spec
-	if v := ranker.Volumes; len(v) != 1 || v[0].PersistentVolumeClaim == nil || v[0].PersistentVolumeClaim.ClaimName != "ranker-models" {
+	if v := volume(ranker, "repository"); v == nil || v.PersistentVolumeClaim == nil || v.PersistentVolumeClaim.ClaimName != "ranker-models" {
 		t.Errorf("ranker repository volume = %+v", v)
 	}
+	// The repository API's token, from its Secret.
+	if v := volume(ranker, "admin-token"); v == nil || v.Secret == nil || v.Secret.SecretName != "ranker-admin" {
+		t.Errorf("ranker admin token volume = %+v", v)
+	}
+	if f := argFlags(t, container(t, r, "rel-patchbay-modelhost-ranker", "modelhost"), "modelhost"); f["admin-token-file"] != "/etc/patchbay/admin-token/token" {
+		t.Errorf("ranker --admin-token-file = %q", f["admin-token-file"])
+	}
 	churn := r.deployments["rel-patchbay-modelhost-churn"].Spec.Template.Spec
-	if len(churn.InitContainers) != 1 || len(churn.Volumes) != 1 || churn.Volumes[0].EmptyDir == nil {
+	if v := volume(churn, "repository"); len(churn.InitContainers) != 1 || v == nil || v.EmptyDir == nil {
 		t.Errorf("churn: init container + emptyDir repository expected, got %d init containers, volumes %+v", len(churn.InitContainers), churn.Volumes)
 	}
 	if r.configMaps["rel-patchbay-rollouts"] != nil {
 		t.Error("rollouts ConfigMap rendered although rollouts come from a volume")
 	}
-	if len(r.hpas) != 1 || len(r.monitors) != 5 || len(r.netpols) != 4 {
-		t.Errorf("HPAs %d, ServiceMonitors %d, NetworkPolicies %d; want 1, 5, 4", len(r.hpas), len(r.monitors), len(r.netpols))
+	if len(r.hpas) != 1 || len(r.monitors) != 5 || len(r.netpols) != 5 {
+		t.Errorf("HPAs %d, ServiceMonitors %d, NetworkPolicies %d; want 1, 5, 5", len(r.hpas), len(r.monitors), len(r.netpols))
 	}
 	// The sidecar example: an app container plus the patchbay.envoySidecar container,
 	// whose bootstrap volume is the rendered sidecar ConfigMap.
@@ -627,11 +681,11 @@ func checkFull(t *testing.T, r *rendered) {
 		t.Fatal("sidecar example not rendered")
 	}
 	sc := container(t, r, ex.Name, "patchbay-envoy")
-	if !slices.Contains(sc.Args, "/etc/patchbay-envoy/envoy.yaml") || len(sc.VolumeMounts) != 1 {
-		t.Errorf("sidecar container args %q mounts %+v", sc.Args, sc.VolumeMounts)
+	if !slices.Contains(sc.Args, "/etc/patchbay-envoy/envoy.yaml") || len(sc.VolumeMounts) != 3 {
+		t.Errorf("sidecar container args %q mounts %+v (want bootstrap, TLS Secret, SDS files)", sc.Args, sc.VolumeMounts)
 	}
 	vol := ex.Spec.Template.Spec.Volumes
-	if len(vol) != 1 || vol[0].Name != sc.VolumeMounts[0].Name || vol[0].ConfigMap == nil || r.configMaps[vol[0].ConfigMap.Name] == nil {
+	if len(vol) != 3 || vol[0].Name != sc.VolumeMounts[0].Name || vol[0].ConfigMap == nil || r.configMaps[vol[0].ConfigMap.Name] == nil {
 		t.Errorf("sidecar bootstrap volume %+v does not mount a rendered ConfigMap", vol)
 	}
 	if !hasPort(sc, "envoy-stats") || sc.Ports[0].ContainerPort != 25020 {
@@ -658,6 +712,10 @@ func TestChartRejectsBadValues(t *testing.T) {
 		{[]string{"xds.rollouts.files=null"}, "xds.rollouts: set files"},
 		{[]string{"--skip-schema-validation", "modelhosts[0].name=Bad_Name"}, "want a DNS label"},
 		{[]string{"--skip-schema-validation", "xds.listen=18000"}, "want host:port"},
+		{[]string{"tls.certManager.issuerRef.kind=Vault"}, "/tls/certManager/issuerRef/kind"},
+		{[]string{"tls.enabled=true", "tls.certManager.enabled=true"}, "tls.certManager.issuerRef.name is required"},
+		{[]string{"modelhosts[0].name=a", "modelhosts[0].repository=/m", "modelhosts[0].http=0.0.0.0:1", "modelhosts[0].grpc=0.0.0.0:2", "modelhosts[0].admin=0.0.0.0:3"}, "the repository API needs adminTokenSecret"},
+		{[]string{"networkPolicy.clients=yes"}, "/networkPolicy/clients"},
 	} {
 		t.Run(strings.Join(tc.set, " "), func(t *testing.T) {
 			t.Parallel()

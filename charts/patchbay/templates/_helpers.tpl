@@ -81,7 +81,8 @@ whose value is set (not "", not 0; booleans always).
 
 {{/*
 The Envoy bootstrap of a role, rendered from the same content as envoy/edge.yaml and
-envoy/sidecar.yaml (charts/chart_test.go checks they are equal after substitution).
+envoy/sidecar.yaml, or with tls.enabled envoy/edge-mtls.yaml and envoy/sidecar-mtls.yaml
+(charts/chart_test.go checks they are equal after substitution).
 (dict "root" $ "role" "edge"|"sidecar")
 */}}
 {{- define "patchbay.envoyBootstrap" -}}
@@ -148,6 +149,33 @@ static_resources:
           explicit_http_config:
             http2_protocol_options:
               connection_keepalive: {interval: 30s, timeout: 5s}
+      {{- if $root.Values.tls.enabled }}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificate_sds_secret_configs:
+              - name: patchbay_tls_certificate
+                sds_config:
+                  resource_api_version: V3
+                  path_config_source:
+                    path: /etc/patchbay/sds/tls-certificate.yaml
+                    watched_directory: {path: /etc/patchbay/sds}
+            combined_validation_context:
+              default_validation_context:
+                match_typed_subject_alt_names:
+                  - san_type: URI
+                    matcher: {exact: "spiffe://patchbay.local/role/xds"}
+              validation_context_sds_secret_config:
+                name: patchbay_trusted_ca
+                sds_config:
+                  resource_api_version: V3
+                  path_config_source:
+                    path: /etc/patchbay/sds/validation-context.yaml
+                    watched_directory: {path: /etc/patchbay/sds}
+      {{- end }}
       load_assignment:
         cluster_name: patchbay_xds
         endpoints:
@@ -174,6 +202,33 @@ static_resources:
           explicit_http_config:
             http2_protocol_options:
               connection_keepalive: {interval: 30s, timeout: 5s}
+      {{- if $root.Values.tls.enabled }}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificate_sds_secret_configs:
+              - name: patchbay_tls_certificate
+                sds_config:
+                  resource_api_version: V3
+                  path_config_source:
+                    path: /etc/patchbay/sds/tls-certificate.yaml
+                    watched_directory: {path: /etc/patchbay/sds}
+            combined_validation_context:
+              default_validation_context:
+                match_typed_subject_alt_names:
+                  - san_type: URI
+                    matcher: {exact: "spiffe://patchbay.local/role/extproc"}
+              validation_context_sds_secret_config:
+                name: patchbay_trusted_ca
+                sds_config:
+                  resource_api_version: V3
+                  path_config_source:
+                    path: /etc/patchbay/sds/validation-context.yaml
+                    watched_directory: {path: /etc/patchbay/sds}
+      {{- end }}
       load_assignment:
         cluster_name: patchbay_extproc
         endpoints:
@@ -246,7 +301,9 @@ and mount the sidecar bootstrap ConfigMap with "patchbay.envoySidecarVolume":
     {{- include "patchbay.envoySidecarVolume" (dict "configMap" "RELEASE-patchbay-envoy-sidecar") | nindent 4 }}
 
 Keys: configMap (required), image (default envoyproxy/envoy:<pinned>), statsPort (15020),
-resources (default requests 50m/64Mi, limit 320Mi), logLevel (warning).
+resources (default requests 50m/64Mi, limit 320Mi), logLevel (warning); with tls.enabled
+also tlsSecret (the pod's certificate, role sidecar) and sdsConfigMap
+(RELEASE-patchbay-envoy-sds), passed to both templates.
 */}}
 {{- define "patchbay.envoySidecar" -}}
 - name: patchbay-envoy
@@ -273,9 +330,89 @@ resources (default requests 50m/64Mi, limit 320Mi), logLevel (warning).
     capabilities: {drop: [ALL]}
   volumeMounts:
     - {name: patchbay-envoy-bootstrap, mountPath: /etc/patchbay-envoy, readOnly: true}
+    {{- if .tlsSecret }}
+    - {name: patchbay-envoy-tls, mountPath: /etc/patchbay/tls, readOnly: true}
+    - {name: patchbay-envoy-sds, mountPath: /etc/patchbay/sds, readOnly: true}
+    {{- end }}
 {{- end -}}
 
 {{- define "patchbay.envoySidecarVolume" -}}
 - name: patchbay-envoy-bootstrap
   configMap: {name: {{ required "patchbay.envoySidecarVolume: configMap is required" .configMap }}}
+{{- if .tlsSecret }}
+- name: patchbay-envoy-tls
+  secret: {secretName: {{ .tlsSecret | quote }}, defaultMode: 292}   # 0444: Envoy runs as its own user
+- name: patchbay-envoy-sds
+  configMap: {name: {{ required "patchbay.envoySidecarVolume: sdsConfigMap is required with tlsSecret" .sdsConfigMap }}}
+{{- end }}
+{{- end -}}
+
+
+{{/* The Secret holding a part's certificate: (dict "root" $ "component" "xds" "part" .Values.xds) */}}
+{{- define "patchbay.tlsSecretName" -}}
+{{- default (printf "%s-%s-tls" (include "patchbay.fullname" .root) .component) (dig "tls" "secretName" "" .part) -}}
+{{- end -}}
+
+{{/* A part's TLS volume: its Secret, whole (no subPath: updates reach the pod), read-only. */}}
+{{- define "patchbay.tlsVolume" -}}
+- name: tls
+  secret: {secretName: {{ include "patchbay.tlsSecretName" . | quote }}, defaultMode: 288}   # 0440, readable through fsGroup
+{{- end -}}
+
+{{/* The SDS files of the mTLS Envoy bootstraps: envoy/sds/*.yaml (chart_test.go checks they are equal). */}}
+{{- define "patchbay.envoySDS" -}}
+tls-certificate.yaml: |
+  resources:
+    - "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+      name: patchbay_tls_certificate
+      tls_certificate:
+        certificate_chain: {filename: /etc/patchbay/tls/tls.crt}
+        private_key: {filename: /etc/patchbay/tls/tls.key}
+        watched_directory: {path: /etc/patchbay/tls}
+validation-context.yaml: |
+  resources:
+    - "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+      name: patchbay_trusted_ca
+      validation_context:
+        trusted_ca: {filename: /etc/patchbay/tls/ca.crt}
+        watched_directory: {path: /etc/patchbay/tls}
+{{- end -}}
+
+{{/*
+A cert-manager Certificate for one part: (dict "root" $ "component" "xds" "part" .Values.xds
+"role" "xds" "service" "xds"). The Secret it writes is the part's TLS Secret; the URI SAN is
+the part's identity; DNS SANs are its Service's names ("service" empty: none).
+*/}}
+{{- define "patchbay.certificate" -}}
+{{- $root := .root -}}
+{{- $cm := $root.Values.tls.certManager -}}
+{{- if and $root.Values.tls.enabled $cm.enabled }}
+---
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata:
+  name: {{ include "patchbay.fullname" $root }}-{{ .component }}
+  labels:
+    {{- include "patchbay.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  secretName: {{ include "patchbay.tlsSecretName" . | quote }}
+  duration: {{ $cm.duration | quote }}
+  renewBefore: {{ $cm.renewBefore | quote }}
+  privateKey: {algorithm: ECDSA, size: 256, rotationPolicy: Always}
+  usages: [server auth, client auth, digital signature]
+  uris: ["spiffe://patchbay.local/role/{{ .role }}"]
+  {{- if .service }}
+  {{- $svc := printf "%s-%s" (include "patchbay.fullname" $root) .service }}
+  dnsNames:
+    - {{ $svc }}
+    - {{ $svc }}.{{ $root.Release.Namespace }}
+    - {{ $svc }}.{{ $root.Release.Namespace }}.svc
+    - {{ $svc }}.{{ $root.Release.Namespace }}.svc.{{ $root.Values.clusterDomain }}
+  {{- end }}
+  issuerRef:
+    name: {{ required "tls.certManager.issuerRef.name is required with tls.certManager.enabled" $cm.issuerRef.name | quote }}
+    kind: {{ $cm.issuerRef.kind | quote }}
+    group: {{ $cm.issuerRef.group | quote }}
+{{- end }}
 {{- end -}}
