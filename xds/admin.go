@@ -207,7 +207,7 @@ type Status struct {
 	Clients         map[Flavour]int `json:"clients"`
 	// Names is every endpoint host name known (served or in a refused config): its
 	// addresses and whether it resolves (ok, unresolved, stale).
-	Names map[string]hostState `json:"names,omitempty"`
+	Names map[string]NameStatus `json:"names,omitempty"`
 }
 
 // ModelStatus is one model's served state.
@@ -237,7 +237,7 @@ func (s *Server) Status() Status {
 	st := Status{RolloutsDir: s.cfg.RolloutsDir, LastError: s.state.lastErr, RejectedConfigs: s.state.rejected,
 		Clients: s.metrics.clients.byFlavour(), Models: []ModelStatus{}}
 	if len(s.state.dns) > 0 {
-		st.Names = map[string]hostState{}
+		st.Names = map[string]NameStatus{}
 		for h, hs := range s.state.dns {
 			st.Names[h] = *hs
 		}

@@ -80,7 +80,7 @@ func (s *Server) resolveNew(ctx context.Context, set *rollout.Set) {
 func (s *Server) noteLookupLocked(host string, ips []string, err error) bool {
 	st := s.state.dns[host]
 	if st == nil {
-		st = &hostState{Addresses: []string{}, State: dnsUnresolved, Since: time.Now().UTC()}
+		st = &NameStatus{Addresses: []string{}, State: dnsUnresolved, Since: time.Now().UTC()}
 		s.state.dns[host] = st
 	}
 	if _, ok := s.state.resolved[host]; !ok {

@@ -57,7 +57,7 @@ type Config struct {
 	// Settle is how long the rollout files must stay unchanged (size, modification time
 	// and content) before they are applied (default 100ms): a file written in several
 	// writes is never applied half-written, and its parse errors are not reported until it
-	// stops changing. Negative: apply at once.
+	// stops changing. Negative: apply at once (0: the default).
 	Settle time.Duration
 	// TLS, with Cert and Key, serves ADS and the admin API over TLS from files re-read when
 	// they change. With CA too, client certificates are required and verified, and a
@@ -112,14 +112,14 @@ type state struct {
 	lastErr   *statusError
 	rejected  int
 	// dns is what is known of each endpoint host name: addresses, and whether it resolves.
-	dns map[string]*hostState
+	dns map[string]*NameStatus
 	// candidate is the last set read that was refused only because a version with a share
 	// has no resolved endpoint; it is tried again when a name's addresses change.
 	candidate *rollout.Set
 }
 
-// hostState is one endpoint host name's resolution, as /status shows it.
-type hostState struct {
+// NameStatus is one endpoint host name's resolution, as /status shows it.
+type NameStatus struct {
 	Addresses []string `json:"addresses"`
 	// State is ok, unresolved (never resolved: its versions have no endpoints from it) or
 	// stale (resolved before, fails now: its last known addresses are kept).
@@ -182,7 +182,7 @@ func New(cfg Config) (*Server, error) {
 			resolved:  map[string][]string{},
 			overrides: map[string]*override{},
 			history:   map[string][]*rollout.Rollout{},
-			dns:       map[string]*hostState{},
+			dns:       map[string]*NameStatus{},
 		},
 	}
 	if cfg.AdminToken != "" || cfg.AdminTokenFile != "" {

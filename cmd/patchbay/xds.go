@@ -33,7 +33,7 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		sidecar    = fs.String("sidecar-listener", "127.0.0.1:15001", "address of the outbound listener emitted to sidecar nodes")
 		tokenFile  = fs.String("admin-token-file", "", "file holding the bearer token (at least 32 bytes) of the rollback API; re-read when it changes (unset: only an mTLS operator identity may mutate)")
 		allowEmpty = fs.Bool("allow-empty", false, "apply a reload that finds no rollout at all (default: refused, keeping every model served)")
-		settle     = fs.Duration("settle", 100*time.Millisecond, "how long the rollout files must stay unchanged before they are applied (a file still being written is never applied half-written)")
+		settle     = fs.Duration("settle", 100*time.Millisecond, "how long the rollout files must stay unchanged before they are applied (a file still being written is never applied half-written; 0: apply at once)")
 		tlsCert    = fs.String("tls-cert", "", "PEM certificate served on the ADS and admin ports (re-read when it changes)")
 		tlsKey     = fs.String("tls-key", "", "PEM key of --tls-cert")
 		clientCA   = fs.String("client-ca", "", "PEM CA bundle: client certificates required and verified on both ports; a client's role then follows its certificate's URI SAN (spiffe://patchbay.local/role/<role>)")
@@ -80,6 +80,9 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 	log, err := telemetry.NewLogger(stderr, *logLevel)
 	if err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if *settle <= 0 {
+		*settle = -1 // apply at once
 	}
 	metrics, err := telemetry.NewMetrics()
 	if err != nil {
