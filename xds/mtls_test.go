@@ -262,7 +262,7 @@ func TestMTLSAdmin(t *testing.T) {
 		if who == "" {
 			f = tlsfiles.Files{CA: p.server.CA}
 		}
-		cl := &http.Client{Transport: &http.Transport{TLSClientConfig: clientTLS(t, f)}, Timeout: 5 * time.Second}
+		cl := &http.Client{Transport: &http.Transport{TLSClientConfig: clientTLS(t, f), ForceAttemptHTTP2: true}, Timeout: 5 * time.Second}
 		req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(`{"version":"v1"}`))
 		if token != "" {
 			req.Header.Set("Authorization", "Bearer "+token)
@@ -272,6 +272,9 @@ func TestMTLSAdmin(t *testing.T) {
 			return 0, err
 		}
 		resp.Body.Close()
+		if resp.ProtoMajor != 2 {
+			t.Errorf("admin over TLS answered %s, want HTTP/2 (ALPN h2)", resp.Proto)
+		}
 		return resp.StatusCode, nil
 	}
 	for _, tc := range []struct {
