@@ -28,6 +28,7 @@ import (
 	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	earlymutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -68,6 +69,7 @@ type state struct {
 	routes    *routev3.RouteConfiguration
 	clusters  map[string]*clusterv3.Cluster
 	endpoints map[string]*endpointv3.ClusterLoadAssignment
+	secrets   map[string]*tlsv3.Secret
 }
 
 // Start connects to the control plane and to ext_proc and keeps the resources current
@@ -148,7 +150,7 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 			return err
 		}
 	}
-	subscribedRoutes, subscribedEDS := "", ""
+	subscribedRoutes, subscribedEDS, subscribedSDS := "", "", ""
 	for {
 		r, err := s.Recv()
 		if err != nil {
@@ -209,6 +211,24 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 				}
 				next.routes = rc
 			}
+		case resource.SecretType:
+			next.secrets = map[string]*tlsv3.Secret{}
+			for _, a := range r.GetResources() {
+				sec := &tlsv3.Secret{}
+				if err := a.UnmarshalTo(sec); err != nil {
+					return err
+				}
+				next.secrets[sec.GetName()] = sec
+			}
+		}
+		// SDS: subscribe to the secrets the clusters and the listener name.
+		if t := r.GetTypeUrl(); t == resource.ClusterType || t == resource.ListenerType {
+			if names := secretNames(&next); strings.Join(names, ",") != subscribedSDS {
+				subscribedSDS = strings.Join(names, ",")
+				if err := send(resource.SecretType, "", "", names); err != nil {
+					return err
+				}
+			}
 		}
 		next.version = r.GetVersionInfo()
 		p.state.Store(&next)
@@ -219,6 +239,8 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 			names = []string{subscribedRoutes}
 		case resource.EndpointType:
 			names = strings.Split(subscribedEDS, ",")
+		case resource.SecretType:
+			names = strings.Split(subscribedSDS, ",")
 		}
 		if err := send(r.GetTypeUrl(), r.GetVersionInfo(), r.GetNonce(), names); err != nil {
 			return err
@@ -703,29 +725,45 @@ func upstreamClient(protos func(*http.Protocols)) *http.Client {
 // and a gRPC server there drops the connection: a 503 local reply, gRPC UNAVAILABLE.
 // Options the model does not know fail the request rather than guess.
 func (p *Proxy) upstreamFor(c *clusterv3.Cluster) (*http.Client, error) {
-	if c.GetTransportSocket() != nil {
-		return nil, fmt.Errorf("cluster %q: transport_socket %q is not modelled", c.GetName(), c.GetTransportSocket().GetName())
-	}
-	a, ok := c.GetTypedExtensionProtocolOptions()[httpOptionsKey]
-	if !ok {
-		if c.GetHttp2ProtocolOptions() != nil {
-			return p.h2c, nil
+	h2 := c.GetHttp2ProtocolOptions() != nil
+	if a, ok := c.GetTypedExtensionProtocolOptions()[httpOptionsKey]; ok {
+		opts := &upstreamhttpv3.HttpProtocolOptions{}
+		if err := a.UnmarshalTo(opts); err != nil {
+			return nil, fmt.Errorf("cluster %q: %w", c.GetName(), err)
 		}
-		return p.client, nil
+		switch {
+		case opts.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil:
+			h2 = true
+		case opts.GetExplicitHttpConfig().GetHttpProtocolOptions() != nil, opts.GetUpstreamProtocolOptions() == nil:
+			h2 = false
+		default:
+			return nil, fmt.Errorf("cluster %q: upstream protocol options %T are not modelled", c.GetName(), opts.GetUpstreamProtocolOptions())
+		}
 	}
-	opts := &upstreamhttpv3.HttpProtocolOptions{}
-	if err := a.UnmarshalTo(opts); err != nil {
-		return nil, fmt.Errorf("cluster %q: %w", c.GetName(), err)
+	if ts := c.GetTransportSocket(); ts != nil {
+		cfg, err := p.upstreamTLSConfig(c)
+		if err != nil {
+			return nil, err
+		}
+		ps := new(http.Protocols)
+		if h2 {
+			ps.SetHTTP2(true)
+		} else {
+			ps.SetHTTP1(true)
+		}
+		// A fresh transport per attempt: the files are read for every connection, as
+		// Envoy re-reads them when they change (rotation).
+		return &http.Client{Transport: &http.Transport{
+			TLSClientConfig:   cfg,
+			Protocols:         ps,
+			DisableKeepAlives: true,
+			DialContext:       (&net.Dialer{Timeout: time.Second}).DialContext,
+		}}, nil
 	}
-	switch {
-	case opts.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil:
+	if h2 {
 		return p.h2c, nil
-	case opts.GetExplicitHttpConfig().GetHttpProtocolOptions() != nil:
-		return p.client, nil
-	case opts.GetUpstreamProtocolOptions() == nil:
-		return p.client, nil
 	}
-	return nil, fmt.Errorf("cluster %q: upstream protocol options %T are not modelled", c.GetName(), opts.GetUpstreamProtocolOptions())
+	return p.client, nil
 }
 
 // forward sends one attempt to a round-robin endpoint of the cluster, through the
@@ -756,7 +794,11 @@ func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster stri
 	}
 	addr := addrs[p.rr.Add(1)%uint64(len(addrs))]
 	ctx, cancel := context.WithTimeout(ctx, timeout)
-	out, err := http.NewRequestWithContext(ctx, req.Method, "http://"+addr+req.URL.RequestURI(), bytes.NewReader(body))
+	scheme := "http://"
+	if c.GetTransportSocket() != nil {
+		scheme = "https://"
+	}
+	out, err := http.NewRequestWithContext(ctx, req.Method, scheme+addr+req.URL.RequestURI(), bytes.NewReader(body))
 	if err != nil {
 		cancel()
 		return nil, err
@@ -764,6 +806,9 @@ func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster stri
 	out.Header = up
 	out.Host = req.Host
 	resp, err := client.Do(out)
+	if c.GetTransportSocket() != nil {
+		client.CloseIdleConnections()
+	}
 	if err != nil {
 		cancel()
 		return nil, err

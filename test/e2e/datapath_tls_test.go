@@ -1,0 +1,142 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
+	"github.com/patchbay-io/patchbay/test/envoymodel"
+	"github.com/patchbay-io/patchbay/xds/translate"
+)
+
+// tlsREST is an OIP REST host that accepts only mutual TLS and records its last client.
+type tlsREST struct {
+	peerURI atomic.Value
+	addr    string
+}
+
+func startTLSREST(t *testing.T, files tlsfiles.Files, model, version string) *tlsREST {
+	t.Helper()
+	src, err := tlsfiles.Load(files, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &tlsREST{}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v2/models/"+model+"/infer", func(w http.ResponseWriter, r *http.Request) {
+		h.peerURI.Store(tlsfiles.PeerURI(r.TLS))
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]string{"model_name": model, "model_version": version})
+	})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: mux, TLSConfig: src.ServerConfig("h2", "http/1.1")}
+	go srv.ServeTLS(lis, "", "")
+	t.Cleanup(func() { srv.Close() })
+	h.addr = lis.Addr().String()
+	return h
+}
+
+// TestEnvoyUpstreamTLS: with --upstream-tls and the upstream CA and client certificate,
+// the Envoy resources (fed to the Envoy model, which reads the ADS-served SDS secrets and
+// the files they name) reach mutual-TLS-only model hosts over REST (ALPN http/1.1) and gRPC
+// (ALPN h2), presenting Envoy's certificate; a host whose certificate lacks the model-host
+// identity is refused.
+func TestEnvoyUpstreamTLS(t *testing.T) {
+	ca, err := tlsfiles.NewCA("e2e", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	leaf := func(name, uri string) tlsfiles.Files {
+		f, err := ca.WriteLeaf(dir, name, tlsfiles.Leaf{Name: name, Hosts: []string{"127.0.0.1"}, URI: uri})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	hostFiles := leaf("modelhost", translate.ModelhostIdentity)
+	edgeFiles := leaf("edge", "spiffe://patchbay.local/role/edge")
+	wrongFiles := leaf("impostor", "spiffe://patchbay.local/role/extproc")
+
+	rest := startTLSREST(t, hostFiles, "ranker", "v7")
+	impostor := startTLSREST(t, wrongFiles, "recs", "v1")
+	src, err := tlsfiles.Load(hostFiles, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gb := &tlsBackend{}
+	gl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(src.ServerConfig("h2"))))
+	oip.RegisterGRPCInferenceServiceServer(gs, gb)
+	go gs.Serve(gl)
+	t.Cleanup(gs.Stop)
+
+	rollouts := t.TempDir()
+	writeRollout(t, rollouts, "ranker.yaml", fmt.Sprintf("apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: ranker\n"+
+		"versions:\n  - {name: v7, endpoints: [%q]}\ntraffic: {v7: 100}\nretries: 0\n", rest.addr))
+	writeRollout(t, rollouts, "recs.yaml", fmt.Sprintf("apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: recs\n"+
+		"versions:\n  - {name: v1, endpoints: [%q]}\ntraffic: {v1: 100}\nretries: 0\n", impostor.addr))
+	writeRollout(t, rollouts, "churn.yaml", fmt.Sprintf("apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: churn\n"+
+		"versions:\n  - {name: v1, endpoints: [%q], protocol: grpc}\ntraffic: {v1: 100}\n", gl.Addr().String()))
+	xdsAddr, xdsAdmin := freeAddr(t), freeAddr(t)
+	startProc(t, "xds", "http://"+xdsAdmin+"/readyz", "xds", "--rollouts", rollouts, "--listen", xdsAddr, "--admin", xdsAdmin,
+		"--upstream-tls", "--upstream-tls-ca", hostFiles.CA, "--upstream-tls-cert", edgeFiles.Cert, "--upstream-tls-key", edgeFiles.Key,
+		"--log-level", "warn")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	// No ext_proc: the filter fails open, which is all this test needs.
+	edge, err := envoymodel.Start(ctx, envoymodel.Config{XDSAddr: xdsAddr, ExtprocAddr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := edge.Server()
+	go srv.Serve(lis)
+	t.Cleanup(func() { srv.Close() })
+	waitFor(t, 10*time.Second, "edge config", func() bool { return edge.Ready() && edge.Endpoints("churn_v1") > 0 })
+	base := "http://" + lis.Addr().String()
+
+	var code int
+	var body string
+	waitFor(t, 5*time.Second, "REST infer over TLS", func() bool {
+		code, _, body = httpCall(t, http.MethodPost, base+"/v2/models/ranker/infer", features)
+		return code == 200
+	})
+	if got, _ := rest.peerURI.Load().(string); got != "spiffe://patchbay.local/role/edge" {
+		t.Fatalf("REST host saw client %q, want Envoy's certificate", got)
+	}
+	gctx := metadata.AppendToOutgoingContext(context.Background(), "x-patchbay-model", "churn")
+	if r, err := churnInfer(gctx, grpcClient(t, lis.Addr().String())); err != nil || r.GetModelVersion() != "v1" {
+		t.Fatalf("gRPC ModelInfer over TLS: %v %v", r, err)
+	}
+	if got, _ := gb.peerURI.Load().(string); got != "spiffe://patchbay.local/role/edge" {
+		t.Fatalf("gRPC host saw client %q, want Envoy's certificate", got)
+	}
+	if code, _, body = httpCall(t, http.MethodPost, base+"/v2/models/recs/infer", features); code != http.StatusServiceUnavailable {
+		t.Fatalf("infer on a host without the model-host identity: %d %s, want 503", code, body)
+	}
+	if impostor.peerURI.Load() != nil {
+		t.Fatal("a request reached the host with the wrong identity")
+	}
+}
