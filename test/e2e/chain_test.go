@@ -21,7 +21,7 @@ import (
 	"github.com/patchbay-io/patchbay/test/envoymodel"
 )
 
-const adminToken = "e2e-token"
+const adminToken = "e2e-token-at-least-32-bytes-long-0123456789"
 
 // chain is the whole system on loopback: two model hosts (v7 only, v8 only), the control
 // plane, ext_proc, and in Envoy's place the test model of Envoy's routing.

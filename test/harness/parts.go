@@ -35,7 +35,7 @@ type ControlPlane struct {
 // StartControlPlane watches the rollout directory dir.
 func StartControlPlane(t testing.TB, dir string) *ControlPlane {
 	t.Helper()
-	c := &ControlPlane{ADS: FreeAddr(t), Admin: FreeAddr(t), Edge: FreeAddr(t), Sidecar: FreeAddr(t), Rollouts: dir, Token: "harness-token"}
+	c := &ControlPlane{ADS: FreeAddr(t), Admin: FreeAddr(t), Edge: FreeAddr(t), Sidecar: FreeAddr(t), Rollouts: dir, Token: "harness-token-at-least-32-bytes-long-0123"}
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(tokenFile, []byte(c.Token), 0o600); err != nil {
 		t.Fatal(err)
