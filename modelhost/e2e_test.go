@@ -243,8 +243,9 @@ func TestExampleModelsMatchXGBoost(t *testing.T) {
 	}
 }
 
-// TestVersionSelection: path version > x-patchbay-version > the repository's default
-// (ranker v7 has default: true although v8 is higher; churn has none, so v2, the highest).
+// TestVersionSelection: x-patchbay-version (the router's choice) > path version > the
+// repository's default (ranker v7 has default: true although v8 is higher; churn has
+// none, so v2, the highest); a path version that conflicts with the router's is refused.
 func TestVersionSelection(t *testing.T) {
 	h := startHost(t, testRepo(t), nil)
 	const ranker = `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0,0,0,0,0,0,0,0]}]}`
@@ -254,7 +255,9 @@ func TestVersionSelection(t *testing.T) {
 	}{
 		{"/v2/models/ranker/infer", "", ranker, "v7"},
 		{"/v2/models/ranker/infer", "v8", ranker, "v8"},
-		{"/v2/models/ranker/versions/v7/infer", "v8", ranker, "v7"},
+		{"/v2/models/ranker/versions/v8/infer", "", ranker, "v8"},
+		{"/v2/models/ranker/versions/v8/infer", "v8", ranker, "v8"},
+		{"/v2/models/ranker/versions/v7/infer", "v8", ranker, "400"}, // the path won before issue 9
 		{"/v2/models/churn/infer", "", churn, "v2"},
 		{"/v2/models/churn/infer", "v1", churn, "v1"},
 	} {
@@ -264,6 +267,12 @@ func TestVersionSelection(t *testing.T) {
 		}
 		var out inferResponse
 		resp := h.do(t, "POST", tc.path, tc.body, hdr, &out)
+		if tc.want == "400" {
+			if resp.StatusCode != 400 || !strings.Contains(out.Error, `path names version "v7" but the router chose "v8"`) {
+				t.Errorf("%s (header %q): %d %q, want 400 naming both versions", tc.path, tc.header, resp.StatusCode, out.Error)
+			}
+			continue
+		}
 		if resp.StatusCode != 200 || out.ModelVersion != tc.want || !strings.HasSuffix(resp.Header.Get(headers.ServedBy), "/"+tc.want) {
 			t.Errorf("%s (header %q): %d version %q served-by %q, want %s", tc.path, tc.header, resp.StatusCode, out.ModelVersion, resp.Header.Get(headers.ServedBy), tc.want)
 		}
@@ -314,27 +323,37 @@ func TestBadInputREST(t *testing.T) {
 		name, path, body string
 		status           int
 		msg              string
+		hdr              map[string]string
 	}{
-		{"not json", "/v2/models/ranker/infer", `{"inputs":`, 400, "unexpected end of input"},
-		{"unknown model", "/v2/models/nope/infer", `{}`, 404, `model "nope" not found`},
-		{"unknown version", "/v2/models/ranker/versions/v1/infer", `{}`, 404, `has no version "v1"`},
-		{"no inputs", "/v2/models/ranker/infer", `{"inputs":[]}`, 400, "no inputs"},
-		{"wrong input name", "/v2/models/ranker/infer", `{"inputs":[{"name":"feats","datatype":"FP32","shape":[1,8],"data":` + row + `}]}`, 400, `missing input "features"`},
-		{"extra input", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `},{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}`, 400, `unknown input "x"`},
-		{"wrong datatype", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP64","shape":[1,8],"data":` + row + `}]}`, 400, "datatype FP64, model expects FP32"},
-		{"wrong width", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,7],"data":[0,0,0,0,0,0,0]}]}`, 400, "model expects [-1, 8]"},
-		{"wrong rank", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[8],"data":` + row + `}]}`, 400, "has rank 1"},
-		{"count mismatch", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[2,8],"data":` + row + `}]}`, 400, "needs 16 elements, got 8"},
-		{"string in FP32", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":["a",0,0,0,0,0,0,0]}]}`, 400, "not a FP32"},
-		{"float for INT64", "/v2/models/recs/infer", `{"inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[1.5]}]}`, 400, "is not a INT64"},
-		{"unknown output", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `}],"outputs":[{"name":"prob"}]}`, 400, `unknown output "prob"`},
-		{"too large", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[` + strings.Repeat("0,", 3000) + `0]}]}`, 413, "exceeds the limit"},
-		{"huge shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[100000000000,8],"data":[0]}]}`, 400, "elements"},
-		{"negative shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[-1,8],"data":[0]}]}`, 400, "non-negative"},
+		{"version conflict", "/v2/models/ranker/versions/v7/infer", `{}`, 400, `router chose "v8"`, map[string]string{headers.Version: "v8"}},
+		{"routed model differs", "/v2/models/ranker/infer", `{}`, 400, `request names model "ranker" but x-patchbay-model names "churn"`, map[string]string{headers.Model: "churn"}},
+		{"routed model differs on metadata", "/v2/models/ranker", ``, 400, `x-patchbay-model names "churn"`, map[string]string{headers.Model: "churn"}},
+		{"repository on the inference port", "/v2/repository/models/ranker/unload", ``, 403, "only on the model host's admin listener", nil},
+		{"repository index on the inference port", "/v2/repository/index", `{}`, 403, "only on the model host's admin listener", nil},
+		{"not json", "/v2/models/ranker/infer", `{"inputs":`, 400, "unexpected end of input", nil},
+		{"unknown model", "/v2/models/nope/infer", `{}`, 404, `model "nope" not found`, nil},
+		{"unknown version", "/v2/models/ranker/versions/v1/infer", `{}`, 404, `has no version "v1"`, nil},
+		{"no inputs", "/v2/models/ranker/infer", `{"inputs":[]}`, 400, "no inputs", nil},
+		{"wrong input name", "/v2/models/ranker/infer", `{"inputs":[{"name":"feats","datatype":"FP32","shape":[1,8],"data":` + row + `}]}`, 400, `missing input "features"`, nil},
+		{"extra input", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `},{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}`, 400, `unknown input "x"`, nil},
+		{"wrong datatype", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP64","shape":[1,8],"data":` + row + `}]}`, 400, "datatype FP64, model expects FP32", nil},
+		{"wrong width", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,7],"data":[0,0,0,0,0,0,0]}]}`, 400, "model expects [-1, 8]", nil},
+		{"wrong rank", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[8],"data":` + row + `}]}`, 400, "has rank 1", nil},
+		{"count mismatch", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[2,8],"data":` + row + `}]}`, 400, "needs 16 elements, got 8", nil},
+		{"string in FP32", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":["a",0,0,0,0,0,0,0]}]}`, 400, "not a FP32", nil},
+		{"float for INT64", "/v2/models/recs/infer", `{"inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[1.5]}]}`, 400, "is not a INT64", nil},
+		{"unknown output", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `}],"outputs":[{"name":"prob"}]}`, 400, `unknown output "prob"`, nil},
+		{"too large", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[` + strings.Repeat("0,", 3000) + `0]}]}`, 413, "exceeds the limit", nil},
+		{"huge shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[100000000000,8],"data":[0]}]}`, 400, "elements", nil},
+		{"negative shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[-1,8],"data":[0]}]}`, 400, "non-negative", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out inferResponse
-			resp := h.do(t, "POST", tc.path, tc.body, nil, &out)
+			method := "POST"
+			if !strings.HasSuffix(tc.path, "infer") && !strings.Contains(tc.path, "repository") {
+				method = "GET"
+			}
+			resp := h.do(t, method, tc.path, tc.body, tc.hdr, &out)
 			if resp.StatusCode != tc.status || !strings.Contains(out.Error, tc.msg) {
 				t.Errorf("%d %q, want %d and an error containing %q", resp.StatusCode, out.Error, tc.status, tc.msg)
 			}
@@ -360,27 +379,45 @@ func TestBadInputGRPC(t *testing.T) {
 		req  *oip.ModelInferRequest
 		code codes.Code
 		msg  string
+		md   []string
 	}{
-		{"no model", &oip.ModelInferRequest{}, codes.InvalidArgument, "model_name is empty"},
-		{"unknown model", &oip.ModelInferRequest{ModelName: "nope"}, codes.NotFound, "not found"},
-		{"no contents", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, nil)}, codes.InvalidArgument, "no contents"},
-		{"wrong contents field", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, &oip.InferTensorContents{Fp64Contents: make([]float64, 8)})}, codes.InvalidArgument, "takes fp32_contents"},
-		{"bad datatype", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FLOAT", []int64{1, 8}, f32(8))}, codes.InvalidArgument, "unknown datatype"},
-		{"count mismatch", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{2, 8}, f32(8))}, codes.InvalidArgument, "needs 16 elements"},
-		{"negative dim", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{-1, 8}, f32(8))}, codes.InvalidArgument, "want >= 0"},
-		{"raw length", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, nil), RawInputContents: [][]byte{make([]byte, 31)}}, codes.InvalidArgument, "needs 32"},
-		{"raw and typed", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, f32(8)), RawInputContents: [][]byte{make([]byte, 32)}}, codes.InvalidArgument, "both set"},
-		{"raw count", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, nil), RawInputContents: [][]byte{make([]byte, 32), {}}}, codes.InvalidArgument, "2 entries for 1 inputs"},
-		{"unknown output", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, f32(8)), Outputs: []*oip.ModelInferRequest_InferRequestedOutputTensor{{Name: "x"}}}, codes.InvalidArgument, `unknown output "x"`},
-		{"huge shape", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{math.MaxInt64, 8}, f32(8))}, codes.InvalidArgument, "elements"},
-		{"INT64 for recs as INT32", &oip.ModelInferRequest{ModelName: "recs", Inputs: in("user_id", "INT32", []int64{1}, &oip.InferTensorContents{IntContents: []int32{1}})}, codes.InvalidArgument, "datatype INT32, model expects INT64"},
+		{"routed model differs", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, f32(8))}, codes.InvalidArgument, `x-patchbay-model names "churn"`, []string{headers.Model, "churn"}},
+		{"routed model repeated", &oip.ModelInferRequest{Inputs: in("features", "FP32", []int64{1, 8}, f32(8))}, codes.InvalidArgument, "given 2 times", []string{headers.Model, "ranker", headers.Model, "ranker"}},
+		{"routed version repeated", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, f32(8))}, codes.InvalidArgument, "given 2 times", []string{headers.Version, "v7", headers.Version, "v8"}},
+		{"no model", &oip.ModelInferRequest{}, codes.InvalidArgument, "model_name is empty", nil},
+		{"unknown model", &oip.ModelInferRequest{ModelName: "nope"}, codes.NotFound, "not found", nil},
+		{"no contents", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, nil)}, codes.InvalidArgument, "no contents", nil},
+		{"wrong contents field", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, &oip.InferTensorContents{Fp64Contents: make([]float64, 8)})}, codes.InvalidArgument, "takes fp32_contents", nil},
+		{"bad datatype", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FLOAT", []int64{1, 8}, f32(8))}, codes.InvalidArgument, "unknown datatype", nil},
+		{"count mismatch", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{2, 8}, f32(8))}, codes.InvalidArgument, "needs 16 elements", nil},
+		{"negative dim", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{-1, 8}, f32(8))}, codes.InvalidArgument, "want >= 0", nil},
+		{"raw length", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, nil), RawInputContents: [][]byte{make([]byte, 31)}}, codes.InvalidArgument, "needs 32", nil},
+		{"raw and typed", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, f32(8)), RawInputContents: [][]byte{make([]byte, 32)}}, codes.InvalidArgument, "both set", nil},
+		{"raw count", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, nil), RawInputContents: [][]byte{make([]byte, 32), {}}}, codes.InvalidArgument, "2 entries for 1 inputs", nil},
+		{"unknown output", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{1, 8}, f32(8)), Outputs: []*oip.ModelInferRequest_InferRequestedOutputTensor{{Name: "x"}}}, codes.InvalidArgument, `unknown output "x"`, nil},
+		{"huge shape", &oip.ModelInferRequest{ModelName: "ranker", Inputs: in("features", "FP32", []int64{math.MaxInt64, 8}, f32(8))}, codes.InvalidArgument, "elements", nil},
+		{"INT64 for recs as INT32", &oip.ModelInferRequest{ModelName: "recs", Inputs: in("user_id", "INT32", []int64{1}, &oip.InferTensorContents{IntContents: []int32{1}})}, codes.InvalidArgument, "datatype INT32, model expects INT64", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := h.grpc.ModelInfer(context.Background(), tc.req)
+			ctx := context.Background()
+			if tc.md != nil {
+				ctx = metadata.AppendToOutgoingContext(ctx, tc.md...)
+			}
+			_, err := h.grpc.ModelInfer(ctx, tc.req)
 			if status.Code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), tc.msg) {
 				t.Errorf("got %v, want %v containing %q", err, tc.code, tc.msg)
 			}
 		})
+	}
+	// The repository calls are refused on the inference port, whoever asks.
+	if _, err := h.grpc.RepositoryModelUnload(h.adminCtx(), &oip.RepositoryModelUnloadRequest{ModelName: "ranker"}); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("RepositoryModelUnload on the inference port: %v, want PermissionDenied", err)
+	}
+	if _, err := h.grpc.RepositoryIndex(context.Background(), &oip.RepositoryIndexRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("RepositoryIndex on the inference port: %v, want PermissionDenied", err)
+	}
+	if _, err := h.grpc.ModelMetadata(metadata.AppendToOutgoingContext(context.Background(), headers.Model, "churn"), &oip.ModelMetadataRequest{Name: "ranker"}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ModelMetadata of ranker routed as churn: %v, want InvalidArgument", err)
 	}
 	if r, err := h.grpc.ServerLive(context.Background(), &oip.ServerLiveRequest{}); err != nil || !r.Live {
 		t.Fatal("host not live after bad input")

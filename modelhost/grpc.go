@@ -30,9 +30,12 @@ func (s *Server) RegisterGRPC(g *grpc.Server) {
 	oip.RegisterGRPCInferenceServiceServer(g, &grpcService{s: s})
 }
 
-// GRPCServerOptions are the options Serve uses for its gRPC server.
+// GRPCServerOptions are the options Serve uses for its gRPC server (without TLS): message
+// sizes bounded by MaxBodyBytes, at most MaxInflight streams per connection (one connection,
+// as from Envoy, may use the host's whole budget, no more), and the in-flight admission tap.
 func (s *Server) GRPCServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(s.cfg.MaxBodyBytes)), grpc.MaxSendMsgSize(int(s.cfg.MaxBodyBytes))}
+	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(s.cfg.MaxBodyBytes)), grpc.MaxSendMsgSize(int(s.cfg.MaxBodyBytes)),
+		grpc.MaxConcurrentStreams(uint32(min(s.cfg.MaxInflight, 1<<20))), grpc.InTapHandle(s.tap)}
 }
 
 func grpcErr(e *apiError) error { return status.Error(e.code, e.msg) }
@@ -46,6 +49,9 @@ func (g *grpcService) ServerReady(context.Context, *oip.ServerReadyRequest) (*oi
 }
 
 func (g *grpcService) ModelReady(ctx context.Context, r *oip.ModelReadyRequest) (*oip.ModelReadyResponse, error) {
+	if e := checkRoutedModel(r.GetName(), metadata.ValueFromIncomingContext(ctx, headers.Model)); e != nil {
+		return nil, grpcErr(e)
+	}
 	ok, err := g.s.modelReady(r.GetName(), r.GetVersion())
 	if err != nil {
 		return nil, grpcErr(err)
@@ -59,6 +65,9 @@ func (g *grpcService) ServerMetadata(context.Context, *oip.ServerMetadataRequest
 }
 
 func (g *grpcService) ModelMetadata(ctx context.Context, r *oip.ModelMetadataRequest) (*oip.ModelMetadataResponse, error) {
+	if e := checkRoutedModel(r.GetName(), metadata.ValueFromIncomingContext(ctx, headers.Model)); e != nil {
+		return nil, grpcErr(e)
+	}
 	md, err := g.s.metadata(r.GetName(), r.GetVersion())
 	if err != nil {
 		return nil, grpcErr(err)
@@ -73,30 +82,18 @@ func (g *grpcService) ModelMetadata(ctx context.Context, r *oip.ModelMetadataReq
 	return &oip.ModelMetadataResponse{Name: md.Name, Versions: md.Versions, Platform: md.Platform, Inputs: conv(md.Inputs), Outputs: conv(md.Outputs)}, nil
 }
 
-func (g *grpcService) RepositoryIndex(ctx context.Context, r *oip.RepositoryIndexRequest) (*oip.RepositoryIndexResponse, error) {
-	resp := &oip.RepositoryIndexResponse{}
-	for _, e := range g.s.Index(r.GetReady()) {
-		resp.Models = append(resp.Models, &oip.RepositoryIndexResponse_ModelIndex{Name: e.Name, Version: e.Version, State: e.State, Reason: e.Reason})
-	}
-	return resp, nil
+// The repository calls are served only on the admin listener (admin.go).
+
+func (g *grpcService) RepositoryIndex(context.Context, *oip.RepositoryIndexRequest) (*oip.RepositoryIndexResponse, error) {
+	return nil, grpcErr(errRepositoryOffDataPath)
 }
 
-func (g *grpcService) RepositoryModelLoad(ctx context.Context, r *oip.RepositoryModelLoadRequest) (*oip.RepositoryModelLoadResponse, error) {
-	if _, err := g.s.Load(r.GetModelName()); err != nil {
-		e := g.s.loadError(r.GetModelName(), err)
-		if e.code == codes.InvalidArgument {
-			e.code = codes.FailedPrecondition
-		}
-		return nil, grpcErr(e)
-	}
-	return &oip.RepositoryModelLoadResponse{}, nil
+func (g *grpcService) RepositoryModelLoad(context.Context, *oip.RepositoryModelLoadRequest) (*oip.RepositoryModelLoadResponse, error) {
+	return nil, grpcErr(errRepositoryOffDataPath)
 }
 
-func (g *grpcService) RepositoryModelUnload(ctx context.Context, r *oip.RepositoryModelUnloadRequest) (*oip.RepositoryModelUnloadResponse, error) {
-	if err := g.s.Unload(r.GetModelName()); err != nil {
-		return nil, status.Error(codes.NotFound, err.Error())
-	}
-	return &oip.RepositoryModelUnloadResponse{}, nil
+func (g *grpcService) RepositoryModelUnload(context.Context, *oip.RepositoryModelUnloadRequest) (*oip.RepositoryModelUnloadResponse, error) {
+	return nil, grpcErr(errRepositoryOffDataPath)
 }
 
 // mdCarrier adapts incoming gRPC metadata for trace context extraction.
@@ -129,18 +126,36 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 	s := g.s
 	start := time.Now()
 	name, ver := r.GetModelName(), r.GetModelVersion()
-	if name == "" {
-		name = incoming(ctx, headers.Model)
+	// The model the router routed on (x-patchbay-model) is the model: a message naming
+	// another one would run a model the route did not decide.
+	if routed := metadata.ValueFromIncomingContext(ctx, headers.Model); len(routed) > 0 {
+		if name == "" && len(routed) == 1 {
+			name = routed[0]
+		}
+		if e := checkRoutedModel(name, routed); e != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "model_name: %s; leave model_name empty or equal to it behind patchbay", e.msg)
+		}
 	}
 	// The version the router chose (x-patchbay-version, set by Envoy and ext_proc) wins:
 	// ext_proc cannot read gRPC bodies, so a request naming another version in
 	// model_version would otherwise step around the split, experiments and pinning rules.
-	if routed := incoming(ctx, headers.Version); routed != "" {
-		if ver != "" && ver != routed {
-			return nil, status.Errorf(codes.InvalidArgument, "model_version %q conflicts with the version the router chose (%q); leave model_version empty behind patchbay", ver, routed)
+	if routed := metadata.ValueFromIncomingContext(ctx, headers.Version); len(routed) > 0 && (len(routed) > 1 || routed[0] != "") {
+		if len(routed) > 1 {
+			return nil, status.Errorf(codes.InvalidArgument, "%s given %d times; one version per request", headers.Version, len(routed))
 		}
-		ver = routed
+		if ver != "" && ver != routed[0] {
+			return nil, status.Errorf(codes.InvalidArgument, "model_version %q conflicts with the version the router chose (%q); leave model_version empty behind patchbay", ver, routed[0])
+		}
+		ver = routed[0]
 	}
+	// The stream was admitted by count before its message was read (tap); its bytes are
+	// charged now that their size is known.
+	charge := grpcRequestBytes(r)
+	if e := s.limits.acquireBytes(charge); e != nil {
+		s.inst.refused.Add(ctx, 1, s.inst.refusedGRPC)
+		return nil, grpcErr(e)
+	}
+	defer s.limits.releaseBytes(charge)
 	var carrier mdCarrier
 	traced := incoming(ctx, "traceparent") != ""
 	if traced {

@@ -17,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
@@ -36,6 +37,26 @@ type host struct {
 	conn *grpc.ClientConn
 	repo string
 	logs *bytes.Buffer
+
+	admin     string                         // http://addr of the admin listener
+	adminGRPC oip.GRPCInferenceServiceClient // the admin listener over gRPC (h2c)
+	token     string                         // the admin bearer token
+	tokenFile string
+	adminConn *grpc.ClientConn
+}
+
+// testToken is the admin bearer token startHost writes (48 bytes).
+const testToken = "modelhost-test-token-0123456789abcdef0123456789"
+
+// adminCtx carries the admin bearer token as gRPC metadata.
+func (h *host) adminCtx() context.Context {
+	return metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+h.token)
+}
+
+// adminDo sends a REST request to the admin listener with the bearer token.
+func (h *host) adminDo(t testing.TB, method, path, body string, out any) *http.Response {
+	t.Helper()
+	return h.doURL(t, h.admin, method, path, body, map[string]string{"Authorization": "Bearer " + h.token}, out)
 }
 
 // copyDir copies a directory tree (the example repository is small).
@@ -95,8 +116,10 @@ func startHost(t testing.TB, repo string, mutate func(*modelhost.Config)) *host 
 	if err != nil {
 		t.Fatal(err)
 	}
+	tokenFile := filepath.Join(t.TempDir(), "admin-token")
+	writeFile(t, tokenFile, testToken+"\n")
 	cfg := modelhost.Config{Repository: repo, Logger: zerolog.New(&syncWriter{w: logs}).Level(zerolog.InfoLevel),
-		MeterProvider: metrics.Provider, MetricsHandler: metrics.Handler}
+		MeterProvider: metrics.Provider, MetricsHandler: metrics.Handler, AdminTokenFile: tokenFile}
 	if mutate != nil {
 		mutate(&cfg)
 	}
@@ -112,16 +135,27 @@ func startHost(t testing.TB, repo string, mutate func(*modelhost.Config)) *host 
 	if err != nil {
 		t.Fatal(err)
 	}
+	al, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, hl, gl) }()
+	go func() { done <- srv.ServeAll(ctx, modelhost.Listeners{HTTP: hl, GRPC: gl, Admin: al}) }()
 	conn, err := grpc.NewClient(gl.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &host{srv: srv, url: "http://" + hl.Addr().String(), grpc: oip.NewGRPCInferenceServiceClient(conn), conn: conn, repo: repo, logs: logs}
+	aconn, err := grpc.NewClient(al.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &host{srv: srv, url: "http://" + hl.Addr().String(), grpc: oip.NewGRPCInferenceServiceClient(conn), conn: conn, repo: repo, logs: logs,
+		admin: "http://" + al.Addr().String(), adminGRPC: oip.NewGRPCInferenceServiceClient(aconn), adminConn: aconn,
+		token: testToken, tokenFile: cfg.AdminTokenFile}
 	t.Cleanup(func() {
 		conn.Close()
+		aconn.Close()
 		// Idle (and never-used) client connections would hold Shutdown for seconds.
 		http.DefaultClient.CloseIdleConnections()
 		cancel()
@@ -176,7 +210,12 @@ func checkNoLeak(t testing.TB, before int) {
 // do sends a REST request and decodes the JSON answer into out (if not nil).
 func (h *host) do(t testing.TB, method, path, body string, hdr map[string]string, out any) *http.Response {
 	t.Helper()
-	req, err := http.NewRequest(method, h.url+path, strings.NewReader(body))
+	return h.doURL(t, h.url, method, path, body, hdr, out)
+}
+
+func (h *host) doURL(t testing.TB, base, method, path, body string, hdr map[string]string, out any) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(method, base+path, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}

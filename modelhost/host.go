@@ -26,7 +26,9 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/patchbay-io/patchbay/api/headers"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/modelhost/internal/batch"
+	"github.com/patchbay-io/patchbay/modelhost/internal/bearer"
 	rt "github.com/patchbay-io/patchbay/modelhost/runtime"
 	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
 	"github.com/patchbay-io/patchbay/modelhost/tensor"
@@ -54,7 +56,30 @@ type Config struct {
 	ServerName, ServerVersion string
 	// ShutdownTimeout bounds graceful shutdown in Serve (default 10s).
 	ShutdownTimeout time.Duration
+
+	// AdminTokenFile holds the bearer token of the repository API on the admin listener
+	// (at least 32 bytes, re-read when the file changes). Empty: the repository API is
+	// disabled and answers 403 / PermissionDenied saying so.
+	AdminTokenFile string
+	// MaxInflight bounds the inference requests (REST and gRPC together) in flight on the
+	// host; the excess is refused at once (429 / ResourceExhausted). Default
+	// DefaultMaxInflight().
+	MaxInflight int
+	// MaxInflightBytes bounds the request bytes held by requests in flight (default
+	// 16 x MaxBodyBytes); it must be at least MaxBodyBytes.
+	MaxInflightBytes int64
+	// TLS, when set, serves every listener (REST, gRPC, admin) over TLS from files that
+	// are re-read when they change; with a client CA, client certificates are required.
+	TLS *tlsfiles.Source
+	// HTTP server timeouts (defaults: ReadHeader 10s, Read 30s, Write 60s, Idle 2m). Read
+	// bounds how long a slow client can hold an in-flight slot while sending its body.
+	ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout time.Duration
 }
+
+// DefaultMaxInflight is 128 x GOMAXPROCS: enough for the dynamic batcher to fill two
+// batches of 64 rows (one running, one filling) on each of its GOMAXPROCS instances, while
+// a burst beyond it is refused instead of piling up goroutines and request buffers.
+func DefaultMaxInflight() int { return 128 * runtime.GOMAXPROCS(0) }
 
 // Server is a running model host.
 type Server struct {
@@ -67,6 +92,9 @@ type Server struct {
 	tracer  trace.Tracer
 	mux     *http.ServeMux
 	closing atomic.Bool
+
+	token  *bearer.Token // nil: repository API disabled
+	limits limits
 }
 
 // table is the immutable routing table, swapped whole on load and unload.
@@ -159,6 +187,40 @@ func New(cfg Config) (*Server, error) {
 	if cfg.ShutdownTimeout <= 0 {
 		cfg.ShutdownTimeout = 10 * time.Second
 	}
+	if cfg.MaxInflight <= 0 {
+		cfg.MaxInflight = DefaultMaxInflight()
+	}
+	if cfg.MaxInflightBytes <= 0 {
+		cfg.MaxInflightBytes = 16 * cfg.MaxBodyBytes
+	}
+	if cfg.MaxInflightBytes < cfg.MaxBodyBytes {
+		return nil, fmt.Errorf("modelhost: max in-flight bytes (%d) is below the max body bytes (%d): a request of the largest allowed size could never run", cfg.MaxInflightBytes, cfg.MaxBodyBytes)
+	}
+	for _, d := range []*time.Duration{&cfg.ReadHeaderTimeout, &cfg.ReadTimeout, &cfg.WriteTimeout, &cfg.IdleTimeout} {
+		if *d < 0 {
+			return nil, errors.New("modelhost: HTTP timeouts must not be negative")
+		}
+	}
+	if cfg.ReadHeaderTimeout == 0 {
+		cfg.ReadHeaderTimeout = 10 * time.Second
+	}
+	if cfg.ReadTimeout == 0 {
+		cfg.ReadTimeout = 30 * time.Second
+	}
+	if cfg.WriteTimeout == 0 {
+		cfg.WriteTimeout = 60 * time.Second
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = 2 * time.Minute
+	}
+	var token *bearer.Token
+	if cfg.AdminTokenFile != "" {
+		t, err := bearer.Load(cfg.AdminTokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("modelhost: %w", err)
+		}
+		token = t
+	}
 	if cfg.MeterProvider == nil {
 		cfg.MeterProvider = metricnoop.NewMeterProvider()
 	}
@@ -166,7 +228,8 @@ func New(cfg Config) (*Server, error) {
 		cfg.TracerProvider = tracenoop.NewTracerProvider()
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With().Str("component", "modelhost").Logger(),
-		tracer: cfg.TracerProvider.Tracer("github.com/patchbay-io/patchbay/modelhost")}
+		tracer: cfg.TracerProvider.Tracer("github.com/patchbay-io/patchbay/modelhost"), token: token}
+	s.limits.init(cfg.MaxInflight, cfg.MaxInflightBytes, cfg.MaxBodyBytes)
 	inst, err := newInstruments(cfg.MeterProvider.Meter("github.com/patchbay-io/patchbay/modelhost"))
 	if err != nil {
 		return nil, fmt.Errorf("modelhost: metrics: %w", err)

@@ -34,6 +34,10 @@ func errUnavailable(format string, a ...any) *apiError {
 	return &apiError{http.StatusServiceUnavailable, codes.Unavailable, fmt.Sprintf(format, a...)}
 }
 
+// errRepositoryOffDataPath answers repository calls on the inference ports.
+var errRepositoryOffDataPath = &apiError{http.StatusForbidden, codes.PermissionDenied,
+	"the model repository extension (load, unload, index) is served only on the model host's admin listener (--admin), with its bearer token"}
+
 func asAPIError(err error) *apiError {
 	var ae *apiError
 	if errors.As(err, &ae) {
@@ -44,6 +48,8 @@ func asAPIError(err error) *apiError {
 		return &apiError{499, codes.Canceled, "request canceled"}
 	case errors.Is(err, context.DeadlineExceeded):
 		return &apiError{http.StatusGatewayTimeout, codes.DeadlineExceeded, "deadline exceeded"}
+	case errors.Is(err, batch.ErrQueueFull):
+		return &apiError{http.StatusTooManyRequests, codes.ResourceExhausted, "model version's batch queue is full; retry later"}
 	case errors.Is(err, batch.ErrStopped):
 		return errUnavailable("model version is being unloaded")
 	}

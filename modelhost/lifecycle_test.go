@@ -74,7 +74,7 @@ func TestLoadWhileServing(t *testing.T) {
 	waitFor(t, func() bool { return ok.Load() > 50 })
 	// A new version appears and is loaded.
 	copyDir(t, filepath.Join(h.repo, "ranker", "v8"), filepath.Join(h.repo, "ranker", "v9"))
-	if r := h.do(t, "POST", "/v2/repository/models/ranker/load", "", nil, nil); r.StatusCode != 200 {
+	if r := h.adminDo(t, "POST", "/v2/repository/models/ranker/load", "", nil); r.StatusCode != 200 {
 		t.Fatalf("load: %d", r.StatusCode)
 	}
 	before := ok.Load()
@@ -84,7 +84,7 @@ func TestLoadWhileServing(t *testing.T) {
 	if err := os.Chtimes(filepath.Join(h.repo, "ranker", "v8", "model.json"), future, future); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h.grpc.RepositoryModelLoad(context.Background(), &oip.RepositoryModelLoadRequest{ModelName: "ranker"}); err != nil {
+	if _, err := h.adminGRPC.RepositoryModelLoad(h.adminCtx(), &oip.RepositoryModelLoadRequest{ModelName: "ranker"}); err != nil {
 		t.Fatalf("gRPC load: %v", err)
 	}
 	before = ok.Load()
@@ -159,7 +159,7 @@ outputs: [{name: y, datatype: FP32, shape: [-1]}]
 	<-g.started
 	unloaded := make(chan error, 1)
 	go func() {
-		_, err := h.grpc.RepositoryModelUnload(context.Background(), &oip.RepositoryModelUnloadRequest{ModelName: "slow"})
+		_, err := h.adminGRPC.RepositoryModelUnload(h.adminCtx(), &oip.RepositoryModelUnloadRequest{ModelName: "slow"})
 		unloaded <- err
 	}()
 	select {
@@ -178,7 +178,7 @@ outputs: [{name: y, datatype: FP32, shape: [-1]}]
 	if err := <-unloaded; err != nil {
 		t.Fatalf("unload: %v", err)
 	}
-	idx, err := h.grpc.RepositoryIndex(context.Background(), &oip.RepositoryIndexRequest{})
+	idx, err := h.adminGRPC.RepositoryIndex(h.adminCtx(), &oip.RepositoryIndexRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,17 +191,17 @@ outputs: [{name: y, datatype: FP32, shape: [-1]}]
 	if !found {
 		t.Errorf("index after unload: %v", idx.Models)
 	}
-	if _, err := h.grpc.RepositoryModelUnload(context.Background(), &oip.RepositoryModelUnloadRequest{ModelName: "slow"}); statusCode(err) != codes.NotFound {
+	if _, err := h.adminGRPC.RepositoryModelUnload(h.adminCtx(), &oip.RepositoryModelUnloadRequest{ModelName: "slow"}); statusCode(err) != codes.NotFound {
 		t.Errorf("second unload: %v", err)
 	}
-	if r := h.do(t, "POST", "/v2/repository/models/slow/load", "", nil, nil); r.StatusCode != 200 {
+	if r := h.adminDo(t, "POST", "/v2/repository/models/slow/load", "", nil); r.StatusCode != 200 {
 		t.Fatalf("reload: %d", r.StatusCode)
 	}
 	go func() { <-g.started }()
 	if r := h.do(t, "POST", "/v2/models/slow/infer", body, nil, nil); r.StatusCode != 200 {
 		t.Fatalf("after reload: %d", r.StatusCode)
 	}
-	if r := h.do(t, "POST", "/v2/repository/models/missing/load", "", nil, nil); r.StatusCode != 404 {
+	if r := h.adminDo(t, "POST", "/v2/repository/models/missing/load", "", nil); r.StatusCode != 404 {
 		t.Errorf("load of a model not in the repository: %d, want 404", r.StatusCode)
 	}
 }
@@ -227,7 +227,7 @@ outputs: [{name: y, datatype: FP32, shape: [-1]}]
 `)
 	h := startHost(t, repo, nil)
 	var idx []struct{ Name, Version, State, Reason string }
-	h.do(t, "POST", "/v2/repository/index", "", nil, &idx)
+	h.adminDo(t, "POST", "/v2/repository/index", "", &idx)
 	reasons := map[string]string{}
 	for _, e := range idx {
 		reasons[e.Name+"/"+e.Version] = e.State + " " + e.Reason
@@ -243,7 +243,7 @@ outputs: [{name: y, datatype: FP32, shape: [-1]}]
 		}
 	}
 	var ready []struct{ Name, Version string }
-	h.do(t, "POST", "/v2/repository/index", `{"ready":true}`, nil, &ready)
+	h.adminDo(t, "POST", "/v2/repository/index", `{"ready":true}`, &ready)
 	for _, e := range ready {
 		if e.Version == "v9" || e.Name == "broken" {
 			t.Errorf("ready index lists %v", e)
@@ -264,7 +264,7 @@ outputs: [{name: y, datatype: FP32, shape: [-1]}]
 		t.Errorf("churn default with a broken v3: %d %+v", r.StatusCode, out)
 	}
 	var lerr struct{ Error string }
-	if r := h.do(t, "POST", "/v2/repository/models/broken/load", "", nil, &lerr); r.StatusCode != 400 || !strings.Contains(lerr.Error, "no version is ready") {
+	if r := h.adminDo(t, "POST", "/v2/repository/models/broken/load", "", &lerr); r.StatusCode != 400 || !strings.Contains(lerr.Error, "no version is ready") {
 		t.Errorf("load broken: %d %q", r.StatusCode, lerr.Error)
 	}
 	if r, err := h.grpc.ModelReady(context.Background(), &oip.ModelReadyRequest{Name: "broken"}); err != nil || r.Ready {

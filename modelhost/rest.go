@@ -24,6 +24,10 @@ import (
 
 var (
 	servedByKey    = http.CanonicalHeaderKey(headers.ServedBy)
+	modelKey       = http.CanonicalHeaderKey(headers.Model)
+	versionKey     = http.CanonicalHeaderKey(headers.Version)
+	retryAfterKey  = "Retry-After"
+	retryAfter     = []string{"1"}
 	contentTypeKey = "Content-Type"
 	jsonCT         = []string{"application/json"}
 	propagator     = propagation.TraceContext{}
@@ -45,6 +49,29 @@ func (s *Server) Handler() http.Handler { return s.mux }
 
 func (s *Server) routes() *http.ServeMux {
 	mux := http.NewServeMux()
+	s.healthRoutes(mux)
+	mux.HandleFunc("GET /v2", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.serverMetadata())
+	})
+	mux.HandleFunc("GET /v2/models/{model}", s.handleMetadata)
+	mux.HandleFunc("GET /v2/models/{model}/versions/{version}", s.handleMetadata)
+	mux.HandleFunc("GET /v2/models/{model}/ready", s.handleModelReady)
+	mux.HandleFunc("GET /v2/models/{model}/versions/{version}/ready", s.handleModelReady)
+	mux.HandleFunc("POST /v2/models/{model}/infer", s.handleInfer)
+	mux.HandleFunc("POST /v2/models/{model}/versions/{version}/infer", s.handleInfer)
+	// The repository extension (load, unload, index) is served only on the admin listener,
+	// behind the bearer token: anything that reaches this port (a client, Envoy's data
+	// path) must not be able to unload a model.
+	mux.HandleFunc("/v2/repository/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, errRepositoryOffDataPath)
+	})
+	if s.cfg.MetricsHandler != nil {
+		mux.Handle("GET /metrics", s.cfg.MetricsHandler)
+	}
+	return mux
+}
+
+func (s *Server) healthRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v2/health/live", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]bool{"live": true})
 	})
@@ -56,22 +83,6 @@ func (s *Server) routes() *http.ServeMux {
 		}
 		writeJSON(w, code, map[string]bool{"ready": ok})
 	})
-	mux.HandleFunc("GET /v2", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, s.serverMetadata())
-	})
-	mux.HandleFunc("GET /v2/models/{model}", s.handleMetadata)
-	mux.HandleFunc("GET /v2/models/{model}/versions/{version}", s.handleMetadata)
-	mux.HandleFunc("GET /v2/models/{model}/ready", s.handleModelReady)
-	mux.HandleFunc("GET /v2/models/{model}/versions/{version}/ready", s.handleModelReady)
-	mux.HandleFunc("POST /v2/models/{model}/infer", s.handleInfer)
-	mux.HandleFunc("POST /v2/models/{model}/versions/{version}/infer", s.handleInfer)
-	mux.HandleFunc("POST /v2/repository/index", s.handleIndex)
-	mux.HandleFunc("POST /v2/repository/models/{model}/load", s.handleLoad)
-	mux.HandleFunc("POST /v2/repository/models/{model}/unload", s.handleUnload)
-	if s.cfg.MetricsHandler != nil {
-		mux.Handle("GET /metrics", s.cfg.MetricsHandler)
-	}
-	return mux
 }
 
 // Ready reports whether the repository has been loaded and the server is not stopping.
@@ -125,6 +136,10 @@ func (s *Server) metadata(name, ver string) (modelMeta, *apiError) {
 }
 
 func (s *Server) handleMetadata(w http.ResponseWriter, r *http.Request) {
+	if e := checkRoutedModel(r.PathValue("model"), r.Header[modelKey]); e != nil {
+		writeError(w, e)
+		return
+	}
 	md, err := s.metadata(r.PathValue("model"), r.PathValue("version"))
 	if err != nil {
 		writeError(w, err)
@@ -147,6 +162,10 @@ func (s *Server) modelReady(name, ver string) (bool, *apiError) {
 
 func (s *Server) handleModelReady(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("model")
+	if e := checkRoutedModel(name, r.Header[modelKey]); e != nil {
+		writeError(w, e)
+		return
+	}
 	ok, err := s.modelReady(name, r.PathValue("version"))
 	if err != nil {
 		writeError(w, err)
@@ -223,6 +242,9 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 
 func writeError(w http.ResponseWriter, e *apiError) {
 	w.Header()[contentTypeKey] = jsonCT
+	if e.status == http.StatusTooManyRequests {
+		w.Header()[retryAfterKey] = retryAfter
+	}
 	w.WriteHeader(e.status)
 	_, _ = w.Write(oipjson.AppendError(nil, e.msg))
 }
@@ -237,13 +259,31 @@ func (s *Server) startSpan(ctx context.Context, carrier propagation.TextMapCarri
 
 func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	name := r.PathValue("model")
-	ver := r.PathValue("version")
-	if ver == "" {
-		ver = r.Header.Get(headers.Version)
+	// Admission first, before anything is read or allocated: the body's declared size (the
+	// largest allowed when it is not declared) is charged against the in-flight bounds.
+	charge := s.cfg.MaxBodyBytes
+	if r.ContentLength >= 0 && r.ContentLength < charge {
+		charge = r.ContentLength
 	}
+	if e := s.limits.acquireSlot(charge); e != nil {
+		s.refuseREST(w, r, e)
+		return
+	}
+	defer s.limits.releaseSlot()
+	if e := s.limits.acquireBytes(charge); e != nil {
+		s.refuseREST(w, r, e)
+		return
+	}
+	defer s.limits.releaseBytes(charge)
+	name := r.PathValue("model")
+	ver, verr := routedVersion(name, r.PathValue("version"), r.Header)
 	ctx, span := s.startSpan(r.Context(), propagation.HeaderCarrier(r.Header), r.Header.Get("traceparent") != "", "oip.rest.infer")
 	defer span.End()
+	if verr != nil {
+		s.failed(ctx, span, nil, "rest", verr)
+		writeError(w, verr)
+		return
+	}
 	v, aerr := s.lookup(name, ver)
 	if aerr != nil {
 		s.failed(ctx, span, nil, "rest", aerr)
@@ -289,6 +329,9 @@ func (s *Server) inferREST(ctx context.Context, v *version, r *http.Request, st 
 		return nil, &apiError{http.StatusRequestEntityTooLarge, grpccodes.ResourceExhausted, "request body of " + strconv.FormatInt(r.ContentLength, 10) + " bytes exceeds the limit of " + strconv.FormatInt(limit, 10)}
 	}
 	st.body.Reset()
+	if r.ContentLength > 0 {
+		st.body.Grow(int(r.ContentLength) + 1) // one allocation of the right size, not a doubling series
+	}
 	if _, err := st.body.ReadFrom(io.LimitReader(r.Body, limit+1)); err != nil {
 		return nil, errInvalid("read request body: %v", err)
 	}
@@ -331,4 +374,47 @@ func (s *Server) failed(ctx context.Context, span trace.Span, v *version, proto 
 	if d := s.log.Debug(); d.Enabled() {
 		d.Str("model", model).Str("version", ver).Str("code", e.code.String()).Msg(e.msg)
 	}
+}
+
+// refuseREST answers a request turned away by the in-flight bounds: 429 with Retry-After,
+// before its body is read.
+func (s *Server) refuseREST(w http.ResponseWriter, r *http.Request, e *apiError) {
+	s.inst.refused.Add(r.Context(), 1, s.inst.refusedREST)
+	writeError(w, e)
+}
+
+// routedVersion decides the version of a REST model request. The router's
+// x-patchbay-version (set by ext_proc or Envoy's weighted cluster) wins over a version in
+// the path, and a conflict is refused: a client behind patchbay cannot step around the
+// split by naming a version in the path (pinning, where allowed, is decided by the router,
+// which then sets the header to the pinned version). The x-patchbay-model header, when
+// present, must name the path's model.
+func routedVersion(model, pathVer string, h http.Header) (string, *apiError) {
+	if e := checkRoutedModel(model, h[modelKey]); e != nil {
+		return "", e
+	}
+	vs := h[versionKey]
+	switch {
+	case len(vs) == 0 || (len(vs) == 1 && vs[0] == ""):
+		return pathVer, nil
+	case len(vs) > 1:
+		return "", errInvalid("%s given %d times; one version per request", headers.Version, len(vs))
+	case pathVer != "" && pathVer != vs[0]:
+		return "", errInvalid("path names version %q but the router chose %q (%s); leave the version out of the path behind patchbay", pathVer, vs[0], headers.Version)
+	}
+	return vs[0], nil
+}
+
+// checkRoutedModel refuses a request whose x-patchbay-model header (the model the router
+// decided) is repeated or names another model than the request itself.
+func checkRoutedModel(model string, hdr []string) *apiError {
+	switch {
+	case len(hdr) == 0:
+		return nil
+	case len(hdr) > 1:
+		return errInvalid("%s given %d times; one model per request", headers.Model, len(hdr))
+	case hdr[0] != model:
+		return errInvalid("request names model %q but %s names %q", model, headers.Model, hdr[0])
+	}
+	return nil
 }

@@ -2,38 +2,83 @@ package modelhost
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"net"
 	"net/http"
-	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	grpchealth "google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/patchbay-io/patchbay/api/oip"
 )
 
-// Serve serves REST on httpLis and gRPC on grpcLis (either may be nil) until ctx ends,
-// then shuts down gracefully: listeners close, in-flight requests finish (bounded by
-// ShutdownTimeout), and every version is retired.
+// Listeners are where a Server serves; any may be nil.
+type Listeners struct {
+	HTTP  net.Listener // OIP REST (inference, metadata, health, /metrics)
+	GRPC  net.Listener // OIP gRPC (inference, metadata, health)
+	Admin net.Listener // /metrics, health, and the repository extension (REST and gRPC) behind the bearer token
+}
+
+// Serve serves REST on httpLis and gRPC on grpcLis (either may be nil), without an admin
+// listener, until ctx ends. See ServeAll.
 func (s *Server) Serve(ctx context.Context, httpLis, grpcLis net.Listener) error {
-	errc := make(chan error, 2)
-	var hs *http.Server
-	var gs *grpc.Server
-	if httpLis != nil {
-		hs = &http.Server{Handler: s.mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
-			MaxHeaderBytes: 64 << 10}
+	return s.ServeAll(ctx, Listeners{HTTP: httpLis, GRPC: grpcLis})
+}
+
+// ServeAll serves on the given listeners until ctx ends, then shuts down gracefully:
+// listeners close, in-flight requests finish (bounded by ShutdownTimeout), and every
+// version is retired. With Config.TLS every listener speaks TLS (ALPN h2 and http/1.1 for
+// REST and admin, h2 for gRPC).
+func (s *Server) ServeAll(ctx context.Context, l Listeners) error {
+	errc := make(chan error, 3)
+	var servers []*http.Server
+	var tlsHTTP, tlsGRPC *tls.Config
+	if s.cfg.TLS != nil {
+		tlsHTTP = s.cfg.TLS.ServerConfig("h2", "http/1.1")
+		tlsGRPC = s.cfg.TLS.ServerConfig("h2")
+	}
+	serveHTTP := func(lis net.Listener, h http.Handler, what string) {
+		hs := &http.Server{Handler: h, ReadHeaderTimeout: s.cfg.ReadHeaderTimeout, ReadTimeout: s.cfg.ReadTimeout,
+			WriteTimeout: s.cfg.WriteTimeout, IdleTimeout: s.cfg.IdleTimeout, MaxHeaderBytes: 64 << 10}
+		hs.Protocols = new(http.Protocols)
+		hs.Protocols.SetHTTP1(true)
+		if tlsHTTP != nil {
+			hs.Protocols.SetHTTP2(true)
+			lis = tls.NewListener(lis, tlsHTTP)
+		} else if what == "admin" {
+			hs.Protocols.SetUnencryptedHTTP2(true) // gRPC clients speak h2c with prior knowledge
+		}
+		servers = append(servers, hs)
 		go func() {
-			if err := hs.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := hs.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- err
 			}
 		}()
-		s.log.Info().Str("addr", httpLis.Addr().String()).Msg("OIP REST listening")
+		s.log.Info().Str("addr", lis.Addr().String()).Bool("tls", tlsHTTP != nil).Msg(what + " listening")
 	}
+	if l.HTTP != nil {
+		serveHTTP(l.HTTP, s.mux, "OIP REST")
+	}
+	var adminGS *grpc.Server
+	var adminHealth *grpchealth.Server
+	if l.Admin != nil {
+		adminGS, adminHealth = s.newAdminGRPC()
+		serveHTTP(l.Admin, s.adminHandler(adminGS), "admin")
+		if s.token == nil {
+			s.log.Warn().Msg("no --admin-token-file: the repository API (load, unload, index) is disabled")
+		}
+	}
+	var gs *grpc.Server
 	var health *grpchealth.Server
-	if grpcLis != nil {
-		gs = grpc.NewServer(s.GRPCServerOptions()...)
+	if l.GRPC != nil {
+		opts := s.GRPCServerOptions()
+		if tlsGRPC != nil {
+			opts = append(opts, grpc.Creds(credentials.NewTLS(tlsGRPC)))
+		}
+		gs = grpc.NewServer(opts...)
 		s.RegisterGRPC(gs)
 		// Standard gRPC health (for Envoy and Kubernetes gRPC probes): the overall
 		// status and the OIP service follow server readiness.
@@ -42,11 +87,11 @@ func (s *Server) Serve(ctx context.Context, httpLis, grpcLis net.Listener) error
 		health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 		health.SetServingStatus(oip.GRPCInferenceService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 		go func() {
-			if err := gs.Serve(grpcLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			if err := gs.Serve(l.GRPC); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 				errc <- err
 			}
 		}()
-		s.log.Info().Str("addr", grpcLis.Addr().String()).Msg("OIP gRPC listening")
+		s.log.Info().Str("addr", l.GRPC.Addr().String()).Bool("tls", tlsGRPC != nil).Msg("OIP gRPC listening")
 	}
 	var serveErr error
 	select {
@@ -54,13 +99,18 @@ func (s *Server) Serve(ctx context.Context, httpLis, grpcLis net.Listener) error
 	case serveErr = <-errc:
 	}
 	s.closing.Store(true)
-	if health != nil {
-		health.Shutdown() // NOT_SERVING while draining
+	for _, h := range []*grpchealth.Server{health, adminHealth} {
+		if h != nil {
+			h.Shutdown() // NOT_SERVING while draining
+		}
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.ShutdownTimeout)
 	defer cancel()
-	if hs != nil {
+	for _, hs := range servers {
 		_ = hs.Shutdown(sctx)
+	}
+	if adminGS != nil {
+		adminGS.Stop()
 	}
 	if gs != nil {
 		done := make(chan struct{})

@@ -13,6 +13,10 @@ type instruments struct {
 	latency   metric.Float64Histogram
 	batchRows metric.Int64Histogram
 	queue     metric.Float64Histogram
+	// refused counts requests turned away by the in-flight bounds (or a full batch queue)
+	// before they reached a model, by protocol.
+	refused                  metric.Int64Counter
+	refusedREST, refusedGRPC metric.MeasurementOption
 }
 
 type versionAttrs struct {
@@ -48,6 +52,12 @@ func newInstruments(m metric.Meter) (*instruments, error) {
 		metric.WithExplicitBucketBoundaries(0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)); err != nil {
 		return nil, err
 	}
+	if in.refused, err = m.Int64Counter("patchbay_modelhost_refused",
+		metric.WithDescription("Inference requests refused because the host was at its in-flight bounds, by protocol.")); err != nil {
+		return nil, err
+	}
+	in.refusedREST = metric.WithAttributeSet(attribute.NewSet(attribute.String("protocol", "rest")))
+	in.refusedGRPC = metric.WithAttributeSet(attribute.NewSet(attribute.String("protocol", "grpc")))
 	return &in, nil
 }
 

@@ -7,12 +7,11 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"time"
 
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/patchbay-io/patchbay/internal/telemetry"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/modelhost"
 )
 
@@ -23,7 +22,13 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 	repo := fs.String("repository", "", "model repository directory: <model>/<version>/model.yaml (required)")
 	httpAddr := fs.String("http", "127.0.0.1:8000", "OIP REST listen address (also serves /metrics)")
 	grpcAddr := fs.String("grpc", "127.0.0.1:8001", "OIP gRPC listen address")
-	adminAddr := fs.String("admin", "", "optional extra listen address for /metrics and health only")
+	adminAddr := fs.String("admin", "127.0.0.1:8002", "admin listen address: /metrics, health, and the repository API (load, unload, index; REST and gRPC) behind --admin-token-file (empty: no admin listener)")
+	tokenFile := fs.String("admin-token-file", "", "file holding the admin bearer token, at least 32 bytes, re-read when it changes (unset: repository API disabled)")
+	maxInflight := fs.Int("max-inflight", modelhost.DefaultMaxInflight(), "inference requests in flight at most (REST and gRPC together; 128 x GOMAXPROCS by default); the excess gets 429 / RESOURCE_EXHAUSTED at once")
+	maxInflightBytes := fs.Int64("max-inflight-bytes", 0, "request bytes held by in-flight requests at most (0: 16 x --max-body-bytes); the excess gets 429 / RESOURCE_EXHAUSTED at once")
+	tlsCert := fs.String("tls-cert", "", "PEM certificate for the REST, gRPC and admin listeners (re-read when it changes)")
+	tlsKey := fs.String("tls-key", "", "PEM key of --tls-cert")
+	clientCA := fs.String("client-ca", "", "PEM CA bundle: client certificates are then required on every listener and verified against it")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	maxBody := fs.Int64("max-body-bytes", 8<<20, "largest REST body / gRPC message")
 	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for inference spans (unset: tracing off)")
@@ -45,6 +50,19 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("modelhost: %w: %w", err, errUsage)
 	}
+	var tlsSource *tlsfiles.Source
+	if *tlsCert != "" || *tlsKey != "" || *clientCA != "" {
+		if *tlsCert == "" || *tlsKey == "" {
+			return fmt.Errorf("modelhost: --tls-cert and --tls-key go together (and --client-ca needs them): %w", errUsage)
+		}
+		tlsSource, err = tlsfiles.Load(tlsfiles.Files{Cert: *tlsCert, Key: *tlsKey, CA: *clientCA}, tlsfiles.Options{
+			OnError:  func(err error) { log.Error().Err(err).Msg("TLS files reload failed; keeping the last good ones") },
+			OnReload: func() { log.Info().Msg("TLS files reloaded") },
+		})
+		if err != nil {
+			return fmt.Errorf("modelhost: %w", err)
+		}
+	}
 	metrics, err := telemetry.NewMetrics()
 	if err != nil {
 		return fmt.Errorf("modelhost: %w", err)
@@ -60,12 +78,16 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 		tracerProvider = tp
 	}
 	srv, err := modelhost.New(modelhost.Config{
-		TracerProvider: tracerProvider,
-		Repository:     *repo,
-		Logger:         log,
-		MeterProvider:  metrics.Provider,
-		MetricsHandler: metrics.Handler,
-		MaxBodyBytes:   *maxBody,
+		TracerProvider:   tracerProvider,
+		Repository:       *repo,
+		Logger:           log,
+		MeterProvider:    metrics.Provider,
+		MetricsHandler:   metrics.Handler,
+		MaxBodyBytes:     *maxBody,
+		AdminTokenFile:   *tokenFile,
+		MaxInflight:      *maxInflight,
+		MaxInflightBytes: *maxInflightBytes,
+		TLS:              tlsSource,
 	})
 	if err != nil {
 		return err
@@ -81,20 +103,14 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 		srv.Close()
 		return fmt.Errorf("modelhost: listen grpc: %w", err)
 	}
+	var al net.Listener
 	if *adminAddr != "" {
-		al, err := net.Listen("tcp", *adminAddr)
-		if err != nil {
+		if al, err = net.Listen("tcp", *adminAddr); err != nil {
 			hl.Close()
 			gl.Close()
 			srv.Close()
 			return fmt.Errorf("modelhost: listen admin: %w", err)
 		}
-		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", metrics.Handler)
-		mux.Handle("GET /v2/health/", srv.Handler())
-		as := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() { _ = as.Serve(al) }()
-		defer as.Close()
 	}
-	return srv.Serve(ctx, hl, gl)
+	return srv.ServeAll(ctx, modelhost.Listeners{HTTP: hl, GRPC: gl, Admin: al})
 }

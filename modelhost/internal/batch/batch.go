@@ -23,6 +23,9 @@ type Config struct {
 	MaxRows   int           // rows per model call (>= 1)
 	MaxDelay  time.Duration // longest the first call of a batch waits for company
 	Instances int           // model calls running at once (>= 1)
+	// QueueSize bounds the calls waiting for a batch (default 1024); a call that finds the
+	// queue full is refused at once with ErrQueueFull.
+	QueueSize int
 	// Observe, if set, is called once per model call with the rows it held.
 	Observe func(rows int)
 }
@@ -59,18 +62,30 @@ type Batcher struct {
 // ErrStopped is returned by Do after Stop.
 var ErrStopped = errors.New("batcher stopped")
 
+// ErrQueueFull is returned by Do when the queue holds QueueSize calls already.
+var ErrQueueFull = errors.New("batch queue full")
+
+// DefaultQueueSize is the queue bound when Config.QueueSize is not set.
+const DefaultQueueSize = 1024
+
 // New starts a batcher.
 func New(cfg Config, run Func) *Batcher {
 	cfg.MaxRows = max(cfg.MaxRows, 1)
 	cfg.Instances = max(cfg.Instances, 1)
-	b := &Batcher{cfg: cfg, run: run, queue: make(chan *call, 1024), stop: make(chan struct{}), done: make(chan struct{}),
+	if cfg.QueueSize <= 0 {
+		cfg.QueueSize = DefaultQueueSize
+	}
+	b := &Batcher{cfg: cfg, run: run, queue: make(chan *call, cfg.QueueSize), stop: make(chan struct{}), done: make(chan struct{}),
 		sem: make(chan struct{}, cfg.Instances)}
 	go b.collect()
 	return b
 }
 
-// Do queues inputs (first dimension = rows) and waits for the outputs. If ctx ends
-// first Do returns its error; the rows may still run and are then discarded.
+// Do queues inputs (first dimension = rows) and waits for the outputs. A full queue
+// refuses the call at once (ErrQueueFull): the queue never grows past QueueSize. If ctx
+// ends first Do returns its error; a call whose ctx has ended by the time its batch is
+// formed is dropped from the batch (the model never sees its rows), one already in a
+// running batch runs and its outputs are discarded.
 func (b *Batcher) Do(ctx context.Context, inputs []*tensor.Tensor) (Result, error) {
 	rows := 0
 	if len(inputs) > 0 && len(inputs[0].Shape) > 0 {
@@ -84,12 +99,13 @@ func (b *Batcher) Do(ctx context.Context, inputs []*tensor.Tensor) (Result, erro
 		return Result{}, ErrStopped
 	default:
 	}
+	if err := ctx.Err(); err != nil {
+		return Result{}, err
+	}
 	select {
 	case b.queue <- c:
-	case <-b.stop:
-		return Result{}, ErrStopped
-	case <-ctx.Done():
-		return Result{}, ctx.Err()
+	default:
+		return Result{}, ErrQueueFull
 	}
 	select {
 	case <-c.done:
@@ -134,6 +150,9 @@ func (b *Batcher) collect() {
 				return
 			}
 		}
+		if expired(first) {
+			continue
+		}
 		batch := []*call{first}
 		rows := first.rows
 		if rows < b.cfg.MaxRows && b.cfg.MaxDelay > 0 {
@@ -142,6 +161,9 @@ func (b *Batcher) collect() {
 			for rows < b.cfg.MaxRows {
 				select {
 				case c := <-b.queue:
+					if expired(c) {
+						continue
+					}
 					if rows+c.rows > b.cfg.MaxRows {
 						carry = c
 						break fill
@@ -159,6 +181,9 @@ func (b *Batcher) collect() {
 			for rows < b.cfg.MaxRows {
 				select {
 				case c := <-b.queue:
+					if expired(c) {
+						continue
+					}
 					if rows+c.rows > b.cfg.MaxRows {
 						carry = c
 						break grab
@@ -171,6 +196,12 @@ func (b *Batcher) collect() {
 			}
 		}
 		b.sem <- struct{}{} // wait for a free instance; the queue keeps filling meanwhile
+		// Calls whose caller gave up (deadline, cancel) while waiting leave the batch.
+		batch, rows = live(batch)
+		if len(batch) == 0 {
+			<-b.sem
+			continue
+		}
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()
@@ -185,6 +216,9 @@ func (b *Batcher) drain() {
 	for {
 		select {
 		case c := <-b.queue:
+			if expired(c) {
+				continue
+			}
 			b.sem <- struct{}{}
 			b.execute([]*call{c}, c.rows)
 			<-b.sem
@@ -192,6 +226,30 @@ func (b *Batcher) drain() {
 			return
 		}
 	}
+}
+
+// expired finishes a call whose caller has gone (its Do already returned ctx's error) and
+// reports true, so the call is dropped instead of run.
+func expired(c *call) bool {
+	err := c.ctx.Err()
+	if err == nil {
+		return false
+	}
+	c.err = err
+	close(c.done)
+	return true
+}
+
+// live drops the calls that expired from batch, in place, and recounts its rows.
+func live(batch []*call) ([]*call, int) {
+	kept, rows := batch[:0], 0
+	for _, c := range batch {
+		if !expired(c) {
+			kept = append(kept, c)
+			rows += c.rows
+		}
+	}
+	return kept, rows
 }
 
 func (b *Batcher) execute(batch []*call, rows int) {

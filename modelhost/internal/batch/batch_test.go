@@ -204,3 +204,114 @@ func TestDoRacingStopNeverHangs(t *testing.T) {
 		}
 	}
 }
+
+// blocker is a model whose calls wait until released; it records the rows it saw (by the
+// caller id in column 0), so a test can tell which callers reached the model.
+type blocker struct {
+	started chan struct{}
+	release chan struct{}
+	mu      sync.Mutex
+	seen    map[float32]bool
+}
+
+func newBlocker() *blocker {
+	return &blocker{started: make(chan struct{}, 64), release: make(chan struct{}), seen: map[float32]bool{}}
+}
+
+// open lets every call through; safe to call more than once.
+func (k *blocker) open() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	select {
+	case <-k.release:
+	default:
+		close(k.release)
+	}
+}
+
+func (k *blocker) run(_ context.Context, in []*tensor.Tensor) ([]*tensor.Tensor, error) {
+	k.mu.Lock()
+	for i := 0; i < len(in[0].F32); i += 2 {
+		k.seen[in[0].F32[i]] = true
+	}
+	k.mu.Unlock()
+	k.started <- struct{}{}
+	<-k.release
+	return []*tensor.Tensor{{Datatype: tensor.FP32, Shape: []int64{in[0].Shape[0]}, F32: make([]float32, in[0].Shape[0])}}, nil
+}
+
+// TestFullQueueRefusesAtOnce: with the one instance busy and the queue full, the next call
+// gets ErrQueueFull without waiting (its context has no deadline: before the bound it
+// blocked until the queue drained), and the queued calls still run.
+func TestFullQueueRefusesAtOnce(t *testing.T) {
+	k := newBlocker()
+	b := New(Config{MaxRows: 1, Instances: 1, QueueSize: 2}, k.run)
+	defer b.Stop()
+	defer k.open() // before Stop, also when the test fails early
+	results := make(chan error, 4)
+	do := func(id int) { _, err := b.Do(context.Background(), []*tensor.Tensor{rowsOf(id, 1)}); results <- err }
+	go do(1)
+	<-k.started // call 1 runs; the collector then holds call 2 waiting for the instance
+	go do(2)
+	go do(3)
+	go do(4)
+	// Calls 2..4: the collector holds one, the queue (2) holds the others; eventually the
+	// queue is full and the next call is refused.
+	deadline := time.Now().Add(5 * time.Second)
+	for len(b.queue) < cap(b.queue) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := b.Do(context.Background(), []*tensor.Tensor{rowsOf(9, 1)}); done <- err }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrQueueFull) {
+			t.Fatalf("call on a full queue: %v, want ErrQueueFull", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a call on a full queue waited instead of being refused")
+	}
+	k.open()
+	for range 4 {
+		if err := <-results; err != nil {
+			t.Errorf("queued call: %v", err)
+		}
+	}
+	if k.seen[9] {
+		t.Error("the refused call reached the model")
+	}
+}
+
+// TestExpiredCallDroppedFromBatch: a call whose deadline passes while it waits in the
+// queue is answered with DeadlineExceeded and never reaches the model.
+func TestExpiredCallDroppedFromBatch(t *testing.T) {
+	k := newBlocker()
+	b := New(Config{MaxRows: 8, Instances: 1}, k.run)
+	defer b.Stop()
+	defer k.open()
+	first := make(chan error, 1)
+	go func() { _, err := b.Do(context.Background(), []*tensor.Tensor{rowsOf(1, 1)}); first <- err }()
+	<-k.started
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	if _, err := b.Do(ctx, []*tensor.Tensor{rowsOf(2, 1)}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("queued call past its deadline: %v, want DeadlineExceeded", err)
+	}
+	later := make(chan error, 1)
+	go func() { _, err := b.Do(context.Background(), []*tensor.Tensor{rowsOf(3, 1)}); later <- err }()
+	k.open()
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-later; err != nil {
+		t.Fatal(err)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.seen[2] {
+		t.Error("the model ran the rows of a call whose deadline had passed in the queue")
+	}
+	if !k.seen[3] {
+		t.Error("a live call queued with the expired one did not run")
+	}
+}

@@ -1,0 +1,117 @@
+package modelhost
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
+
+	"github.com/patchbay-io/patchbay/api/oip"
+)
+
+// smallRequest is the largest request that may use the whole byte and slot budget. Larger
+// requests may hold at most 7/8 of either, so a flood of large requests always leaves room
+// for ordinary ones.
+const smallRequest = 64 << 10
+
+// limits bound the host's work: inference requests in flight and the request bytes they
+// hold. Admission is one atomic add per budget, tried without waiting: the excess is refused
+// at once, never queued.
+type limits struct {
+	maxCount, largeCount int64
+	maxBytes, largeBytes int64
+	count, bytes         atomic.Int64
+	releaseSlot          func() // one slot back; prebuilt for context.AfterFunc
+	countMsg, bytesMsg   string
+}
+
+func (l *limits) init(maxCount int, maxBytes, maxBody int64) {
+	l.maxCount = int64(maxCount)
+	l.largeCount = max(l.maxCount-l.maxCount/8, 1)
+	l.maxBytes = maxBytes
+	l.largeBytes = max(maxBytes-maxBytes/8, maxBody)
+	l.releaseSlot = func() { l.count.Add(-1) }
+	l.countMsg = "model host at capacity: " + strconv.FormatInt(l.maxCount, 10) + " requests in flight (--max-inflight); retry later"
+	l.bytesMsg = "model host at capacity: " + strconv.FormatInt(l.maxBytes, 10) + " request bytes in flight (--max-inflight-bytes); retry later"
+}
+
+func (l *limits) busy(msg string) *apiError {
+	return &apiError{http.StatusTooManyRequests, codes.ResourceExhausted, msg}
+}
+
+// acquireSlot takes one in-flight slot for a request of n bytes (n < 0: not known yet).
+func (l *limits) acquireSlot(n int64) *apiError {
+	lim := l.maxCount
+	if n > smallRequest {
+		lim = l.largeCount
+	}
+	if l.count.Add(1) > lim {
+		l.count.Add(-1)
+		return l.busy(l.countMsg)
+	}
+	return nil
+}
+
+// acquireBytes charges n request bytes.
+func (l *limits) acquireBytes(n int64) *apiError {
+	lim := l.maxBytes
+	if n > smallRequest {
+		lim = l.largeBytes
+	}
+	if l.bytes.Add(n) > lim {
+		l.bytes.Add(-n)
+		return l.busy(l.bytesMsg)
+	}
+	return nil
+}
+
+func (l *limits) releaseBytes(n int64) { l.bytes.Add(-n) }
+
+// Inflight reports the inference requests and request bytes in flight now.
+func (s *Server) Inflight() (requests, bytes int64) {
+	return s.limits.count.Load(), s.limits.bytes.Load()
+}
+
+var modelInferMethod = "/" + oip.GRPCInferenceService_ServiceDesc.ServiceName + "/ModelInfer"
+
+// tap admits a gRPC ModelInfer stream before its message is read (grpc-go runs the
+// InTapHandle on the HEADERS frame; a status error refuses the stream with that status,
+// internal/transport/http2_server.go), so a burst of streams cannot make the host buffer
+// a message each. The slot is given back when the stream ends: grpc-go cancels the stream's
+// context when it closes, whatever way it ends.
+func (s *Server) tap(ctx context.Context, info *tap.Info) (context.Context, error) {
+	if info.FullMethodName != modelInferMethod {
+		return ctx, nil
+	}
+	if e := s.limits.acquireSlot(-1); e != nil {
+		s.inst.refused.Add(ctx, 1, s.inst.refusedGRPC)
+		return nil, status.Error(e.code, e.msg)
+	}
+	context.AfterFunc(ctx, s.limits.releaseSlot)
+	return ctx, nil
+}
+
+// grpcRequestBytes is what a decoded ModelInfer request holds: its raw contents and typed
+// contents, by element size.
+func grpcRequestBytes(r *oip.ModelInferRequest) int64 {
+	var n int64
+	for _, b := range r.GetRawInputContents() {
+		n += int64(len(b))
+	}
+	for _, in := range r.GetInputs() {
+		c := in.GetContents()
+		if c == nil {
+			continue
+		}
+		n += int64(len(c.BoolContents)) + 4*int64(len(c.IntContents)+len(c.UintContents)+len(c.Fp32Contents)) +
+			8*int64(len(c.Int64Contents)+len(c.Uint64Contents)+len(c.Fp64Contents))
+		for _, b := range c.BytesContents {
+			n += int64(len(b)) + 24
+		}
+	}
+	return n
+}
