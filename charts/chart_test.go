@@ -546,7 +546,7 @@ func checkFlags(t *testing.T, r *rendered, full bool) {
 			}
 		}
 		m := argFlags(t, container(t, r, "rel-patchbay-modelhost-ranker", "modelhost"), "modelhost")
-		if m["max-body-bytes"] != "16777216" || m["admin"] != "0.0.0.0:9002" {
+		if m["max-body-bytes"] != "16777216" || m["admin"] != "0.0.0.0:9002" || m["max-inflight"] != "256" || m["max-inflight-bytes"] != "134217728" {
 			t.Errorf("modelhost ranker flags = %v", m)
 		}
 		if len(m) != len(flagsOf(t, "modelhost")) {
@@ -714,7 +714,7 @@ func TestChartRejectsBadValues(t *testing.T) {
 		{[]string{"--skip-schema-validation", "xds.listen=18000"}, "want host:port"},
 		{[]string{"tls.certManager.issuerRef.kind=Vault"}, "/tls/certManager/issuerRef/kind"},
 		{[]string{"tls.enabled=true", "tls.certManager.enabled=true"}, "tls.certManager.issuerRef.name is required"},
-		{[]string{"modelhosts[0].name=a", "modelhosts[0].repository=/m", "modelhosts[0].http=0.0.0.0:1", "modelhosts[0].grpc=0.0.0.0:2", "modelhosts[0].admin=0.0.0.0:3"}, "the repository API needs adminTokenSecret"},
+		{[]string{"modelhosts[0].maxInflight=-1"}, "/modelhosts/0/maxInflight"},
 		{[]string{"networkPolicy.clients=yes"}, "/networkPolicy/clients"},
 	} {
 		t.Run(strings.Join(tc.set, " "), func(t *testing.T) {
