@@ -329,7 +329,7 @@ func TestChainRollbackUnderLoad(t *testing.T) {
 	}
 	v9 := &host{http: freeAddr(t), grpc: freeAddr(t)}
 	v9.proc = startProc(t, "host-v9", "http://"+v9.http+"/v2/health/ready",
-		"modelhost", "--repository", repo, "--http", v9.http, "--grpc", v9.grpc, "--log-level", "warn")
+		"modelhost", "--repository", repo, "--http", v9.http, "--grpc", v9.grpc, "--admin", freeAddr(t), "--log-level", "warn")
 	withV9 := func(traffic string) string {
 		doc := rankerRollout(c.a.http, c.b.http, traffic, "")
 		doc = strings.Replace(doc, "traffic: {", fmt.Sprintf("  - {name: v9, endpoints: [%q]}\ntraffic: {v9: 0, ", v9.http), 1)

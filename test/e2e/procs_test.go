@@ -49,6 +49,6 @@ type host struct {
 func startHost(t testing.TB, name string, models ...string) *host {
 	h := &host{http: freeAddr(t), grpc: freeAddr(t)}
 	h.proc = startProc(t, name, "http://"+h.http+"/v2/health/ready",
-		"modelhost", "--repository", repoWith(t, models...), "--http", h.http, "--grpc", h.grpc, "--log-level", "warn")
+		"modelhost", "--repository", repoWith(t, models...), "--http", h.http, "--grpc", h.grpc, "--admin", freeAddr(t), "--log-level", "warn")
 	return h
 }

@@ -20,7 +20,7 @@ func StartModelHost(t testing.TB, name, repo string) *ModelHost {
 	t.Helper()
 	m := &ModelHost{HTTP: FreeAddr(t), GRPC: FreeAddr(t)}
 	m.Process = Start(t, name, "http://"+m.HTTP+"/v2/health/ready", Binary(t),
-		"modelhost", "--repository", repo, "--http", m.HTTP, "--grpc", m.GRPC, "--log-level", "debug")
+		"modelhost", "--repository", repo, "--http", m.HTTP, "--grpc", m.GRPC, "--admin", FreeAddr(t), "--log-level", "debug")
 	return m
 }
 
