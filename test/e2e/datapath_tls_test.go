@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -138,5 +139,94 @@ func TestEnvoyUpstreamTLS(t *testing.T) {
 	}
 	if impostor.peerURI.Load() != nil {
 		t.Fatal("a request reached the host with the wrong identity")
+	}
+}
+
+// TestEdgeTLS: with --edge-tls-cert/--edge-tls-key/--edge-client-ca the edge listener (in
+// the Envoy model, from the listener's DownstreamTlsContext and the ADS-served secrets)
+// serves REST and gRPC only over TLS, to clients with a certificate from the client CA.
+func TestEdgeTLS(t *testing.T) {
+	ca, err := tlsfiles.NewCA("e2e", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientCA, err := tlsfiles.NewCA("e2e-clients", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edgeFiles, err := ca.WriteLeaf(t.TempDir(), "edge", tlsfiles.Leaf{Name: "edge", Hosts: []string{"127.0.0.1"}, URI: "spiffe://patchbay.local/role/edge"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	userFiles, err := clientCA.WriteLeaf(t.TempDir(), "user", tlsfiles.Leaf{Name: "user"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startHost(t, "host", "ranker/v7", "churn/v1")
+	rollouts := t.TempDir()
+	writeRollout(t, rollouts, "ranker.yaml", fmt.Sprintf("apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: ranker\n"+
+		"versions:\n  - {name: v7, endpoints: [%q]}\ntraffic: {v7: 100}\n", h.http))
+	writeRollout(t, rollouts, "churn.yaml", fmt.Sprintf("apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: churn\n"+
+		"versions:\n  - {name: v1, endpoints: [%q], protocol: grpc}\ntraffic: {v1: 100}\n", h.grpc))
+	xdsAddr, xdsAdmin := freeAddr(t), freeAddr(t)
+	startProc(t, "xds", "http://"+xdsAdmin+"/readyz", "xds", "--rollouts", rollouts, "--listen", xdsAddr, "--admin", xdsAdmin,
+		"--edge-tls-cert", edgeFiles.Cert, "--edge-tls-key", edgeFiles.Key, "--edge-client-ca", userFiles.CA, "--log-level", "warn")
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	edge, err := envoymodel.Start(ctx, envoymodel.Config{XDSAddr: xdsAddr, ExtprocAddr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := edge.Server()
+	go srv.Serve(edge.Listener(lis))
+	t.Cleanup(func() { srv.Close() })
+	waitFor(t, 10*time.Second, "edge config", edge.Ready)
+	addr := lis.Addr().String()
+
+	// The client trusts the edge's CA and presents a certificate from the client CA.
+	userSrc, err := tlsfiles.Load(tlsfiles.Files{Cert: userFiles.Cert, Key: userFiles.Key, CA: edgeFiles.CA}, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	withCert := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: userSrc.ClientConfig("127.0.0.1")}}
+	var resp *http.Response
+	waitFor(t, 5*time.Second, "REST over edge TLS", func() bool {
+		resp, err = withCert.Post("https://"+addr+"/v2/models/ranker/infer", "application/json", strings.NewReader(features))
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	if resp.TLS == nil {
+		t.Fatal("answer did not come over TLS")
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(userSrc.ClientConfig("127.0.0.1"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	gctx := metadata.AppendToOutgoingContext(context.Background(), "x-patchbay-model", "churn")
+	if _, err := churnInfer(gctx, oip.NewGRPCInferenceServiceClient(conn)); err != nil {
+		t.Fatalf("gRPC over edge TLS: %v", err)
+	}
+
+	// Without a client certificate, and in plaintext: refused.
+	noCertSrc, err := tlsfiles.Load(tlsfiles.Files{CA: edgeFiles.CA}, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	noCert := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: noCertSrc.ClientConfig("127.0.0.1")}}
+	if resp, err := noCert.Post("https://"+addr+"/v2/models/ranker/infer", "application/json", strings.NewReader(features)); err == nil {
+		resp.Body.Close()
+		t.Fatalf("a client without a certificate got %d", resp.StatusCode)
+	}
+	if resp, err := client.Post("http://"+addr+"/v2/models/ranker/infer", "application/json", strings.NewReader(features)); err == nil && resp.StatusCode == 200 {
+		resp.Body.Close()
+		t.Fatal("plaintext infer succeeded on a TLS edge")
 	}
 }

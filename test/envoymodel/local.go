@@ -7,12 +7,13 @@ import (
 	"strings"
 )
 
-// Server returns an http.Server that serves p over HTTP/1.1 and over HTTP/2 without TLS
-// (prior knowledge, as gRPC clients speak to a plaintext Envoy listener), so gRPC clients
-// can call through the model.
+// Server returns an http.Server that serves p over HTTP/1.1 and HTTP/2: without TLS by prior
+// knowledge (as gRPC clients speak to a plaintext Envoy listener), and over TLS by ALPN when
+// it serves a Listener-wrapped listener and the listener config has TLS.
 func (p *Proxy) Server() *http.Server {
 	protos := new(http.Protocols)
 	protos.SetHTTP1(true)
+	protos.SetHTTP2(true)
 	protos.SetUnencryptedHTTP2(true)
 	return &http.Server{Handler: p, Protocols: protos}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"sort"
 
@@ -143,6 +144,80 @@ func (p *Proxy) upstreamTLSConfig(c *clusterv3.Cluster) (*tls.Config, error) {
 			}
 		}
 		return fmt.Errorf("server certificate has none of the URI SANs %v", uris)
+	}
+	return cfg, nil
+}
+
+// Listener wraps lis as Envoy's listener: when the listener config's filter chain has a TLS
+// transport socket (DownstreamTlsContext with SDS secrets naming files), each connection is
+// a TLS server connection with its certificate, its ALPN list and, with
+// require_client_certificate, client certificates required and verified against the
+// validation context's CA; otherwise connections stay plaintext. Files are read at every
+// handshake, as Envoy re-reads them when they change.
+func (p *Proxy) Listener(lis net.Listener) net.Listener { return &tlsListener{Listener: lis, p: p} }
+
+type tlsListener struct {
+	net.Listener
+	p *Proxy
+}
+
+func (l *tlsListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		s := l.p.state.Load()
+		if s.listener == nil || len(s.listener.GetFilterChains()) == 0 || s.listener.GetFilterChains()[0].GetTransportSocket() == nil {
+			return c, nil
+		}
+		cfg, err := downstreamTLSConfig(s)
+		if err != nil {
+			c.Close() // Envoy would not have the listener at all
+			continue
+		}
+		return tls.Server(c, cfg), nil
+	}
+}
+
+func downstreamTLSConfig(s *state) (*tls.Config, error) {
+	ts := s.listener.GetFilterChains()[0].GetTransportSocket()
+	d := &tlsv3.DownstreamTlsContext{}
+	if ts.GetName() != "envoy.transport_sockets.tls" || ts.GetTypedConfig().UnmarshalTo(d) != nil {
+		return nil, fmt.Errorf("listener transport socket %q is not modelled", ts.GetName())
+	}
+	common := d.GetCommonTlsContext()
+	refs := common.GetTlsCertificateSdsSecretConfigs()
+	if len(refs) != 1 || len(common.GetTlsCertificates()) > 0 {
+		return nil, errors.New("listener: only one SDS certificate is modelled")
+	}
+	cert := s.secrets[refs[0].GetName()].GetTlsCertificate()
+	if cert == nil {
+		return nil, fmt.Errorf("listener: SDS secret %q has not arrived", refs[0].GetName())
+	}
+	kp, err := tls.LoadX509KeyPair(cert.GetCertificateChain().GetFilename(), cert.GetPrivateKey().GetFilename())
+	if err != nil {
+		return nil, err
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{kp}, NextProtos: common.GetAlpnProtocols(), MinVersion: tls.VersionTLS12}
+	if ref := common.GetValidationContextSdsSecretConfig(); ref != nil {
+		vc := s.secrets[ref.GetName()].GetValidationContext()
+		if vc == nil {
+			return nil, fmt.Errorf("listener: SDS secret %q has not arrived", ref.GetName())
+		}
+		pemCA, err := os.ReadFile(vc.GetTrustedCa().GetFilename())
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemCA) {
+			return nil, errors.New("listener: no certificate in the client CA file")
+		}
+		cfg.ClientCAs = pool
+		cfg.ClientAuth = tls.VerifyClientCertIfGiven
+		if d.GetRequireClientCertificate().GetValue() {
+			cfg.ClientAuth = tls.RequireAndVerifyClientCert
+		}
 	}
 	return cfg, nil
 }
