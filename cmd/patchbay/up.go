@@ -191,7 +191,6 @@ type upRun struct {
 	served []string // per model host: what it serves, for the banner
 	tls    *upTLS   // with --tls: the throwaway PKI
 	client *http.Client
-	help   map[string]string // `bin <part> -h` output, to see which flags a part has
 }
 
 func (u *upRun) run(ctx context.Context) (err error) {
@@ -231,9 +230,7 @@ func (u *upRun) startAll(ctx context.Context) error {
 	// answer our readiness checks for a child that died on the clash: say so up front.
 	ports := append(append([]string{}, c.hostHTTP...), c.hostGRPC...)
 	ports = append(ports, c.xdsListen, c.xdsAdmin, c.extprocListen, c.extprocAdmin)
-	if u.hasFlag("modelhost", "admin-token-file") {
-		ports = append(ports, c.hostAdmin...)
-	}
+	ports = append(ports, c.hostAdmin...)
 	if err := portsFree(ports); err != nil {
 		return err
 	}
@@ -261,9 +258,7 @@ func (u *upRun) startAll(ctx context.Context) error {
 		name := "modelhost-" + string(rune('a'+i))
 		args := []string{"modelhost",
 			"--repository", repos[i], "--http", c.hostHTTP[i], "--grpc", c.hostGRPC[i], "--log-level", c.logLevel,
-		}
-		if u.hasFlag("modelhost", "admin-token-file") {
-			args = append(args, "--admin", c.hostAdmin[i], "--admin-token-file", tokenFile)
+			"--admin", c.hostAdmin[i], "--admin-token-file", tokenFile,
 		}
 		args = append(args, u.serverTLSArgs("modelhost")...)
 		if err := u.startChild(ctx, name, c.bin, args, u.url(c.hostHTTP[i], "/v2/health/ready"), c.readyTimeout); err != nil {
@@ -280,17 +275,9 @@ func (u *upRun) startAll(ctx context.Context) error {
 		// Envoy's clusters to the model hosts (which require client certificates) and the
 		// edge listener use TLS too; Envoy presents its own (edge) certificate.
 		edge := u.tls.files["edge"]
-		for _, f := range [][2]string{
-			{"upstream-tls-ca", edge.CA}, {"upstream-tls-cert", edge.Cert}, {"upstream-tls-key", edge.Key},
-			{"edge-tls-cert", edge.Cert}, {"edge-tls-key", edge.Key}, {"edge-client-ca", edge.CA},
-		} {
-			if u.hasFlag("xds", f[0]) {
-				xdsArgs = append(xdsArgs, "--"+f[0], f[1])
-			}
-		}
-		if u.hasFlag("xds", "upstream-tls") {
-			xdsArgs = append(xdsArgs, "--upstream-tls")
-		}
+		xdsArgs = append(xdsArgs, "--upstream-tls",
+			"--upstream-tls-ca", edge.CA, "--upstream-tls-cert", edge.Cert, "--upstream-tls-key", edge.Key,
+			"--edge-tls-cert", edge.Cert, "--edge-tls-key", edge.Key, "--edge-client-ca", edge.CA)
 	}
 	if err := u.startChild(ctx, "xds", c.bin, xdsArgs, u.url(c.xdsAdmin, "/readyz"), c.readyTimeout); err != nil {
 		return err
@@ -325,6 +312,12 @@ type upTLS struct {
 	dir   string
 	files map[string]tlsfiles.Files // by role: xds, extproc, modelhost, edge, grpc, operator
 }
+
+// grpcCertProvider is the certificate provider instance the control plane's proxyless
+// clusters name for TLS to model hosts (xds/translate.CertProviderInstance; cmd may import
+// every part, but the bootstrap is a file format, so the name is kept here too and
+// TestUpTLS proves they agree).
+const grpcCertProvider = "patchbay"
 
 // upRoles are the certificates up makes: the three servers (each also the client
 // certificate of that part: ext_proc's to the control plane), Envoy (edge), proxyless
@@ -385,23 +378,6 @@ func (u *upRun) url(addr, path string) string {
 		return "https://" + addr + path
 	}
 	return "http://" + addr + path
-}
-
-// hasFlag reports whether `bin part -h` lists --flag, for flags that not every build of
-// the parts has (a stale --bin); asked once per part.
-func (u *upRun) hasFlag(part, flag string) bool {
-	if u.help == nil {
-		u.help = map[string]string{}
-	}
-	out, ok := u.help[part]
-	if !ok {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		b, _ := exec.CommandContext(ctx, u.cfg.bin, part, "-h").CombinedOutput()
-		out = string(b)
-		u.help[part] = out
-	}
-	return strings.Contains(out, "-"+flag+" ") || strings.Contains(out, "-"+flag+"\n")
 }
 
 // startChild runs `bin args...` and waits until readyURL answers 200.
@@ -713,28 +689,37 @@ gRPC clients route through it) and ext_proc.`, why, v)
 
 // writeGRPCBootstrap writes the xDS bootstrap a proxyless gRPC client needs. With --tls
 // its channel to the control plane uses grpc-go's "tls" channel credentials (gRFC A65;
-// grpc-go internal/xds/bootstrap/tlscreds/bundle.go): the keys are those of the
-// file_watcher certificate provider (credentials/tls/certprovider/pemfile/builder.go),
-// refresh_interval included, so the files are re-read when they rotate.
+// grpc-go internal/xds/bootstrap/tlscreds/bundle.go), and the same files are the
+// "patchbay" certificate provider instance (file_watcher plugin, gRFC A29) that the
+// control plane's clusters name for TLS to the model hosts (translate.CertProviderInstance);
+// a client dialing with xDS credentials (google.golang.org/grpc/credentials/xds) uses it.
+// The config keys are the file_watcher plugin's
+// (credentials/tls/certprovider/pemfile/builder.go), refresh_interval included, so the
+// files are re-read when they rotate.
 func (u *upRun) writeGRPCBootstrap() (string, error) {
 	creds := map[string]any{"type": "insecure"}
+	doc := map[string]any{
+		"node": map[string]any{"id": "patchbay-up-grpc-client", "locality": map[string]any{}},
+	}
 	if u.tls != nil {
 		f := u.tls.files["grpc"]
-		creds = map[string]any{"type": "tls", "config": map[string]any{
+		files := map[string]any{
 			"ca_certificate_file": f.CA,
 			"certificate_file":    f.Cert,
 			"private_key_file":    f.Key,
 			"refresh_interval":    "60s",
-		}}
+		}
+		creds = map[string]any{"type": "tls", "config": files}
+		doc["certificate_providers"] = map[string]any{
+			grpcCertProvider: map[string]any{"plugin_name": "file_watcher", "config": files},
+		}
 	}
-	b, err := json.MarshalIndent(map[string]any{
-		"xds_servers": []any{map[string]any{
-			"server_uri":      u.cfg.xdsListen,
-			"channel_creds":   []any{creds},
-			"server_features": []any{"xds_v3"},
-		}},
-		"node": map[string]any{"id": "patchbay-up-grpc-client", "locality": map[string]any{}},
-	}, "", "  ")
+	doc["xds_servers"] = []any{map[string]any{
+		"server_uri":      u.cfg.xdsListen,
+		"channel_creds":   []any{creds},
+		"server_features": []any{"xds_v3"},
+	}}
+	b, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {
 		return "", fmt.Errorf("up: grpc xds bootstrap: %w", err)
 	}
@@ -790,15 +775,13 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	fmt.Fprintf(&b, "  # a model host directly (no routing): pick the version yourself\n")
 	fmt.Fprintf(&b, "  %s -s -d '%s' %s/v2/models/ranker/versions/v7/infer\n", curl, ranker, u.url(c.hostHTTP[0], ""))
 	fmt.Fprintf(&b, "  %s -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, churn, c.hostGRPC[0])
-	if u.hasFlag("modelhost", "admin-token-file") {
-		fmt.Fprintf(&b, "  # the model repository API lives only on a host's admin listener, behind the token\n")
-		fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.hostAdmin[0], "/v2/repository/index"))
-	}
+	fmt.Fprintf(&b, "  # the model repository API lives only on a host's admin listener, behind the token\n")
+	fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.hostAdmin[0], "/v2/repository/index"))
 	fmt.Fprintf(&b, "  # proxyless gRPC: a gRPC client with xDS support routes itself, no Envoy\n")
 	fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s  then dial xds:///churn\n", grpcBootstrap)
 	if u.tls != nil {
-		g := u.tls.files["grpc"]
-		fmt.Fprintf(&b, "  (its xDS channel uses mTLS from the bootstrap; dial the model hosts with TLS too: CA %s, certificate %s, key %s, server name localhost)\n", g.CA, g.Cert, g.Key)
+		fmt.Fprintf(&b, "  (mTLS to the control plane from the bootstrap's tls channel credentials; dial with xDS credentials,\n")
+		fmt.Fprintf(&b, "   google.golang.org/grpc/credentials/xds, for mTLS to the model hosts from its %q certificate provider)\n", grpcCertProvider)
 	}
 	fmt.Fprintf(&b, "  # control plane: state, then an instant rollback; or edit %s (live in milliseconds)\n", c.rollouts)
 	fmt.Fprintf(&b, "  %s -s %s\n", curl, u.url(c.xdsAdmin, "/status"))

@@ -24,8 +24,8 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	xdscreds "google.golang.org/grpc/credentials/xds"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	xdsresolver "google.golang.org/grpc/xds"
@@ -35,6 +35,7 @@ import (
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/test/harness"
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
 func freeAddr(t *testing.T) string {
@@ -99,6 +100,7 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	args := []string{
 		"--examples", examples, "--rollouts", rollouts, "--bin", bin, "--envoy", "off",
 		"--modelhost-http", strings.Join(hostHTTP, ","), "--modelhost-grpc", strings.Join(hostGRPC, ","),
+		"--modelhost-admin", freeAddr(t) + "," + freeAddr(t),
 		"--xds-listen", xdsListen, "--xds-admin", xdsAdmin,
 		"--extproc-listen", extprocListen, "--extproc-admin", extprocAdmin,
 		"--edge-listener", freeAddr(t), "--sidecar-listener", freeAddr(t),
@@ -512,9 +514,6 @@ func TestUpTLS(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and starts the patchbay binary")
 	}
-	if missing := missingTLSFlags(t); len(missing) > 0 {
-		t.Skipf("the parts lack the TLS flags up --tls passes: %v", missing)
-	}
 	u := startUpForTest(t, "--tls")
 	m := regexp.MustCompile(`certificates in (\S+)`).FindStringSubmatch(u.banner)
 	if m == nil {
@@ -637,11 +636,17 @@ func TestUpTLS(t *testing.T) {
 	if err != nil {
 		t.Fatalf("grpc-go rejects up's xDS bootstrap: %v\n%s", err, bootstrap)
 	}
-	grpcID, err := tlsfiles.Load(pem("grpc"), tlsfiles.Options{})
+	if grpcCertProvider != translate.CertProviderInstance {
+		t.Fatalf("up's bootstrap names certificate provider %q, the control plane's clusters %q", grpcCertProvider, translate.CertProviderInstance)
+	}
+	// xDS credentials: TLS to the model hosts from the bootstrap's certificate provider, as
+	// the control plane's clusters say; plain text (the fallback) only where they say none.
+	// The hosts require client certificates, so an answer proves the data path was mTLS.
+	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := grpc.NewClient("xds:///churn", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(credentials.NewTLS(grpcID.ClientConfig("localhost"))))
+	conn, err := grpc.NewClient("xds:///churn", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(creds))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -665,23 +670,4 @@ func TestUpTLS(t *testing.T) {
 	if versions["v1"] == 0 || versions["v2"] == 0 {
 		t.Errorf("proxyless churn split over mTLS %v: want both v1 and v2", versions)
 	}
-}
-
-// missingTLSFlags lists the contract's TLS flags the parts do not have yet.
-func missingTLSFlags(t *testing.T) []string {
-	t.Helper()
-	u := &upRun{cfg: upConfig{bin: buildPatchbay(t)}}
-	var missing []string
-	for part, flags := range map[string][]string{
-		"xds":       {"tls-cert", "tls-key", "client-ca"},
-		"extproc":   {"tls-cert", "tls-key", "client-ca", "xds-ca", "xds-cert", "xds-key"},
-		"modelhost": {"tls-cert", "tls-key", "client-ca"},
-	} {
-		for _, f := range flags {
-			if !u.hasFlag(part, f) {
-				missing = append(missing, part+" --"+f)
-			}
-		}
-	}
-	return missing
 }
