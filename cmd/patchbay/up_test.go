@@ -24,12 +24,15 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	xdsresolver "google.golang.org/grpc/xds"
 
+	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/api/oip"
 	pbenvoy "github.com/patchbay-io/patchbay/envoy"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
@@ -669,5 +672,92 @@ func TestUpTLS(t *testing.T) {
 	}
 	if versions["v1"] == 0 || versions["v2"] == 0 {
 		t.Errorf("proxyless churn split over mTLS %v: want both v1 and v2", versions)
+	}
+}
+
+// TestUpTLSThroughEnvoy runs `patchbay up --tls` with a real Envoy (skipped without
+// ENVOY_BIN or envoy on PATH; .github/workflows/envoy-e2e.yml runs it): Envoy on the mTLS
+// bootstrap (SDS files naming up's certificates) gets its config from the control plane and
+// ext_proc's decisions over mTLS, reaches the model hosts over mTLS, and serves the edge
+// listener over TLS requiring client certificates: REST and gRPC through it answer with a
+// client certificate, and a client without one is refused.
+func TestUpTLSThroughEnvoy(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and starts the patchbay binary and Envoy")
+	}
+	bin := harness.EnvoyBinary(t)
+	edge, stats := freeAddr(t), freeAddr(t)
+	u := startUpForTest(t, "--tls", "--envoy", bin, "--edge-listener", edge,
+		"--envoy-admin", freeAddr(t), "--envoy-stats", stats, "--envoy-timeout", "60s")
+	if !strings.Contains(u.banner, "Envoy edge") {
+		t.Fatalf("Envoy did not come up:\n%s", u.banner)
+	}
+	dir := regexp.MustCompile(`certificates in (\S+)`).FindStringSubmatch(u.banner)[1]
+	op := tlsfiles.Files{Cert: filepath.Join(dir, "operator.crt"), Key: filepath.Join(dir, "operator.key"), CA: filepath.Join(dir, "ca.crt")}
+	operator, err := tlsfiles.Load(op, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	caOnly, err := tlsfiles.Load(tlsfiles.Files{CA: op.CA}, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mtls := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: operator.ClientConfig("127.0.0.1")}}
+	noCert := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: caOnly.ClientConfig("127.0.0.1")}}
+	body := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0.5,1.2,3.4,0.1,0.0,2.2,1.1,0.7]}]}`
+	infer := func(c *http.Client) (*http.Response, error) {
+		req, err := http.NewRequest(http.MethodPost, "https://"+edge+"/v2/models/ranker/infer", strings.NewReader(body))
+		if err != nil {
+			return nil, err
+		}
+		req.Header.Set(headers.UserID, "alice")
+		req.Header.Set("content-type", "application/json")
+		return c.Do(req)
+	}
+	// The listener comes over ADS after Envoy is ready: retry, bounded.
+	var last string
+	ok := false
+	for range 100 {
+		resp, err := infer(mtls)
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			last = resp.Status + " " + string(b) + " served-by=" + resp.Header.Get(headers.ServedBy)
+			if resp.StatusCode == http.StatusOK && strings.HasPrefix(resp.Header.Get(headers.ServedBy), "ranker/") {
+				ok = true
+				break
+			}
+		} else {
+			last = err.Error()
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !ok {
+		t.Fatalf("REST through Envoy over mTLS never answered: %s", last)
+	}
+	if resp, err := infer(noCert); err == nil {
+		resp.Body.Close()
+		t.Errorf("the edge listener answered %s to a client without a certificate", resp.Status)
+	}
+	conn, err := grpc.NewClient(edge, grpc.WithTransportCredentials(credentials.NewTLS(operator.ClientConfig("127.0.0.1"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ctx = metadata.AppendToOutgoingContext(ctx, headers.Model, "churn", headers.UserID, "carol")
+	r, err := oip.NewGRPCInferenceServiceClient(conn).ModelInfer(ctx, &oip.ModelInferRequest{
+		ModelName: "churn",
+		Inputs: []*oip.ModelInferRequest_InferInputTensor{{
+			Name: "features", Datatype: "FP32", Shape: []int64{1, 4},
+			Contents: &oip.InferTensorContents{Fp32Contents: []float32{0.3, 12, 1, 0}},
+		}},
+	})
+	if err != nil {
+		t.Fatalf("gRPC through Envoy over mTLS: %v", err)
+	}
+	if v := r.GetModelVersion(); v != "v1" && v != "v2" {
+		t.Errorf("churn answered by version %q", v)
 	}
 }
