@@ -1,0 +1,158 @@
+package modelhost_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/modelhost"
+	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
+)
+
+// gatedHost serves model "slow" whose calls block until g.release is closed.
+func gatedHost(t *testing.T, mutate func(*modelhost.Config)) (*host, *gate) {
+	t.Helper()
+	repo := testRepo(t)
+	writeFile(t, filepath.Join(repo, "slow", "v1", "model.yaml"), `runtime: gate
+inputs:  [{name: x, datatype: FP32, shape: [-1, 1]}]
+outputs: [{name: y, datatype: FP32, shape: [-1]}]
+`)
+	g := &gate{started: make(chan struct{}, 64), release: make(chan struct{})}
+	h := startHost(t, repo, func(c *modelhost.Config) {
+		c.Runtimes = builtin.Loaders()
+		c.Runtimes["gate"] = g.load
+		if mutate != nil {
+			mutate(c)
+		}
+	})
+	return h, g
+}
+
+const slowBody = `{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[1]}]}`
+
+func slowGRPC() *oip.ModelInferRequest {
+	return &oip.ModelInferRequest{ModelName: "slow", Inputs: []*oip.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, 1},
+		Contents: &oip.InferTensorContents{Fp32Contents: []float32{1}}}}}
+}
+
+// post sends a REST infer in the background and reports its status.
+func post(url, body string, out chan<- int) {
+	resp, err := http.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		out <- -1
+		return
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	out <- resp.StatusCode
+}
+
+// TestInflightBoundRefusesAtOnce: with --max-inflight 4 requests held in the model, a
+// fifth REST request gets 429 with Retry-After and an OIP error, a fifth gRPC call
+// RESOURCE_EXHAUSTED, and neither reaches the model (before the bound both queued in the
+// model). Once the held requests finish, every slot is back (no leak on any path).
+func TestInflightBoundRefusesAtOnce(t *testing.T) {
+	h, g := gatedHost(t, func(c *modelhost.Config) { c.MaxInflight = 4 })
+	held := make(chan int, 4)
+	grpcHeld := make(chan error, 2)
+	for range 2 {
+		go post(h.url+"/v2/models/slow/infer", slowBody, held)
+		go func() { _, err := h.grpc.ModelInfer(context.Background(), slowGRPC()); grpcHeld <- err }()
+	}
+	for range 4 {
+		<-g.started
+	}
+	var e struct{ Error string }
+	r := h.do(t, "POST", "/v2/models/slow/infer", slowBody, nil, &e)
+	if r.StatusCode != http.StatusTooManyRequests || r.Header.Get("Retry-After") == "" || !strings.Contains(e.Error, "--max-inflight") {
+		t.Errorf("fifth REST request: %d Retry-After %q %q, want 429 with Retry-After naming --max-inflight", r.StatusCode, r.Header.Get("Retry-After"), e.Error)
+	}
+	if _, err := h.grpc.ModelInfer(context.Background(), slowGRPC()); statusCode(err) != codes.ResourceExhausted {
+		t.Errorf("fifth gRPC call: %v, want ResourceExhausted", err)
+	}
+	// Metadata and health are not inference and stay available.
+	if r := h.do(t, "GET", "/v2/models/slow", "", nil, nil); r.StatusCode != 200 {
+		t.Errorf("metadata while at capacity: %d", r.StatusCode)
+	}
+	select {
+	case <-g.started:
+		t.Error("a request beyond the bound reached the model")
+	default:
+	}
+	close(g.release)
+	for range 2 {
+		if code := <-held; code != 200 {
+			t.Errorf("held REST request: %d", code)
+		}
+		if err := <-grpcHeld; err != nil {
+			t.Errorf("held gRPC call: %v", err)
+		}
+	}
+	// A gRPC message over the size limit is refused by grpc-go after the tap admitted the
+	// stream: its slot must come back too.
+	big := slowGRPC()
+	big.Id = strings.Repeat("x", 9<<20)
+	if _, err := h.grpc.ModelInfer(context.Background(), big); statusCode(err) != codes.ResourceExhausted {
+		t.Errorf("oversized gRPC message: %v", err)
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
+	for range 4 { // the whole budget is usable again
+		if r := h.do(t, "POST", "/v2/models/slow/infer", slowBody, nil, nil); r.StatusCode != 200 {
+			t.Fatalf("after the burst: %d", r.StatusCode)
+		}
+	}
+}
+
+// TestInflightBytesBound: requests held in the model count their bytes; one that would
+// pass --max-inflight-bytes is refused at once, REST and gRPC.
+func TestInflightBytesBound(t *testing.T) {
+	h, g := gatedHost(t, func(c *modelhost.Config) { c.MaxBodyBytes = 4096; c.MaxInflightBytes = 8192 })
+	padded := `{"id":"` + strings.Repeat("p", 3000) + `",` + slowBody[1:] // ~3 KB
+	held := make(chan int, 2)
+	for range 2 {
+		go post(h.url+"/v2/models/slow/infer", padded, held)
+	}
+	for range 2 {
+		<-g.started
+	}
+	var e struct{ Error string }
+	if r := h.do(t, "POST", "/v2/models/slow/infer", padded, nil, &e); r.StatusCode != 429 || !strings.Contains(e.Error, "--max-inflight-bytes") {
+		t.Errorf("third 3 KB request with 8 KB in flight allowed: %d %q, want 429 naming --max-inflight-bytes", r.StatusCode, e.Error)
+	}
+	bigGRPC := slowGRPC()
+	bigGRPC.Inputs[0].Shape = []int64{900, 1}
+	bigGRPC.Inputs[0].Contents.Fp32Contents = make([]float32, 900) // 3600 bytes
+	if _, err := h.grpc.ModelInfer(context.Background(), bigGRPC); statusCode(err) != codes.ResourceExhausted {
+		t.Errorf("3.6 KB gRPC call with 6 KB in flight: %v, want ResourceExhausted", err)
+	}
+	// A small request still fits.
+	small := make(chan int, 1)
+	go post(h.url+"/v2/models/slow/infer", slowBody, small)
+	<-g.started
+	close(g.release)
+	if code := <-small; code != 200 {
+		t.Errorf("small request next to held large ones: %d", code)
+	}
+	for range 2 {
+		if code := <-held; code != 200 {
+			t.Errorf("held request: %d", code)
+		}
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
+}
+
+// TestInflightConfigErrors: bounds that could never admit a largest request are refused.
+func TestInflightConfigErrors(t *testing.T) {
+	if _, err := modelhost.New(modelhost.Config{Repository: testRepo(t), MaxBodyBytes: 1 << 20, MaxInflightBytes: 1 << 19}); err == nil {
+		t.Error("max in-flight bytes below max body bytes: no error")
+	}
+	if _, err := modelhost.New(modelhost.Config{Repository: testRepo(t), ReadTimeout: -1}); err == nil {
+		t.Error("negative timeout: no error")
+	}
+}
