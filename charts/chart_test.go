@@ -244,7 +244,7 @@ func flagsOf(t *testing.T, part string) []string {
 		src = src[:end]
 	}
 	var out []string
-	for _, m := range regexp.MustCompile(`fs\.(?:String|Bool|Int|Int64|Uint|Uint64|Duration|Float64)(?:Var)?\((?:&[\w.]+, )?"([a-z0-9-]+)"`).FindAllSubmatch(src, -1) {
+	for _, m := range regexp.MustCompile(`fs\.(?:(?:String|Bool|Int|Int64|Uint|Uint64|Duration|Float64)(?:Var)?|Var)\((?:&[\w.]+, )?"([a-z0-9-]+)"`).FindAllSubmatch(src, -1) {
 		out = append(out, string(m[1]))
 	}
 	if len(out) == 0 {
@@ -534,6 +534,7 @@ func checkFlags(t *testing.T, r *rendered, full bool) {
 		for f, want := range map[string]string{
 			"rollouts": "/srv/rollouts", "listen": "0.0.0.0:28000", "extproc-timeout": "250ms", "access-log": "false",
 			"state-file": "/var/lib/patchbay/state.json", "admin-token-file": "/etc/patchbay/admin-token/token",
+			"peer-role": "spiffe://example.org/ns/ml/sa/ranker-client=grpc", "allow-empty": "true", "settle": "250ms",
 		} {
 			if x[f] != want {
 				t.Errorf("xds --%s = %q, want %q", f, x[f], want)
