@@ -4,8 +4,12 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	stdlog "log"
 	"net"
 	"net/http"
+	"strings"
+
+	"github.com/rs/zerolog"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -14,6 +18,16 @@ import (
 
 	"github.com/patchbay-io/patchbay/api/oip"
 )
+
+// debugWriter logs what net/http reports (one line per write) at debug level.
+type debugWriter struct{ log zerolog.Logger }
+
+func (w debugWriter) Write(p []byte) (int, error) {
+	if e := w.log.Debug(); e.Enabled() {
+		e.Str("source", "net/http").Msg(strings.TrimSpace(string(p)))
+	}
+	return len(p), nil
+}
 
 // Listeners are where a Server serves; any may be nil.
 type Listeners struct {
@@ -42,7 +56,8 @@ func (s *Server) ServeAll(ctx context.Context, l Listeners) error {
 	}
 	serveHTTP := func(lis net.Listener, h http.Handler, what string) {
 		hs := &http.Server{Handler: h, ReadHeaderTimeout: s.cfg.ReadHeaderTimeout, ReadTimeout: s.cfg.ReadTimeout,
-			WriteTimeout: s.cfg.WriteTimeout, IdleTimeout: s.cfg.IdleTimeout, MaxHeaderBytes: 64 << 10}
+			WriteTimeout: s.cfg.WriteTimeout, IdleTimeout: s.cfg.IdleTimeout, MaxHeaderBytes: 64 << 10,
+			ErrorLog: stdlog.New(debugWriter{s.log}, "", 0)} // TLS handshake failures and the like: per connection, so debug
 		hs.Protocols = new(http.Protocols)
 		hs.Protocols.SetHTTP1(true)
 		if tlsHTTP != nil {
