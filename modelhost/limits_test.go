@@ -3,10 +3,12 @@ package modelhost_test
 import (
 	"context"
 	"io"
+	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 
@@ -155,4 +157,32 @@ func TestInflightConfigErrors(t *testing.T) {
 	if _, err := modelhost.New(modelhost.Config{Repository: testRepo(t), ReadTimeout: -1}); err == nil {
 		t.Error("negative timeout: no error")
 	}
+}
+
+// TestSlowBodyCannotHoldASlot: a client that sends its headers and then trickles nothing
+// holds its in-flight slot and bytes only until ReadTimeout; the host then answers or
+// closes the connection and the budget is whole again (before the timeouts, such a
+// connection stayed open for good).
+func TestSlowBodyCannotHoldASlot(t *testing.T) {
+	h := startHost(t, testRepo(t), func(c *modelhost.Config) { c.ReadTimeout = 300 * time.Millisecond; c.MaxInflight = 2 })
+	conn, err := net.Dial("tcp", strings.TrimPrefix(h.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "POST /v2/models/ranker/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"inputs\":"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { n, _ := h.srv.Inflight(); return n == 1 })
+	closed := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, conn) // returns when the host closes the connection
+		closed <- err
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the host kept a connection with a stalled body open")
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
 }
