@@ -411,7 +411,7 @@ func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 			inst = runtime.GOMAXPROCS(0)
 		}
 		attrs := v.attrs
-		v.batcher = batch.New(batch.Config{MaxRows: spec.MaxBatch, MaxDelay: spec.MaxDelay, Instances: inst,
+		v.batcher = batch.New(batch.Config{MaxRows: spec.MaxBatch, MaxDelay: spec.MaxDelay, Instances: inst, QueueSize: spec.MaxQueue,
 			Observe: func(rows int) { s.inst.batchRows.Record(context.Background(), int64(rows), attrs.base) },
 		}, v.predict)
 	}

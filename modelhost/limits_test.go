@@ -186,3 +186,48 @@ func TestSlowBodyCannotHoldASlot(t *testing.T) {
 	}
 	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
 }
+
+// TestBatchQueueBoundsOverTheWire: a batched version whose queue (max_queue: 1) is full
+// refuses at once with 429 + Retry-After / RESOURCE_EXHAUSTED (before the bound the call
+// waited for room in a 1024-deep queue). Deadlines in the queue: internal/batch tests.
+func TestBatchQueueBoundsOverTheWire(t *testing.T) {
+	repo := testRepo(t)
+	writeFile(t, filepath.Join(repo, "slowb", "v1", "model.yaml"), `runtime: gate
+inputs:  [{name: x, datatype: FP32, shape: [-1, 1]}]
+outputs: [{name: y, datatype: FP32, shape: [-1]}]
+batching: {max_batch_size: 1, max_delay: 0s, instances: 1, max_queue: 1}
+`)
+	g := &gate{started: make(chan struct{}, 64), release: make(chan struct{})}
+	h := startHost(t, repo, func(c *modelhost.Config) {
+		c.Runtimes = builtin.Loaders()
+		c.Runtimes["gate"] = g.load
+	})
+	body := strings.Replace(slowBody, "[1]}", "[7]}", 1)
+	url := h.url + "/v2/models/slowb/infer"
+	held := make(chan int, 3)
+	go post(url, body, held)
+	<-g.started // the one instance is busy
+	// The collector holds the next call waiting for the instance, the queue (1) one more.
+	go post(url, body, held)
+	go post(url, body, held)
+	var e struct{ Error string }
+	var r *http.Response
+	waitFor(t, func() bool {
+		r = h.do(t, "POST", url[len(h.url):], body, nil, &e)
+		return r.StatusCode == http.StatusTooManyRequests
+	})
+	if r.Header.Get("Retry-After") == "" || !strings.Contains(e.Error, "batch queue is full") {
+		t.Errorf("full batch queue: %d Retry-After %q %q", r.StatusCode, r.Header.Get("Retry-After"), e.Error)
+	}
+	req := slowGRPC()
+	req.ModelName = "slowb"
+	if _, err := h.grpc.ModelInfer(context.Background(), req); statusCode(err) != codes.ResourceExhausted {
+		t.Errorf("gRPC on a full batch queue: %v, want ResourceExhausted", err)
+	}
+	close(g.release)
+	for range 3 {
+		if code := <-held; code != 200 {
+			t.Errorf("queued request: %d", code)
+		}
+	}
+}

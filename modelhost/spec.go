@@ -29,6 +29,7 @@ type versionSpec struct {
 	MaxBatch       int           // 0: no dynamic batching
 	MaxDelay       time.Duration // batching delay
 	Instances      int
+	MaxQueue       int // batch queue bound (0: batch.DefaultQueueSize)
 }
 
 type yamlTensor struct {
@@ -47,6 +48,7 @@ type yamlSpec struct {
 		MaxBatchSize int    `yaml:"max_batch_size"`
 		MaxDelay     string `yaml:"max_delay"`
 		Instances    int    `yaml:"instances"`
+		MaxQueue     int    `yaml:"max_queue"`
 	} `yaml:"batching"`
 }
 
@@ -162,7 +164,10 @@ func loadSpec(dir, model, version string, runtimes []string) (*versionSpec, erro
 		if b.Instances < 0 {
 			bad([]any{"batching", "instances"}, "batching.instances: %d, want >= 0", b.Instances)
 		}
-		s.MaxBatch, s.MaxDelay, s.Instances = b.MaxBatchSize, d, b.Instances
+		if b.MaxQueue < 0 || b.MaxQueue > 1<<20 {
+			bad([]any{"batching", "max_queue"}, "batching.max_queue: %d, want 0 (default 1024) to 1048576", b.MaxQueue)
+		}
+		s.MaxBatch, s.MaxDelay, s.Instances, s.MaxQueue = b.MaxBatchSize, d, b.Instances, b.MaxQueue
 		// Batching concatenates along the first dimension only.
 		for _, group := range []struct {
 			field string

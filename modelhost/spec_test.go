@@ -20,8 +20,9 @@ inputs:
   - {name: x, datatype: FP31, shape: [-1, 0]}
   - {name: x, datatype: FP32, shape: [-1, 2]}
 outputs: []
-batching: {max_batch_size: 0, max_delay: 2s}
+batching: {max_batch_size: 0, max_delay: 2s, max_queue: -1}
 `, []string{
+			"model.yaml:6: batching.max_queue: -1",
 			`model.yaml:3: inputs[0].datatype: "FP31" is not an OIP datatype`,
 			"model.yaml:3: inputs[0].shape[1]: 0, want -1 or a positive size",
 			`model.yaml:4: inputs[1].name: "x" twice`,
