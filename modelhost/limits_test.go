@@ -204,20 +204,34 @@ batching: {max_batch_size: 1, max_delay: 0s, instances: 1, max_queue: 1}
 	})
 	body := strings.Replace(slowBody, "[1]}", "[7]}", 1)
 	url := h.url + "/v2/models/slowb/infer"
-	held := make(chan int, 3)
-	go post(url, body, held)
+	type answer struct {
+		code       int
+		retryAfter string
+		body       string
+	}
+	answers := make(chan answer, 5)
+	send := func() {
+		resp, err := http.Post(url, "application/json", strings.NewReader(body))
+		if err != nil {
+			answers <- answer{code: -1, body: err.Error()}
+			return
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		answers <- answer{resp.StatusCode, resp.Header.Get("Retry-After"), string(b)}
+	}
+	go send()
 	<-g.started // the one instance is busy
-	// The collector holds the next call waiting for the instance, the queue (1) one more.
-	go post(url, body, held)
-	go post(url, body, held)
-	var e struct{ Error string }
-	var r *http.Response
-	waitFor(t, func() bool {
-		r = h.do(t, "POST", url[len(h.url):], body, nil, &e)
-		return r.StatusCode == http.StatusTooManyRequests
-	})
-	if r.Header.Get("Retry-After") == "" || !strings.Contains(e.Error, "batch queue is full") {
-		t.Errorf("full batch queue: %d Retry-After %q %q", r.StatusCode, r.Header.Get("Retry-After"), e.Error)
+	// Four more: the collector holds one waiting for the instance, the queue (max_queue: 1)
+	// one more, so exactly two are refused, at once, while the others wait.
+	for range 4 {
+		go send()
+	}
+	for range 2 {
+		a := <-answers
+		if a.code != http.StatusTooManyRequests || a.retryAfter == "" || !strings.Contains(a.body, "batch queue is full") {
+			t.Errorf("on a full batch queue: %d Retry-After %q %s, want 429 with Retry-After", a.code, a.retryAfter, a.body)
+		}
 	}
 	req := slowGRPC()
 	req.ModelName = "slowb"
@@ -226,8 +240,8 @@ batching: {max_batch_size: 1, max_delay: 0s, instances: 1, max_queue: 1}
 	}
 	close(g.release)
 	for range 3 {
-		if code := <-held; code != 200 {
-			t.Errorf("queued request: %d", code)
+		if a := <-answers; a.code != 200 {
+			t.Errorf("queued request: %d %s", a.code, a.body)
 		}
 	}
 }
