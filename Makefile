@@ -14,8 +14,8 @@ up: ## run everything on this machine from examples/ (Envoy too when it is on PA
 build: ## build bin/patchbay (static)
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/patchbay ./cmd/patchbay
 
-test: fmt-check vet ## the whole suite: gofmt, go vet, go test -race (what CI runs)
-	$(GO) test -race -count=1 -timeout 15m $(PKGS)
+test: fmt-check vet ## the whole suite: gofmt, go vet, go test -race (what CI runs); ends listing every skipped test and why
+	set -o pipefail; $(GO) test -race -count=1 -timeout 15m -json $(PKGS) | $(GO) run ./test/testreport
 
 test-short: ## go test without -race, for a quick loop
 	$(GO) test -count=1 $(PKGS)
@@ -40,6 +40,9 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzModelInfer -fuzztime 30s ./modelhost/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./envoy/
 	$(GO) test -run '^$$' -fuzz FuzzValidateAny -fuzztime 30s ./internal/envoyvalidate/
+	$(GO) test -run '^$$' -fuzz FuzzParseHundredths -fuzztime 30s ./xds/rollout/
+	$(GO) test -run '^$$' -fuzz FuzzParseSDS -fuzztime 30s ./envoy/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./modelhost/internal/bearer/
 
 fixtures: ## regenerate the XGBoost fixtures and example models (needs Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
