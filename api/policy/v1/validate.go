@@ -32,7 +32,7 @@ func Validate(p *Policy) error {
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
 	for i, h := range p.GetIdentityHeaders() {
-		if !validHeaderName(strings.ToLower(h)) {
+		if !ValidHeaderName(strings.ToLower(h)) {
 			bad("identity_headers[%d]: %q is not a header name", i, h)
 		}
 	}
@@ -107,7 +107,7 @@ func Validate(p *Policy) error {
 				layerRanges[e.GetLayer()] = append(layerRanges[e.GetLayer()], slotRange{start, end, fmt.Sprintf("experiment %q", e.GetName())})
 			}
 			for hi, hm := range e.GetMatch() {
-				if !validHeaderName(strings.ToLower(hm.GetName())) {
+				if !ValidHeaderName(strings.ToLower(hm.GetName())) {
 					bad("%s: match[%d]: %q is not a header name", ewhere, hi, hm.GetName())
 				}
 				if len(hm.GetValues()) == 0 {
@@ -148,7 +148,7 @@ func Validate(p *Policy) error {
 }
 
 // validHeaderName accepts lower-case HTTP token characters.
-func validHeaderName(s string) bool {
+func ValidHeaderName(s string) bool {
 	if s == "" {
 		return false
 	}

@@ -4,7 +4,6 @@
 package policy
 
 import (
-	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -18,7 +17,7 @@ import (
 // MaxLayersPerModel bounds the layers one model's experiments may span: a request is
 // exposed to at most one experiment per layer, and decisions keep exposures in a
 // fixed-size array so that they do not allocate.
-const MaxLayersPerModel = 16
+const MaxLayersPerModel = policyv1.MaxLayersPerModel
 
 // maxCombos bounds how many x-patchbay-experiments values are precomputed per model.
 // Beyond it the value is assembled per request (which allocates).
@@ -147,16 +146,11 @@ func SetHeader(key, value string) *corev3.HeaderValueOption {
 // Compile validates p and builds its table. defaultIdentity is used when the policy
 // names no identity headers. All problems are reported at once.
 func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
-	if p == nil {
-		return nil, errors.New("policy: missing")
-	}
-	// The control plane's build gate refuses by the same rules, so what it serves compiles.
+	// Every structural rule lives in policyv1.Validate, which the control plane's build gate
+	// runs too, so what it serves compiles; below, the table is only built.
 	if err := policyv1.Validate(p); err != nil {
 		return nil, err
 	}
-	var errs []error
-	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
-
 	t := &Table{ConfigVersion: p.GetConfigVersion(), models: make(map[string]*Model)}
 	ids := p.GetIdentityHeaders()
 	if len(ids) == 0 {
@@ -167,41 +161,16 @@ func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
 	}
 	for i, h := range ids {
 		h = strings.ToLower(h)
-		if !validHeaderName(h) {
-			bad("identity_headers[%d]: %q is not a header name", i, ids[i])
+		if !policyv1.ValidHeaderName(h) { // the process's default list is not in the policy
+			return nil, fmt.Errorf("identity_headers[%d]: %q is not a header name", i, ids[i])
 		}
 		t.Identity = append(t.Identity, h)
 	}
-
 	layers := make(map[string]string, len(p.GetLayers()))
-	for i, l := range p.GetLayers() {
-		switch {
-		case l.GetName() == "":
-			bad("layers[%d]: empty name", i)
-		case hasKey(layers, l.GetName()):
-			bad("layers[%d] %q: duplicate layer", i, l.GetName())
-		default:
-			layers[l.GetName()] = l.GetSalt()
-		}
+	for _, l := range p.GetLayers() {
+		layers[l.GetName()] = l.GetSalt()
 	}
-
-	type slotRange struct {
-		start, end uint32
-		who        string
-	}
-	layerRanges := make(map[string][]slotRange)
-	expNames := make(map[string]string)
-
-	for mi, pm := range p.GetModels() {
-		where := fmt.Sprintf("models[%d] %q", mi, pm.GetName())
-		if pm.GetName() == "" {
-			bad("models[%d]: empty name", mi)
-			continue
-		}
-		if _, dup := t.models[pm.GetName()]; dup {
-			bad("%s: duplicate model", where)
-			continue
-		}
+	for _, pm := range p.GetModels() {
 		m := &Model{
 			Name:     pm.GetName(),
 			Salt:     pm.GetSalt(),
@@ -210,39 +179,14 @@ func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
 			Header:   SetHeader(headers.Model, pm.GetName()),
 			versions: make(map[string]*Version),
 		}
-		if len(pm.GetVersions()) == 0 {
-			bad("%s: no versions", where)
-		}
-		for vi, vn := range pm.GetVersions() {
-			switch {
-			case vn == "":
-				bad("%s: versions[%d]: empty name", where, vi)
-			case m.versions[vn] != nil:
-				bad("%s: versions[%d] %q: duplicate version", where, vi, vn)
-			default:
-				v := &Version{ID: t.NVersions, Name: vn, Header: SetHeader(headers.Version, vn)}
-				t.NVersions++
-				m.versions[vn] = v
-				m.Versions = append(m.Versions, v)
-			}
+		for _, vn := range pm.GetVersions() {
+			v := &Version{ID: t.NVersions, Name: vn, Header: SetHeader(headers.Version, vn)}
+			t.NVersions++
+			m.versions[vn] = v
+			m.Versions = append(m.Versions, v)
 		}
 		layerOf := make(map[string]*Layer)
-		for ei, pe := range pm.GetExperiments() {
-			ewhere := fmt.Sprintf("%s: experiments[%d] %q", where, ei, pe.GetName())
-			if pe.GetName() == "" || strings.ContainsAny(pe.GetName(), ",=") {
-				bad("%s: name must be non-empty without ',' or '='", ewhere)
-				continue
-			}
-			if other, dup := expNames[pe.GetName()]; dup {
-				bad("%s: duplicate experiment name (also in %s)", ewhere, other)
-				continue
-			}
-			expNames[pe.GetName()] = where
-			salt, ok := layers[pe.GetLayer()]
-			if !ok {
-				bad("%s: layer %q is not in policy layers", ewhere, pe.GetLayer())
-				continue
-			}
+		for _, pe := range pm.GetExperiments() {
 			e := &Experiment{
 				Name:      pe.GetName(),
 				Index:     len(m.Experiments),
@@ -250,73 +194,30 @@ func Compile(p *policyv1.Policy, defaultIdentity []string) (*Table, error) {
 				SlotEnd:   pe.GetSlotEnd(),
 				Salt:      pe.GetSalt(),
 			}
-			// An empty range (allocation 0, or a layer already full) holds nobody: valid.
-			if e.SlotStart > e.SlotEnd || e.SlotEnd > policyv1.LayerSlots {
-				bad("%s: slots [%d, %d) not a range within [0, %d)", ewhere, e.SlotStart, e.SlotEnd, policyv1.LayerSlots)
-			} else if e.SlotStart < e.SlotEnd {
-				for _, r := range layerRanges[pe.GetLayer()] {
-					if e.SlotStart < r.end && r.start < e.SlotEnd {
-						bad("%s: slots [%d, %d) overlap %s [%d, %d) in layer %q", ewhere, e.SlotStart, e.SlotEnd, r.who, r.start, r.end, pe.GetLayer())
-					}
-				}
-				layerRanges[pe.GetLayer()] = append(layerRanges[pe.GetLayer()], slotRange{e.SlotStart, e.SlotEnd, fmt.Sprintf("experiment %q", e.Name)})
-			}
-			for hi, hm := range pe.GetMatch() {
+			for _, hm := range pe.GetMatch() {
 				// Header names are case-insensitive; Envoy sends them lower-case.
-				name := strings.ToLower(hm.GetName())
-				if !validHeaderName(name) {
-					bad("%s: match[%d]: %q is not a header name", ewhere, hi, hm.GetName())
-				}
-				if len(hm.GetValues()) == 0 {
-					bad("%s: match[%d] %q: no values", ewhere, hi, hm.GetName())
-				}
-				e.Match = append(e.Match, HeaderMatch{Name: name, Values: append([]string(nil), hm.GetValues()...)})
+				e.Match = append(e.Match, HeaderMatch{Name: strings.ToLower(hm.GetName()), Values: append([]string(nil), hm.GetValues()...)})
 			}
-			if len(pe.GetArms()) == 0 {
-				bad("%s: no arms", ewhere)
-			}
-			armNames := make(map[string]bool)
-			for ai, pa := range pe.GetArms() {
-				awhere := fmt.Sprintf("%s: arms[%d] %q", ewhere, ai, pa.GetName())
-				if pa.GetName() == "" || strings.ContainsAny(pa.GetName(), ",=") {
-					bad("%s: name must be non-empty without ',' or '='", awhere)
-				}
-				if armNames[pa.GetName()] {
-					bad("%s: duplicate arm", awhere)
-				}
-				armNames[pa.GetName()] = true
-				v := m.versions[pa.GetVersion()]
-				if v == nil {
-					bad("%s: unknown version %q", awhere, pa.GetVersion())
-				}
-				if pa.GetWeight() == 0 {
-					bad("%s: zero weight", awhere)
-				}
+			for _, pa := range pe.GetArms() {
 				e.Total += uint64(pa.GetWeight())
 				e.Arms = append(e.Arms, &Arm{
-					ID: t.NArms, Experiment: e, Name: pa.GetName(), Version: v, Upper: e.Total,
+					ID: t.NArms, Experiment: e, Name: pa.GetName(), Version: m.versions[pa.GetVersion()], Upper: e.Total,
 					Label: e.Name + "=" + pa.GetName(),
 				})
 				t.NArms++
 			}
 			l := layerOf[pe.GetLayer()]
 			if l == nil {
-				l = &Layer{Name: pe.GetLayer(), Salt: salt}
+				l = &Layer{Name: pe.GetLayer(), Salt: layers[pe.GetLayer()]}
 				layerOf[pe.GetLayer()] = l
 				m.Layers = append(m.Layers, l)
 			}
 			l.Experiments = append(l.Experiments, e)
 			m.Experiments = append(m.Experiments, e)
 		}
-		if len(m.Layers) > MaxLayersPerModel {
-			bad("%s: experiments span %d layers, at most %d supported", where, len(m.Layers), MaxLayersPerModel)
-		}
 		m.ID = len(t.Models)
 		t.models[m.Name] = m
 		t.Models = append(t.Models, m)
-	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
 	}
 	for _, m := range t.Models {
 		m.buildCombos()
@@ -378,23 +279,4 @@ func JoinLabels(arms []*Arm) string {
 		b.WriteString(a.Label)
 	}
 	return b.String()
-}
-
-func hasKey(m map[string]string, k string) bool { _, ok := m[k]; return ok }
-
-// validHeaderName accepts lower-case HTTP token characters.
-func validHeaderName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
-		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
-		default:
-			return false
-		}
-	}
-	return true
 }
