@@ -3,7 +3,7 @@ SHELL := bash
 GO    ?= go
 PKGS  ?= ./...
 
-.PHONY: help up build test test-short vet fmt-check bench fuzz generate tools fixtures e2e-envoy clean
+.PHONY: help up build test test-short vet fmt-check bench bench-deps fuzz generate tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,8 +27,14 @@ fmt-check: ## fail if gofmt would change a file
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
-bench: ## run every benchmark (each with a same-run baseline) and write docs/bench/report.md + ratios.png
+bench: bench-deps ## run every benchmark (each with a same-run baseline) and write docs/bench/report.md + ratios.png
 	$(GO) run ./test/bench/report -out docs/bench
+
+bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost benchmark compares against (needs root; skipped when present)
+	@/usr/bin/python3 -c 'import xgboost' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y python3-xgboost || { apt-get update && apt-get install -y python3-xgboost; }); \
+	  else echo "bench-deps: python3-xgboost missing; as root: apt-get install python3-xgboost (the XGBoost rows will say 'not measured')"; fi; }
 
 fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./xds/rollout/
@@ -44,7 +50,7 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzParseSDS -fuzztime 30s ./envoy/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./modelhost/internal/bearer/
 
-fixtures: ## regenerate the XGBoost fixtures and example models (needs Debian's python3-xgboost)
+fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
 
 generate: ## regenerate protobuf code in api/ (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
