@@ -11,6 +11,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -32,10 +33,16 @@ func (s *Server) RegisterGRPC(g *grpc.Server) {
 
 // GRPCServerOptions are the options Serve uses for its gRPC server (without TLS): message
 // sizes bounded by MaxBodyBytes, at most MaxInflight streams per connection (one connection,
-// as from Envoy, may use the host's whole budget, no more), and the in-flight admission tap.
+// as from Envoy, may use the host's whole budget, no more), the in-flight admission tap
+// (which also gives a ModelInfer stream ReadTimeout to deliver its message), and the
+// connection timeouts REST has: ReadHeaderTimeout for the handshake, IdleTimeout for a
+// connection with no stream (closed with GOAWAY), and keepalive pings after IdleTimeout of
+// silence, a peer not answering within ReadHeaderTimeout being dropped.
 func (s *Server) GRPCServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(s.cfg.MaxBodyBytes)), grpc.MaxSendMsgSize(int(s.cfg.MaxBodyBytes)),
-		grpc.MaxConcurrentStreams(uint32(min(s.cfg.MaxInflight, 1<<20))), grpc.InTapHandle(s.tap)}
+		grpc.MaxConcurrentStreams(uint32(min(s.cfg.MaxInflight, 1<<20))), grpc.InTapHandle(s.tap),
+		grpc.ConnectionTimeout(s.cfg.ReadHeaderTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: s.cfg.IdleTimeout, Time: s.cfg.IdleTimeout, Timeout: s.cfg.ReadHeaderTimeout})}
 }
 
 func grpcErr(e *apiError) error { return status.Error(e.code, e.msg) }
@@ -148,8 +155,9 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 		}
 		ver = routed[0]
 	}
-	// The stream was admitted by count before its message was read (tap); its bytes are
-	// charged now that their size is known.
+	// The stream was admitted before its message was read (tap), for the largest message it
+	// could send; that reservation gives way to the message's real size now that it is known.
+	received(ctx)
 	charge := grpcRequestBytes(r)
 	if e := s.limits.acquireBytes(charge); e != nil {
 		s.inst.refused.Add(ctx, 1, s.inst.refusedGRPC)

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -78,21 +79,83 @@ func (s *Server) Inflight() (requests, bytes int64) {
 
 var modelInferMethod = "/" + oip.GRPCInferenceService_ServiceDesc.ServiceName + "/ModelInfer"
 
-// tap admits a gRPC ModelInfer stream before its message is read (grpc-go runs the
-// InTapHandle on the HEADERS frame; a status error refuses the stream with that status,
-// internal/transport/http2_server.go), so a burst of streams cannot make the host buffer
-// a message each. The slot is given back when the stream ends: grpc-go cancels the stream's
-// context when it closes, whatever way it ends.
+// grpcAdmission is a ModelInfer stream's share of the in-flight bounds while its message
+// is on the way. It is the stream's context (Value answers admissionKey), so admitting a
+// stream costs no context.WithValue.
+type grpcAdmission struct {
+	context.Context
+	l        *limits
+	reserved atomic.Int64 // bytes reserved for the message not yet decoded; 0 once settled
+	deadline *time.Timer  // cancels the stream if its message is not in by then
+}
+
+type admissionKey struct{}
+
+func (a *grpcAdmission) Value(k any) any {
+	if k == (admissionKey{}) {
+		return a
+	}
+	return a.Context.Value(k)
+}
+
+// settle gives back the reservation (once, whoever comes first: ModelInfer once the message
+// is decoded, or the end of the stream).
+func (a *grpcAdmission) settle() {
+	if r := a.reserved.Swap(0); r != 0 {
+		a.l.releaseBytes(r)
+	}
+}
+
+// end runs when the stream's context ends, however it ends.
+func (a *grpcAdmission) end() {
+	a.deadline.Stop()
+	a.settle()
+	a.l.count.Add(-1)
+}
+
+// received is called by ModelInfer once grpc-go has decoded the message: the receive
+// deadline no longer applies, and the reservation makes room for the message's real size,
+// which the caller charges.
+func received(ctx context.Context) {
+	if a, ok := ctx.Value(admissionKey{}).(*grpcAdmission); ok {
+		a.deadline.Stop()
+		a.settle()
+	}
+}
+
+// tap admits a gRPC ModelInfer stream before its message is read. grpc-go runs the
+// InTapHandle on the HEADERS frame, and a status error refuses the stream with that status
+// (internal/transport/http2_server.go, operateHeaders). A gRPC request declares no size, and
+// once grpc-go has read the message's 5-byte length prefix it opens the stream's flow-control
+// window for the whole message (requestRead → adjustWindow), so the stream may come to hold
+// up to MaxBodyBytes before any handler runs: that worst case is charged here, slot and
+// bytes, under the large-request rule (as REST charges a body without Content-Length), and
+// settled to the decoded size in ModelInfer.
+//
+// The context returned becomes the stream's context (grpc-go reads the message through it),
+// so cancelling it aborts a stream whose message has not arrived within ReadTimeout, as REST's
+// ReadTimeout does; the slot and any reservation come back when the stream's context ends,
+// whatever way it ends.
 func (s *Server) tap(ctx context.Context, info *tap.Info) (context.Context, error) {
 	if info.FullMethodName != modelInferMethod {
 		return ctx, nil
 	}
-	if e := s.limits.acquireSlot(-1); e != nil {
+	worst := s.cfg.MaxBodyBytes
+	if e := s.limits.acquireSlot(worst); e != nil {
 		s.inst.refused.Add(ctx, 1, s.inst.refusedGRPC)
 		return nil, status.Error(e.code, e.msg)
 	}
-	context.AfterFunc(ctx, s.limits.releaseSlot)
-	return ctx, nil
+	if e := s.limits.acquireBytes(worst); e != nil {
+		s.limits.releaseSlot()
+		s.inst.refused.Add(ctx, 1, s.inst.refusedGRPC)
+		return nil, status.Error(e.code, e.msg)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	a := &grpcAdmission{Context: cctx, l: &s.limits}
+	a.reserved.Store(worst)
+	a.deadline = time.AfterFunc(s.cfg.ReadTimeout, cancel)
+	context.AfterFunc(cctx, a.end)
+	return a, nil
 }
 
 // grpcRequestBytes is what a decoded ModelInfer request holds: its raw contents and typed

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 
 	"github.com/patchbay-io/patchbay/api/oip"
@@ -244,4 +245,129 @@ batching: {max_batch_size: 1, max_delay: 0s, instances: 1, max_queue: 1}
 			t.Errorf("queued request: %d %s", a.code, a.body)
 		}
 	}
+}
+
+// stalledStream opens a ModelInfer stream that sends its headers and never its message.
+func stalledStream(t *testing.T, h *host) grpc.ClientStream {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	cs, err := h.conn.NewStream(ctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}, "/inference.GRPCInferenceService/ModelInfer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cs
+}
+
+// recvErr waits (bounded) for the end of a stream that never sent its message.
+func recvErr(t *testing.T, cs grpc.ClientStream) error {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- cs.RecvMsg(new(oip.ModelInferResponse)) }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("stream still open after 10s")
+		return nil
+	}
+}
+
+// TestGRPCStreamsTakeTheLargeShare: ModelInfer streams that send headers and never
+// complete their message are admitted as the largest message they could send: 7/8 of the
+// slots, --max-body-bytes each, so the host keeps room for small REST requests while they
+// stall (before the fix they took every slot and charged no bytes: all inference 429ed).
+func TestGRPCStreamsTakeTheLargeShare(t *testing.T) {
+	const maxBody = 1 << 20
+	h := startHost(t, testRepo(t), func(c *modelhost.Config) { c.MaxInflight, c.MaxBodyBytes = 8, maxBody })
+	var streams []grpc.ClientStream
+	for range 7 {
+		streams = append(streams, stalledStream(t, h))
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 7 && b == 7*maxBody })
+	if err := recvErr(t, stalledStream(t, h)); statusCode(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "--max-inflight") {
+		t.Errorf("eighth stream with 7 of 8 slots held by gRPC streams: %v, want ResourceExhausted", err)
+	}
+	// While they stall, a small REST request still runs in the reserved eighth.
+	if r := h.do(t, "POST", "/v2/models/ranker/infer", rankerREST, nil, nil); r.StatusCode != 200 {
+		t.Errorf("small REST request while gRPC streams stall: %d", r.StatusCode)
+	}
+	for _, cs := range streams {
+		_ = cs.CloseSend() // the end of a stream without a message gives everything back
+		if err := recvErr(t, cs); err == nil {
+			t.Error("a stream without a message got a response")
+		}
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
+}
+
+// TestStalledGRPCStreamsReleaseTheirSlots: a ModelInfer stream that sends its headers and
+// never its message is ended by the host once ReadTimeout has passed (like a REST body,
+// TestSlowBodyCannotHoldASlot), giving its slot and reserved bytes back, so one connection
+// opening --max-inflight such streams cannot hold the host (before the fix they stayed open
+// for good and this test timed out waiting for them to end).
+func TestStalledGRPCStreamsReleaseTheirSlots(t *testing.T) {
+	h := startHost(t, testRepo(t), func(c *modelhost.Config) { c.MaxInflight, c.ReadTimeout = 8, 300*time.Millisecond })
+	var streams []grpc.ClientStream
+	for range 7 {
+		streams = append(streams, stalledStream(t, h))
+	}
+	for _, cs := range streams {
+		if err := recvErr(t, cs); err == nil {
+			t.Error("a stalled stream got a response")
+		}
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
+	if _, err := h.grpc.ModelInfer(context.Background(), rankerGRPC()); err != nil {
+		t.Errorf("gRPC after the stalled streams ended: %v", err)
+	}
+}
+
+const rankerREST = `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0,0,0,0,0,0,0,0]}]}`
+
+// TestGRPCReservesTheLargestMessage: a ModelInfer stream holds --max-body-bytes of the byte
+// budget until its message is decoded (grpc-go may buffer that much before any handler
+// runs), so a stream past --max-inflight-bytes is refused RESOURCE_EXHAUSTED before it
+// can send (before the fix, bytes were charged only after the whole message was in, and 256
+// streams of 8 MiB held 2 GiB against a 128 MiB bound). Once decoded, a stream holds its
+// message's real size only.
+func TestGRPCReservesTheLargestMessage(t *testing.T) {
+	h, g := gatedHost(t, func(c *modelhost.Config) { c.MaxBodyBytes = 4096; c.MaxInflightBytes = 8192 })
+	cs := stalledStream(t, h)
+	cs2 := stalledStream(t, h)
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 2 && b == 8192 })
+	if err := recvErr(t, stalledStream(t, h)); statusCode(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "--max-inflight-bytes") {
+		t.Errorf("third stream with 8 KiB of 8 KiB reserved: %v, want ResourceExhausted naming --max-inflight-bytes", err)
+	}
+	if r := h.do(t, "POST", "/v2/models/ranker/infer", rankerREST, nil, nil); r.StatusCode != 429 {
+		t.Errorf("REST request with the byte budget reserved: %d, want 429", r.StatusCode)
+	}
+	if err := cs2.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if err := recvErr(t, cs2); err == nil {
+		t.Error("a stream without a message got a response")
+	}
+	if err := cs.CloseSend(); err != nil { // ends the stream without a message: reservation back
+		t.Fatal(err)
+	}
+	if err := recvErr(t, cs); err == nil {
+		t.Error("a stream without a message got a response")
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
+	// A decoded message held in the model holds its 4 bytes, not the 4096 reserved.
+	held := make(chan error, 1)
+	go func() { _, err := h.grpc.ModelInfer(context.Background(), slowGRPC()); held <- err }()
+	<-g.started
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 1 && b == 4 })
+	close(g.release)
+	if err := <-held; err != nil {
+		t.Errorf("held call: %v", err)
+	}
+	waitFor(t, func() bool { n, b := h.srv.Inflight(); return n == 0 && b == 0 })
+}
+
+func rankerGRPC() *oip.ModelInferRequest {
+	return &oip.ModelInferRequest{ModelName: "ranker", Inputs: []*oip.ModelInferRequest_InferInputTensor{{Name: "features", Datatype: "FP32", Shape: []int64{1, 8},
+		Contents: &oip.InferTensorContents{Fp32Contents: make([]float32, 8)}}}}
 }
