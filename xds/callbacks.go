@@ -106,6 +106,7 @@ func (s *Server) callbacks() serverv3.Callbacks {
 	var (
 		rolesMu sync.Mutex
 		roles   = map[int64]string{}
+		nodes   = map[int64]*corev3.Node{} // each stream's last node, marked with its flavour
 	)
 	opened := func(ctx context.Context, id int64) error {
 		if !s.identity {
@@ -144,8 +145,12 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		c.streams[id] = f
 		return f, true
 	}
-	// admit checks the request against the stream's flavour: the ext_proc policy goes to
-	// ext_proc only, and ext_proc gets nothing else.
+	// admit checks the request against the stream's flavour (the ext_proc policy goes to
+	// ext_proc only, and ext_proc gets nothing else) and returns the node to serve it with,
+	// never nil and always marked with the flavour: a request without a node (a later
+	// delta request, or with identities on even the first) gets the stream's last marked
+	// node, or a blank one marked with the certificate's flavour. An unmarked node never
+	// reaches the cache (nodeHash serves it nothing).
 	admit := func(id int64, n *corev3.Node, typeURL string) (*corev3.Node, error) {
 		f, ok := decide(id, n)
 		if !ok {
@@ -155,10 +160,15 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			s.metrics.refused.Add(context.Background(), 1, metric.WithAttributes(attribute.String("role", string(f))))
 			return n, status.Errorf(codes.PermissionDenied, "xds: %s clients are not served %s", f, typeURL)
 		}
-		if n == nil {
-			return nil, nil // a later delta request: the stream's marked node is reused
+		rolesMu.Lock()
+		defer rolesMu.Unlock()
+		switch {
+		case n != nil:
+			nodes[id] = withFlavour(n, f)
+		case nodes[id] == nil:
+			nodes[id] = withFlavour(&corev3.Node{}, f)
 		}
-		return withFlavour(n, f), nil
+		return nodes[id], nil
 	}
 	closed := func(id int64) {
 		c.mu.Lock()
@@ -166,6 +176,7 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		c.mu.Unlock()
 		rolesMu.Lock()
 		delete(roles, id)
+		delete(nodes, id)
 		rolesMu.Unlock()
 	}
 	nack := func(id int64, n *corev3.Node, typeURL, nonce, msg string) {
@@ -206,15 +217,14 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		// Delta streams are numbered apart from SotW ones: keep them apart in the map.
 		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { closed(-id) },
 		StreamDeltaRequestFunc: func(id int64, r *discoveryv3.DeltaDiscoveryRequest) error {
-			// Here the node is filled in after this callback: a request without one keeps
-			// the node (already marked) the stream's first request had.
+			// Here go-control-plane fills in the node after this callback, from the last
+			// request that had one: admit gives every request its marked node, so a
+			// node-less first request cannot leave the stream with a blank (unmarked) one.
 			n, err := admit(-id, r.GetNode(), r.GetTypeUrl())
 			if err != nil {
 				return err
 			}
-			if n != nil {
-				r.Node = n
-			}
+			r.Node = n
 			if r.GetErrorDetail() != nil {
 				nack(-id, n, r.GetTypeUrl(), r.GetResponseNonce(), r.GetErrorDetail().GetMessage())
 			}
@@ -222,6 +232,11 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		},
 		StreamDeltaResponseFunc: func(id int64, _ *discoveryv3.DeltaDiscoveryRequest, r *discoveryv3.DeltaDiscoveryResponse) {
 			push(-id, r.GetTypeUrl())
+		},
+		// The unary REST-style fetch is not served (GRPCServer registers ADS only); should
+		// anything route a fetch here, it is refused rather than served unadmitted.
+		FetchRequestFunc: func(context.Context, *discoveryv3.DiscoveryRequest) error {
+			return status.Error(codes.Unimplemented, "xds: fetch is not served; use ADS")
 		},
 	}
 }

@@ -53,14 +53,20 @@ func FlavourOf(n *corev3.Node) Flavour {
 const flavourKey = "patchbay.flavour"
 
 // nodeHash keys the snapshot cache by flavour: every node of a flavour shares one snapshot.
+// It reads only the mark the callbacks write (over anything the client sent there); a node
+// without it never passed admission and is keyed to no snapshot: it is served nothing,
+// never a default flavour.
 type nodeHash struct{}
 
 func (nodeHash) ID(n *corev3.Node) string {
 	if f, ok := n.GetMetadata().GetFields()[flavourKey]; ok {
 		return f.GetStringValue()
 	}
-	return string(FlavourOf(n))
+	return unadmitted
 }
+
+// unadmitted is the cache key of a node the callbacks did not mark: no snapshot has it.
+const unadmitted = "unadmitted"
 
 // withFlavour returns a copy of n marked with the flavour the server decided. The client's
 // node is not changed in place: go-control-plane keeps it for the stream's later requests.

@@ -16,11 +16,7 @@ import (
 	"sync"
 	"time"
 
-	clusterservice "github.com/envoyproxy/go-control-plane/envoy/service/cluster/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	endpointservice "github.com/envoyproxy/go-control-plane/envoy/service/endpoint/v3"
-	listenerservice "github.com/envoyproxy/go-control-plane/envoy/service/listener/v3"
-	routeservice "github.com/envoyproxy/go-control-plane/envoy/service/route/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/rs/zerolog"
@@ -241,8 +237,10 @@ func New(cfg Config) (*Server, error) {
 // Cache exposes the composed cache (for tests and embedding).
 func (s *Server) Cache() cachev3.Cache { return s.cache }
 
-// GRPCServer returns a gRPC server with ADS, the per-type discovery services and the
-// health service registered.
+// GRPCServer returns a gRPC server with ADS (SotW and delta) and the health service
+// registered. The per-type LDS/RDS/CDS/EDS services are not: every client uses ADS (the
+// Envoy bootstraps, grpc-go's xDS client, ext_proc), and their unary Fetch* calls would
+// bypass the stream callbacks that decide a client's flavour from its certificate.
 func (s *Server) GRPCServer(ctx context.Context) *grpc.Server {
 	opts := []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(1_000_000),
@@ -255,10 +253,6 @@ func (s *Server) GRPCServer(ctx context.Context) *grpc.Server {
 	gs := grpc.NewServer(opts...)
 	xs := serverv3.NewServer(ctx, s.cache, s.callbacks())
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, xs)
-	listenerservice.RegisterListenerDiscoveryServiceServer(gs, xs)
-	routeservice.RegisterRouteDiscoveryServiceServer(gs, xs)
-	clusterservice.RegisterClusterDiscoveryServiceServer(gs, xs)
-	endpointservice.RegisterEndpointDiscoveryServiceServer(gs, xs)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	return gs
