@@ -92,6 +92,12 @@ type Server struct {
 	token    *tokenSource     // nil: no bearer token configured
 	peers    *peerRoles
 
+	// reloadMu serialises reloads (the first one, the watcher's, any caller's) from
+	// read to apply, so an older read is never applied after a newer one.
+	reloadMu sync.Mutex
+	// afterRead, when set (tests only), runs in Reload between reading and applying.
+	afterRead func(why string)
+
 	mu    sync.Mutex
 	state state
 }
@@ -283,7 +289,8 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 	if s.tls != nil {
 		adminLis = tls.NewListener(adminLis, s.tls.ServerConfig("h2", "http/1.1"))
 	}
-	admin := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second}
+	admin := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: adminReadHeaderTimeout,
+		ReadTimeout: adminReadTimeout, WriteTimeout: adminWriteTimeout, IdleTimeout: adminIdleTimeout}
 	go func() { errc <- serveGRPC(gs, grpcLis) }()
 	go func() {
 		if err := admin.Serve(adminLis); !errors.Is(err, http.ErrServerClosed) {
@@ -315,6 +322,16 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 	return err
 }
 
+// The admin HTTP server's timeouts: its requests are small JSON bodies and its answers
+// (/status, /metrics) small, so a client that trickles or stalls is cut off. Variables
+// only so tests can shorten them.
+var (
+	adminReadHeaderTimeout = 5 * time.Second
+	adminReadTimeout       = 10 * time.Second
+	adminWriteTimeout      = 30 * time.Second
+	adminIdleTimeout       = 2 * time.Minute
+)
+
 func serveGRPC(gs *grpc.Server, lis net.Listener) error {
 	if err := gs.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		return fmt.Errorf("ads: %w", err)
@@ -326,6 +343,8 @@ func serveGRPC(gs *grpc.Server, lis net.Listener) error {
 // changes nothing that is served: the error is logged, counted and shown on /status.
 // Files still changing are not read as a config at all: a later event reloads them.
 func (s *Server) Reload(ctx context.Context, why string) {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
 	files, settled, err := s.readSettled(ctx)
 	if !settled {
 		s.log.Info().Str("reason", why).Dur("settle", s.cfg.Settle).
@@ -335,6 +354,9 @@ func (s *Server) Reload(ctx context.Context, why string) {
 	var set *rollout.Set
 	if err == nil {
 		set, err = rollout.LoadData(files)
+	}
+	if s.afterRead != nil {
+		s.afterRead(why)
 	}
 	if err == nil && len(set.Rollouts) == 0 && !s.cfg.AllowEmpty {
 		err = fmt.Errorf("no rollout in %s (an empty directory, a half-synced ConfigMap or a wrong mount?): "+
