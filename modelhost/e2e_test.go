@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"net/http"
 	"os"
@@ -423,4 +424,66 @@ func TestBadInputGRPC(t *testing.T) {
 		t.Fatal("host not live after bad input")
 	}
 	_ = http.StatusOK
+}
+
+// TestRoutedVersionForMetadataAndReady: metadata and readiness answer for the version the
+// request is routed to, with infer's precedence: the router's x-patchbay-version wins over
+// the default, and a path (REST) or message (gRPC) version that conflicts with it is refused
+// 400 / INVALID_ARGUMENT. ranker has v7 (the default), v8, and v9, which fails to load.
+// Before the fix both ignored the header and answered for v7: ready 200 and all versions.
+func TestRoutedVersionForMetadataAndReady(t *testing.T) {
+	repo := testRepo(t)
+	writeFile(t, filepath.Join(repo, "ranker", "v9", "model.yaml"), `runtime: xgboost
+artifact: missing.json
+inputs:  [{name: features, datatype: FP32, shape: [-1, 8]}]
+outputs: [{name: score, datatype: FP32, shape: [-1]}]
+`)
+	h := startHost(t, repo, nil)
+	for _, tc := range []struct {
+		path, header string
+		code         int
+		want         string // a substring of the body
+	}{
+		{"/v2/models/ranker/ready", "", 200, `"ready":true`},
+		{"/v2/models/ranker/ready", "v9", 503, `"ready":false`},
+		{"/v2/models/ranker/versions/v9/ready", "v9", 503, `"ready":false`},
+		{"/v2/models/ranker/ready", "v99", 404, `no version \"v99\"`},
+		{"/v2/models/ranker/versions/v7/ready", "v9", 400, `router chose \"v9\"`},
+		{"/v2/models/ranker", "", 200, `"versions":["v7","v8","v9"]`},
+		{"/v2/models/ranker", "v8", 200, `"versions":["v8"]`},
+		{"/v2/models/ranker", "v9", 503, `not ready`},
+		{"/v2/models/ranker/versions/v7", "v8", 400, `router chose \"v8\"`},
+	} {
+		hdr := map[string]string{}
+		if tc.header != "" {
+			hdr[headers.Version] = tc.header
+		}
+		resp := h.do(t, "GET", tc.path, "", hdr, nil)
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != tc.code || !strings.Contains(string(body), tc.want) {
+			t.Errorf("GET %s (%s %q): %d %s, want %d with %s", tc.path, headers.Version, tc.header, resp.StatusCode, body, tc.code, tc.want)
+		}
+	}
+	routed := func(v string) context.Context {
+		return metadata.AppendToOutgoingContext(context.Background(), headers.Version, v)
+	}
+	if r, err := h.grpc.ModelReady(routed("v9"), &oip.ModelReadyRequest{Name: "ranker"}); err != nil || r.Ready {
+		t.Errorf("ModelReady routed to the failed v9: %v %v, want not ready", r, err)
+	}
+	if r, err := h.grpc.ModelReady(context.Background(), &oip.ModelReadyRequest{Name: "ranker"}); err != nil || !r.Ready {
+		t.Errorf("ModelReady, default version: %v %v, want ready", r, err)
+	}
+	if _, err := h.grpc.ModelReady(routed("v9"), &oip.ModelReadyRequest{Name: "ranker", Version: "v7"}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ModelReady version v7 routed to v9: %v, want InvalidArgument", err)
+	}
+	if r, err := h.grpc.ModelMetadata(routed("v8"), &oip.ModelMetadataRequest{Name: "ranker"}); err != nil || fmt.Sprint(r.GetVersions()) != "[v8]" {
+		t.Errorf("ModelMetadata routed to v8: %v %v, want versions [v8]", r, err)
+	}
+	if _, err := h.grpc.ModelMetadata(routed("v8"), &oip.ModelMetadataRequest{Name: "ranker", Version: "v7"}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ModelMetadata version v7 routed to v8: %v, want InvalidArgument", err)
+	}
+	if _, err := h.grpc.ModelMetadata(metadata.AppendToOutgoingContext(context.Background(), headers.Version, "v7", headers.Version, "v8"),
+		&oip.ModelMetadataRequest{Name: "ranker"}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ModelMetadata with %s twice: %v, want InvalidArgument", headers.Version, err)
+	}
 }

@@ -59,7 +59,11 @@ func (g *grpcService) ModelReady(ctx context.Context, r *oip.ModelReadyRequest) 
 	if e := checkRoutedModel(r.GetName(), metadata.ValueFromIncomingContext(ctx, headers.Model)); e != nil {
 		return nil, grpcErr(e)
 	}
-	ok, err := g.s.modelReady(r.GetName(), r.GetVersion())
+	ver, e := grpcRoutedVersion(ctx, r.GetVersion(), "version")
+	if e != nil {
+		return nil, grpcErr(e)
+	}
+	ok, err := g.s.modelReady(r.GetName(), ver)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
@@ -75,7 +79,11 @@ func (g *grpcService) ModelMetadata(ctx context.Context, r *oip.ModelMetadataReq
 	if e := checkRoutedModel(r.GetName(), metadata.ValueFromIncomingContext(ctx, headers.Model)); e != nil {
 		return nil, grpcErr(e)
 	}
-	md, err := g.s.metadata(r.GetName(), r.GetVersion())
+	ver, e := grpcRoutedVersion(ctx, r.GetVersion(), "version")
+	if e != nil {
+		return nil, grpcErr(e)
+	}
+	md, err := g.s.metadata(r.GetName(), ver)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
@@ -129,6 +137,23 @@ func incoming(ctx context.Context, k string) string {
 	return ""
 }
 
+// grpcRoutedVersion decides the version of a gRPC model call (infer, metadata, readiness):
+// the version the router chose (x-patchbay-version, set by Envoy and ext_proc) wins.
+// ext_proc cannot read gRPC bodies, so a message naming another version in field would
+// otherwise step around the split, experiments and pinning rules; a conflict is refused.
+func grpcRoutedVersion(ctx context.Context, ver, field string) (string, *apiError) {
+	routed := metadata.ValueFromIncomingContext(ctx, headers.Version)
+	switch {
+	case len(routed) == 0 || (len(routed) == 1 && routed[0] == ""):
+		return ver, nil
+	case len(routed) > 1:
+		return "", errInvalid("%s given %d times; one version per request", headers.Version, len(routed))
+	case ver != "" && ver != routed[0]:
+		return "", errInvalid("%s %q conflicts with the version the router chose (%q); leave %s empty behind patchbay", field, ver, routed[0], field)
+	}
+	return routed[0], nil
+}
+
 func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) (*oip.ModelInferResponse, error) {
 	s := g.s
 	start := time.Now()
@@ -143,17 +168,9 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 			return nil, status.Errorf(codes.InvalidArgument, "model_name: %s; leave model_name empty or equal to it behind patchbay", e.msg)
 		}
 	}
-	// The version the router chose (x-patchbay-version, set by Envoy and ext_proc) wins:
-	// ext_proc cannot read gRPC bodies, so a request naming another version in
-	// model_version would otherwise step around the split, experiments and pinning rules.
-	if routed := metadata.ValueFromIncomingContext(ctx, headers.Version); len(routed) > 0 && (len(routed) > 1 || routed[0] != "") {
-		if len(routed) > 1 {
-			return nil, status.Errorf(codes.InvalidArgument, "%s given %d times; one version per request", headers.Version, len(routed))
-		}
-		if ver != "" && ver != routed[0] {
-			return nil, status.Errorf(codes.InvalidArgument, "model_version %q conflicts with the version the router chose (%q); leave model_version empty behind patchbay", ver, routed[0])
-		}
-		ver = routed[0]
+	ver, verr := grpcRoutedVersion(ctx, ver, "model_version")
+	if verr != nil {
+		return nil, grpcErr(verr)
 	}
 	// The stream was admitted before its message was read (tap), for the largest message it
 	// could send; that reservation gives way to the message's real size now that it is known.

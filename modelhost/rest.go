@@ -135,12 +135,15 @@ func (s *Server) metadata(name, ver string) (modelMeta, *apiError) {
 	return md, nil
 }
 
+// handleMetadata answers for the version the request is routed to (routedVersion), as infer
+// does: behind patchbay, a client asks about the version it would be served.
 func (s *Server) handleMetadata(w http.ResponseWriter, r *http.Request) {
-	if e := checkRoutedModel(r.PathValue("model"), r.Header[modelKey]); e != nil {
+	ver, e := routedVersion(r.PathValue("model"), r.PathValue("version"), r.Header)
+	if e != nil {
 		writeError(w, e)
 		return
 	}
-	md, err := s.metadata(r.PathValue("model"), r.PathValue("version"))
+	md, err := s.metadata(r.PathValue("model"), ver)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -160,13 +163,15 @@ func (s *Server) modelReady(name, ver string) (bool, *apiError) {
 	return v.ready(), nil
 }
 
+// handleModelReady reports the readiness of the version the request is routed to.
 func (s *Server) handleModelReady(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("model")
-	if e := checkRoutedModel(name, r.Header[modelKey]); e != nil {
+	ver, e := routedVersion(name, r.PathValue("version"), r.Header)
+	if e != nil {
 		writeError(w, e)
 		return
 	}
-	ok, err := s.modelReady(name, r.PathValue("version"))
+	ok, err := s.modelReady(name, ver)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -383,7 +388,7 @@ func (s *Server) refuseREST(w http.ResponseWriter, r *http.Request, e *apiError)
 	writeError(w, e)
 }
 
-// routedVersion decides the version of a REST model request. The router's
+// routedVersion decides the version of a REST model request (infer, metadata, readiness). The router's
 // x-patchbay-version (set by ext_proc or Envoy's weighted cluster) wins over a version in
 // the path, and a conflict is refused: a client behind patchbay cannot step around the
 // split by naming a version in the path (pinning, where allowed, is decided by the router,
