@@ -95,6 +95,7 @@ type Server struct {
 
 	token  *bearer.Token // nil: repository API disabled
 	limits limits
+	health versionHealth
 }
 
 // table is the immutable routing table, swapped whole on load and unload.
@@ -332,6 +333,7 @@ func (s *Server) Load(name string) (LoadReport, error) {
 	}
 	next.models[name] = m
 	s.table.Store(next)
+	s.publishHealth()
 	if prev != nil {
 		for vn, pv := range prev.versions {
 			if m.versions[vn] != pv {
@@ -448,6 +450,7 @@ func (s *Server) Unload(name string) error {
 		}
 	}
 	s.table.Store(next)
+	s.publishHealth()
 	for _, v := range m.versions {
 		v.retire()
 	}
@@ -461,6 +464,7 @@ func (s *Server) Close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := s.table.Swap(&table{models: map[string]*model{}})
+	s.publishHealth()
 	for _, m := range old.models {
 		for _, v := range m.versions {
 			v.retire()

@@ -81,6 +81,7 @@ func (s *Server) ServeAll(ctx context.Context, l Listeners) error {
 	var adminHealth *grpchealth.Server
 	if l.Admin != nil {
 		adminGS, adminHealth = s.newAdminGRPC()
+		s.addHealthServer(adminHealth)
 		serveHTTP(l.Admin, s.adminHandler(adminGS), "admin")
 		if s.token == nil {
 			s.log.Warn().Msg("no --admin-token-file: the repository API (load, unload, index) is disabled")
@@ -101,6 +102,8 @@ func (s *Server) ServeAll(ctx context.Context, l Listeners) error {
 		healthpb.RegisterHealthServer(gs, health)
 		health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 		health.SetServingStatus(oip.GRPCInferenceService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+		// One service per model version, kept in step with load and unload (health.go).
+		s.addHealthServer(health)
 		go func() {
 			if err := gs.Serve(l.GRPC); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 				errc <- err
