@@ -99,7 +99,7 @@ func checkOneModel(t *testing.T, st *streamState, req *extprocv3.ProcessingReque
 		switch o.GetHeader().GetKey() {
 		case headers.Model:
 			models++
-			if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD || len(o.GetHeader().GetRawValue()) == 0 {
+			if o.GetAppend() == nil || o.GetAppend().GetValue() || o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD || len(o.GetHeader().GetRawValue()) == 0 {
 				t.Fatalf("x-patchbay-model not overwritten with a raw value: %v", o)
 			}
 		case headers.Bucket:

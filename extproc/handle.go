@@ -302,6 +302,7 @@ func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs 
 	r.bucketV.Key = headers.Bucket
 	r.bucketV.RawValue = strconv.AppendUint(r.buf[:0], d.Bucket, 10)
 	r.bucket.Header = &r.bucketV
+	r.bucket.Append = policy.NoAppend // what Envoy reads (see policy.SetHeader)
 	r.bucket.AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
 	// x-patchbay-model is always overwritten with the decided model (prebuilt per model),
 	// so Envoy's route cannot disagree with the decision.

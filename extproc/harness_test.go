@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
@@ -135,6 +136,7 @@ func reqHeaders(endOfStream bool, kv ...string) *extprocv3.ProcessingRequest {
 func set(key, value string) *corev3.HeaderValueOption {
 	return &corev3.HeaderValueOption{
 		Header:       &corev3.HeaderValue{Key: key, RawValue: []byte(value)},
+		Append:       wrapperspb.Bool(false), // Envoy's ext_proc reads this, not append_action
 		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
 	}
 }

@@ -127,7 +127,7 @@ func TestTracing(t *testing.T) {
 	for _, hv := range got[0].GetRequestHeaders().GetResponse().GetHeaderMutation().GetSetHeaders() {
 		if hv.GetHeader().GetKey() == "traceparent" {
 			injected = string(hv.GetHeader().GetRawValue())
-			if hv.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
+			if hv.GetAppend() == nil || hv.GetAppend().GetValue() || hv.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
 				t.Error("traceparent must overwrite")
 			}
 		}

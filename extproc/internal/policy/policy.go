@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
@@ -134,11 +135,21 @@ func (m *Model) CombosHeader(combo int) *corev3.HeaderValueOption {
 	return m.combos[combo]
 }
 
-// SetHeader returns a header option that sets key to value with raw_value and
-// OVERWRITE_IF_EXISTS_OR_ADD, as Envoy's ext_proc expects.
+// NoAppend is the shared, never-modified `append: false` of every header ext_proc sets.
+var NoAppend = wrapperspb.Bool(false)
+
+// SetHeader returns a header option that replaces key's values with value (raw_value).
+//
+// Envoy's ext_proc filter reads only the deprecated BoolValue `append` of a set_headers
+// entry (absent means false: replace) and never looks at `append_action`
+// (source/extensions/filters/http/ext_proc/mutation_utils.cc,
+// MutationUtils::applyHeaderMutations: PROTOBUF_GET_WRAPPED_OR_DEFAULT(sh, append, false),
+// then setCopy or addCopy). So `append: false` is set explicitly, the field Envoy acts on;
+// append_action OVERWRITE_IF_EXISTS_OR_ADD says the same for readers of the newer field.
 func SetHeader(key, value string) *corev3.HeaderValueOption {
 	return &corev3.HeaderValueOption{
 		Header:       &corev3.HeaderValue{Key: key, RawValue: []byte(value)},
+		Append:       NoAppend,
 		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
 	}
 }
