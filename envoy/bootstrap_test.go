@@ -102,6 +102,38 @@ func TestCheckCatchesBrokenBootstraps(t *testing.T) {
 		{"ext_proc cluster on HTTP/1.1", func(t *testing.T, b *bootstrapv3.Bootstrap) {
 			staticCluster(b, ClusterExtProc).TypedExtensionProtocolOptions = nil
 		}, "cluster patchbay_extproc: no typed_extension_protocol_options"},
+		{"ext_proc cluster without health checks", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).HealthChecks = nil
+		}, "cluster patchbay_extproc: no gRPC health check"},
+		{"ext_proc cluster health-checked over HTTP", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			hc := staticCluster(b, ClusterExtProc).HealthChecks[0]
+			hc.HealthChecker = &corev3.HealthCheck_HttpHealthCheck_{HttpHealthCheck: &corev3.HealthCheck_HttpHealthCheck{Path: "/readyz"}}
+		}, "cluster patchbay_extproc: no gRPC health check"},
+		{"ext_proc health check of another service", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).HealthChecks[0].GetGrpcHealthCheck().ServiceName = "grpc.health.v1.Health"
+		}, `gRPC health check of service "grpc.health.v1.Health"`},
+		{"ext_proc health check timeout not below interval", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			hc := staticCluster(b, ClusterExtProc).HealthChecks[0]
+			hc.Timeout = hc.Interval
+		}, "must be below its interval"},
+		{"ext_proc health check idle for 60 s before traffic", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).HealthChecks[0].NoTrafficInterval = nil
+		}, "no_traffic_interval"},
+		{"ext_proc cluster without outlier detection", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).OutlierDetection = nil
+		}, "cluster patchbay_extproc: no outlier_detection"},
+		{"ext_proc gateway failures not enforced", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).OutlierDetection.EnforcingConsecutiveGatewayFailure = nil
+		}, "enforce consecutive_gateway_failure"},
+		{"ext_proc local-origin failures not split", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).OutlierDetection.SplitExternalLocalOriginErrors = false
+		}, "consecutive_local_origin_failure"},
+		{"ext_proc ejection capped at Envoy's default 10%", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).OutlierDetection.MaxEjectionPercent = nil
+		}, "max_ejection_percent"},
+		{"ext_proc cluster with panic routing", func(t *testing.T, b *bootstrapv3.Bootstrap) {
+			staticCluster(b, ClusterExtProc).CommonLbConfig = nil
+		}, "healthy_panic_threshold must be 0"},
 		{"xds cluster with auto protocol", func(t *testing.T, b *bootstrapv3.Bootstrap) {
 			c := staticCluster(b, ClusterXDS)
 			c.TypedExtensionProtocolOptions[httpOptionsKey] = mustAny(t, &fixedheapv3.FixedHeapConfig{MaxHeapSizeBytes: 1})

@@ -23,6 +23,7 @@ import (
 	downstreamv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/downstream_connections/v3"
 	fixedheapv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/fixed_heap/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"go.yaml.in/yaml/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -262,6 +263,8 @@ func staticCluster(b *bootstrapv3.Bootstrap, name string) *clusterv3.Cluster {
 //   - every cluster a static listener routes to exists, and envoy_admin points at admin;
 //   - names are unique, each static cluster has an endpoint, STATIC clusters and
 //     listeners use IP literals (Envoy resolves no names there);
+//   - patchbay_extproc has a gRPC health check, outlier detection and panic routing off
+//     (checkExtProcFailFast), so a dead ext_proc is skipped at once;
 //   - a TLS transport socket on patchbay_xds or patchbay_extproc has the shape CheckMTLS
 //     asks for (a half-configured TLS cluster is an error, not plain text).
 func Check(role Role, b *bootstrapv3.Bootstrap) error {
@@ -340,6 +343,11 @@ func Check(role Role, b *bootstrapv3.Bootstrap) error {
 			bad("cluster %s: %v", name, err)
 		}
 	}
+	if c := clusters[ClusterExtProc]; c != nil {
+		for _, err := range checkExtProcFailFast(c) {
+			bad("cluster %s: %v", ClusterExtProc, err)
+		}
+	}
 	for _, name := range []string{ClusterXDS, ClusterExtProc} {
 		if c := clusters[name]; c.GetTransportSocket() != nil {
 			if err := checkUpstreamMTLS(c, serverIdentity[name]); err != nil {
@@ -383,6 +391,59 @@ func firstEndpoint(c *clusterv3.Cluster) *corev3.Address {
 		}
 	}
 	return nil
+}
+
+// ExtProcHealthService is the gRPC health service name the ext_proc cluster checks:
+// the ext_proc service itself, which patchbay extproc reports NOT_SERVING until it
+// holds a policy.
+var ExtProcHealthService = extprocv3.ExternalProcessor_ServiceDesc.ServiceName
+
+// checkExtProcFailFast requires what lets Envoy skip a dead or black-holed ext_proc at
+// once rather than wait message_timeout per request: an active gRPC health check of the
+// ext_proc service (timeout below the interval), outlier detection that ejects on
+// consecutive local-origin and gateway failures, and panic routing off (with panic
+// routing, a cluster with no healthy host sends to every host anyway).
+func checkExtProcFailFast(c *clusterv3.Cluster) []error {
+	var errs []error
+	var grpcHC *corev3.HealthCheck
+	for _, hc := range c.GetHealthChecks() {
+		if hc.GetGrpcHealthCheck() != nil {
+			grpcHC = hc
+		}
+	}
+	switch {
+	case grpcHC == nil:
+		errs = append(errs, errors.New("no gRPC health check: a dead ext_proc would cost every request message_timeout"))
+	default:
+		if n := grpcHC.GetGrpcHealthCheck().GetServiceName(); n != ExtProcHealthService && n != "" {
+			errs = append(errs, fmt.Errorf("gRPC health check of service %q: extproc reports %q (or \"\")", n, ExtProcHealthService))
+		}
+		if to, iv := grpcHC.GetTimeout().AsDuration(), grpcHC.GetInterval().AsDuration(); to <= 0 || to >= iv {
+			errs = append(errs, fmt.Errorf("gRPC health check timeout %v must be below its interval %v", to, iv))
+		}
+		if nt := grpcHC.GetNoTrafficInterval(); nt == nil || nt.AsDuration() > grpcHC.GetInterval().AsDuration() {
+			errs = append(errs, errors.New("gRPC health check needs no_traffic_interval <= interval (Envoy's default is 60 s before the first request)"))
+		}
+	}
+	od := c.GetOutlierDetection()
+	switch {
+	case od == nil:
+		errs = append(errs, errors.New("no outlier_detection: ext_proc hosts that fail streams are never ejected"))
+	default:
+		if !od.GetSplitExternalLocalOriginErrors() || od.GetEnforcingConsecutiveLocalOriginFailure() == nil || od.GetEnforcingConsecutiveLocalOriginFailure().GetValue() == 0 {
+			errs = append(errs, errors.New("outlier_detection must split local-origin errors and enforce consecutive_local_origin_failure (connect failures and timeouts)"))
+		}
+		if e := od.GetEnforcingConsecutiveGatewayFailure(); e == nil || e.GetValue() == 0 {
+			errs = append(errs, errors.New("outlier_detection must enforce consecutive_gateway_failure (Envoy's default enforcement is 0%)"))
+		}
+		if m := od.GetMaxEjectionPercent(); m == nil || m.GetValue() < 100 {
+			errs = append(errs, errors.New("outlier_detection.max_ejection_percent must be 100 so every dead ext_proc host can be ejected"))
+		}
+	}
+	if p := c.GetCommonLbConfig().GetHealthyPanicThreshold(); p == nil || p.GetValue() != 0 {
+		errs = append(errs, errors.New("common_lb_config.healthy_panic_threshold must be 0: in panic Envoy sends to unhealthy ext_proc hosts and waits message_timeout"))
+	}
+	return errs
 }
 
 // checkHTTP2 requires explicit HTTP/2 upstream options.

@@ -196,6 +196,24 @@ static_resources:
             max_pending_requests: 10000
             max_requests: 100000
             max_retries: 3
+      health_checks:
+        - timeout: 0.25s
+          interval: 1s
+          no_traffic_interval: 1s
+          unhealthy_threshold: 2
+          healthy_threshold: 1
+          grpc_health_check: {service_name: envoy.service.ext_proc.v3.ExternalProcessor}
+      outlier_detection:
+        split_external_local_origin_errors: true
+        consecutive_local_origin_failure: 2
+        enforcing_consecutive_local_origin_failure: 100
+        consecutive_gateway_failure: 2
+        enforcing_consecutive_gateway_failure: 100
+        interval: 1s
+        base_ejection_time: 5s
+        max_ejection_percent: 100
+      common_lb_config:
+        healthy_panic_threshold: {value: 0}
       typed_extension_protocol_options:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
           "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
