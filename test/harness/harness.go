@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -109,12 +110,52 @@ func RepoRoot() (string, error) {
 // FreeAddr returns a loopback address that was free a moment ago.
 func FreeAddr(t testing.TB) string {
 	t.Helper()
+	freeMu.Lock()
+	defer freeMu.Unlock()
+	// A port picked by listening on :0 comes from the ephemeral range, where any outgoing
+	// connection of any test process may take it before the child binds it (seen as a child
+	// failing to bind while another process's listener answered its readiness probe). Ports
+	// below the ephemeral range are never handed out for outgoing connections; pick one at
+	// random there, check it is free, and never hand it out twice in this process.
+	lo, hi := belowEphemeral()
+	for i := 0; i < 200 && hi > lo; i++ {
+		port := lo + freeRand.IntN(hi-lo)
+		if freeUsed[port] {
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		freeUsed[port] = true
+		return l.Addr().String()
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+var (
+	freeMu   sync.Mutex
+	freeUsed = map[int]bool{}
+	freeRand = rand.New(rand.NewPCG(uint64(os.Getpid()), uint64(time.Now().UnixNano())))
+)
+
+// belowEphemeral is the port range FreeAddr draws from: from 10000 up to the start of the
+// kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range; 32768 when unknown).
+func belowEphemeral() (lo, hi int) {
+	lo, hi = 10000, 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		var a, z int
+		if n, _ := fmt.Sscan(string(b), &a, &z); n == 2 && a > lo {
+			hi = a
+		}
+	}
+	return lo, hi
 }
 
 // Process is one running child process.
