@@ -6,6 +6,7 @@ package envoymodel
 import (
 	"bytes"
 	"context"
+	"errors"
 
 	"fmt"
 	"io"
@@ -45,6 +46,11 @@ type Config struct {
 	XDSAddr     string // the control plane's ADS address
 	ExtprocAddr string // the address behind the ext_proc filter's cluster (patchbay_extproc)
 	NodeID      string
+
+	// ExtprocCluster is the bootstrap's patchbay_extproc cluster: its gRPC health check,
+	// outlier detection and panic threshold decide when the stream fails at once
+	// (extproc_cluster.go). Nil: ext_proc is always called.
+	ExtprocCluster *clusterv3.Cluster
 }
 
 // Proxy is the running model. Handler serves HTTP as the edge listener would.
@@ -52,10 +58,13 @@ type Proxy struct {
 	cfg     Config
 	state   atomic.Pointer[state]
 	extproc *grpc.ClientConn
+	epHost  *extprocHost // nil without Config.ExtprocCluster
 	client  *http.Client // HTTP/1.1 clusters (Envoy's default upstream protocol)
 	h2c     *http.Client // clusters with http2_protocol_options, plaintext
 	rr      atomic.Uint64
 	mirrors sync.WaitGroup
+	ctx     context.Context
+	health  healthState
 
 	// Counters tests may read.
 	ExtprocFailures atomic.Int64 // ext_proc calls that failed open
@@ -84,11 +93,16 @@ func Start(ctx context.Context, cfg Config) (*Proxy, error) {
 	}
 	p := &Proxy{
 		cfg:     cfg,
+		ctx:     ctx,
 		extproc: ep,
 		client:  upstreamClient(func(p *http.Protocols) { p.SetHTTP1(true) }),
 		h2c:     upstreamClient(func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }),
 	}
 	p.state.Store(&state{clusters: map[string]*clusterv3.Cluster{}, endpoints: map[string]*endpointv3.ClusterLoadAssignment{}})
+	if p.epHost, err = newExtprocHost(ctx, cfg.ExtprocCluster, cfg.ExtprocAddr); err != nil {
+		ep.Close()
+		return nil, err
+	}
 	go p.xdsLoop(ctx)
 	go func() { <-ctx.Done(); ep.Close(); p.mirrors.Wait() }()
 	return p, nil
@@ -232,6 +246,7 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 		}
 		next.version = r.GetVersionInfo()
 		p.state.Store(&next)
+		p.syncHealth(p.ctx, &next)
 		// ACK.
 		var names []string
 		switch r.GetTypeUrl() {
@@ -299,7 +314,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 				localReply(w, req, 500, err.Error(), nil, -1)
 				return
 			}
-			imm, err := p.callExtproc(req.Context(), cfg, req, h, &body)
+			imm, err := p.extprocCall(req.Context(), cfg, req, h, &body)
 			if err != nil {
 				if !cfg.GetFailureModeAllow() {
 					localReply(w, req, http.StatusInternalServerError, "ext_proc failed", nil, -1)
@@ -399,12 +414,24 @@ func (p *Proxy) callExtproc(ctx context.Context, cfg *extprocfilterv3.ExternalPr
 	return nil, nil
 }
 
+// applyMutation applies an ext_proc header mutation as Envoy's ext_proc filter does: set_headers
+// read the deprecated append flag (default false: overwrite), never append_action
+// (envoy source/extensions/filters/http/ext_proc/mutation_utils.cc,
+// MutationUtils::applyHeaderMutations).
 func applyMutation(h http.Header, m *extprocv3.HeaderMutation) {
 	for _, r := range m.GetRemoveHeaders() {
 		h.Del(r)
 	}
 	for _, o := range m.GetSetHeaders() {
-		applyHeaderOption(h, o, h)
+		if o.GetHeader() == nil {
+			continue
+		}
+		k, v := o.GetHeader().GetKey(), headerValue(o.GetHeader())
+		if o.GetAppend().GetValue() {
+			h.Add(k, v)
+		} else {
+			h.Set(k, v)
+		}
 	}
 }
 
@@ -478,6 +505,11 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	a := rt.GetRoute()
 	cluster := a.GetCluster()
 	upHeaders := h.Clone()
+	upReq, err := rewritePath(rt, req, upHeaders)
+	if err != nil {
+		localReply(w, req, http.StatusInternalServerError, "envoymodel: route "+rt.GetName()+": "+err.Error(), nil, -1)
+		return
+	}
 	if wc := a.GetWeightedClusters(); wc != nil {
 		cw := pickWeighted(wc, h)
 		cluster = cw.GetName()
@@ -491,9 +523,13 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	}
 	addAll(rt.GetResponseHeadersToAdd())
 	addAll(vh.GetResponseHeadersToAdd())
+	// Shadows copy the request headers after the route finalised them (path rewrite and
+	// request_headers_to_add included), then go through the shadow cluster's own upstream
+	// filters (envoy source/common/router/router.cc, Filter::decodeHeaders: shadow_headers_
+	// is made after finalizeRequestHeaders).
 	for _, m := range a.GetRequestMirrorPolicies() {
 		if fractionHit(m.GetRuntimeFraction().GetDefaultValue()) {
-			p.mirror(m.GetCluster(), req, upHeaders.Clone(), body, s)
+			p.mirror(m.GetCluster(), upReq, upHeaders.Clone(), body, s)
 		}
 	}
 	tries := 1 + int(a.GetRetryPolicy().GetNumRetries().GetValue())
@@ -502,9 +538,8 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 		timeout = 15 * time.Second // Envoy's default route timeout
 	}
 	var resp *http.Response
-	var err error
 	for i := 0; i < tries; i++ {
-		resp, err = p.forward(req.Context(), timeout, cluster, req, upHeaders, body, s)
+		resp, err = p.forward(req.Context(), timeout, cluster, upReq, upHeaders, body, s)
 		if err == nil && !retriable(a.GetRetryPolicy(), resp.StatusCode) {
 			break
 		}
@@ -512,6 +547,10 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
 		}
+	}
+	if errors.Is(err, errNoHealthyUpstream) {
+		localReply(w, req, http.StatusServiceUnavailable, "no healthy upstream", nil, -1)
+		return
 	}
 	if err != nil {
 		localReply(w, req, http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers: "+err.Error(), nil, -1)
@@ -569,8 +608,12 @@ func pickWeighted(wc *routev3.WeightedCluster, h http.Header) *routev3.WeightedC
 	}
 	v := rand.Uint64()
 	if hn := wc.GetHeaderName(); hn != "" {
-		if n, err := strconv.ParseUint(h.Get(hn), 10, 64); err == nil {
-			v = n
+		// Only a single-valued header counts (envoy source/common/router/config_impl.cc,
+		// RouteEntryImplBase::pickWeightedCluster).
+		if vs := h.Values(hn); len(vs) == 1 {
+			if n, err := strconv.ParseUint(vs[0], 10, 64); err == nil {
+				v = n
+			}
 		}
 	}
 	v %= total
@@ -769,21 +812,20 @@ func (p *Proxy) upstreamFor(c *clusterv3.Cluster) (*http.Client, error) {
 // forward sends one attempt to a round-robin endpoint of the cluster, through the
 // cluster's upstream header_mutation filter, in the cluster's protocol.
 func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster string, req *http.Request, h http.Header, body []byte, s *state) (*http.Response, error) {
-	cla := s.endpoints[cluster]
-	var addrs []string
-	for _, le := range cla.GetEndpoints() {
-		for _, lb := range le.GetLbEndpoints() {
-			sa := lb.GetEndpoint().GetAddress().GetSocketAddress()
-			addrs = append(addrs, net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))))
+	for _, le := range s.endpoints[cluster].GetEndpoints() {
+		if le.GetPriority() != 0 {
+			return nil, fmt.Errorf("cluster %q: endpoint priorities are not modelled", cluster)
 		}
 	}
-	if len(addrs) == 0 {
-		return nil, fmt.Errorf("no healthy upstream in cluster %q", cluster)
-	}
+	addrs := clusterAddrs(s, cluster)
 	up := h.Clone()
 	c := s.clusters[cluster]
 	if c == nil {
 		return nil, fmt.Errorf("unknown cluster %q", cluster)
+	}
+	addr, err := p.pickHost(c, addrs)
+	if err != nil {
+		return nil, err
 	}
 	if a, ok := c.GetTypedExtensionProtocolOptions()[httpOptionsKey]; ok {
 		applyUpstreamFilters(a, up)
@@ -792,7 +834,6 @@ func (p *Proxy) forward(ctx context.Context, timeout time.Duration, cluster stri
 	if err != nil {
 		return nil, err
 	}
-	addr := addrs[p.rr.Add(1)%uint64(len(addrs))]
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	scheme := "http://"
 	if c.GetTransportSocket() != nil {
