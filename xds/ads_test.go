@@ -124,7 +124,7 @@ func TestEnvoyNodeGetsValidConfig(t *testing.T) {
 				if err := a.UnmarshalTo(cla); err != nil {
 					t.Fatal(err)
 				}
-				if cla.GetClusterName() == "ranker_v2" && cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress() != "10.9.0.2" {
+				if cla.GetClusterName() == "ranker_v2_grpc" && cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress() != "10.9.0.2" {
 					t.Errorf("DNS name not resolved into EDS: %v", cla)
 				}
 				all = append(all, cla)
@@ -309,7 +309,7 @@ func TestDNSNamesFollowAddressChanges(t *testing.T) {
 		if err != nil {
 			return ""
 		}
-		cla := snap.GetResources(resource.EndpointType)["mover_v1"].(*endpointv3.ClusterLoadAssignment)
+		cla := snap.GetResources(resource.EndpointType)["mover_v1_grpc"].(*endpointv3.ClusterLoadAssignment)
 		return cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress()
 	}
 	if got := addr(); got != "10.7.0.1" {

@@ -199,7 +199,7 @@ func (s *Server) checkResolvedLocked(set *rollout.Set) error {
 				continue
 			}
 			var names []string
-			for _, ep := range v.Endpoints {
+			for _, ep := range v.AllEndpoints() {
 				host, _, _ := net.SplitHostPort(ep)
 				msg := ep
 				if st := s.state.dns[host]; st != nil && st.Error != "" {
@@ -239,7 +239,7 @@ func sharesOf(r *rollout.Rollout, version string) string {
 // resolvedCountLocked counts the addresses a version's endpoints give now.
 func (s *Server) resolvedCountLocked(v rollout.Version) int {
 	n := 0
-	for _, ep := range v.Endpoints {
+	for _, ep := range v.AllEndpoints() {
 		host, _, err := net.SplitHostPort(ep)
 		if err != nil {
 			continue
@@ -264,7 +264,7 @@ type EndpointStatus struct {
 
 func (s *Server) endpointStatusLocked(v rollout.Version) []EndpointStatus {
 	var out []EndpointStatus
-	for _, ep := range v.Endpoints {
+	for _, ep := range v.AllEndpoints() {
 		host, port, err := net.SplitHostPort(ep)
 		if err != nil {
 			continue
@@ -299,7 +299,7 @@ func (s *Server) nameProblems() []nameProblem {
 		}
 		for _, r := range set.Rollouts {
 			for _, v := range r.Versions {
-				for _, ep := range v.Endpoints {
+				for _, ep := range v.AllEndpoints() {
 					host, _, err := net.SplitHostPort(ep)
 					if err != nil || net.ParseIP(host) != nil {
 						continue

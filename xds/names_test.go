@@ -70,7 +70,7 @@ func TestUnresolvedNamesAreShownAndNeverGivenAShare(t *testing.T) {
 	fakeDNS.unset("late.invalid")
 	waitFor(t, 5*time.Second, "the name flagged stale", func() bool { return c.srv.Status().Names["late.invalid"].State == "stale" })
 	snap, _ := c.srv.snapshots.GetSnapshot(string(FlavourGRPC))
-	cla := snap.GetResources(resource.EndpointType)["n_v2"].(*endpointv3.ClusterLoadAssignment)
+	cla := snap.GetResources(resource.EndpointType)["n_v2_grpc"].(*endpointv3.ClusterLoadAssignment)
 	if got := cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress(); got != "10.6.0.2" {
 		t.Fatalf("stale name served %q, want its last address 10.6.0.2", got)
 	}

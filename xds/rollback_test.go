@@ -38,7 +38,7 @@ func TestRollbackSemantics(t *testing.T) {
 		t.Fatalf("rollback kept experiments/shadows or is not shown: %+v", st)
 	}
 	snap, _ := c.srv.snapshots.GetSnapshot(string(FlavourGRPC))
-	cla := snap.GetResources(resource.EndpointType)["r_v1"].(*endpointv3.ClusterLoadAssignment)
+	cla := snap.GetResources(resource.EndpointType)["r_v1_grpc"].(*endpointv3.ClusterLoadAssignment)
 	if got := cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue(); got != 9011 {
 		t.Fatalf("rollback brought back old endpoints: v1 on port %d, want the current file's 9011", got)
 	}

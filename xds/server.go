@@ -355,6 +355,11 @@ func (s *Server) Reload(ctx context.Context, why string) {
 	if err == nil {
 		set, err = rollout.LoadData(files)
 	}
+	if err == nil {
+		for _, w := range rollout.Warnings(set) {
+			s.log.Warn().Msg(w.Error())
+		}
+	}
 	if s.afterRead != nil {
 		s.afterRead(why)
 	}

@@ -121,10 +121,12 @@ func TestValidateCrossFile(t *testing.T) {
 	}
 }
 
-func TestOneProtocolAndNoDuplicateEndpoints(t *testing.T) {
+func TestProtocolsAndNoDuplicateEndpoints(t *testing.T) {
 	doc := "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\nversions:\n" +
 		"  - {name: v1, endpoints: [\"10.0.0.1:80\", \"10.0.0.1:80\"]}\n" +
 		"  - {name: v2, endpoints: [\"10.0.0.2:81\"], protocol: grpc}\n" +
+		"  - {name: v3, endpoints: [\"10.0.0.3:80\"], grpcEndpoints: [\"10.0.0.3:90\", \"10.0.0.3:90\"], protocol: grpc}\n" +
+		"  - {name: v4}\n" +
 		"traffic: {v1: 50, v2: 50}\n"
 	rs, err := Parse("m.yaml", []byte(doc))
 	if err != nil {
@@ -133,11 +135,47 @@ func TestOneProtocolAndNoDuplicateEndpoints(t *testing.T) {
 	err = Validate(&Set{Rollouts: rs})
 	for _, want := range []string{
 		`m.yaml:5: versions[0].endpoints[1]: "10.0.0.1:80" is listed twice`,
-		`m.yaml:6: versions[1].protocol: "grpc" differs from v1's "http": all versions of a model use one protocol`,
+		`m.yaml:4: versions: no protocol is served by every version with traffic or an experiment arm (v1: REST, v2: gRPC)`,
+		`m.yaml:7: versions[2].grpcEndpoints: protocol: grpc says endpoints speak OIP gRPC`,
+		`m.yaml:7: versions[2].grpcEndpoints[1]: "10.0.0.3:90" is listed twice`,
+		`m.yaml:8: versions[3].endpoints: a version needs at least one endpoint`,
 	} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("missing %q in %v", want, err)
 		}
+	}
+}
+
+// A model serves a protocol when every version with a share serves it; the others are
+// only reachable by name over the protocols they have.
+func TestModelServesAProtocolEveryVersionWithAShareServes(t *testing.T) {
+	doc := "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\nversions:\n" +
+		"  - {name: v1, endpoints: [\"10.0.0.1:80\"], grpcEndpoints: [\"10.0.0.1:90\"]}\n" +
+		"  - {name: v2, endpoints: [\"10.0.0.2:90\"], protocol: grpc}\n" +
+		"  - {name: v3, grpcEndpoints: [\"10.0.0.1:90\"]}\n" +
+		"traffic: {v1: 100}\n" +
+		"experiments:\n  - {name: e, layer: l, allocation: 10, arms: [{name: a, version: v2, weight: 1}]}\n"
+	rs, err := Parse("m.yaml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set := &Set{Rollouts: rs}
+	if err := Validate(set); err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	if r.Serves(REST) || !r.Serves(GRPC) {
+		t.Fatalf("serves REST %v gRPC %v; want gRPC only (arm v2 has no REST endpoint)", r.Serves(REST), r.Serves(GRPC))
+	}
+	if got := r.Versions[1].GRPCAddrs(); len(got) != 1 || got[0] != "10.0.0.2:90" {
+		t.Fatalf("protocol: grpc endpoints are gRPC addresses: %v", got)
+	}
+	if got := r.Versions[1].RESTEndpoints(); len(got) != 0 {
+		t.Fatalf("protocol: grpc version has REST endpoints %v", got)
+	}
+	ws := Warnings(set)
+	if len(ws) != 1 || !strings.Contains(ws[0].Error(), `m.yaml:7: versions[2].grpcEndpoints[0]: warning: gRPC endpoint "10.0.0.1:90" also serves version "v1"`) {
+		t.Fatalf("warnings %v: want the shared gRPC endpoint of v3", ws)
 	}
 }
 

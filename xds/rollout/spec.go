@@ -12,6 +12,9 @@ const (
 	Kind = "Rollout"
 	// DefaultProtocol is used when a version names none.
 	DefaultProtocol = "http"
+	// REST and GRPC name the two OIP protocols a version may serve.
+	REST = "http"
+	GRPC = "grpc"
 )
 
 // Rollout is the desired traffic state of one model.
@@ -38,13 +41,97 @@ type Rollout struct {
 
 // Version is one deployed artifact of the model.
 type Version struct {
-	Name      string   `yaml:"name"`
+	Name string `yaml:"name"`
+	// Endpoints are the version's OIP REST addresses (host:port), or its OIP gRPC
+	// addresses when Protocol is "grpc" (a gRPC-only version, the format before issue 10).
 	Endpoints []string `yaml:"endpoints"`
-	Protocol  string   `yaml:"protocol"`
+	// GRPCEndpoints are the version's OIP gRPC addresses (host:port), beside its REST
+	// Endpoints: a version may serve REST, gRPC or both.
+	GRPCEndpoints []string `yaml:"grpcEndpoints"`
+	// Protocol is what Endpoints speak: http (default) or grpc.
+	Protocol string `yaml:"protocol"`
 	// TLS makes Envoy's cluster for this version originate (m)TLS to its endpoints, with the
 	// certificates the control plane's --upstream-tls-* flags name (the flag turns it on for
 	// every version).
 	TLS bool `yaml:"tls"`
+}
+
+// RESTEndpoints are the addresses that answer OIP REST (none for a protocol: grpc version).
+func (v *Version) RESTEndpoints() []string {
+	if v.Protocol == GRPC {
+		return nil
+	}
+	return v.Endpoints
+}
+
+// GRPCAddrs are the addresses that answer OIP gRPC: grpcEndpoints, or endpoints when
+// protocol is grpc.
+func (v *Version) GRPCAddrs() []string {
+	if v.Protocol == GRPC {
+		return v.Endpoints
+	}
+	return v.GRPCEndpoints
+}
+
+// Addrs are the addresses of one protocol (REST or GRPC).
+func (v *Version) Addrs(protocol string) []string {
+	if protocol == GRPC {
+		return v.GRPCAddrs()
+	}
+	return v.RESTEndpoints()
+}
+
+// AllEndpoints are every address of the version, REST then gRPC.
+func (v *Version) AllEndpoints() []string {
+	return append(append([]string(nil), v.Endpoints...), v.GRPCEndpoints...)
+}
+
+// Serves reports whether the version has an endpoint for the protocol.
+func (v *Version) Serves(protocol string) bool { return len(v.Addrs(protocol)) > 0 }
+
+// HasShare reports whether a version may be given requests without naming it: a share of
+// the baseline split or an arm of an experiment.
+func (r *Rollout) HasShare(version string) bool {
+	if r.Traffic[version] > 0 {
+		return true
+	}
+	for _, e := range r.Experiments {
+		for _, a := range e.Arms {
+			if a.Version == version {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Serves reports whether the model serves a protocol: every version with a share (see
+// HasShare) has an endpoint for it. A request of a protocol the model does not serve is
+// answered by Envoy with an OIP error; versions without a share that serve it are still
+// reachable by name (x-patchbay-version, pinned paths) and as shadows.
+func (r *Rollout) Serves(protocol string) bool {
+	shared := false
+	for i := range r.Versions {
+		v := &r.Versions[i]
+		if !r.HasShare(v.Name) {
+			continue
+		}
+		shared = true
+		if !v.Serves(protocol) {
+			return false
+		}
+	}
+	return shared
+}
+
+// Version returns the named version, or nil.
+func (r *Rollout) Version(name string) *Version {
+	for i := range r.Versions {
+		if r.Versions[i].Name == name {
+			return &r.Versions[i]
+		}
+	}
+	return nil
 }
 
 // Shadow mirrors a fraction of the model's requests to a version; responses are discarded.

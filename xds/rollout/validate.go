@@ -168,11 +168,6 @@ func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) ma
 	}
 	for i, v := range r.Versions {
 		f := "versions[" + strconv.Itoa(i) + "]"
-		// One protocol per model: the REST and gRPC OIP routes share the model's split,
-		// so an HTTP/1.1 version and a gRPC version cannot sit in one split.
-		if i > 0 && validProtocol(v.Protocol) && validProtocol(r.Versions[0].Protocol) && v.Protocol != r.Versions[0].Protocol {
-			add(r, f+".protocol", "%q differs from %s's %q: all versions of a model use one protocol", v.Protocol, r.Versions[0].Name, r.Versions[0].Protocol)
-		}
 		switch {
 		case !versionNameRe.MatchString(v.Name):
 			add(r, f+".name", "%q is not a valid version name (lower-case letters, digits, '.', '-')", v.Name)
@@ -180,24 +175,52 @@ func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) ma
 			add(r, f+".name", "version %q is listed twice", v.Name)
 		}
 		versions[v.Name] = true
-		if len(v.Endpoints) == 0 {
-			add(r, f+".endpoints", "a version needs at least one endpoint")
-		}
-		versionEndpoints := map[string]bool{}
-		for j, ep := range v.Endpoints {
-			ef := f + ".endpoints[" + strconv.Itoa(j) + "]"
-			if err := checkEndpoint(ep); err != nil {
-				add(r, ef, "%v", err)
-			}
-			// gRPC clients reject a cluster listing one address twice.
-			if versionEndpoints[ep] {
-				add(r, ef, "%q is listed twice", ep)
-			}
-			versionEndpoints[ep] = true
-		}
 		if !validProtocol(v.Protocol) {
 			add(r, f+".protocol", "%q: want http or grpc", v.Protocol)
 		}
+		if v.Protocol == GRPC && len(v.GRPCEndpoints) > 0 {
+			add(r, f+".grpcEndpoints", "protocol: grpc says endpoints speak OIP gRPC; give OIP REST addresses in endpoints (protocol http) and gRPC ones in grpcEndpoints, or drop grpcEndpoints")
+		}
+		if len(v.Endpoints) == 0 && len(v.GRPCEndpoints) == 0 {
+			add(r, f+".endpoints", "a version needs at least one endpoint (endpoints: OIP REST, grpcEndpoints: OIP gRPC)")
+		}
+		for _, list := range []struct {
+			field string
+			eps   []string
+		}{{"endpoints", v.Endpoints}, {"grpcEndpoints", v.GRPCEndpoints}} {
+			seen := map[string]bool{}
+			for j, ep := range list.eps {
+				ef := f + "." + list.field + "[" + strconv.Itoa(j) + "]"
+				if err := checkEndpoint(ep); err != nil {
+					add(r, ef, "%v", err)
+				}
+				// gRPC clients reject a cluster listing one address twice.
+				if seen[ep] {
+					add(r, ef, "%q is listed twice", ep)
+				}
+				seen[ep] = true
+			}
+		}
+	}
+	// A protocol is served by the model only if every version with a share serves it, so
+	// that the baseline split and every experiment arm have a cluster of the caller's
+	// protocol. A model must serve at least one.
+	if len(r.Versions) > 0 && len(r.Traffic) > 0 && !r.Serves(REST) && !r.Serves(GRPC) {
+		var parts []string
+		for _, v := range r.Versions {
+			if !r.HasShare(v.Name) {
+				continue
+			}
+			var ps []string
+			if v.Serves(REST) {
+				ps = append(ps, "REST")
+			}
+			if v.Serves(GRPC) {
+				ps = append(ps, "gRPC")
+			}
+			parts = append(parts, v.Name+": "+strings.Join(ps, "+"))
+		}
+		add(r, "versions", "no protocol is served by every version with traffic or an experiment arm (%s): a model needs one protocol all of them serve", strings.Join(parts, ", "))
 	}
 	return versions
 }
@@ -272,3 +295,32 @@ func validProtocol(p string) bool { return p == "http" || p == "grpc" }
 // ValidModelName reports whether s is a valid model name (a DNS label), for callers that
 // take a model name from outside (the admin API, the CLI).
 func ValidModelName(s string) bool { return modelNameRe.MatchString(s) }
+
+// Warnings are problems that do not stop a set from being served, each located like a
+// validation error. Today: a gRPC endpoint shared by several versions of a model. gRPC
+// paths carry no version (the OIP gRPC request names one only in model_version, which
+// Envoy does not rewrite), so an unmodified OIP gRPC server (Triton, KServe, MLServer)
+// holding several versions cannot tell which one Envoy routed to: give each version its
+// own gRPC endpoints, or run a host that honours x-patchbay-version (patchbay modelhost).
+func Warnings(s *Set) []*Error {
+	var out []*Error
+	for _, r := range s.Rollouts {
+		first := map[string]string{}
+		for i, v := range r.Versions {
+			for j, ep := range v.GRPCAddrs() {
+				prev, ok := first[ep]
+				if !ok {
+					first[ep] = v.Name
+					continue
+				}
+				if prev == v.Name {
+					continue
+				}
+				field := "versions[" + strconv.Itoa(i) + "]." + map[bool]string{true: "endpoints", false: "grpcEndpoints"}[v.Protocol == GRPC] + "[" + strconv.Itoa(j) + "]"
+				out = append(out, &Error{File: r.Source.File, Line: r.Line(field), Field: field,
+					Msg: fmt.Sprintf("warning: gRPC endpoint %q also serves version %q: only a host that reads x-patchbay-version (patchbay modelhost) can tell the versions apart over gRPC; give each version its own gRPC endpoints for other OIP servers", ep, prev)})
+			}
+		}
+	}
+	return out
+}

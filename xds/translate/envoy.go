@@ -27,6 +27,7 @@ import (
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -34,12 +35,14 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/patchbay-io/patchbay/api/headers"
+	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
 
 // Envoy builds the resources for an Envoy node of the given role: one listener (HCM with
-// an early header mutation stripping client routing headers, then ext_proc -> router, routes over RDS), the route table, one EDS cluster
-// per model version, and its endpoints.
+// an early header mutation stripping client routing headers, then ext_proc -> router,
+// routes over RDS), the route table, one EDS cluster per model version and protocol it
+// serves (ClusterName for OIP REST, GRPCClusterName for OIP gRPC), and their endpoints.
 func Envoy(in *Input, opts Options, role Role) (Resources, error) {
 	if err := checkTLS(in.Set, opts); err != nil {
 		return nil, err
@@ -61,8 +64,13 @@ func Envoy(in *Input, opts Options, role Role) (Resources, error) {
 	}
 	for _, r := range in.Set.Rollouts {
 		for _, v := range r.Versions {
-			res[resource.ClusterType] = append(res[resource.ClusterType], envoyCluster(r, v, opts))
-			res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v))
+			for _, p := range []string{rollout.REST, rollout.GRPC} {
+				if !v.Serves(p) {
+					continue
+				}
+				res[resource.ClusterType] = append(res[resource.ClusterType], envoyCluster(r, v, p, opts))
+				res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v, p))
+			}
 		}
 	}
 	return res, nil
@@ -86,9 +94,15 @@ func envoyListener(name, addr string, opts Options, role Role) (*listenerv3.List
 		strip = append(strip, &mutationv3.HeaderMutation{Action: &mutationv3.HeaderMutation_Remove{Remove: h}})
 	}
 	extproc := &extprocv3.ExternalProcessor{
+		// No grpc_service.timeout: Envoy opens the ext_proc stream with AsyncClient::start
+		// and StreamOptions that carry no timeout (envoy
+		// source/extensions/filters/http/ext_proc/client_impl.cc,
+		// ExternalProcessorStreamImpl::startStream); grpc_service.timeout only bounds unary
+		// calls. What bounds each ext_proc exchange is message_timeout below (the per-message
+		// timer of source/extensions/filters/http/ext_proc/ext_proc.cc), after which the
+		// request fails open.
 		GrpcService: &corev3.GrpcService{
 			TargetSpecifier: &corev3.GrpcService_EnvoyGrpc_{EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: ExtprocCluster}},
-			Timeout:         durationpb.New(timeout),
 		},
 		// Fail open: if ext_proc is down or slow, the request keeps its stripped headers
 		// and takes the baseline split (random bucket) instead of failing.
@@ -191,78 +205,64 @@ func accessLog() *accesslogv3.AccessLog {
 // surface reaches a model cluster: REST POST .../infer, GET metadata and GET .../ready (and
 // the server-level GETs chosen by x-patchbay-model) for models served over REST; the six
 // inference methods of inference.GRPCInferenceService (with x-patchbay-model) for models
-// served over gRPC. Everything else — the repository extension, other methods and verbs,
-// the other protocol of a model — gets a direct_response from Envoy.
+// served over gRPC. A model serves a protocol when every version with a share serves it
+// (rollout.Rollout.Serves); REST routes only name REST clusters (ClusterName), gRPC routes
+// only gRPC clusters (GRPCClusterName). Everything else — the repository extension, other
+// methods and verbs, a protocol the model does not serve — gets a direct_response from
+// Envoy, an OIP error naming the reason.
 //
 // A direct_response to a gRPC request (content-type application/grpc or application/grpc+…)
 // is not sent as HTTP: the router hands it to sendLocalReply (envoy
 // source/common/router/router.cc, Filter::decodeHeaders), which answers gRPC requests
-// trailers-only with :status 200, content-type application/grpc, grpc-status from
-// Grpc::Utility::httpToGrpcStatus(status) and the body, percent-encoded, as grpc-message
-// (source/common/http/utility.cc, Utility::prepareLocalReply; source/common/grpc/status.cc:
-// 403 -> PERMISSION_DENIED, 404 -> UNIMPLEMENTED; source/common/grpc/common.cc,
-// hasGrpcContentType). So the statuses below are chosen for both audiences: a repository
-// call is 403 (gRPC PERMISSION_DENIED) on gRPC and 404 on REST, anything else 404 (gRPC
-// UNIMPLEMENTED).
+// trailers-only with :status 200, content-type application/grpc and the body,
+// percent-encoded, as grpc-message (source/common/http/utility.cc,
+// Utility::prepareLocalReply). Its grpc-status is Grpc::Utility::httpToGrpcStatus(status)
+// (source/common/grpc/status.cc: 403 -> PERMISSION_DENIED, 404 -> UNIMPLEMENTED) only when
+// the headers have none yet: prepareLocalReply runs modify_headers (the route's
+// response_headers_to_add, via finalizeResponseHeaders) first and then sets grpc-status
+// only if getGrpcStatusValue() is empty. So every direct response on a gRPC path also sets
+// grpc-status itself (grpcDirectRoute): an unknown gRPC model is NOT_FOUND, as ext_proc
+// answers it (extproc/handle.go, immediateError), whichever of the two sees it first.
 func envoyRoutes(in *Input) *routev3.RouteConfiguration {
 	routes := []*routev3.Route{
-		directRoute("repository-grpc", prefixMatch(grpcRepositoryPrefix), 403, msgRepository),
+		grpcDirectRoute("repository-grpc", prefixMatch(grpcRepositoryPrefix), 403, codes.PermissionDenied, msgRepository),
 		directRoute("repository-rest", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
 			PathSeparatedPrefix: restRepositoryPrefix}}, 404, msgRepository),
 	}
 	for _, r := range in.Set.Rollouts {
 		base := restModelsPrefix + r.Model
-		if r.Versions[0].Protocol == "grpc" {
-			routes = append(routes, modelRoutes(in, r, "grpc", grpcSurfaceMatch(r.Model))...)
-			routes = append(routes,
-				directRoute(r.Model+"/grpc-other", &routev3.RouteMatch{
-					PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
-					Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
-				}, 404, "method not served through patchbay: the data path carries only "+strings.Join(GRPCMethods, ", ")),
-				directRoute(r.Model+"/rest-refused", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
-					PathSeparatedPrefix: base}}, 404, "model "+r.Model+" is served over OIP gRPC only"),
-				directRoute(r.Model+"/server-rest-refused", restServerMatch(r.Model), 404, "model "+r.Model+" is served over OIP gRPC only"),
-			)
-			continue
-		}
-		// Paths that name a version: honoured when pinning is on, refused otherwise —
-		// also when ext_proc is unreachable.
-		if r.Pinning {
-			for _, v := range r.Versions {
-				vbase := base + "/versions/" + v.Name
-				for i, m := range []*routev3.RouteMatch{restInferMatch(vbase), restReadMatch(vbase)} {
-					routes = append(routes, &routev3.Route{
-						Name:                 r.Model + "/pin/" + v.Name + []string{"/infer", "/read"}[i],
-						Match:                m,
-						Action:               versionAction(r, v.Name),
-						ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
-						RequestHeadersToAdd:  []*corev3.HeaderValueOption{setHeader(headers.Version, v.Name)},
-					})
-				}
-			}
+		if r.Serves(rollout.REST) {
+			routes = append(routes, restModelRoutes(in, r)...)
+			routes = append(routes, directRoute(r.Model+"/rest-other", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
+				PathSeparatedPrefix: base}}, 404, "not served through patchbay: the data path carries only POST "+base+"/infer, GET "+base+" and GET "+base+"/ready"))
 		} else {
-			routes = append(routes, directRoute(r.Model+"/pin-refused",
-				prefixMatch(base+"/versions/"), 403, "model "+r.Model+" does not allow choosing a version"))
+			msg := "model " + r.Model + " is not served over OIP REST (it is served over OIP gRPC)"
+			routes = append(routes,
+				directRoute(r.Model+"/rest-refused", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
+					PathSeparatedPrefix: base}}, 404, msg),
+				directRoute(r.Model+"/server-rest-refused", restServerMatch(r.Model), 404, msg),
+			)
 		}
-		routes = append(routes, modelRoutes(in, r, "infer", restInferMatch(base))...)
-		routes = append(routes, modelRoutes(in, r, "read", restReadMatch(base))...)
-		routes = append(routes, modelRoutes(in, r, "server", restServerMatch(r.Model))...)
-		routes = append(routes,
-			directRoute(r.Model+"/rest-other", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
-				PathSeparatedPrefix: base}}, 404, "not served through patchbay: the data path carries only POST "+base+"/infer, GET "+base+" and GET "+base+"/ready"),
-			directRoute(r.Model+"/grpc-refused", &routev3.RouteMatch{
-				PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
-				Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
-			}, 404, "model "+r.Model+" is served over OIP REST only"),
-		)
+		grpcModel := &routev3.RouteMatch{
+			PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
+			Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
+		}
+		if r.Serves(rollout.GRPC) {
+			routes = append(routes, modelRoutes(in, r, rollout.GRPC, "grpc", grpcSurfaceMatch(r.Model))...)
+			routes = append(routes, grpcDirectRoute(r.Model+"/grpc-other", grpcModel, 404, codes.Unimplemented,
+				"method not served through patchbay: the data path carries only "+strings.Join(GRPCMethods, ", ")))
+		} else {
+			routes = append(routes, grpcDirectRoute(r.Model+"/grpc-refused", grpcModel, 404, codes.Unimplemented,
+				"model "+r.Model+" is not served over OIP gRPC (it is served over OIP REST)"))
+		}
 	}
 	routes = append(routes,
 		directRoute("unknown-model", prefixMatch(restModelsPrefix), 404, "unknown model"),
 		directRoute("server-needs-model", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{
 			SafeRegex: &matcherv3.RegexMatcher{Regex: serverSurfaceRegex}}},
 			404, "server-level calls need "+headers.Model+" naming a known model"),
-		directRoute("unknown-grpc-model", prefixMatch(grpcOIPPrefix),
-			404, "unknown model: set "+headers.Model+" to a known model"),
+		grpcDirectRoute("unknown-grpc-model", prefixMatch(grpcOIPPrefix), 404, codes.NotFound,
+			"unknown model: set "+headers.Model+" to a known model"),
 		directRoute("not-inference", prefixMatch("/"), 404, "not found: patchbay's data path carries only the OIP inference surface"),
 	)
 	return &routev3.RouteConfiguration{
@@ -272,6 +272,12 @@ func envoyRoutes(in *Input) *routev3.RouteConfiguration {
 			Domains: []string{"*"},
 			Routes:  routes,
 			// Echo the exposures ext_proc decided on the response, for logging and analysis.
+			// Envoy skips a header_to_add whose value formats empty (no exposure, or ext_proc
+			// down), which would let an upstream's own x-patchbay-experiments through: remove
+			// it first. At one level, removals run before additions (envoy
+			// source/common/router/header_parser.cc, HeaderParser::evaluateHeaders: "Removing
+			// headers in the headers_to_remove_ list first makes remove-before-add the default").
+			ResponseHeadersToRemove: []string{headers.Experiments},
 			ResponseHeadersToAdd: []*corev3.HeaderValueOption{{
 				Header:       &corev3.HeaderValue{Key: headers.Experiments, Value: "%REQ(" + headers.Experiments + ")%"},
 				AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
@@ -281,24 +287,118 @@ func envoyRoutes(in *Input) *routev3.RouteConfiguration {
 	}
 }
 
-// modelRoutes are, for one match of a model's inference surface, its version routes (a
-// header-matched x-patchbay-version) and then its split.
-func modelRoutes(in *Input, r *rollout.Rollout, kind string, match *routev3.RouteMatch) []*routev3.Route {
+// restKind is one model-level OIP REST call: its path below /v2/models/<m> (or
+// /v2/models/<m>/versions/<v>) and method.
+type restKind struct{ name, suffix, method string }
+
+var restKinds = []restKind{{"infer", "/infer", "POST"}, {"metadata", "", "GET"}, {"ready", "/ready", "GET"}}
+
+func (k restKind) match(base string) *routev3.RouteMatch {
+	return &routev3.RouteMatch{
+		PathSpecifier: &routev3.RouteMatch_Path{Path: base + k.suffix},
+		Headers:       []*routev3.HeaderMatcher{exactHeader(":method", k.method)},
+	}
+}
+
+// restModelRoutes are a REST model's routes: pinned paths, then per call its version
+// routes and split, then the server-level calls.
+//
+// A request routed to a known version reaches the host on that version's OIP path
+// (/v2/models/<m>/versions/<v>/...), so that an unmodified OIP server holding several
+// versions answers with the routed one: version routes (x-patchbay-version, set by
+// ext_proc for experiment arms) rewrite the path (prefix_rewrite of the exact path),
+// pinned paths already name it. The baseline split cannot: Envoy has no per-cluster path
+// rewrite (WeightedCluster.ClusterWeight has none; header mutations refuse ':'-prefixed
+// headers: source/common/router/header_parser.cc, isModifiableHeader), so split requests
+// keep the unversioned path and carry the version in x-patchbay-version only.
+//
+// Mirrors: Envoy copies the shadow request from the request headers after the route's
+// finalizeRequestHeaders, which applied the rewrite (source/common/router/router.cc,
+// Filter::decodeHeaders: finalizeRequestHeaders, then shadow_headers_ =
+// createHeaderMap(*downstream_headers_)), and a mirror cannot rewrite :path (same header
+// rule), so a mirror of a rewritten or pinned request would ask the shadow's host for the
+// served version. REST shadows are therefore mirrored from the split (unversioned path,
+// the shadow cluster's upstream filter naming its version) and the server-level calls
+// only.
+func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
+	var routes []*routev3.Route
+	base := restModelsPrefix + r.Model
+	// Paths that name a version: honoured when pinning is on, refused otherwise — also
+	// when ext_proc is unreachable.
+	if r.Pinning {
+		for _, v := range r.Versions {
+			vbase := base + "/versions/" + v.Name
+			if !v.Serves(rollout.REST) {
+				routes = append(routes, directRoute(r.Model+"/pin/"+v.Name+"/not-rest", prefixMatch(vbase+"/"), 404,
+					"version "+v.Name+" of model "+r.Model+" is not served over OIP REST"),
+					directRoute(r.Model+"/pin/"+v.Name+"/not-rest-metadata", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Path{Path: vbase}}, 404,
+						"version "+v.Name+" of model "+r.Model+" is not served over OIP REST"))
+				continue
+			}
+			for _, k := range restKinds {
+				a := versionAction(r, v.Name, rollout.REST)
+				routes = append(routes, &routev3.Route{
+					Name:                 r.Model + "/pin/" + v.Name + "/" + k.name,
+					Match:                k.match(vbase),
+					Action:               &routev3.Route_Route{Route: a},
+					ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
+					RequestHeadersToAdd:  []*corev3.HeaderValueOption{setHeader(headers.Version, v.Name)},
+				})
+			}
+		}
+	} else {
+		routes = append(routes, directRoute(r.Model+"/pin-refused",
+			prefixMatch(base+"/versions/"), 403, "model "+r.Model+" does not allow choosing a version"))
+	}
+	for _, k := range restKinds {
+		for _, v := range r.Versions {
+			if !v.Serves(rollout.REST) {
+				continue
+			}
+			m := k.match(base)
+			m.Headers = append(m.Headers, exactHeader(headers.Version, v.Name))
+			a := versionAction(r, v.Name, rollout.REST)
+			a.PrefixRewrite = base + "/versions/" + v.Name + k.suffix
+			routes = append(routes, &routev3.Route{
+				Name:                 r.Model + "/" + k.name + "/version/" + v.Name,
+				Match:                m,
+				Action:               &routev3.Route_Route{Route: a},
+				ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
+			})
+		}
+		routes = append(routes, &routev3.Route{
+			Name:   r.Model + "/" + k.name + "/split",
+			Match:  k.match(base),
+			Action: splitAction(r, in.slotMap(r), rollout.REST),
+		})
+	}
+	return append(routes, modelRoutes(in, r, rollout.REST, "server", restServerMatch(r.Model))...)
+}
+
+// modelRoutes are, for one match of a model's surface in one protocol, its version routes
+// (a header-matched x-patchbay-version, for each version serving the protocol) and then
+// its split, all with the model's mirrors of that protocol.
+func modelRoutes(in *Input, r *rollout.Rollout, protocol, kind string, match *routev3.RouteMatch) []*routev3.Route {
 	var out []*routev3.Route
 	for _, v := range r.Versions {
+		if !v.Serves(protocol) {
+			continue
+		}
 		m := proto.Clone(match).(*routev3.RouteMatch)
 		m.Headers = append(m.Headers, exactHeader(headers.Version, v.Name))
+		a := versionAction(r, v.Name, protocol)
+		a.RequestMirrorPolicies = mirrors(r, v.Name, protocol)
 		out = append(out, &routev3.Route{
 			Name:                 r.Model + "/" + kind + "/version/" + v.Name,
 			Match:                m,
-			Action:               versionAction(r, v.Name),
+			Action:               &routev3.Route_Route{Route: a},
 			ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+v.Name)},
 		})
 	}
 	return append(out, &routev3.Route{
 		Name:   r.Model + "/" + kind + "/split",
 		Match:  match,
-		Action: splitAction(r, in.slotMap(r)),
+		Action: splitAction(r, in.slotMap(r), protocol),
 	})
 }
 
@@ -314,18 +414,28 @@ func directRoute(name string, m *routev3.RouteMatch, status uint32, msg string) 
 	}
 }
 
-func versionAction(r *rollout.Rollout, version string) *routev3.Route_Route {
-	a := baseAction(r)
-	a.ClusterSpecifier = &routev3.RouteAction_Cluster{Cluster: ClusterName(r.Model, version)}
-	a.RequestMirrorPolicies = mirrors(r, version)
-	return &routev3.Route_Route{Route: a}
+// grpcDirectRoute is a direct response on a gRPC path: HTTP status for a non-gRPC caller,
+// and its own grpc-status, which Envoy keeps over its HTTP-to-gRPC mapping (see
+// envoyRoutes).
+func grpcDirectRoute(name string, m *routev3.RouteMatch, status uint32, code codes.Code, msg string) *routev3.Route {
+	r := directRoute(name, m, status, msg)
+	r.ResponseHeadersToAdd = append(r.ResponseHeadersToAdd, setHeader("grpc-status", strconv.Itoa(int(code))))
+	return r
 }
 
-func splitAction(r *rollout.Rollout, slots SlotMap) *routev3.Route_Route {
+// versionAction routes to one version's cluster of a protocol; no mirrors (see
+// restModelRoutes; modelRoutes adds them where they are sound).
+func versionAction(r *rollout.Rollout, version, protocol string) *routev3.RouteAction {
+	a := baseAction(r)
+	a.ClusterSpecifier = &routev3.RouteAction_Cluster{Cluster: ProtocolClusterName(r.Model, version, protocol)}
+	return a
+}
+
+func splitAction(r *rollout.Rollout, slots SlotMap, protocol string) *routev3.Route_Route {
 	var cws []*routev3.WeightedCluster_ClusterWeight
 	for _, run := range slots.Runs() {
 		cws = append(cws, &routev3.WeightedCluster_ClusterWeight{
-			Name:                 ClusterName(r.Model, run.Version),
+			Name:                 ProtocolClusterName(r.Model, run.Version, protocol),
 			Weight:               wrapperspb.UInt32(run.Weight),
 			RequestHeadersToAdd:  []*corev3.HeaderValueOption{setHeader(headers.Version, run.Version)},
 			ResponseHeadersToAdd: []*corev3.HeaderValueOption{setHeader(headers.ServedBy, r.Model+"/"+run.Version)},
@@ -338,20 +448,23 @@ func splitAction(r *rollout.Rollout, slots SlotMap) *routev3.Route_Route {
 		// down) Envoy draws a random value: the split holds, stickiness does not.
 		RandomValueSpecifier: &routev3.WeightedCluster_HeaderName{HeaderName: headers.Bucket},
 	}}
-	a.RequestMirrorPolicies = mirrors(r, "")
+	a.RequestMirrorPolicies = mirrors(r, "", protocol)
 	return &routev3.Route_Route{Route: a}
 }
 
-// mirrors are the model's shadows, for every route of the model (split, experiment and
-// pinned versions alike) except, on a version route, a shadow of that same version.
-func mirrors(r *rollout.Rollout, servedVersion string) []*routev3.RouteAction_RequestMirrorPolicy {
+// mirrors are the model's shadows that serve the protocol, to their cluster of that
+// protocol, except, on a version route, a shadow of that same version.
+func mirrors(r *rollout.Rollout, servedVersion, protocol string) []*routev3.RouteAction_RequestMirrorPolicy {
 	var out []*routev3.RouteAction_RequestMirrorPolicy
 	for _, sh := range r.Shadow {
 		if sh.Version == servedVersion {
 			continue
 		}
+		if v := r.Version(sh.Version); v == nil || !v.Serves(protocol) {
+			continue
+		}
 		out = append(out, &routev3.RouteAction_RequestMirrorPolicy{
-			Cluster: ClusterName(r.Model, sh.Version),
+			Cluster: ProtocolClusterName(r.Model, sh.Version, protocol),
 			RuntimeFraction: &corev3.RuntimeFractionalPercent{DefaultValue: &typev3.FractionalPercent{
 				Numerator:   uint32(sh.Percent*10000 + 0.5),
 				Denominator: typev3.FractionalPercent_MILLION,
@@ -388,10 +501,11 @@ func baseAction(r *rollout.Rollout) *routev3.RouteAction {
 // envoyCluster is one model version: EDS endpoints, active health checks on the OIP
 // readiness path, outlier detection, HTTP/2 for gRPC versions, and an upstream filter that
 // names the version on every request sent to it (mirrors included).
-func envoyCluster(r *rollout.Rollout, v rollout.Version, deploy Options) *clusterv3.Cluster {
-	c := edsCluster(ClusterName(r.Model, v.Name))
+func envoyCluster(r *rollout.Rollout, v rollout.Version, protocol string, deploy Options) *clusterv3.Cluster {
+	c := edsCluster(ProtocolClusterName(r.Model, v.Name, protocol))
+	c.AltStatName = StatName(c.Name)
 	if upstreamTLS(v, deploy) {
-		envoyUpstreamTLS(c, v, deploy)
+		envoyUpstreamTLS(c, protocol, deploy)
 	}
 	c.OutlierDetection = &clusterv3.OutlierDetection{
 		Consecutive_5Xx:                    wrapperspb.UInt32(5),
@@ -416,11 +530,16 @@ func envoyCluster(r *rollout.Rollout, v rollout.Version, deploy Options) *cluste
 	opts := &upstreamhttpv3.HttpProtocolOptions{
 		HttpFilters: []*hcmv3.HttpFilter{setVersion, httpFilter("envoy.filters.http.upstream_codec", &upstreamcodecv3.UpstreamCodec{})},
 	}
-	if v.Protocol == "grpc" {
+	if protocol == rollout.GRPC {
 		opts.UpstreamProtocolOptions = &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
 			ProtocolConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}},
 		}}
-		hc.HealthChecker = &corev3.HealthCheck_GrpcHealthCheck_{GrpcHealthCheck: &corev3.HealthCheck_GrpcHealthCheck{}}
+		// The version's own health service name: the host reports each loaded version
+		// (api/oip.HealthService), so an unloaded or failing version leaves the split while
+		// its server stays up.
+		hc.HealthChecker = &corev3.HealthCheck_GrpcHealthCheck_{GrpcHealthCheck: &corev3.HealthCheck_GrpcHealthCheck{
+			ServiceName: oip.HealthService(r.Model, v.Name),
+		}}
 	} else {
 		opts.UpstreamProtocolOptions = &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
 			ProtocolConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &corev3.Http1ProtocolOptions{}},
@@ -455,9 +574,9 @@ func edsCluster(name string) *clusterv3.Cluster {
 
 // loadAssignment lists a version's endpoints by IP. grpc-go needs a locality and a
 // positive locality weight, so every endpoint sits in one named locality of weight 1.
-func loadAssignment(in *Input, r *rollout.Rollout, v rollout.Version) *endpointv3.ClusterLoadAssignment {
+func loadAssignment(in *Input, r *rollout.Rollout, v rollout.Version, protocol string) *endpointv3.ClusterLoadAssignment {
 	var lbs []*endpointv3.LbEndpoint
-	for _, hp := range in.endpoints(v) {
+	for _, hp := range in.endpoints(v.Addrs(protocol)) {
 		lbs = append(lbs, &endpointv3.LbEndpoint{
 			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
 				Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
@@ -469,7 +588,7 @@ func loadAssignment(in *Input, r *rollout.Rollout, v rollout.Version) *endpointv
 			LoadBalancingWeight: wrapperspb.UInt32(1),
 		})
 	}
-	cla := &endpointv3.ClusterLoadAssignment{ClusterName: ClusterName(r.Model, v.Name)}
+	cla := &endpointv3.ClusterLoadAssignment{ClusterName: ProtocolClusterName(r.Model, v.Name, protocol)}
 	if len(lbs) > 0 {
 		cla.Endpoints = []*endpointv3.LocalityLbEndpoints{{
 			Locality:            &corev3.Locality{Region: "patchbay", Zone: r.Model, SubZone: v.Name},

@@ -17,13 +17,17 @@ import (
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
 
-// GRPC builds the proxyless flavour: for each model an api_listener named after it (a client
-// dials xds:///<model>) with its route table inline — Snapshot.Consistent() does not follow
+// GRPC builds the proxyless flavour: for each model served over OIP gRPC (see
+// rollout.Rollout.Serves) an api_listener named after it (a client dials xds:///<model>)
+// with its route table inline — Snapshot.Consistent() does not follow
 // an api_listener's RDS reference, and inlining removes a round trip — plus EDS clusters.
 //
 // gRPC picks weighted clusters per RPC at random (it has no header_name random value), so
 // the proxyless split is exact in aggregate but not sticky per user; header-matched version
 // routes work as on Envoy. Weights are summed per version rather than emitted as slot runs.
+// The clusters are the versions' gRPC clusters (GRPCClusterName, gRPC endpoints only), the
+// same names Envoy's gRPC routes use. A model not served over gRPC has no listener: grpc-go
+// fails RPCs to xds:///<model> as it does for any name the control plane does not know.
 func GRPC(in *Input) Resources { return GRPCWith(in, Options{}) }
 
 // GRPCWith is GRPC with the deployment options: clusters of versions with upstream TLS
@@ -31,14 +35,20 @@ func GRPC(in *Input) Resources { return GRPCWith(in, Options{}) }
 func GRPCWith(in *Input, opts Options) Resources {
 	res := Resources{}
 	for _, r := range in.Set.Rollouts {
+		if !r.Serves(rollout.GRPC) {
+			continue
+		}
 		res[resource.ListenerType] = append(res[resource.ListenerType], grpcListener(r))
 		for _, v := range r.Versions {
-			c := edsCluster(ClusterName(r.Model, v.Name))
+			if !v.Serves(rollout.GRPC) {
+				continue
+			}
+			c := edsCluster(GRPCClusterName(r.Model, v.Name))
 			if upstreamTLS(v, opts) {
 				grpcUpstreamTLS(c)
 			}
 			res[resource.ClusterType] = append(res[resource.ClusterType], c)
-			res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v))
+			res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v, rollout.GRPC))
 		}
 	}
 	return res
@@ -50,18 +60,21 @@ func GRPCWith(in *Input, opts Options) Resources {
 // the repository methods and every other method match routes whose fault filter override
 // aborts every RPC at the client with a clear status (PERMISSION_DENIED for the repository
 // extension, UNIMPLEMENTED otherwise) before any cluster is picked (grpc-go
-// internal/xds/httpfilter/fault). Those routes name the model's first cluster only because
-// a route action must name one; no RPC is ever sent to it.
+// internal/xds/httpfilter/fault). Those routes name the model's first gRPC cluster only
+// because a route action must name one; no RPC is ever sent to it.
 func grpcListener(r *rollout.Rollout) *listenerv3.Listener {
 	routes := []*routev3.Route{grpcAbortRoute(r, "/repository-refused", prefixMatch(grpcRepositoryPrefix), codes.PermissionDenied)}
 	for _, v := range r.Versions {
+		if !v.Serves(rollout.GRPC) {
+			continue
+		}
 		m := grpcSurfaceMatch("")
 		m.Headers = []*routev3.HeaderMatcher{exactHeader(headers.Version, v.Name)}
 		routes = append(routes, &routev3.Route{
 			Name:  r.Model + "/version/" + v.Name,
 			Match: m,
 			Action: &routev3.Route_Route{Route: grpcAction(r, &routev3.RouteAction{
-				ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: ClusterName(r.Model, v.Name)},
+				ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: GRPCClusterName(r.Model, v.Name)},
 			})},
 		})
 	}
@@ -69,7 +82,7 @@ func grpcListener(r *rollout.Rollout) *listenerv3.Listener {
 	for _, v := range r.Versions {
 		if w := r.Traffic[v.Name]; w > 0 {
 			cws = append(cws, &routev3.WeightedCluster_ClusterWeight{
-				Name:   ClusterName(r.Model, v.Name),
+				Name:   GRPCClusterName(r.Model, v.Name),
 				Weight: wrapperspb.UInt32(uint32(w)),
 			})
 		}
@@ -114,7 +127,7 @@ func grpcAbortRoute(r *rollout.Rollout, name string, m *routev3.RouteMatch, code
 		Name:  r.Model + name,
 		Match: m,
 		Action: &routev3.Route_Route{Route: &routev3.RouteAction{
-			ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: ClusterName(r.Model, r.Versions[0].Name)},
+			ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: GRPCClusterName(r.Model, firstGRPCVersion(r))},
 		}},
 		TypedPerFilterConfig: map[string]*anypb.Any{faultFilter: mustAny(&faultv3.HTTPFault{
 			Abort: &faultv3.FaultAbort{
@@ -138,4 +151,14 @@ func grpcAction(r *rollout.Rollout, a *routev3.RouteAction) *routev3.RouteAction
 		}
 	}
 	return a
+}
+
+// firstGRPCVersion is the first version with gRPC endpoints (a model served over gRPC has one).
+func firstGRPCVersion(r *rollout.Rollout) string {
+	for _, v := range r.Versions {
+		if v.Serves(rollout.GRPC) {
+			return v.Name
+		}
+	}
+	return r.Versions[0].Name
 }

@@ -35,25 +35,6 @@ var grpcSurfaceRegex = "^" + regexp.QuoteMeta(grpcOIPPrefix) + "(" + strings.Joi
 // /v2/health/live and /v2/health/ready. They are routed by x-patchbay-model.
 const serverSurfaceRegex = `^/v2(/health/(live|ready))?$`
 
-// restInferMatch is POST <base>/infer, where base is /v2/models/<m> or
-// /v2/models/<m>/versions/<v>.
-func restInferMatch(base string) *routev3.RouteMatch {
-	return &routev3.RouteMatch{
-		PathSpecifier: &routev3.RouteMatch_Path{Path: base + "/infer"},
-		Headers:       []*routev3.HeaderMatcher{exactHeader(":method", "POST")},
-	}
-}
-
-// restReadMatch is GET <base> (metadata) and GET <base>/ready.
-func restReadMatch(base string) *routev3.RouteMatch {
-	return &routev3.RouteMatch{
-		PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{
-			Regex: "^" + regexp.QuoteMeta(base) + "(/ready)?$",
-		}},
-		Headers: []*routev3.HeaderMatcher{exactHeader(":method", "GET")},
-	}
-}
-
 // restServerMatch is the server-level GETs of one model, chosen by x-patchbay-model.
 func restServerMatch(model string) *routev3.RouteMatch {
 	return &routev3.RouteMatch{

@@ -88,7 +88,7 @@ type surfaceCase struct {
 
 func model(m string) map[string][]string { return map[string][]string{"x-patchbay-model": {m}} }
 
-const oip = "/inference.GRPCInferenceService/"
+const oipPrefix = "/inference.GRPCInferenceService/"
 
 // TestOnlyInferenceReachesClusters: through Envoy (edge and sidecar share the table) only
 // the OIP inference surface reaches a model cluster; the repository extension, other
@@ -121,23 +121,23 @@ func TestOnlyInferenceReachesClusters(t *testing.T) {
 			{"POST", "/v2/models/ranker/versions/v7/infer", nil, "direct 403"},
 			{"POST", "/v2/models/rankerx/infer", nil, "direct 404"},
 			{"GET", "/metrics", nil, "direct 404"},
-			{"POST", oip + "ModelInfer", model("ranker"), "direct 404"}, // REST-only model
-			{"POST", "/v2/models/churn/infer", nil, "direct 404"},       // gRPC-only model
+			{"POST", oipPrefix + "ModelInfer", model("ranker"), "direct 404"}, // REST-only model
+			{"POST", "/v2/models/churn/infer", nil, "direct 404"},             // gRPC-only model
 			{"GET", "/v2/health/ready", model("churn"), "direct 404"},
-			{"POST", oip + "ModelInfer", model("churn"), "cluster"},
-			{"POST", oip + "ModelMetadata", model("churn"), "cluster"},
-			{"POST", oip + "ModelReady", model("churn"), "cluster"},
-			{"POST", oip + "ServerLive", model("churn"), "cluster"},
-			{"POST", oip + "ServerReady", model("churn"), "cluster"},
-			{"POST", oip + "ServerMetadata", model("churn"), "cluster"},
-			{"POST", oip + "ModelInfer", map[string][]string{"x-patchbay-model": {"churn"}, "x-patchbay-version": {"v1"}}, "cluster"},
-			{"POST", oip + "RepositoryModelUnload", model("churn"), "direct 403"},
-			{"POST", oip + "RepositoryModelLoad", model("churn"), "direct 403"},
-			{"POST", oip + "RepositoryIndex", nil, "direct 403"},
-			{"POST", oip + "ModelStreamInfer", model("churn"), "direct 404"},
-			{"POST", oip + "ModelInferX", model("churn"), "direct 404"},
-			{"POST", oip + "ModelInfer", nil, "direct 404"},
-			{"POST", oip + "ModelInfer", map[string][]string{"x-patchbay-model": {"churn", "churn"}}, "direct 404"},
+			{"POST", oipPrefix + "ModelInfer", model("churn"), "cluster"},
+			{"POST", oipPrefix + "ModelMetadata", model("churn"), "cluster"},
+			{"POST", oipPrefix + "ModelReady", model("churn"), "cluster"},
+			{"POST", oipPrefix + "ServerLive", model("churn"), "cluster"},
+			{"POST", oipPrefix + "ServerReady", model("churn"), "cluster"},
+			{"POST", oipPrefix + "ServerMetadata", model("churn"), "cluster"},
+			{"POST", oipPrefix + "ModelInfer", map[string][]string{"x-patchbay-model": {"churn"}, "x-patchbay-version": {"v1"}}, "cluster"},
+			{"POST", oipPrefix + "RepositoryModelUnload", model("churn"), "direct 403"},
+			{"POST", oipPrefix + "RepositoryModelLoad", model("churn"), "direct 403"},
+			{"POST", oipPrefix + "RepositoryIndex", nil, "direct 403"},
+			{"POST", oipPrefix + "ModelStreamInfer", model("churn"), "direct 404"},
+			{"POST", oipPrefix + "ModelInferX", model("churn"), "direct 404"},
+			{"POST", oipPrefix + "ModelInfer", nil, "direct 404"},
+			{"POST", oipPrefix + "ModelInfer", map[string][]string{"x-patchbay-model": {"churn", "churn"}}, "direct 404"},
 			{"POST", "/grpc.health.v1.Health/Check", model("churn"), "direct 404"},
 		}},
 		{"testdata/pinning-rest.yaml", []surfaceCase{
@@ -194,17 +194,17 @@ func TestProxylessOnlyInference(t *testing.T) {
 	}
 	routes := hcm.GetRouteConfig().GetVirtualHosts()[0].GetRoutes()
 	for _, c := range []surfaceCase{
-		{"POST", oip + "ModelInfer", nil, "cluster"},
-		{"POST", oip + "ModelMetadata", nil, "cluster"},
-		{"POST", oip + "ModelReady", nil, "cluster"},
-		{"POST", oip + "ServerLive", nil, "cluster"},
-		{"POST", oip + "ServerReady", nil, "cluster"},
-		{"POST", oip + "ServerMetadata", nil, "cluster"},
-		{"POST", oip + "ModelInfer", map[string][]string{"x-patchbay-version": {"v2"}}, "cluster"},
-		{"POST", oip + "RepositoryModelUnload", nil, "abort PermissionDenied"},
-		{"POST", oip + "RepositoryModelLoad", map[string][]string{"x-patchbay-version": {"v2"}}, "abort PermissionDenied"},
-		{"POST", oip + "RepositoryIndex", nil, "abort PermissionDenied"},
-		{"POST", oip + "ModelStreamInfer", nil, "abort Unimplemented"},
+		{"POST", oipPrefix + "ModelInfer", nil, "cluster"},
+		{"POST", oipPrefix + "ModelMetadata", nil, "cluster"},
+		{"POST", oipPrefix + "ModelReady", nil, "cluster"},
+		{"POST", oipPrefix + "ServerLive", nil, "cluster"},
+		{"POST", oipPrefix + "ServerReady", nil, "cluster"},
+		{"POST", oipPrefix + "ServerMetadata", nil, "cluster"},
+		{"POST", oipPrefix + "ModelInfer", map[string][]string{"x-patchbay-version": {"v2"}}, "cluster"},
+		{"POST", oipPrefix + "RepositoryModelUnload", nil, "abort PermissionDenied"},
+		{"POST", oipPrefix + "RepositoryModelLoad", map[string][]string{"x-patchbay-version": {"v2"}}, "abort PermissionDenied"},
+		{"POST", oipPrefix + "RepositoryIndex", nil, "abort PermissionDenied"},
+		{"POST", oipPrefix + "ModelStreamInfer", nil, "abort Unimplemented"},
 		{"POST", "/grpc.health.v1.Health/Check", nil, "abort Unimplemented"},
 	} {
 		r := firstRoute(t, routes, c.method, c.path, c.hdr)

@@ -153,7 +153,7 @@ func uriSAN(id string) []*tlsv3.SubjectAltNameMatcher {
 // envoyUpstreamTLS puts an UpstreamTlsContext on an Envoy cluster to model hosts: the host
 // must chain to the upstream CA and carry ModelhostIdentity; Envoy presents its client
 // certificate when one is configured. gRPC servers require ALPN h2 over TLS.
-func envoyUpstreamTLS(c *clusterv3.Cluster, v rollout.Version, opts Options) {
+func envoyUpstreamTLS(c *clusterv3.Cluster, protocol string, opts Options) {
 	common := &tlsv3.CommonTlsContext{
 		ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
 			DefaultValidationContext:         &tlsv3.CertificateValidationContext{MatchTypedSubjectAltNames: uriSAN(ModelhostIdentity)},
@@ -161,7 +161,7 @@ func envoyUpstreamTLS(c *clusterv3.Cluster, v rollout.Version, opts Options) {
 		}},
 		AlpnProtocols: []string{"http/1.1"},
 	}
-	if v.Protocol == "grpc" {
+	if protocol == rollout.GRPC {
 		common.AlpnProtocols = []string{"h2"}
 	}
 	if opts.UpstreamTLS.Cert != "" {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -74,9 +75,30 @@ const (
 // Resources is one flavour's resources by type URL, ready for cache.NewSnapshot.
 type Resources map[resource.Type][]types.Resource
 
-// ClusterName names the Envoy cluster of one model version. Model names are DNS labels and
-// version names never hold '_', so the name is unambiguous.
+// ClusterName names the Envoy cluster of one model version's OIP REST endpoints. Model
+// names are DNS labels and version names never hold '_', so the name is unambiguous.
 func ClusterName(model, version string) string { return model + "_" + version }
+
+// GRPCClusterName names the cluster of one model version's OIP gRPC endpoints (Envoy's
+// gRPC routes and the proxyless flavour): ClusterName + "_grpc". A version name never
+// holds '_', so it cannot collide with a REST cluster.
+func GRPCClusterName(model, version string) string { return ClusterName(model, version) + "_grpc" }
+
+// ProtocolClusterName is ClusterName for rollout.REST, GRPCClusterName for rollout.GRPC.
+func ProtocolClusterName(model, version, protocol string) string {
+	if protocol == rollout.GRPC {
+		return GRPCClusterName(model, version)
+	}
+	return ClusterName(model, version)
+}
+
+// StatName is a cluster's alt_stat_name: the cluster name with every '.' written "__".
+// Envoy's default tag extraction takes the cluster_name tag as the first dot-separated
+// token after "cluster." (envoy source/common/config/well_known_names.cc:
+// addTokenized(CLUSTER_NAME, "cluster.$.**")), so "ranker_v1.2" would be tagged
+// "ranker_v1" and share its stats with version v1. Model and version names hold no '_',
+// so the encoding stays unambiguous (a gRPC suffix is a single '_').
+func StatName(cluster string) string { return strings.ReplaceAll(cluster, ".", "__") }
 
 // slotMap returns the model's slot map from the input or its initial layout.
 func (in *Input) slotMap(r *rollout.Rollout) SlotMap {
@@ -103,8 +125,9 @@ func versionNames(r *rollout.Rollout) []string {
 	return names
 }
 
-// endpoints returns the IP:port endpoints of a version, resolving DNS names through in.Resolved.
-func (in *Input) endpoints(v rollout.Version) []hostPort {
+// endpoints returns the IP:port endpoints of a list of a version's addresses, resolving
+// DNS names through in.Resolved.
+func (in *Input) endpoints(addrs []string) []hostPort {
 	var out []hostPort
 	// Two names (or a name and its own IP) may give one address: gRPC NACKs a cluster
 	// listing an address twice, so each address appears once.
@@ -115,7 +138,7 @@ func (in *Input) endpoints(v rollout.Version) []hostPort {
 			out = append(out, hp)
 		}
 	}
-	for _, ep := range v.Endpoints {
+	for _, ep := range addrs {
 		host, portStr, err := net.SplitHostPort(ep)
 		if err != nil {
 			continue // rollout.Validate rejects these
@@ -139,12 +162,13 @@ type hostPort struct {
 	port uint32
 }
 
-// Hostnames lists the DNS names (not IP literals) used by endpoints in the set, sorted.
+// Hostnames lists the DNS names (not IP literals) used by endpoints and grpcEndpoints in
+// the set, sorted.
 func Hostnames(set *rollout.Set) []string {
 	seen := map[string]bool{}
 	for _, r := range set.Rollouts {
 		for _, v := range r.Versions {
-			for _, ep := range v.Endpoints {
+			for _, ep := range v.AllEndpoints() {
 				host, _, err := net.SplitHostPort(ep)
 				if err == nil && net.ParseIP(host) == nil {
 					seen[host] = true

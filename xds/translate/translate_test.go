@@ -31,6 +31,7 @@ func loadInput(t *testing.T, path string) *Input {
 	return &Input{Set: set, Resolved: map[string][]string{
 		"thumbs-v1.models.svc":   {"10.1.0.7", "10.1.0.3"},
 		"model-host.default.svc": {"10.2.0.1"},
+		"grpc-host.default.svc":  {"10.3.0.1"},
 	}}
 }
 
@@ -155,7 +156,7 @@ func TestBuildRefusesInvalid(t *testing.T) {
 	if err == nil || b != nil {
 		t.Fatalf("Build accepted an empty split: %v", b)
 	}
-	if !strings.Contains(err.Error(), "Clusters") && !strings.Contains(err.Error(), "clusters") {
+	if !strings.Contains(strings.ToLower(err.Error()), "cluster") {
 		t.Errorf("error does not name the field: %v", err)
 	}
 }
@@ -177,7 +178,8 @@ func TestDNSNamesResolveToEDS(t *testing.T) {
 	if b1.Version == b2.Version {
 		t.Fatal("new addresses for a name did not change the version")
 	}
-	cla := b2.Edge.GetResources(resource.EndpointType)["thumbs_v1"]
+	// thumbs is protocol: grpc, so its endpoints are its gRPC cluster's.
+	cla := b2.Edge.GetResources(resource.EndpointType)["thumbs_v1_grpc"]
 	if !strings.Contains(protojson.Format(cla), "10.1.0.9") {
 		t.Fatalf("EDS lacks the new address: %v", cla)
 	}
