@@ -428,7 +428,7 @@ func (u *upRun) hostRepositories() []string {
 		var versions []string
 		for _, r := range set.Rollouts {
 			for _, v := range r.Versions {
-				if slices.Contains(v.Endpoints, c.hostHTTP[i]) || slices.Contains(v.Endpoints, c.hostGRPC[i]) {
+				if eps := v.AllEndpoints(); slices.Contains(eps, c.hostHTTP[i]) || slices.Contains(eps, c.hostGRPC[i]) {
 					versions = append(versions, filepath.Join(r.Model, v.Name))
 				}
 			}
@@ -762,15 +762,20 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	ranker := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[0.5,1.2,3.4,0.1,0.0,2.2,1.1,0.7]}]}`
 	recs := `{"inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[42]}]}`
 	churn := `{"model_name":"churn","inputs":[{"name":"features","datatype":"FP32","shape":[1,4],"contents":{"fp32_contents":[0.3,12,1,0]}}]}`
+	rankerGRPC := `{"model_name":"ranker","inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"contents":{"fp32_contents":[0.5,1.2,3.4,0.1,0.0,2.2,1.1,0.7]}}]}`
+	churnREST := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,4],"data":[0.3,12,1,0]}]}`
 	fmt.Fprintf(&b, "\nTry:\n")
 	if envoyUp {
 		fmt.Fprintf(&b, "  # ranker through Envoy: 90/10 v7/v8, sticky per user; the answer names the version in %s\n", headers.ServedBy)
 		fmt.Fprintf(&b, "  %s -si -H '%s: alice' -H 'content-type: application/json' -d '%s' %s/v2/models/ranker/infer\n", curl, headers.UserID, ranker, edge)
 		fmt.Fprintf(&b, "  # the ranker-ltv experiment (20%% of US/CA users): see %s on the response\n", headers.Experiments)
 		fmt.Fprintf(&b, "  for u in u1 u2 u3 u4 u5 u6 u7 u8 u9 u10; do %s -s -o /dev/null -D - -H \"%s: $u\" -H 'x-country: US' -d '%s' %s/v2/models/ranker/infer | grep -i x-patchbay; done\n", curl, headers.UserID, ranker, edge)
+		fmt.Fprintf(&b, "  # the same ranker over OIP gRPC through the same split: alice gets the same version (see %s)\n", headers.ServedBy)
+		fmt.Fprintf(&b, "  %s -v -H '%s: ranker' -H '%s: alice' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, rankerGRPC, c.edgeListener)
 		fmt.Fprintf(&b, "  %s -s -H '%s: bob' -d '%s' %s/v2/models/recs/infer\n", curl, headers.UserID, recs, edge)
-		fmt.Fprintf(&b, "  # churn over OIP gRPC through Envoy (50/50 v1/v2)\n")
+		fmt.Fprintf(&b, "  # churn (50/50 v1/v2) over OIP gRPC, then REST, through Envoy\n")
 		fmt.Fprintf(&b, "  %s -H '%s: churn' -H '%s: carol' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, churn, c.edgeListener)
+		fmt.Fprintf(&b, "  %s -s -H '%s: carol' -d '%s' %s/v2/models/churn/infer\n", curl, headers.UserID, churnREST, edge)
 	}
 	fmt.Fprintf(&b, "  # a model host directly (no routing): pick the version yourself\n")
 	fmt.Fprintf(&b, "  %s -s -d '%s' %s/v2/models/ranker/versions/v7/infer\n", curl, ranker, u.url(c.hostHTTP[0], ""))

@@ -385,8 +385,17 @@ func TestExampleRollouts(t *testing.T) {
 	if len(ranker.Experiments) != 1 || ranker.Experiments[0].Name != "ranker-ltv" || ranker.Experiments[0].Layer != "ranking" {
 		t.Errorf("ranker experiments %+v, want ranker-ltv in layer ranking", ranker.Experiments)
 	}
-	if churn.Traffic["v1"] != 50 || churn.Traffic["v2"] != 50 || churn.Versions[0].Protocol != "grpc" {
-		t.Errorf("churn: traffic %v, protocol %q; want 50/50 over gRPC", churn.Traffic, churn.Versions[0].Protocol)
+	if churn.Traffic["v1"] != 50 || churn.Traffic["v2"] != 50 {
+		t.Errorf("churn: traffic %v, want 50/50", churn.Traffic)
+	}
+	// Every example model is served over both OIP protocols (examples/README.md).
+	for _, r := range set.Rollouts {
+		if !r.Serves(rollout.REST) || !r.Serves(rollout.GRPC) {
+			t.Errorf("%s: serves REST %v, gRPC %v; want both", r.Model, r.Serves(rollout.REST), r.Serves(rollout.GRPC))
+		}
+	}
+	if ws := rollout.Warnings(set); len(ws) != 0 {
+		t.Errorf("example rollouts warn: %v", ws)
 	}
 	if recs.Traffic["v1"] != 100 {
 		t.Errorf("recs traffic %v, want 100%% v1", recs.Traffic)
@@ -396,13 +405,26 @@ func TestExampleRollouts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hosts := append(append([]string{}, c.hostHTTP...), c.hostGRPC...)
+	// REST endpoints are the hosts' REST ports, gRPC endpoints the same hosts' gRPC ports.
 	for _, r := range set.Rollouts {
 		for _, v := range r.Versions {
-			for _, ep := range v.Endpoints {
-				if !slices.Contains(hosts, ep) {
-					t.Errorf("%s %s endpoint %s is not a model host `up` starts (%v)", r.Model, v.Name, ep, hosts)
+			var rest, grpc []int
+			for _, ep := range v.RESTEndpoints() {
+				if i := slices.Index(c.hostHTTP, ep); i >= 0 {
+					rest = append(rest, i)
+				} else {
+					t.Errorf("%s %s REST endpoint %s is not a model host's REST address `up` starts (%v)", r.Model, v.Name, ep, c.hostHTTP)
 				}
+			}
+			for _, ep := range v.GRPCAddrs() {
+				if i := slices.Index(c.hostGRPC, ep); i >= 0 {
+					grpc = append(grpc, i)
+				} else {
+					t.Errorf("%s %s gRPC endpoint %s is not a model host's gRPC address `up` starts (%v)", r.Model, v.Name, ep, c.hostGRPC)
+				}
+			}
+			if !slices.Equal(rest, grpc) {
+				t.Errorf("%s %s: REST on hosts %v but gRPC on hosts %v", r.Model, v.Name, rest, grpc)
 			}
 		}
 	}
