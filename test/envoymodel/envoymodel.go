@@ -46,6 +46,11 @@ type Config struct {
 	XDSAddr     string // the control plane's ADS address
 	ExtprocAddr string // the address behind the ext_proc filter's cluster (patchbay_extproc)
 	NodeID      string
+
+	// ExtprocCluster is the bootstrap's patchbay_extproc cluster: its gRPC health check,
+	// outlier detection and panic threshold decide when the stream fails at once
+	// (extproc_cluster.go). Nil: ext_proc is always called.
+	ExtprocCluster *clusterv3.Cluster
 }
 
 // Proxy is the running model. Handler serves HTTP as the edge listener would.
@@ -53,6 +58,7 @@ type Proxy struct {
 	cfg     Config
 	state   atomic.Pointer[state]
 	extproc *grpc.ClientConn
+	epHost  *extprocHost // nil without Config.ExtprocCluster
 	client  *http.Client // HTTP/1.1 clusters (Envoy's default upstream protocol)
 	h2c     *http.Client // clusters with http2_protocol_options, plaintext
 	rr      atomic.Uint64
@@ -93,6 +99,10 @@ func Start(ctx context.Context, cfg Config) (*Proxy, error) {
 		h2c:     upstreamClient(func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }),
 	}
 	p.state.Store(&state{clusters: map[string]*clusterv3.Cluster{}, endpoints: map[string]*endpointv3.ClusterLoadAssignment{}})
+	if p.epHost, err = newExtprocHost(ctx, cfg.ExtprocCluster, cfg.ExtprocAddr); err != nil {
+		ep.Close()
+		return nil, err
+	}
 	go p.xdsLoop(ctx)
 	go func() { <-ctx.Done(); ep.Close(); p.mirrors.Wait() }()
 	return p, nil
@@ -304,7 +314,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 				localReply(w, req, 500, err.Error(), nil, -1)
 				return
 			}
-			imm, err := p.callExtproc(req.Context(), cfg, req, h, &body)
+			imm, err := p.extprocCall(req.Context(), cfg, req, h, &body)
 			if err != nil {
 				if !cfg.GetFailureModeAllow() {
 					localReply(w, req, http.StatusInternalServerError, "ext_proc failed", nil, -1)
