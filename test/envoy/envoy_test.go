@@ -42,7 +42,7 @@ type system struct {
 }
 
 // start brings the system up with the rollout produced by rollout(v7, v8 endpoints).
-func start(t *testing.T, role envoy.Role, rollout func(v7, v8 string) string) *system {
+func start(t testing.TB, role envoy.Role, rollout func(v7, v8 string) string) *system {
 	t.Helper()
 	harness.EnvoyBinary(t) // skip before starting anything
 	s := &system{dir: t.TempDir()}
@@ -63,6 +63,8 @@ func start(t *testing.T, role envoy.Role, rollout func(v7, v8 string) string) *s
 	s.cp = harness.StartControlPlane(t, s.dir)
 	s.ep = harness.StartExtProc(t, s.cp.ADS)
 	s.proxy = harness.StartEnvoy(t, role, s.cp, s.ep)
+	// The ext_proc cluster is health-checked: until a check passes Envoy skips ext_proc.
+	waitExtprocHealth(t, s.proxy, true)
 	harness.Eventually(t, 20*time.Second, "a first prediction through Envoy", func() bool {
 		code, _, _ := s.predict("warmup", nil)
 		return code == http.StatusOK
