@@ -42,13 +42,7 @@ import (
 )
 
 func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return harness.FreeAddr(t)
 }
 
 // buildPatchbay builds this command into a temporary directory: `up` runs the parts
@@ -447,12 +441,7 @@ func TestUpRefusesTakenPorts(t *testing.T) {
 }
 
 func freeAddrForTest(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return harness.FreeAddr(t)
 }
 
 // upForTest runs `patchbay up --envoy off` with extra flags on free ports, with copies of

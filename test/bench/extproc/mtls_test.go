@@ -22,6 +22,7 @@ import (
 
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
+	"github.com/patchbay-io/patchbay/test/harness"
 )
 
 // buildPatchbay builds the shipped binary (cmd/patchbay) into a temporary directory.
@@ -37,12 +38,7 @@ func buildPatchbay(b *testing.B) string {
 
 // freeAddr returns a 127.0.0.1 port free at the time of the call, for a child's flag.
 func freeAddr(b *testing.B) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return harness.FreeAddr(b)
 }
 
 // startTLSADS serves the bench policy from go-control-plane's ADS server over mutual TLS.
