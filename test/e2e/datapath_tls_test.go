@@ -115,7 +115,7 @@ func TestEnvoyUpstreamTLS(t *testing.T) {
 	srv := edge.Server()
 	go srv.Serve(lis)
 	t.Cleanup(func() { srv.Close() })
-	waitFor(t, 10*time.Second, "edge config", func() bool { return edge.Ready() && edge.Endpoints("churn_v1") > 0 })
+	waitFor(t, 10*time.Second, "edge config", func() bool { return edge.Ready() && edge.Endpoints("churn_v1_grpc") > 0 })
 	base := "http://" + lis.Addr().String()
 
 	var code int
