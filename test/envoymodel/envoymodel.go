@@ -488,17 +488,32 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 		localReply(w, req, http.StatusNotFound, "", nil, -1)
 		return
 	}
-	respHeaders := http.Header{}
-	addAll := func(opts []*corev3.HeaderValueOption) {
-		for _, o := range opts {
-			applyHeaderOption(respHeaders, o, h)
+	// Response header mutations per level — weighted cluster, route, virtual host — each
+	// level removing its response_headers_to_remove before adding (envoy
+	// source/common/router/header_parser.cc, HeaderParser::evaluateHeaders: remove before add),
+	// applied to the upstream's headers (or the local reply's).
+	type respLevel struct {
+		remove []string
+		add    []*corev3.HeaderValueOption
+	}
+	var levels []respLevel
+	finalize := func(dst http.Header) {
+		for _, l := range levels {
+			for _, r := range l.remove {
+				dst.Del(r)
+			}
+			for _, o := range l.add {
+				applyHeaderOption(dst, o, h)
+			}
 		}
 	}
 	if dr := rt.GetDirectResponse(); dr != nil {
 		// A direct response is a local reply: for a gRPC request it becomes a gRPC status
 		// (envoy source/common/router/router.cc, Filter::decodeHeaders).
-		addAll(rt.GetResponseHeadersToAdd())
-		addAll(vh.GetResponseHeadersToAdd())
+		levels = append(levels, respLevel{rt.GetResponseHeadersToRemove(), rt.GetResponseHeadersToAdd()},
+			respLevel{vh.GetResponseHeadersToRemove(), vh.GetResponseHeadersToAdd()})
+		respHeaders := http.Header{}
+		finalize(respHeaders)
 		localReply(w, req, int(dr.GetStatus()), dr.GetBody().GetInlineString(), respHeaders, -1)
 		return
 	}
@@ -516,13 +531,13 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 		for _, o := range cw.GetRequestHeadersToAdd() {
 			applyHeaderOption(upHeaders, o, h)
 		}
-		addAll(cw.GetResponseHeadersToAdd())
+		levels = append(levels, respLevel{cw.GetResponseHeadersToRemove(), cw.GetResponseHeadersToAdd()})
 	}
 	for _, o := range rt.GetRequestHeadersToAdd() {
 		applyHeaderOption(upHeaders, o, h)
 	}
-	addAll(rt.GetResponseHeadersToAdd())
-	addAll(vh.GetResponseHeadersToAdd())
+	levels = append(levels, respLevel{rt.GetResponseHeadersToRemove(), rt.GetResponseHeadersToAdd()},
+		respLevel{vh.GetResponseHeadersToRemove(), vh.GetResponseHeadersToAdd()})
 	// Shadows copy the request headers after the route finalised them (path rewrite and
 	// request_headers_to_add included), then go through the shadow cluster's own upstream
 	// filters (envoy source/common/router/router.cc, Filter::decodeHeaders: shadow_headers_
@@ -558,7 +573,7 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	}
 	defer resp.Body.Close()
 	copyHeaders(w.Header(), resp.Header)
-	copyHeaders(w.Header(), respHeaders)
+	finalize(w.Header())
 	w.WriteHeader(resp.StatusCode)
 	io.Copy(w, resp.Body)
 	// Trailers (gRPC's grpc-status and grpc-message) are read once the body ends and are

@@ -47,7 +47,8 @@ type xdsFixture struct {
 	cache cachev3.SnapshotCache
 	n     int
 	proxy *Proxy
-	addr  string // the model's listener
+	addr  string                     // the model's listener
+	vh    func(*routev3.VirtualHost) // optional: adjusts the virtual host set serves
 }
 
 func newXDSFixture(t *testing.T) *xdsFixture {
@@ -83,7 +84,11 @@ func (f *xdsFixture) set(clusters []*clusterv3.Cluster, eps []*endpointv3.Cluste
 	}
 	lis := &listenerv3.Listener{Name: "l", FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{{
 		Name: "envoy.filters.network.http_connection_manager", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(f.t, hcm)}}}}}}
-	rc := &routev3.RouteConfiguration{Name: "r", VirtualHosts: []*routev3.VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: routes}}}
+	vh := &routev3.VirtualHost{Name: "v", Domains: []string{"*"}, Routes: routes}
+	if f.vh != nil {
+		f.vh(vh)
+	}
+	rc := &routev3.RouteConfiguration{Name: "r", VirtualHosts: []*routev3.VirtualHost{vh}}
 	res := map[resource.Type][]types.Resource{resource.ListenerType: {lis}, resource.RouteType: {rc}}
 	for _, c := range clusters {
 		res[resource.ClusterType] = append(res[resource.ClusterType], c)
@@ -415,5 +420,44 @@ func TestPathRewriteAsEnvoy(t *testing.T) {
 	}
 	if !strings.HasSuffix(b.host, "-shadow") || strings.HasSuffix(a.host, "-shadow") {
 		t.Errorf("one primary and one shadow: %q %q", a.host, b.host)
+	}
+}
+
+// TestResponseHeadersRemovedBeforeEcho: a virtual host that removes x-patchbay-experiments
+// and echoes it from the request (%REQ()%, skipped when empty, as Envoy skips an empty
+// formatted value) lets no upstream copy through; with an exposure the echo wins.
+func TestResponseHeadersRemovedBeforeEcho(t *testing.T) {
+	hl := listen(t)
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Patchbay-Experiments", "upstream=forged")
+		w.Header().Set("X-Other", "kept")
+	})}
+	go hs.Serve(hl)
+	t.Cleanup(func() { hs.Close() })
+	f := newXDSFixture(t)
+	f.vh = func(vh *routev3.VirtualHost) {
+		vh.ResponseHeadersToRemove = []string{"x-patchbay-experiments"}
+		vh.ResponseHeadersToAdd = []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: "x-patchbay-experiments", Value: "%REQ(x-patchbay-experiments)%"},
+			AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD}}
+	}
+	c, e := testCluster(t, "up", false, nil, hl.Addr().String())
+	f.set([]*clusterv3.Cluster{c}, []*endpointv3.ClusterLoadAssignment{e}, toCluster("all", "up", "/"))
+	get := func(exp string) http.Header {
+		req, _ := http.NewRequest("GET", "http://"+f.addr+"/x", nil)
+		if exp != "" {
+			req.Header.Set("x-patchbay-experiments", exp)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.Header
+	}
+	if h := get(""); h.Values("X-Patchbay-Experiments") != nil || h.Get("X-Other") != "kept" {
+		t.Errorf("no exposure: %v, want no x-patchbay-experiments and x-other kept", h)
+	}
+	if h := get("e=arm"); len(h.Values("X-Patchbay-Experiments")) != 1 || h.Get("X-Patchbay-Experiments") != "e=arm" {
+		t.Errorf("exposure: %q, want the echo only", h.Values("X-Patchbay-Experiments"))
 	}
 }
