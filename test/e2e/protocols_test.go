@@ -229,6 +229,49 @@ func TestChainBothProtocols(t *testing.T) {
 		}
 	})
 
+	t.Run("experiment arms are shadowed over both protocols", func(t *testing.T) {
+		// Every US user in the experiment: each request takes a version route (the arm's
+		// version in x-patchbay-version). The hosts are patchbay model hosts (the default
+		// host kind), so those routes keep the unversioned path and their mirrors: the
+		// control arm's (v7) requests are mirrored to v8.
+		writeRollout(t, c.dir, "ranker.yaml", bothRollout(c.a, c.b, "{v7: 50, v8: 50}",
+			strings.Replace(experiment, "allocation: 30", "allocation: 100", 1)+"shadow: [{version: v8, percent: 50}]\npinning: true\n"))
+		waitFor(t, 10*time.Second, "every US user in an arm", func() bool {
+			for i := 0; i < 20; i++ {
+				if r, err := c.user("all-"+strconv.Itoa(i), "x-country", "US"); err != nil || r.experiments == "" {
+					return false
+				}
+			}
+			return true
+		})
+		metrics := "http://" + c.b.http + "/metrics"
+		for _, proto := range []string{"rest", "grpc"} {
+			before := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`)
+			served := 0
+			for i := 0; i < 200; i++ {
+				id := "armshadow-" + proto + strconv.Itoa(i)
+				var v string
+				if proto == "rest" {
+					r := c.mustUser(t, id, "x-country", "US")
+					if r.experiments == "" {
+						t.Fatalf("user %s not in an arm", id)
+					}
+					v = r.version
+				} else {
+					v = c.mustGRPC(t, id, "x-country", "US")
+				}
+				if v == "v8" {
+					served++
+				}
+			}
+			// The control arm (about half) is mirrored to v8 half the time: about 50 copies.
+			waitFor(t, 5*time.Second, proto+" shadow copies of arm requests on v8", func() bool {
+				got := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`) - before
+				return got-float64(served) >= 20
+			})
+		}
+	})
+
 	t.Run("rollback moves both protocols", func(t *testing.T) {
 		req, _ := http.NewRequest(http.MethodPost, "http://"+c.xdsAdmin+"/v1/models/ranker/rollback", strings.NewReader(`{"version":"v7"}`))
 		req.Header.Set("Authorization", "Bearer "+adminToken)

@@ -233,6 +233,9 @@ func (r *Rollout) applyDefaults() {
 		if r.Versions[i].Protocol == "" {
 			r.Versions[i].Protocol = DefaultProtocol
 		}
+		if r.Versions[i].Host == "" {
+			r.Versions[i].Host = DefaultHost
+		}
 	}
 }
 

@@ -209,3 +209,31 @@ func FuzzParse(f *testing.F) {
 		_ = Validate(&Set{Rollouts: rs})
 	})
 }
+
+// host: says what kind of server runs a version: patchbay (default) or oip; anything else
+// is refused with its file and line.
+func TestVersionHostKind(t *testing.T) {
+	doc := "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\nversions:\n" +
+		"  - {name: v1, endpoints: [\"10.0.0.1:80\"]}\n" +
+		"  - {name: v2, endpoints: [\"10.0.0.2:80\"], host: oip}\n" +
+		"  - {name: v3, endpoints: [\"10.0.0.3:80\"], host: triton}\n" +
+		"  - name: v4\n    endpoints: [\"10.0.0.4:80\"]\n    host: [oip]\n" +
+		"traffic: {v1: 50, v2: 50}\n"
+	if _, err := Parse("m.yaml", []byte(doc)); err == nil || !strings.Contains(err.Error(), "m.yaml:10: ") {
+		t.Fatalf("host: [oip] parsed: %v, want an error at m.yaml:10", err)
+	}
+	doc = strings.Replace(doc, "host: [oip]", "host: patchbay", 1)
+	rs, err := Parse("m.yaml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	if r.Versions[0].Host != HostPatchbay || r.Versions[0].OIPHost() || !r.Versions[1].OIPHost() || r.Versions[3].OIPHost() {
+		t.Fatalf("hosts %q %q %q: want patchbay (default), oip, patchbay", r.Versions[0].Host, r.Versions[1].Host, r.Versions[3].Host)
+	}
+	err = Validate(&Set{Rollouts: rs})
+	want := `m.yaml:7: versions[2].host: "triton": want patchbay`
+	if err == nil || !strings.Contains(err.Error(), want) || strings.Count(err.Error(), ".host:") != 1 {
+		t.Fatalf("got %v, want only %q", err, want)
+	}
+}

@@ -15,6 +15,11 @@ const (
 	// REST and GRPC name the two OIP protocols a version may serve.
 	REST = "http"
 	GRPC = "grpc"
+	// HostPatchbay and HostOIP name the kinds of server a version runs on (Version.Host).
+	HostPatchbay = "patchbay"
+	HostOIP      = "oip"
+	// DefaultHost is used when a version names none.
+	DefaultHost = HostPatchbay
 )
 
 // Rollout is the desired traffic state of one model.
@@ -54,7 +59,17 @@ type Version struct {
 	// certificates the control plane's --upstream-tls-* flags name (the flag turns it on for
 	// every version).
 	TLS bool `yaml:"tls"`
+	// Host is the kind of server behind the endpoints: patchbay (default), a host that reads
+	// x-patchbay-version, so requests keep their unversioned path and every route keeps its
+	// mirrors; or oip, an unmodified OIP server (Triton, KServe, MLServer) that knows the
+	// version only from the path, so REST requests routed to this version by name are
+	// rewritten to /v2/models/<m>/versions/<v>/... (and, Envoy mirroring the rewritten
+	// request, those routes carry no REST mirrors).
+	Host string `yaml:"host"`
 }
+
+// OIPHost reports whether the version runs on an unmodified OIP server (host: oip).
+func (v *Version) OIPHost() bool { return v.Host == HostOIP }
 
 // RESTEndpoints are the addresses that answer OIP REST (none for a protocol: grpc version).
 func (v *Version) RESTEndpoints() []string {

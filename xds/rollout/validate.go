@@ -178,6 +178,9 @@ func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) ma
 		if !validProtocol(v.Protocol) {
 			add(r, f+".protocol", "%q: want http or grpc", v.Protocol)
 		}
+		if v.Host != "" && v.Host != HostPatchbay && v.Host != HostOIP {
+			add(r, f+".host", "%q: want patchbay (a host reading x-patchbay-version, the default) or oip (an unmodified OIP server: Triton, KServe, MLServer)", v.Host)
+		}
 		if v.Protocol == GRPC && len(v.GRPCEndpoints) > 0 {
 			add(r, f+".grpcEndpoints", "protocol: grpc says endpoints speak OIP gRPC; give OIP REST addresses in endpoints (protocol http) and gRPC ones in grpcEndpoints, or drop grpcEndpoints")
 		}

@@ -303,23 +303,26 @@ func (k restKind) match(base string) *routev3.RouteMatch {
 // restModelRoutes are a REST model's routes: pinned paths, then per call its version
 // routes and split, then the server-level calls.
 //
-// A request routed to a known version reaches the host on that version's OIP path
-// (/v2/models/<m>/versions/<v>/...), so that an unmodified OIP server holding several
-// versions answers with the routed one: version routes (x-patchbay-version, set by
-// ext_proc for experiment arms) rewrite the path (prefix_rewrite of the exact path),
-// pinned paths already name it. The baseline split cannot: Envoy has no per-cluster path
-// rewrite (WeightedCluster.ClusterWeight has none; header mutations refuse ':'-prefixed
-// headers: source/common/router/header_parser.cc, isModifiableHeader), so split requests
-// keep the unversioned path and carry the version in x-patchbay-version only.
+// A request routed by name (x-patchbay-version, set by ext_proc for experiment arms) to a
+// version of host kind oip (an unmodified OIP server) reaches it on that version's OIP
+// path (/v2/models/<m>/versions/<v>/...), so that a server holding several versions
+// answers with the routed one: its version routes rewrite the path (prefix_rewrite of the
+// exact path); pinned paths already name it. A version of host kind patchbay (the default)
+// reads x-patchbay-version, so its version routes keep the unversioned path. The baseline
+// split cannot rewrite: Envoy has no per-cluster path rewrite (WeightedCluster.ClusterWeight
+// has none; header mutations refuse ':'-prefixed headers: source/common/router/header_parser.cc,
+// isModifiableHeader), so split requests keep the unversioned path and carry the version in
+// x-patchbay-version only.
 //
 // Mirrors: Envoy copies the shadow request from the request headers after the route's
 // finalizeRequestHeaders, which applied the rewrite (source/common/router/router.cc,
 // Filter::decodeHeaders: finalizeRequestHeaders, then shadow_headers_ =
 // createHeaderMap(*downstream_headers_)), and a mirror cannot rewrite :path (same header
 // rule), so a mirror of a rewritten or pinned request would ask the shadow's host for the
-// served version. REST shadows are therefore mirrored from the split (unversioned path,
-// the shadow cluster's upstream filter naming its version) and the server-level calls
-// only.
+// served version. REST shadows are therefore mirrored from the split, the server-level
+// calls and the version routes of patchbay-host versions (unversioned path, the shadow
+// cluster's upstream filter naming its version), never from the rewritten version routes
+// of oip-host versions nor from pinned paths.
 func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
 	var routes []*routev3.Route
 	base := restModelsPrefix + r.Model
@@ -358,7 +361,11 @@ func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
 			m := k.match(base)
 			m.Headers = append(m.Headers, exactHeader(headers.Version, v.Name))
 			a := versionAction(r, v.Name, rollout.REST)
-			a.PrefixRewrite = base + "/versions/" + v.Name + k.suffix
+			if v.OIPHost() {
+				a.PrefixRewrite = base + "/versions/" + v.Name + k.suffix
+			} else {
+				a.RequestMirrorPolicies = mirrors(r, v.Name, rollout.REST)
+			}
 			routes = append(routes, &routev3.Route{
 				Name:                 r.Model + "/" + k.name + "/version/" + v.Name,
 				Match:                m,

@@ -158,34 +158,61 @@ func TestEachProtocolReachesOnlyItsClusters(t *testing.T) {
 	}
 }
 
-// TestVersionedPathsAndMirrors: a REST request routed to a named version reaches the host
-// on that version's OIP path (prefix_rewrite on the version routes; pinned paths already
-// are); mirrors sit only where the request keeps its unversioned path (the split, the
-// server-level calls) and on gRPC routes, since Envoy copies the shadow from the rewritten
-// headers.
+// TestVersionedPathsAndMirrors: a REST request routed to a named version of host kind oip
+// (an unmodified OIP server) reaches it on that version's OIP path (prefix_rewrite on the
+// version routes; pinned paths already are) and, since Envoy copies the shadow from the
+// rewritten headers, those routes carry no REST mirror; a version of host kind patchbay
+// (the default) keeps the unversioned path and its mirrors on every version route, as
+// before versioned paths, so experiment arms on patchbay hosts are still shadowed. The
+// split, the server-level calls and gRPC routes keep their mirrors whatever the host.
 func TestVersionedPathsAndMirrors(t *testing.T) {
-	routes := edgeRoutes(t, loadInput(t, "testdata/both.yaml"))
-	for _, v := range []string{"v1", "v1.2"} {
+	routes := edgeRoutes(t, loadInput(t, "testdata/hosts.yaml"))
+	for _, tc := range []struct {
+		version string
+		oip     bool
+	}{{"v1", false}, {"v2", true}, {"v3", false}} {
 		for _, k := range restKinds {
 			path := "/v2/models/ranker" + k.suffix
-			r := firstRoute(t, routes, k.method, path, map[string][]string{headers.Version: {v}})
-			want := "/v2/models/ranker/versions/" + v + k.suffix
-			if a := r.GetRoute(); a == nil || a.GetPrefixRewrite() != want || a.GetCluster() != ClusterName("ranker", v) || len(a.GetRequestMirrorPolicies()) != 0 {
-				t.Errorf("%s %s as %s: route %s %v, want %s rewritten to %s without mirrors", k.method, path, v, r.GetName(), r.GetRoute(), ClusterName("ranker", v), want)
+			r := firstRoute(t, routes, k.method, path, map[string][]string{headers.Version: {tc.version}})
+			a := r.GetRoute()
+			if a == nil || a.GetCluster() != ClusterName("ranker", tc.version) {
+				t.Fatalf("%s %s as %s: route %s %v", k.method, path, tc.version, r.GetName(), a)
 			}
-			pin := firstRoute(t, routes, k.method, want, nil)
-			if a := pin.GetRoute(); a == nil || a.GetPrefixRewrite() != "" || a.GetCluster() != ClusterName("ranker", v) || len(a.GetRequestMirrorPolicies()) != 0 {
-				t.Errorf("pinned %s %s: route %s %v", k.method, want, pin.GetName(), pin.GetRoute())
+			versioned := "/v2/models/ranker/versions/" + tc.version + k.suffix
+			wantMirror := ""
+			if tc.version != "v3" {
+				wantMirror = "ranker_v3"
+			}
+			if tc.oip {
+				if a.GetPrefixRewrite() != versioned || len(a.GetRequestMirrorPolicies()) != 0 {
+					t.Errorf("%s %s as oip-host %s: rewrite %q mirrors %v, want %s and no mirror", k.method, path, tc.version, a.GetPrefixRewrite(), a.GetRequestMirrorPolicies(), versioned)
+				}
+			} else {
+				m := a.GetRequestMirrorPolicies()
+				if a.GetPrefixRewrite() != "" || (wantMirror == "") != (len(m) == 0) || len(m) > 0 && m[0].GetCluster() != wantMirror {
+					t.Errorf("%s %s as patchbay-host %s: rewrite %q mirrors %v, want no rewrite and mirror %q", k.method, path, tc.version, a.GetPrefixRewrite(), m, wantMirror)
+				}
+			}
+			pin := firstRoute(t, routes, k.method, versioned, nil)
+			if a := pin.GetRoute(); a == nil || a.GetPrefixRewrite() != "" || a.GetCluster() != ClusterName("ranker", tc.version) || len(a.GetRequestMirrorPolicies()) != 0 {
+				t.Errorf("pinned %s %s: route %s %v", k.method, versioned, pin.GetName(), pin.GetRoute())
+			}
+		}
+		// Server-level calls and gRPC never rewrite, and keep their mirrors.
+		for _, tc2 := range []struct{ method, path, mirror string }{
+			{"GET", "/v2/health/ready", "ranker_v3"},
+			{"POST", oipPrefix + "ModelInfer", "ranker_v3_grpc"},
+		} {
+			r := firstRoute(t, routes, tc2.method, tc2.path, map[string][]string{headers.Model: {"ranker"}, headers.Version: {tc.version}})
+			m := r.GetRoute().GetRequestMirrorPolicies()
+			if r.GetRoute().GetPrefixRewrite() != "" || tc.version != "v3" && (len(m) != 1 || m[0].GetCluster() != tc2.mirror) {
+				t.Errorf("%s as %s: route %s %v, want no rewrite and mirror %s", tc2.path, tc.version, r.GetName(), r.GetRoute(), tc2.mirror)
 			}
 		}
 	}
 	split := firstRoute(t, routes, "POST", "/v2/models/ranker/infer", nil)
-	if a := split.GetRoute(); a.GetPrefixRewrite() != "" || len(a.GetRequestMirrorPolicies()) != 1 || a.GetRequestMirrorPolicies()[0].GetCluster() != "ranker_v1.2" {
-		t.Errorf("REST split: %v, want no rewrite and the REST mirror of v1.2", a)
-	}
-	g := firstRoute(t, routes, "POST", oipPrefix+"ModelInfer", map[string][]string{headers.Model: {"ranker"}, headers.Version: {"v1"}})
-	if m := g.GetRoute().GetRequestMirrorPolicies(); len(m) != 1 || m[0].GetCluster() != "ranker_v1.2_grpc" {
-		t.Errorf("gRPC version route mirrors %v, want the gRPC cluster of v1.2", m)
+	if a := split.GetRoute(); a.GetPrefixRewrite() != "" || len(a.GetRequestMirrorPolicies()) != 1 || a.GetRequestMirrorPolicies()[0].GetCluster() != "ranker_v3" {
+		t.Errorf("REST split: %v, want no rewrite and the REST mirror of v3", a)
 	}
 }
 
