@@ -37,6 +37,7 @@ var suites = []suite{
 	{"ext_proc vs floor, mTLS on vs off", "./test/bench/extproc/", "ExtprocVsFloor|ExtprocMTLS", "1x"},
 	{"model host", "./test/bench/modelhost/", ".", "2000x"},
 	{"whole chain", "./test/e2e/", ".", "1x"},
+	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x"},
 }
 
 // result is one benchmark line: its name and metrics by unit.
@@ -161,6 +162,14 @@ func run(out string) error {
 		f("BenchmarkEditToRoute", "edit-to-route-p50-ms", "%.1f ms"), f("BenchmarkEditToRoute", "edit-to-route-p99-ms", "%.1f ms"), f("BenchmarkEditToRoute", "rpc-p50-ms", "%.2f ms"))
 	fmt.Fprintf(&md, "| rollout edit → traffic moved through the chain | %s | %s | one request p50 %s |\n",
 		f("BenchmarkEditToTrafficMoved", "p50-ms", "%.1f ms"), f("BenchmarkEditToTrafficMoved", "p99-ms", "%.1f ms"), f("BenchmarkEditToTrafficMoved", "request-p50-ms", "%.2f ms"))
+	for _, c := range []struct{ bench, what string }{
+		{"BenchmarkExtprocDown/killed", "request with ext_proc killed, after detection (detected in " + f("BenchmarkExtprocDown/killed", "detect-ms", "%.0f ms") + ")"},
+		{"BenchmarkExtprocDown/blackholed", "request with ext_proc black-holed, after detection (detected in " + f("BenchmarkExtprocDown/blackholed", "detect-ms", "%.0f ms") + ")"},
+	} {
+		fmt.Fprintf(&md, "| %s | %s | %s | ext_proc healthy, same run: p50 %s, p99 %s (added p99 %s) |\n", c.what,
+			f(c.bench, "down-p50-µs", "%.0f µs"), f(c.bench, "down-p99-µs", "%.0f µs"),
+			f(c.bench, "healthy-p50-µs", "%.0f µs"), f(c.bench, "healthy-p99-µs", "%.0f µs"), f(c.bench, "added-p99-µs", "%.0f µs"))
+	}
 	if us, ok := get("BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision"); ok && us > 0 {
 		fmt.Fprintf(&md, "\nDecisions per second per core (server CPU only, gRPC included): %.0f.\n", 1e6/us)
 	}
