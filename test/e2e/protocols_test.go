@@ -292,12 +292,23 @@ func TestChainBothProtocols(t *testing.T) {
 	})
 }
 
-// TestChainUnloadedVersionLeavesSplit: a version unloaded from its host through the admin
+// TestChainUnloadedVersionFailsHealthChecks: a version unloaded from its host through the admin
 // repository API (with the token) fails its clusters' health checks within a bounded wait —
 // the gRPC cluster's check names the version (oip.HealthService, answered NOT_SERVING by the
 // host), the REST cluster's checks the version's readiness path — while the other version's
 // stay healthy and keep answering.
-func TestChainUnloadedVersionLeavesSplit(t *testing.T) {
+//
+// It does not show the version's share moving to another version: Envoy picks a weighted
+// cluster by weight alone (source/common/router/config_impl.cc, pickWeightedCluster), and
+// the one failover Envoy offers, an aggregate cluster per split entry, would send the
+// request to another version's hosts still named as the first version: upstream HTTP
+// filters (the per-version header_mutation setting x-patchbay-version) come from the
+// route's cluster, the aggregate (source/common/router/upstream_request.cc builds the chain
+// from parent_.cluster(), the router's cluster_ = the route's cluster in router.cc
+// decodeHeaders; envoyproxy/envoy#29318), and the split entry's own request and response
+// headers (x-patchbay-version, x-patchbay-served-by) name it too. See
+// xds/rollout/README.md, "Health and the split".
+func TestChainUnloadedVersionFailsHealthChecks(t *testing.T) {
 	c := startBothChain(t, "{v7: 50, v8: 50}", "")
 	for i := 0; i < 20; i++ { // both versions answer over both protocols, and the clusters carry traffic
 		c.mustGRPC(t, "warm-"+strconv.Itoa(i))
@@ -318,28 +329,4 @@ func TestChainUnloadedVersionLeavesSplit(t *testing.T) {
 	if !healthy("ranker_v7_grpc", c.a.grpc) || !healthy("ranker_v7", c.a.http) {
 		t.Fatal("v7's hosts failed their health checks too: the check is not per version")
 	}
-
-	t.Run("requests leave the split", func(t *testing.T) {
-		// Envoy picks a weighted cluster by weight alone (config_impl.cc,
-		// pickWeightedCluster), and a cluster whose only host is unhealthy is in panic (0% <
-		// the default 50% healthy_panic_threshold: load_balancer_impl.cc) and still sends it
-		// requests; with the threshold at 0 it answers 503 "no healthy upstream" instead.
-		// Neither moves the version's share to another version: that needs failover the
-		// control plane does not emit yet (control-plane-side health feeding the slot map,
-		// or an aggregate cluster). The test model of Envoy does the same, so this is skipped
-		// until then; remove the skip when the control plane fails over.
-		t.Skip("known gap (issue 10): an unhealthy version keeps its share of Envoy's weighted split; see the comment")
-		waitFor(t, 15*time.Second, "requests to stop reaching the unloaded v8", func() bool {
-			for i := 0; i < 20; i++ {
-				id := "after-" + strconv.Itoa(i)
-				if r := c.grpcUser(id); r.err != nil || r.version != "v7" {
-					return false
-				}
-				if r, err := c.user(id); err != nil || r.status != 200 || r.version != "v7" {
-					return false
-				}
-			}
-			return true
-		})
-	})
 }
