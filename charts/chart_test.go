@@ -535,6 +535,7 @@ func checkFlags(t *testing.T, r *rendered, full bool) {
 			"rollouts": "/srv/rollouts", "listen": "0.0.0.0:28000", "extproc-timeout": "250ms", "access-log": "false",
 			"state-file": "/var/lib/patchbay/state.json", "admin-token-file": "/etc/patchbay/admin-token/token",
 			"peer-role": "spiffe://example.org/ns/ml/sa/ranker-client=grpc", "allow-empty": "true", "settle": "250ms",
+			"version-health-interval": "3s",
 		} {
 			if x[f] != want {
 				t.Errorf("xds --%s = %q, want %q", f, x[f], want)

@@ -317,10 +317,10 @@ func checkNetworkPolicies(t *testing.T, r *rendered, full bool) {
 			},
 			"rel-patchbay-xds": {
 				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, extprocPeer, clients}, 18000), in(peers{operators}, 18001)},
-				out: []networkingv1.NetworkPolicyEgressRule{dns},
+				out: []networkingv1.NetworkPolicyEgressRule{out(peers{hostsPeer("modelhost-examples")}, 8000, 8001), dns},
 			},
 			"rel-patchbay-modelhost-examples": {
-				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, clients}, 8000, 8001)},
+				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 8000, 8001)},
 				out: []networkingv1.NetworkPolicyEgressRule{dns},
 			},
 		}
@@ -346,14 +346,14 @@ func checkNetworkPolicies(t *testing.T, r *rendered, full bool) {
 			},
 			"rel-patchbay-xds": {
 				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, extprocPeer, clients}, 28000), in(peers{operators, metrics}, 28001)},
-				out: []networkingv1.NetworkPolicyEgressRule{dns},
+				out: []networkingv1.NetworkPolicyEgressRule{out(peers{hostsPeer("modelhost-ranker", "modelhost-churn")}, 9000, 9001, 8000, 8001), dns},
 			},
 			"rel-patchbay-modelhost-ranker": {
-				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, clients}, 9000, 9001), in(peers{operators}, 9002), in(peers{metrics}, 9000)},
+				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 9000, 9001), in(peers{operators}, 9002), in(peers{metrics}, 9000)},
 				out: []networkingv1.NetworkPolicyEgressRule{out(nil, 4317), dns, store},
 			},
 			"rel-patchbay-modelhost-churn": {
-				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, clients}, 8000, 8001), in(peers{metrics}, 8000)},
+				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 8000, 8001), in(peers{metrics}, 8000)},
 				out: []networkingv1.NetworkPolicyEgressRule{dns, store},
 			},
 		}

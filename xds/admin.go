@@ -222,6 +222,11 @@ type ModelStatus struct {
 	Experiments []string                    `json:"experiments,omitempty"`
 	Shadows     map[string]float64          `json:"shadows,omitempty"`
 	Rollback    *RollbackStatus             `json:"rollback,omitempty"`
+	// Health is each probed version's health (healthy, unhealthy: its slots are lent to
+	// healthy versions, unprobed: over TLS without readable files, counted healthy) and
+	// ServingRuns the split as served when some version is unhealthy.
+	Health      map[string]VersionHealth `json:"health,omitempty"`
+	ServingRuns []translate.Run          `json:"serving_slot_runs,omitempty"`
 }
 
 // RollbackStatus describes a rollback in force.
@@ -248,8 +253,9 @@ func (s *Server) Status() Status {
 	st.ConfigVersion, st.Ready = s.state.built.Version, true
 	at := s.state.applied
 	st.AppliedAt = &at
+	health := s.versionHealth()
 	for _, r := range s.effectiveLocked().Rollouts {
-		ms := ModelStatus{Name: r.Model, File: r.Source.File, Traffic: r.Traffic, SlotRuns: s.state.slots[r.Model].Runs(),
+		ms := ModelStatus{Health: health[r.Model], ServingRuns: s.servingRunsLocked(r), Name: r.Model, File: r.Source.File, Traffic: r.Traffic, SlotRuns: s.state.slots[r.Model].Runs(),
 			Endpoints: map[string][]EndpointStatus{}}
 		for _, v := range r.Versions {
 			ms.Versions = append(ms.Versions, v.Name)

@@ -67,6 +67,20 @@ func newMetrics(m metric.Meter, s *Server) (*metrics, error) {
 			return nil
 		}))
 	all = append(all, err)
+	_, err = m.Int64ObservableGauge("patchbay_xds_version_healthy", metric.WithDescription("1 while a probed version is healthy (or unprobed: over TLS without readable files), 0 while unhealthy and its slots are lent to healthy versions, by model and version"),
+		metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
+			for m, vs := range s.versionHealth() {
+				for v, vh := range vs {
+					n := int64(1)
+					if vh.State == healthUnhealthy {
+						n = 0
+					}
+					o.Observe(n, metric.WithAttributes(attribute.String("model", m), attribute.String("version", v)))
+				}
+			}
+			return nil
+		}))
+	all = append(all, err)
 	out.applies, err = m.Int64Counter("patchbay_xds_config_applies", metric.WithDescription("configs applied"))
 	all = append(all, err)
 	out.rollbacks, err = m.Int64Counter("patchbay_xds_rollbacks", metric.WithDescription("rollbacks through the admin API"))

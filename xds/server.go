@@ -72,6 +72,12 @@ type Config struct {
 	// atomically after every change). Without it a restarted control plane lays splits out
 	// afresh, which can move users between versions whose shares did not change.
 	StateFile string
+	// VersionHealth probes every version with a share this often on each resolved
+	// endpoint of each protocol it serves (REST ready path, gRPC health service of the
+	// version), and lends an unhealthy version's slots to the model's healthy versions
+	// until it recovers (see health.go). 0: off (cmd/patchbay defaults to
+	// translate.HealthCheckInterval).
+	VersionHealth time.Duration
 	// LookupHost resolves a host name (default net.DefaultResolver.LookupHost).
 	LookupHost func(ctx context.Context, host string) ([]string, error)
 	Logger     zerolog.Logger
@@ -91,6 +97,7 @@ type Server struct {
 	identity bool             // client certificates required: roles follow them
 	token    *tokenSource     // nil: no bearer token configured
 	peers    *peerRoles
+	prober   *prober // nil: versions are not probed
 
 	// reloadMu serialises reloads (the first one, the watcher's, any caller's) from
 	// read to apply, so an older read is never applied after a newer one.
@@ -115,6 +122,9 @@ type state struct {
 	rejected  int
 	// dns is what is known of each endpoint host name: addresses, and whether it resolves.
 	dns map[string]*NameStatus
+	// unhealthy marks the versions the prober found unhealthy (model -> version): the
+	// snapshots lend their slots to healthy versions; slots (the persisted map) is unchanged.
+	unhealthy map[string]map[string]bool
 	// candidate is the last set read that was refused only because a version with a share
 	// has no resolved endpoint; it is tried again when a name's addresses change.
 	candidate *rollout.Set
@@ -232,6 +242,9 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.state.slots = slots
 	}
+	if cfg.VersionHealth > 0 {
+		s.prober = s.newProber()
+	}
 	m, err := newMetrics(cfg.Metrics.Meter("patchbay/xds"), s)
 	if err != nil {
 		return nil, err
@@ -300,6 +313,9 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		errc <- nil
 	}()
 	go func() { s.refreshDNS(ctx); errc <- nil }()
+	if s.prober != nil {
+		go func() { s.probeVersions(ctx); errc <- nil }()
+	}
 	s.log.Info().Str("ads", grpcLis.Addr().String()).Str("admin", adminLis.Addr().String()).
 		Str("rollouts", s.cfg.RolloutsDir).Msg("control plane serving")
 
@@ -475,7 +491,7 @@ func (s *Server) applyLocked(ctx context.Context) error {
 		return fmt.Errorf("config rejected, still serving the last good config: %w", err)
 	}
 	slots := translate.SlotMaps(set, s.state.slots)
-	in := &translate.Input{Set: set, Slots: slots, Resolved: s.state.resolved}
+	in := &translate.Input{Set: set, Slots: slots, Resolved: s.state.resolved, Unhealthy: s.state.unhealthy}
 	built, err := translate.Build(in, s.cfg.Translate)
 	if err != nil {
 		return fmt.Errorf("translation rejected, still serving the last good config: %w", err)

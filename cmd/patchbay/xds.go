@@ -47,6 +47,7 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		edgeCert   = fs.String("edge-tls-cert", "", "PEM certificate, as Envoy sees it, served by the edge listener (TLS on the edge)")
 		edgeKey    = fs.String("edge-tls-key", "", "PEM key of --edge-tls-cert, as Envoy sees it")
 		edgeCA     = fs.String("edge-client-ca", "", "PEM CA bundle, as Envoy sees it: the edge listener requires and verifies client certificates")
+		vHealth    = fs.Duration("version-health-interval", translate.HealthCheckInterval, "how often the control plane probes each version with a share on each endpoint (REST ready path, gRPC health service of the version) and lends an unhealthy version's slots to the model's healthy versions until it recovers (0: off)")
 		dnsRefresh = fs.Duration("dns-refresh", 5*time.Second, "how often endpoint host names are re-resolved")
 		debounce   = fs.Duration("debounce", 10*time.Millisecond, "quiet time after a file event before reloading")
 		stateFile  = fs.String("state-file", "", "file that keeps each model's slot map across restarts (recommended; unset: splits are laid out afresh on restart)")
@@ -99,6 +100,7 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		PeerRoles:      roles,
 		StateFile:      *stateFile,
 		DNSRefresh:     *dnsRefresh,
+		VersionHealth:  *vHealth,
 		Debounce:       *debounce,
 		Logger:         log,
 		Metrics:        metrics,

@@ -353,9 +353,11 @@ func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
 		routes = append(routes, directRoute(r.Model+"/pin-refused",
 			prefixMatch(base+"/versions/"), 403, "model "+r.Model+" does not allow choosing a version"))
 	}
+	down := in.down(r)
 	for _, k := range restKinds {
 		for _, v := range r.Versions {
-			if !v.Serves(rollout.REST) {
+			// An unhealthy version's requests by name fall through to the split.
+			if !v.Serves(rollout.REST) || down[v.Name] {
 				continue
 			}
 			m := k.match(base)
@@ -376,7 +378,7 @@ func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
 		routes = append(routes, &routev3.Route{
 			Name:   r.Model + "/" + k.name + "/split",
 			Match:  k.match(base),
-			Action: splitAction(r, in.slotMap(r), rollout.REST),
+			Action: splitAction(r, in.ServingSlots(r), rollout.REST),
 		})
 	}
 	return append(routes, modelRoutes(in, r, rollout.REST, "server", restServerMatch(r.Model))...)
@@ -387,8 +389,9 @@ func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
 // its split, all with the model's mirrors of that protocol.
 func modelRoutes(in *Input, r *rollout.Rollout, protocol, kind string, match *routev3.RouteMatch) []*routev3.Route {
 	var out []*routev3.Route
+	down := in.down(r)
 	for _, v := range r.Versions {
-		if !v.Serves(protocol) {
+		if !v.Serves(protocol) || down[v.Name] {
 			continue
 		}
 		m := proto.Clone(match).(*routev3.RouteMatch)
@@ -405,7 +408,7 @@ func modelRoutes(in *Input, r *rollout.Rollout, protocol, kind string, match *ro
 	return append(out, &routev3.Route{
 		Name:   r.Model + "/" + kind + "/split",
 		Match:  match,
-		Action: splitAction(r, in.slotMap(r), protocol),
+		Action: splitAction(r, in.ServingSlots(r), protocol),
 	})
 }
 
@@ -523,8 +526,8 @@ func envoyCluster(r *rollout.Rollout, v rollout.Version, protocol string, deploy
 		MaxEjectionPercent:                 wrapperspb.UInt32(50),
 	}
 	hc := &corev3.HealthCheck{
-		Timeout:            durationpb.New(time.Second),
-		Interval:           durationpb.New(2 * time.Second),
+		Timeout:            durationpb.New(HealthCheckTimeout),
+		Interval:           durationpb.New(HealthCheckInterval),
 		UnhealthyThreshold: wrapperspb.UInt32(2),
 		HealthyThreshold:   wrapperspb.UInt32(1),
 		NoTrafficInterval:  durationpb.New(10 * time.Second),

@@ -38,7 +38,7 @@ func GRPCWith(in *Input, opts Options) Resources {
 		if !r.Serves(rollout.GRPC) {
 			continue
 		}
-		res[resource.ListenerType] = append(res[resource.ListenerType], grpcListener(r))
+		res[resource.ListenerType] = append(res[resource.ListenerType], grpcListener(in, r))
 		for _, v := range r.Versions {
 			if !v.Serves(rollout.GRPC) {
 				continue
@@ -62,8 +62,14 @@ func GRPCWith(in *Input, opts Options) Resources {
 // extension, UNIMPLEMENTED otherwise) before any cluster is picked (grpc-go
 // internal/xds/httpfilter/fault). Those routes name the model's first gRPC cluster only
 // because a route action must name one; no RPC is ever sent to it.
-func grpcListener(r *rollout.Rollout) *listenerv3.Listener {
+func grpcListener(in *Input, r *rollout.Rollout) *listenerv3.Listener {
 	routes := []*routev3.Route{grpcAbortRoute(r, "/repository-refused", prefixMatch(grpcRepositoryPrefix), codes.PermissionDenied)}
+	// Version routes stay for unhealthy versions: in the proxyless flavour there is no
+	// ext_proc, so x-patchbay-version is only ever the caller's own pin (pins are kept), and
+	// a route naming the cluster keeps it in grpc-go's cluster manager — one dropped from
+	// every route and named again on recovery fails RPCs picked in between with "unknown
+	// cluster selected for RPC" (seen in TestUnhealthyVersionLeavesTheSplit).
+	down := in.down(r)
 	for _, v := range r.Versions {
 		if !v.Serves(rollout.GRPC) {
 			continue
@@ -78,9 +84,19 @@ func grpcListener(r *rollout.Rollout) *listenerv3.Listener {
 			})},
 		})
 	}
+	// The weights are the traffic, with an unhealthy version's share lent as in the Envoy
+	// split (Input.ServingSlots): grpc-go picks a weighted cluster at random, not by slot.
+	weights := map[string]int{}
+	if down == nil {
+		weights = r.Traffic
+	} else {
+		for _, v := range in.ServingSlots(r) {
+			weights[v]++
+		}
+	}
 	var cws []*routev3.WeightedCluster_ClusterWeight
 	for _, v := range r.Versions {
-		if w := r.Traffic[v.Name]; w > 0 {
+		if w := weights[v.Name]; w > 0 {
 			cws = append(cws, &routev3.WeightedCluster_ClusterWeight{
 				Name:   GRPCClusterName(r.Model, v.Name),
 				Weight: wrapperspb.UInt32(uint32(w)),

@@ -20,14 +20,19 @@ import (
 
 // Names of things the control plane emits and the bootstraps refer to.
 const (
-	EdgeListener     = "patchbay_edge"
-	SidecarListener  = "patchbay_sidecar"
-	RouteConfigName  = "patchbay"
-	ExtprocCluster   = "patchbay_extproc"
-	DefaultTimeout   = 200 * time.Millisecond
-	defaultRetryOn   = "connect-failure,refused-stream,reset,unavailable,retriable-status-codes"
-	grpcOIPPrefix    = "/inference.GRPCInferenceService/"
-	restModelsPrefix = "/v2/models/"
+	EdgeListener    = "patchbay_edge"
+	SidecarListener = "patchbay_sidecar"
+	RouteConfigName = "patchbay"
+	ExtprocCluster  = "patchbay_extproc"
+	DefaultTimeout  = 200 * time.Millisecond
+	// HealthCheckInterval and HealthCheckTimeout are those of the active health checks
+	// emitted on every model cluster (2 failures: unhealthy, 1 success: healthy); the
+	// control plane's version prober uses the same by default.
+	HealthCheckInterval = 2 * time.Second
+	HealthCheckTimeout  = time.Second
+	defaultRetryOn      = "connect-failure,refused-stream,reset,unavailable,retriable-status-codes"
+	grpcOIPPrefix       = "/inference.GRPCInferenceService/"
+	restModelsPrefix    = "/v2/models/"
 )
 
 // Input is everything a translation depends on.
@@ -39,6 +44,12 @@ type Input struct {
 	// Resolved maps each DNS host name used in an endpoint to its current IP addresses.
 	// The control plane resolves names itself so that every flavour gets EDS with IPs.
 	Resolved map[string][]string
+	// Unhealthy marks the versions the control plane's prober found unhealthy (model ->
+	// version). Their baseline slots are lent to the model's healthy versions and their
+	// version routes (x-patchbay-version) are not emitted, for as long as they are marked;
+	// Slots itself is not changed. A model whose every version with a share is marked is
+	// served unchanged (fail static).
+	Unhealthy map[string]map[string]bool
 }
 
 // Options are the deployment knobs that come from flags.
@@ -106,6 +117,57 @@ func (in *Input) slotMap(r *rollout.Rollout) SlotMap {
 		return m
 	}
 	return NextSlotMap(nil, versionNames(r), r.Traffic)
+}
+
+// down returns the model's versions to route around: the marked ones, unless every version
+// with a share is marked (then nil: nothing changes).
+func (in *Input) down(r *rollout.Rollout) map[string]bool {
+	bad := in.Unhealthy[r.Model]
+	if len(bad) == 0 {
+		return nil
+	}
+	for _, v := range r.Versions {
+		if r.HasShare(v.Name) && !bad[v.Name] {
+			return bad
+		}
+	}
+	return nil
+}
+
+// ServingSlots is the slot map the split is emitted with: the model's slot map, with each
+// slot of an unhealthy version lent to the model's healthy versions with a baseline share
+// (or, when none is left, its healthy experiment versions), in rollout order, one slot
+// each in turn. Slots of healthy versions never move, so their users stay where they are;
+// when the version recovers its slots come back to it.
+func (in *Input) ServingSlots(r *rollout.Rollout) SlotMap {
+	base := in.slotMap(r)
+	down := in.down(r)
+	if down == nil {
+		return base
+	}
+	var to []string
+	for _, v := range r.Versions {
+		if r.Traffic[v.Name] > 0 && !down[v.Name] {
+			to = append(to, v.Name)
+		}
+	}
+	if len(to) == 0 {
+		for _, v := range r.Versions {
+			if r.HasShare(v.Name) && !down[v.Name] {
+				to = append(to, v.Name)
+			}
+		}
+	}
+	out := make(SlotMap, len(base))
+	k := 0
+	for i, v := range base {
+		out[i] = v
+		if down[v] {
+			out[i] = to[k%len(to)]
+			k++
+		}
+	}
+	return out
 }
 
 // SlotMaps returns the next slot map of every model given the previous ones.
@@ -252,3 +314,17 @@ func mustNonEmpty(name string, rs []types.Resource) error {
 	}
 	return nil
 }
+
+// ResolvedEndpoints returns the "ip:port" endpoints a list of a version's addresses is
+// emitted with (DNS names through resolved), in emitted order.
+func ResolvedEndpoints(resolved map[string][]string, addrs []string) []string {
+	in := &Input{Resolved: resolved}
+	var out []string
+	for _, hp := range in.endpoints(addrs) {
+		out = append(out, net.JoinHostPort(hp.ip, strconv.Itoa(int(hp.port))))
+	}
+	return out
+}
+
+// UpstreamTLS reports whether Envoy's clusters of a version originate TLS.
+func UpstreamTLS(v rollout.Version, opts Options) bool { return upstreamTLS(v, opts) }
