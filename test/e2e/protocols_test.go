@@ -296,23 +296,30 @@ func TestChainBothProtocols(t *testing.T) {
 // repository API (with the token) fails its clusters' health checks within a bounded wait —
 // the gRPC cluster's check names the version (oip.HealthService, answered NOT_SERVING by the
 // host), the REST cluster's checks the version's readiness path — while the other version's
-// stay healthy and keep answering.
-//
-// It does not show the version's share moving to another version: Envoy picks a weighted
-// cluster by weight alone (source/common/router/config_impl.cc, pickWeightedCluster), and
-// the one failover Envoy offers, an aggregate cluster per split entry, would send the
-// request to another version's hosts still named as the first version: upstream HTTP
-// filters (the per-version header_mutation setting x-patchbay-version) come from the
-// route's cluster, the aggregate (source/common/router/upstream_request.cc builds the chain
-// from parent_.cluster(), the router's cluster_ = the route's cluster in router.cc
-// decodeHeaders; envoyproxy/envoy#29318), and the split entry's own request and response
-// headers (x-patchbay-version, x-patchbay-served-by) name it too. See
-// xds/rollout/README.md, "Health and the split".
+// stay healthy; and it leaves the split: Envoy picks a weighted cluster by weight alone
+// (source/common/router/config_impl.cc, pickWeightedCluster), so the control plane's own
+// version prober (--version-health-interval, default 2s) lends v8's slots to v7 in the next
+// snapshot. REST and gRPC requests stop reaching v8 within a bounded wait and keep being
+// answered by v7; once v8 is loaded again, the same users are back on v8 (the persisted
+// slot map never changed). See xds/README.md, "Version health".
 func TestChainUnloadedVersionFailsHealthChecks(t *testing.T) {
 	c := startBothChain(t, "{v7: 50, v8: 50}", "")
-	for i := 0; i < 20; i++ { // both versions answer over both protocols, and the clusters carry traffic
-		c.mustGRPC(t, "warm-"+strconv.Itoa(i))
-		c.mustUser(t, "warm-"+strconv.Itoa(i))
+	before := map[string]string{} // user -> version, the same over both protocols
+	for i := 0; i < 40; i++ {     // both versions answer over both protocols, and the clusters carry traffic
+		id := "user-" + strconv.Itoa(i)
+		before[id] = c.mustUser(t, id).version
+		if g := c.mustGRPC(t, id); g != before[id] {
+			t.Fatalf("user %s: REST %s, gRPC %s", id, before[id], g)
+		}
+	}
+	onV8 := 0
+	for _, v := range before {
+		if v == "v8" {
+			onV8++
+		}
+	}
+	if onV8 == 0 || onV8 == len(before) {
+		t.Fatalf("a 50/50 split put %d of %d users on v8", onV8, len(before))
 	}
 	healthy := func(cluster, addr string) bool { return c.edge.HostHealthy(cluster, addr) }
 	waitFor(t, 10*time.Second, "every host healthy", func() bool {
@@ -329,4 +336,36 @@ func TestChainUnloadedVersionFailsHealthChecks(t *testing.T) {
 	if !healthy("ranker_v7_grpc", c.a.grpc) || !healthy("ranker_v7", c.a.http) {
 		t.Fatal("v7's hosts failed their health checks too: the check is not per version")
 	}
+	// Bounded: two failed probes 2 s apart, then a push.
+	waitFor(t, 20*time.Second, "every user answered by v7 over REST and gRPC", func() bool {
+		for id := range before {
+			if r, err := c.user(id); err != nil || r.status != 200 || r.version != "v7" {
+				return false
+			}
+			if g := c.grpcUser(id); g.err != nil || g.version != "v7" {
+				return false
+			}
+		}
+		return true
+	})
+	for id := range before { // and it holds: nobody reaches v8, every request succeeds
+		if v := c.mustUser(t, id).version; v != "v7" {
+			t.Fatalf("user %s on %s with v8 unloaded", id, v)
+		}
+		if v := c.mustGRPC(t, id); v != "v7" {
+			t.Fatalf("gRPC user %s on %s with v8 unloaded", id, v)
+		}
+	}
+	c.b.repository(t, "ranker", "load")
+	waitFor(t, 20*time.Second, "every user back on their version over REST and gRPC", func() bool {
+		for id, want := range before {
+			if r, err := c.user(id); err != nil || r.status != 200 || r.version != want {
+				return false
+			}
+			if g := c.grpcUser(id); g.err != nil || g.version != want {
+				return false
+			}
+		}
+		return true
+	})
 }
