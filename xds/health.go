@@ -15,7 +15,6 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/translate"
@@ -39,6 +38,7 @@ const (
 	// probeUnhealthyAfter consecutive failures mark an endpoint unhealthy; one success
 	// marks it healthy again (as the health checks emitted to Envoy).
 	probeUnhealthyAfter = 2
+	probeHealthyAfter   = 2
 	// probeConcurrency bounds the probes in flight.
 	probeConcurrency = 8
 )
@@ -56,11 +56,13 @@ type probeTarget struct {
 	probeKey
 	serverName string // the endpoint's host as the rollout names it (TLS server name)
 	tls        bool
+	service    string // gRPC: the grpc.health.v1 service (translate.GRPCHealthService)
 }
 
 type endpointHealth struct {
 	healthy bool
-	fails   int
+	fails   int // consecutive failed probes
+	oks     int // consecutive good probes
 	lastErr string
 }
 
@@ -126,10 +128,14 @@ func (s *Server) probeOnce(ctx context.Context) {
 					continue
 				}
 				for _, proto := range []string{rollout.REST, rollout.GRPC} {
+					if !r.Serves(proto) {
+						continue // a protocol the model does not route says nothing of its users
+					}
 					for _, a := range v.Addrs(proto) {
 						host, _, _ := net.SplitHostPort(a)
 						for _, ep := range translate.ResolvedEndpoints(s.state.resolved, []string{a}) {
-							targets = append(targets, probeTarget{probeKey: probeKey{r.Model, v.Name, proto, ep}, serverName: host, tls: useTLS})
+							targets = append(targets, probeTarget{probeKey: probeKey{r.Model, v.Name, proto, ep}, serverName: host, tls: useTLS,
+								service: translate.GRPCHealthService(r.Model, v)})
 						}
 					}
 				}
@@ -169,8 +175,14 @@ func (s *Server) probeOnce(ctx context.Context) {
 			p.endpoints[t.probeKey] = e
 		}
 		if errs[i] == nil {
-			e.healthy, e.fails, e.lastErr = true, 0, ""
+			// Back in after probeHealthyAfter good probes in a row, so a version that fails
+			// every other probe does not move its users back and forth each round.
+			e.fails, e.lastErr = 0, ""
+			if e.oks++; e.oks >= probeHealthyAfter {
+				e.healthy = true
+			}
 		} else {
+			e.oks = 0
 			e.fails++
 			e.lastErr = fmt.Sprintf("%s %s: %v", t.protocol, t.addr, errs[i])
 			if e.fails >= probeUnhealthyAfter {
@@ -240,13 +252,16 @@ func (s *Server) probeOnce(ctx context.Context) {
 	if sameUnhealthy(s.state.unhealthy, unhealthy) {
 		return
 	}
+	prevUnhealthy := s.state.unhealthy
 	s.state.unhealthy = unhealthy
 	if s.state.files == nil {
 		return
 	}
 	sort.Strings(changed)
 	if err := s.applyLocked(ctx); err != nil {
-		s.log.Error().Err(err).Strs("changed", changed).Msg("version health changed but the config could not be applied")
+		// Put the old view back so the next round sees the change again and retries.
+		s.state.unhealthy = prevUnhealthy
+		s.log.Error().Err(err).Strs("changed", changed).Msg("version health changed but the config could not be applied; retried next round")
 		return
 	}
 	s.log.Info().Strs("changed", changed).Str("config_version", s.state.built.Version).
@@ -289,12 +304,12 @@ func (p *prober) probe(ctx context.Context, t probeTarget) error {
 			return err
 		}
 		defer conn.Close()
-		resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: oip.HealthService(t.model, t.version)})
+		resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: t.service})
 		if err != nil {
 			return err
 		}
 		if resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
-			return fmt.Errorf("health service %s: %s", oip.HealthService(t.model, t.version), resp.GetStatus())
+			return fmt.Errorf("health service %q: %s", t.service, resp.GetStatus())
 		}
 		return nil
 	}

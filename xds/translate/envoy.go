@@ -548,7 +548,7 @@ func envoyCluster(r *rollout.Rollout, v rollout.Version, protocol string, deploy
 		// (api/oip.HealthService), so an unloaded or failing version leaves the split while
 		// its server stays up.
 		hc.HealthChecker = &corev3.HealthCheck_GrpcHealthCheck_{GrpcHealthCheck: &corev3.HealthCheck_GrpcHealthCheck{
-			ServiceName: oip.HealthService(r.Model, v.Name),
+			ServiceName: GRPCHealthService(r.Model, v),
 		}}
 	} else {
 		opts.UpstreamProtocolOptions = &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
@@ -650,3 +650,13 @@ func mustAny(m proto.Message) *anypb.Any {
 }
 
 var _ types.Resource = (*clusterv3.Cluster)(nil)
+
+// GRPCHealthService is the grpc.health.v1 service a version's gRPC endpoints are checked
+// on: the version's own name on a patchbay host (api/oip.HealthService), the server's
+// overall health ("") on an unmodified OIP server, which knows no patchbay names.
+func GRPCHealthService(model string, v rollout.Version) string {
+	if v.OIPHost() {
+		return ""
+	}
+	return oip.HealthService(model, v.Name)
+}

@@ -47,8 +47,8 @@ type Input struct {
 	// Unhealthy marks the versions the control plane's prober found unhealthy (model ->
 	// version). Their baseline slots are lent to the model's healthy versions and their
 	// version routes (x-patchbay-version) are not emitted, for as long as they are marked;
-	// Slots itself is not changed. A model whose every version with a share is marked is
-	// served unchanged (fail static).
+	// Slots itself is not changed. A model whose every version with a share, or every
+	// version with a baseline share, is marked keeps its split unchanged (fail static).
 	Unhealthy map[string]map[string]bool
 }
 
@@ -135,9 +135,8 @@ func (in *Input) down(r *rollout.Rollout) map[string]bool {
 }
 
 // ServingSlots is the slot map the split is emitted with: the model's slot map, with each
-// slot of an unhealthy version lent to the model's healthy versions with a baseline share
-// (or, when none is left, its healthy experiment versions), in rollout order, one slot
-// each in turn. Slots of healthy versions never move, so their users stay where they are;
+// slot of an unhealthy version lent to the model's healthy versions with a baseline share,
+// in rollout order, one slot each in turn (none healthy: unchanged). Slots of healthy versions never move, so their users stay where they are;
 // when the version recovers its slots come back to it.
 func (in *Input) ServingSlots(r *rollout.Rollout) SlotMap {
 	base := in.slotMap(r)
@@ -152,11 +151,10 @@ func (in *Input) ServingSlots(r *rollout.Rollout) SlotMap {
 		}
 	}
 	if len(to) == 0 {
-		for _, v := range r.Versions {
-			if r.HasShare(v.Name) && !down[v.Name] {
-				to = append(to, v.Name)
-			}
-		}
+		// No baseline version is healthy: serve the split as it is (fail static) rather than
+		// hand the whole model to an experiment-only version, a canary, on the strength of the
+		// control plane's own view of the network.
+		return base
 	}
 	out := make(SlotMap, len(base))
 	k := 0
