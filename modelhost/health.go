@@ -32,9 +32,11 @@ func (s *Server) addHealthServer(h *grpchealth.Server) {
 
 // publishHealth sets every known per-version service from the current table.
 func (s *Server) publishHealth() {
-	t := s.table.Load()
+	// The table is read under the lock: two publishers (a start and a load) then publish in
+	// turn, each from the newest table, and a stale one never writes last.
 	s.health.mu.Lock()
 	defer s.health.mu.Unlock()
+	t := s.table.Load()
 	if s.health.known == nil {
 		s.health.known = map[string]bool{}
 	}

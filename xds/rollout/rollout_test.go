@@ -237,3 +237,32 @@ func TestVersionHostKind(t *testing.T) {
 		t.Fatalf("got %v, want only %q", err, want)
 	}
 }
+
+// TestWarnsOnSharedRESTEndpointOfOIPHosts: two host: oip versions on one REST endpoint
+// would answer every baseline-split request with the server's default version.
+func TestWarnsOnSharedRESTEndpointOfOIPHosts(t *testing.T) {
+	doc := "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\nversions:\n" +
+		"  - {name: v1, endpoints: [\"10.0.0.1:80\"], host: oip}\n" +
+		"  - {name: v2, endpoints: [\"10.0.0.1:80\"], host: oip}\n" +
+		"traffic: {v1: 50, v2: 50}\n"
+	rs, err := Parse("m.yaml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set := &Set{Rollouts: rs}
+	if err := Validate(set); err != nil {
+		t.Fatal(err)
+	}
+	ws := Warnings(set)
+	if len(ws) != 1 || !strings.Contains(ws[0].Error(), `m.yaml:6: versions[1].endpoints[0]: warning: REST endpoint "10.0.0.1:80" of a host: oip version also serves version "v1"`) {
+		t.Fatalf("warnings %v: want the shared REST endpoint of v2", ws)
+	}
+	// The same layout on patchbay hosts (they read x-patchbay-version) is fine.
+	patchbay := strings.ReplaceAll(doc, ", host: oip", "")
+	if rs, err = Parse("m.yaml", []byte(patchbay)); err != nil {
+		t.Fatal(err)
+	}
+	if ws := Warnings(&Set{Rollouts: rs}); len(ws) != 0 {
+		t.Fatalf("patchbay hosts: warnings %v, want none", ws)
+	}
+}

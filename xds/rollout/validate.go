@@ -300,7 +300,8 @@ func validProtocol(p string) bool { return p == "http" || p == "grpc" }
 func ValidModelName(s string) bool { return modelNameRe.MatchString(s) }
 
 // Warnings are problems that do not stop a set from being served, each located like a
-// validation error. Today: a gRPC endpoint shared by several versions of a model. gRPC
+// validation error: a REST endpoint shared by several host: oip versions (see below), and
+// a gRPC endpoint shared by several versions of a model. gRPC
 // paths carry no version (the OIP gRPC request names one only in model_version, which
 // Envoy does not rewrite), so an unmodified OIP gRPC server (Triton, KServe, MLServer)
 // holding several versions cannot tell which one Envoy routed to: give each version its
@@ -308,6 +309,25 @@ func ValidModelName(s string) bool { return modelNameRe.MatchString(s) }
 func Warnings(s *Set) []*Error {
 	var out []*Error
 	for _, r := range s.Rollouts {
+		// An unmodified OIP server (host: oip) holding several versions on one REST endpoint
+		// answers the baseline split with its default version: Envoy cannot rewrite the path
+		// per weighted cluster, only on routes that name the version.
+		firstREST := map[string]string{}
+		for i, v := range r.Versions {
+			if !v.OIPHost() || v.Protocol == GRPC {
+				continue
+			}
+			for j, ep := range v.Endpoints {
+				prev, ok := firstREST[ep]
+				if !ok || prev == v.Name {
+					firstREST[ep] = v.Name
+					continue
+				}
+				field := "versions[" + strconv.Itoa(i) + "].endpoints[" + strconv.Itoa(j) + "]"
+				out = append(out, &Error{File: r.Source.File, Line: r.Line(field), Field: field,
+					Msg: fmt.Sprintf("warning: REST endpoint %q of a host: oip version also serves version %q: baseline-split requests reach it on the unversioned path and get the server's default version; give each version its own endpoints", ep, prev)})
+			}
+		}
 		first := map[string]string{}
 		for i, v := range r.Versions {
 			for j, ep := range v.GRPCAddrs() {
