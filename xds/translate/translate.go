@@ -252,6 +252,7 @@ func Policy(in *Input, version string) *policyv1.Policy {
 	layerNext := map[string]uint32{}
 	var layers []string
 	for _, r := range in.Set.Rollouts {
+		down := in.down(r)
 		m := &policyv1.Model{
 			Name:     r.Model,
 			Salt:     "patchbay/model/" + r.Model,
@@ -272,6 +273,16 @@ func Policy(in *Input, version string) *policyv1.Policy {
 			}
 			end := min(start+alloc, policyv1.LayerSlots)
 			layerNext[e.Layer] = end
+			// An arm on a version the prober marks unhealthy pauses the whole experiment
+			// (empty range; the layer's other ranges stay where they are) until it recovers:
+			// its users take the healthy split and are not reported as exposed, so the
+			// analysis never counts baseline answers as an arm's, and no arm of it gets
+			// traffic the other arms do not.
+			for _, a := range e.Arms {
+				if down[a.Version] {
+					end = start
+				}
+			}
 			pe := &policyv1.Experiment{
 				Name:      e.Name,
 				Layer:     e.Layer,
