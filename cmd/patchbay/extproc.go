@@ -66,7 +66,7 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	metrics, err := telemetry.NewMetrics()
+	metrics, err := telemetry.NewMetrics(telemetry.Service("patchbay-extproc"))
 	if err != nil {
 		return fmt.Errorf("extproc: %w", err)
 	}

@@ -63,7 +63,7 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("modelhost: %w", err)
 		}
 	}
-	metrics, err := telemetry.NewMetrics()
+	metrics, err := telemetry.NewMetrics(telemetry.Service("patchbay-modelhost"))
 	if err != nil {
 		return fmt.Errorf("modelhost: %w", err)
 	}

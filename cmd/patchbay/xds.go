@@ -85,7 +85,7 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 	if *settle <= 0 {
 		*settle = -1 // apply at once
 	}
-	metrics, err := telemetry.NewMetrics()
+	metrics, err := telemetry.NewMetrics(telemetry.Service("patchbay-xds"))
 	if err != nil {
 		return err
 	}

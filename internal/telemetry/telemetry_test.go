@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"go.opentelemetry.io/otel/attribute"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 )
@@ -72,4 +73,57 @@ func TestTracerProvider(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel() // do not wait for the absent collector
 	stop(ctx)
+}
+
+// scrape returns the Prometheus text the handler serves.
+func scrape(t *testing.T, m *Metrics) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body, _ := io.ReadAll(rec.Body)
+	return string(body)
+}
+
+func TestMetricsCarryServiceName(t *testing.T) {
+	t.Setenv("OTEL_SERVICE_NAME", "")
+	t.Setenv("OTEL_RESOURCE_ATTRIBUTES", "")
+	m, err := NewMetrics(Service("patchbay-test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := m.Meter("t").Int64Counter("some")
+	c.Add(context.Background(), 1)
+	text := scrape(t, m)
+	var info string
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, "target_info{") {
+			info = line
+		}
+	}
+	if !strings.Contains(info, `service_name="patchbay-test"`) {
+		t.Fatalf("target_info = %q, want service_name=\"patchbay-test\"\n%s", info, text)
+	}
+	if strings.Contains(text, "unknown_service") {
+		t.Fatalf("unknown_service still exported:\n%s", text)
+	}
+}
+
+func TestServiceNameFromEnvironmentWins(t *testing.T) {
+	t.Setenv("OTEL_SERVICE_NAME", "from-env")
+	if got := Resource("patchbay-test").Attributes(); !hasAttr(got, "service.name", "from-env") {
+		t.Fatalf("resource %v: OTEL_SERVICE_NAME not honoured", got)
+	}
+	t.Setenv("OTEL_SERVICE_NAME", "")
+	if got := Resource("patchbay-test").Attributes(); !hasAttr(got, "service.name", "patchbay-test") {
+		t.Fatalf("resource %v, want service.name=patchbay-test", got)
+	}
+}
+
+func hasAttr(kvs []attribute.KeyValue, key, value string) bool {
+	for _, kv := range kvs {
+		if string(kv.Key) == key && kv.Value.AsString() == value {
+			return true
+		}
+	}
+	return false
 }
