@@ -145,7 +145,7 @@ func validateRollouts(paths []string, stdout, stderr io.Writer) error {
 		return errors.New("rollout validate: invalid")
 	}
 	for _, r := range set.Rollouts {
-		fmt.Fprintf(stdout, "ok  %s  model %s: %d versions, %d experiments\n", r.Source.File, r.Model, len(r.Versions), len(r.Experiments))
+		fmt.Fprintf(stdout, "ok  %s  model %s: %s, %s\n", r.Source.File, r.Model, plural(len(r.Versions), "version"), plural(len(r.Experiments), "experiment"))
 	}
 	return nil
 }
