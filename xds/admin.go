@@ -197,12 +197,16 @@ func (s *Server) Rollback(ctx context.Context, model, version string) (*Rollback
 
 // Status is what /status shows.
 type Status struct {
-	ConfigVersion   string          `json:"config_version"`
-	Ready           bool            `json:"ready"`
-	AppliedAt       *time.Time      `json:"applied_at,omitempty"`
-	RolloutsDir     string          `json:"rollouts_dir"`
-	Models          []ModelStatus   `json:"models"`
-	LastError       *statusError    `json:"last_error,omitempty"`
+	ConfigVersion string        `json:"config_version"`
+	Ready         bool          `json:"ready"`
+	AppliedAt     *time.Time    `json:"applied_at,omitempty"`
+	RolloutsDir   string        `json:"rollouts_dir"`
+	Models        []ModelStatus `json:"models"`
+	// CurrentError is why the last reload was refused (the last good config is served);
+	// absent once a reload succeeds. Errors is the last distinct rejections with their
+	// times, oldest first: history, not the current state.
+	CurrentError    *statusError    `json:"current_error,omitempty"`
+	Errors          []statusError   `json:"errors"`
 	RejectedConfigs int             `json:"rejected_configs"`
 	Clients         map[Flavour]int `json:"clients"`
 	// Names is every endpoint host name known (served or in a refused config): its
@@ -239,8 +243,12 @@ type RollbackStatus struct {
 func (s *Server) Status() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{RolloutsDir: s.cfg.RolloutsDir, LastError: s.state.lastErr, RejectedConfigs: s.state.rejected,
-		Clients: s.metrics.clients.byFlavour(), Models: []ModelStatus{}}
+	st := Status{RolloutsDir: s.cfg.RolloutsDir, RejectedConfigs: s.state.rejected,
+		Clients: s.metrics.clients.byFlavour(), Models: []ModelStatus{}, Errors: append([]statusError{}, s.state.errs...)}
+	if e := s.state.curErr; e != nil {
+		c := *e
+		st.CurrentError = &c
+	}
 	if len(s.state.dns) > 0 {
 		st.Names = map[string]NameStatus{}
 		for h, hs := range s.state.dns {

@@ -8,7 +8,9 @@ package xds
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -118,8 +120,16 @@ type state struct {
 	history   map[string][]*rollout.Rollout // applied distinct states per model, oldest first
 	built     *translate.Built
 	applied   time.Time
-	lastErr   *statusError
-	rejected  int
+	// curErr is the error of the last reload when it failed (nil once one succeeds);
+	// errs the last errorHistory distinct rejections, oldest first.
+	curErr   *statusError
+	errs     []statusError
+	rejected int
+	// readKey identifies the content of the last read of the files; rejectKey the last
+	// rejection counted (content and error), so the 30 s resync or a DNS retry that meets
+	// the same bad file again neither counts nor logs it again. Cleared on a good apply.
+	readKey   string
+	rejectKey string
 	// dns is what is known of each endpoint host name: addresses, and whether it resolves.
 	dns map[string]*NameStatus
 	// unhealthy marks the versions the prober found unhealthy (model -> version): the
@@ -155,6 +165,9 @@ type statusError struct {
 }
 
 const historyDepth = 10
+
+// errorHistory is how many distinct rejections /status keeps.
+const errorHistory = 10
 
 // New builds a server. It does not read the rollout directory yet: Run does.
 func New(cfg Config) (*Server, error) {
@@ -391,6 +404,7 @@ func (s *Server) Reload(ctx context.Context, why string) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.state.readKey = contentKey(files)
 	if err != nil {
 		s.rejectLocked(ctx, fmt.Errorf("rollouts rejected, still serving the last good config: %w", err))
 		return
@@ -433,6 +447,10 @@ func (s *Server) readSettled(ctx context.Context) (files []rollout.File, settled
 // applyFilesLocked makes set the file state and applies it, or keeps the previous one.
 func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why string) {
 	prevFiles, prevOverrides := s.state.files, s.state.overrides
+	prevVersion := ""
+	if s.state.built != nil {
+		prevVersion = s.state.built.Version
+	}
 	s.state.files = set
 	// A rollback holds until that model's file content changes. Work on a copy: if the
 	// new files fail to apply, the rollback in force stays recorded.
@@ -456,17 +474,48 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 		return
 	}
 	s.state.candidate = nil
+	s.state.curErr, s.state.rejectKey = nil, ""
 	for _, model := range released {
 		s.log.Info().Str("model", model).Msg("rollback released: the model's rollout file changed")
 	}
-	s.log.Info().Str("version", s.state.built.Version).Str("reason", why).Int("models", len(set.Rollouts)).Msg("config applied")
+	// A reload that finds what is already served (the resync, a touch) is not news.
+	if s.state.built.Version != prevVersion {
+		s.log.Info().Str("version", s.state.built.Version).Str("reason", why).Int("models", len(set.Rollouts)).Msg("config applied")
+	}
 }
 
+// rejectLocked records a refused config: it is the current error, and it is counted, logged
+// and kept in the error history once per distinct content and error (the same bad file met
+// again by the resync is one mistake, not a stream of them).
 func (s *Server) rejectLocked(ctx context.Context, err error) {
-	s.state.lastErr = &statusError{At: time.Now().UTC(), Message: err.Error()}
+	e := statusError{At: time.Now().UTC(), Message: err.Error()}
+	key := s.state.readKey + "|" + e.Message
+	if key == s.state.rejectKey && s.state.curErr != nil {
+		s.state.curErr.Message = e.Message
+		return
+	}
+	s.state.curErr, s.state.rejectKey = &e, key
+	s.state.errs = append(s.state.errs, e)
+	if n := len(s.state.errs); n > errorHistory {
+		s.state.errs = s.state.errs[n-errorHistory:]
+	}
 	s.state.rejected++
 	s.metrics.rejected.Add(ctx, 1)
 	s.log.Error().Err(err).Msg("config rejected")
+}
+
+// contentKey identifies what a read of the rollout files saw (names, bytes, read errors).
+func contentKey(files []rollout.File) string {
+	h := sha256.New()
+	for _, f := range files {
+		fmt.Fprintf(h, "%s\x00%d\x00", f.Path, len(f.Data))
+		h.Write(f.Data)
+		if f.Err != nil {
+			fmt.Fprintf(h, "\x00%s", f.Err)
+		}
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil)[:12])
 }
 
 // effectiveLocked is the file set with rollbacks substituted.

@@ -58,8 +58,8 @@ func NextSlotMap(prev SlotMap, versions []string, weights map[string]int) SlotMa
 
 // Run is a maximal stretch of consecutive slots held by one version.
 type Run struct {
-	Version string
-	Weight  uint32
+	Version string `json:"version"`
+	Weight  uint32 `json:"weight"` // slots, out of Slots
 }
 
 // Runs compresses a slot map into the ordered weighted-cluster entries Envoy walks.
