@@ -42,6 +42,11 @@ func (c *clientCounts) byFlavour() map[Flavour]int {
 	return out
 }
 
+// applySecondsBuckets are patchbay_xds_apply_seconds' bounds, in seconds: from half a
+// millisecond (a small config) to 10 s (thousands of models on a slow machine). The SDK's
+// default bounds (0, 5, 10, … 10000) are meant for milliseconds.
+var applySecondsBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
+
 func newMetrics(m metric.Meter, s *Server) (*metrics, error) {
 	var (
 		out = &metrics{clients: &clientCounts{streams: map[int64]Flavour{}}}
@@ -85,7 +90,8 @@ func newMetrics(m metric.Meter, s *Server) (*metrics, error) {
 	all = append(all, err)
 	out.rollbacks, err = m.Int64Counter("patchbay_xds_rollbacks", metric.WithDescription("rollbacks through the admin API"))
 	all = append(all, err)
-	out.applySeconds, err = m.Float64Histogram("patchbay_xds_apply_seconds", metric.WithDescription("time to translate, validate and set a config"), metric.WithUnit("s"))
+	out.applySeconds, err = m.Float64Histogram("patchbay_xds_apply_seconds", metric.WithDescription("time to translate, validate and set a config"), metric.WithUnit("s"),
+		metric.WithExplicitBucketBoundaries(applySecondsBuckets...))
 	all = append(all, err)
 	_, err = m.Int64ObservableGauge("patchbay_xds_clients", metric.WithDescription("connected xDS streams by client flavour"),
 		metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
