@@ -139,13 +139,50 @@ func LoadData(files []File) (*Set, error) {
 			errs = append(errs, err)
 		}
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
+	// Validate what did parse even when something did not (a document with only unknown
+	// fields is kept by Parse), so every problem is reported at once.
 	if err := Validate(&set); err != nil {
-		return nil, err
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return nil, joinSorted(errs)
 	}
 	return &set, nil
+}
+
+// joinSorted flattens joined errors and orders them by file, then line (stable: a file's
+// unreadable or unparsable problems keep their order).
+func joinSorted(errs []error) error {
+	var flat []error
+	var walk func(error)
+	walk = func(e error) {
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, c := range j.Unwrap() {
+				walk(c)
+			}
+			return
+		}
+		flat = append(flat, e)
+	}
+	for _, e := range errs {
+		walk(e)
+	}
+	key := func(e error) (string, int) {
+		var re *Error
+		if errors.As(e, &re) {
+			return re.File, re.Line
+		}
+		return "", 0
+	}
+	sort.SliceStable(flat, func(i, j int) bool {
+		fi, li := key(flat[i])
+		fj, lj := key(flat[j])
+		if fi != fj {
+			return fi < fj
+		}
+		return li < lj
+	})
+	return errors.Join(flat...)
 }
 
 // LoadFiles loads and validates the named files (a directory argument is read with LoadDir's rules).
@@ -214,7 +251,13 @@ func Parse(name string, data []byte) ([]*Rollout, error) {
 		}
 		if serr != nil {
 			errs = append(errs, yamlError(name, serr))
-			continue
+			// Unknown fields leave the rest of the document decoded as written: keep it,
+			// so its other problems are validated and reported with them. Any other
+			// decode error (a wrong type) leaves fields empty: validating them would
+			// only report the same mistake again in other words.
+			if !onlyUnknownFields(serr) {
+				continue
+			}
 		}
 		r.Source = Position{File: name, Line: n.Content[0].Line}
 		r.lines = map[string]int{}
@@ -226,6 +269,20 @@ func Parse(name string, data []byte) ([]*Rollout, error) {
 		return out, errors.Join(errs...)
 	}
 	return out, nil
+}
+
+// onlyUnknownFields reports whether every problem of a strict decode is an unknown field.
+func onlyUnknownFields(err error) bool {
+	var te *yaml.TypeError
+	if !errors.As(err, &te) || len(te.Errors) == 0 {
+		return false
+	}
+	for _, m := range te.Errors {
+		if !yamlUnknownRe.MatchString(m) {
+			return false
+		}
+	}
+	return true
 }
 
 func (r *Rollout) applyDefaults() {

@@ -266,3 +266,24 @@ func TestWarnsOnSharedRESTEndpointOfOIPHosts(t *testing.T) {
 		t.Fatalf("patchbay hosts: warnings %v, want none", ws)
 	}
 }
+
+// TestUnknownFieldsReportedWithEveryOtherProblem: an unknown field does not hide the file's
+// other problems; each is reported at once with file:line, in line order.
+func TestUnknownFieldsReportedWithEveryOtherProblem(t *testing.T) {
+	doc := "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: m\nversions:\n" +
+		"  - name: v1\n    endpoints: [\"127.0.0.1:9001\"]\n    wieght: 3\n" +
+		"  - name: v2\n    endpoints: [\"127.0.0.1:9002\"]\n" +
+		"traffic: {v1: 50, v2: 10}\nretires: 2\n"
+	_, err := LoadData([]File{{Path: "f.yaml", Data: []byte(doc)}})
+	if err == nil {
+		t.Fatal("want errors")
+	}
+	want := []string{
+		`f.yaml:7: unknown field "wieght"`,
+		`f.yaml:10: traffic: weights sum to 60, want 100`,
+		`f.yaml:11: unknown field "retires"`,
+	}
+	if diff := cmp.Diff(want, strings.Split(err.Error(), "\n")); diff != "" {
+		t.Errorf("errors (-want +got):\n%s", diff)
+	}
+}
