@@ -52,7 +52,7 @@ func newInstruments(m metric.Meter) (*instruments, error) {
 	in.latency, errs[6] = m.Float64Histogram("patchbay_extproc_decision_duration_seconds",
 		metric.WithDescription("Time to decide and build the answer for one request headers message."),
 		metric.WithUnit("s"),
-		metric.WithExplicitBucketBoundaries(1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 1e-3, 1e-2))
+		metric.WithExplicitBucketBoundaries(2.5e-7, 5e-7, 1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 0.1))
 	for _, err := range errs {
 		if err != nil {
 			return nil, fmt.Errorf("extproc metrics: %w", err)

@@ -2,7 +2,9 @@ package extproc
 
 import (
 	"context"
+	"net/http/httptest"
 	"strconv"
+	"strings"
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
+	"github.com/patchbay-io/patchbay/internal/telemetry"
 )
 
 // counts sums an Int64 sum metric by the rendering of chosen attributes.
@@ -192,4 +195,27 @@ func BenchmarkHandleHeaders(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestHistogramUnits scrapes the Prometheus exposition after real decisions and checks
+// every histogram's buckets against its unit (decision latency is in seconds).
+func TestHistogramUnits(t *testing.T) {
+	t.Parallel()
+	m, err := telemetry.NewMetrics(telemetry.Service("patchbay-extproc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startServer(t, Config{Meter: m.Meter("test")}, testPolicy("c1"))
+	for i := range 20 {
+		if _, err := h.exchange(t, reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, "u"+strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rec := httptest.NewRecorder()
+	m.Handler.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	text := rec.Body.String()
+	if !strings.Contains(text, "patchbay_extproc_decision_duration_seconds_bucket") {
+		t.Fatalf("no decision histogram on /metrics:\n%s", text)
+	}
+	telemetry.CheckHistogramUnits(t, text)
 }

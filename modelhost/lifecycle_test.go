@@ -22,6 +22,7 @@ import (
 
 	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/modelhost"
 	"github.com/patchbay-io/patchbay/modelhost/runtime"
 	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
@@ -336,9 +337,10 @@ func TestMetricsExposed(t *testing.T) {
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}
+	telemetry.CheckHistogramUnits(t, text)
 	if t.Failed() {
 		for _, l := range strings.Split(text, "\n") {
-			if strings.HasPrefix(l, "patchbay_") && !strings.Contains(l, "_bucket") {
+			if strings.HasPrefix(l, "patchbay_") {
 				t.Log(l)
 			}
 		}

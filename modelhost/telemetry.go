@@ -39,7 +39,8 @@ func newInstruments(m metric.Meter) (*instruments, error) {
 	}
 	if in.latency, err = m.Float64Histogram("patchbay_modelhost_request_duration", metric.WithUnit("s"),
 		metric.WithDescription("Inference request latency, decode to encode."),
-		metric.WithExplicitBucketBoundaries(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)); err != nil {
+		// 5 µs (a small built-in model answers in tens of µs) to 10 s (a large one).
+		metric.WithExplicitBucketBoundaries(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)); err != nil {
 		return nil, err
 	}
 	if in.batchRows, err = m.Int64Histogram("patchbay_modelhost_batch_size",
@@ -49,7 +50,8 @@ func newInstruments(m metric.Meter) (*instruments, error) {
 	}
 	if in.queue, err = m.Float64Histogram("patchbay_modelhost_queue_duration", metric.WithUnit("s"),
 		metric.WithDescription("Time a request waited in the dynamic batcher."),
-		metric.WithExplicitBucketBoundaries(0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)); err != nil {
+		// Up to 1 s: batching.max_delay may be as long, and a busy queue waits longer.
+		metric.WithExplicitBucketBoundaries(0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)); err != nil {
 		return nil, err
 	}
 	if in.refused, err = m.Int64Counter("patchbay_modelhost_refused",
