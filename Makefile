@@ -8,7 +8,7 @@ PKGS  ?= ./...
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-up: ## run everything on this machine from examples/ (Envoy too when it is on PATH or ENVOY_BIN)
+up: ## run everything on this machine from examples/; Envoy from ENVOY_BIN, else envoy on PATH, else a func-e download
 	$(GO) run ./cmd/patchbay up
 
 build: ## build bin/patchbay (static)
