@@ -67,16 +67,16 @@ func (s *Server) withToken(h http.HandlerFunc) http.HandlerFunc {
 
 // adminHandler is the admin listener's handler; gs serves its gRPC requests.
 func (s *Server) adminHandler(gs *grpc.Server) http.Handler {
-	mux := http.NewServeMux()
+	mux := newOIPMux()
 	s.healthRoutes(mux)
 	if s.cfg.MetricsHandler != nil {
-		mux.Handle("GET /metrics", s.cfg.MetricsHandler)
+		mux.route("GET", "/metrics", s.cfg.MetricsHandler)
 	}
-	mux.HandleFunc("POST /v2/repository/index", s.withToken(s.handleIndex))
-	mux.HandleFunc("POST /v2/repository/models/{model}/load", s.withToken(s.handleLoad))
-	mux.HandleFunc("POST /v2/repository/models/{model}/unload", s.withToken(s.handleUnload))
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, errNotFound("%s %s is not served on the admin listener (inference is on the REST and gRPC ports)", r.Method, r.URL.Path))
+	mux.routeFunc("POST", "/v2/repository/index", s.withToken(s.handleIndex))
+	mux.routeFunc("POST", "/v2/repository/models/{model}/load", s.withToken(s.handleLoad))
+	mux.routeFunc("POST", "/v2/repository/models/{model}/unload", s.withToken(s.handleUnload))
+	mux.finish(func(r *http.Request) string {
+		return r.Method + " " + r.URL.Path + " is not served on the admin listener (inference is on the REST and gRPC ports)"
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {

@@ -325,38 +325,67 @@ func TestBadInputREST(t *testing.T) {
 		status           int
 		msg              string
 		hdr              map[string]string
+		method           string // default POST for infer and repository paths, else GET
+		admin            bool   // send to the admin listener
+		allow            string // want this Allow header
 	}{
-		{"version conflict", "/v2/models/ranker/versions/v7/infer", `{}`, 400, `router chose "v8"`, map[string]string{headers.Version: "v8"}},
-		{"routed model differs", "/v2/models/ranker/infer", `{}`, 400, `request names model "ranker" but x-patchbay-model names "churn"`, map[string]string{headers.Model: "churn"}},
-		{"routed model differs on metadata", "/v2/models/ranker", ``, 400, `x-patchbay-model names "churn"`, map[string]string{headers.Model: "churn"}},
-		{"repository on the inference port", "/v2/repository/models/ranker/unload", ``, 403, "only on the model host's admin listener", nil},
-		{"repository index on the inference port", "/v2/repository/index", `{}`, 403, "only on the model host's admin listener", nil},
-		{"not json", "/v2/models/ranker/infer", `{"inputs":`, 400, "unexpected end of input", nil},
-		{"unknown model", "/v2/models/nope/infer", `{}`, 404, `model "nope" not found`, nil},
-		{"unknown version", "/v2/models/ranker/versions/v1/infer", `{}`, 404, `has no version "v1"`, nil},
-		{"no inputs", "/v2/models/ranker/infer", `{"inputs":[]}`, 400, "no inputs", nil},
-		{"wrong input name", "/v2/models/ranker/infer", `{"inputs":[{"name":"feats","datatype":"FP32","shape":[1,8],"data":` + row + `}]}`, 400, `missing input "features"`, nil},
-		{"extra input", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `},{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}`, 400, `unknown input "x"`, nil},
-		{"wrong datatype", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP64","shape":[1,8],"data":` + row + `}]}`, 400, "datatype FP64, model expects FP32", nil},
-		{"wrong width", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,7],"data":[0,0,0,0,0,0,0]}]}`, 400, "model expects [-1, 8]", nil},
-		{"wrong rank", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[8],"data":` + row + `}]}`, 400, "has rank 1", nil},
-		{"count mismatch", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[2,8],"data":` + row + `}]}`, 400, "needs 16 elements, got 8", nil},
-		{"string in FP32", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":["a",0,0,0,0,0,0,0]}]}`, 400, "not a FP32", nil},
-		{"float for INT64", "/v2/models/recs/infer", `{"inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[1.5]}]}`, 400, "is not a INT64", nil},
-		{"unknown output", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `}],"outputs":[{"name":"prob"}]}`, 400, `unknown output "prob"`, nil},
-		{"too large", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[` + strings.Repeat("0,", 3000) + `0]}]}`, 413, "exceeds the limit", nil},
-		{"huge shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[100000000000,8],"data":[0]}]}`, 400, "elements", nil},
-		{"negative shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[-1,8],"data":[0]}]}`, 400, "non-negative", nil},
+		{"version conflict", "/v2/models/ranker/versions/v7/infer", `{}`, 400, `router chose "v8"`, map[string]string{headers.Version: "v8"}, "", false, ""},
+		{"routed model differs", "/v2/models/ranker/infer", `{}`, 400, `request names model "ranker" but x-patchbay-model names "churn"`, map[string]string{headers.Model: "churn"}, "", false, ""},
+		{"routed model differs on metadata", "/v2/models/ranker", ``, 400, `x-patchbay-model names "churn"`, map[string]string{headers.Model: "churn"}, "", false, ""},
+		{"repository on the inference port", "/v2/repository/models/ranker/unload", ``, 403, "only on the model host's admin listener", nil, "", false, ""},
+		{"repository index on the inference port", "/v2/repository/index", `{}`, 403, "only on the model host's admin listener", nil, "", false, ""},
+		{"not json", "/v2/models/ranker/infer", `{"inputs":`, 400, "unexpected end of input", nil, "", false, ""},
+		{"unknown model", "/v2/models/nope/infer", `{}`, 404, `model "nope" not found`, nil, "", false, ""},
+		{"unknown version", "/v2/models/ranker/versions/v1/infer", `{}`, 404, `has no version "v1"`, nil, "", false, ""},
+		{"no inputs", "/v2/models/ranker/infer", `{"inputs":[]}`, 400, "no inputs", nil, "", false, ""},
+		{"wrong input name", "/v2/models/ranker/infer", `{"inputs":[{"name":"feats","datatype":"FP32","shape":[1,8],"data":` + row + `}]}`, 400, `missing input "features"`, nil, "", false, ""},
+		{"extra input", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `},{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}`, 400, `unknown input "x"`, nil, "", false, ""},
+		{"wrong datatype", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP64","shape":[1,8],"data":` + row + `}]}`, 400, "datatype FP64, model expects FP32", nil, "", false, ""},
+		{"wrong width", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,7],"data":[0,0,0,0,0,0,0]}]}`, 400, "model expects [-1, 8]", nil, "", false, ""},
+		{"wrong rank", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[8],"data":` + row + `}]}`, 400, "has rank 1", nil, "", false, ""},
+		{"count mismatch", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[2,8],"data":` + row + `}]}`, 400, "needs 16 elements, got 8", nil, "", false, ""},
+		{"string in FP32", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":["a",0,0,0,0,0,0,0]}]}`, 400, "not a FP32", nil, "", false, ""},
+		{"float for INT64", "/v2/models/recs/infer", `{"inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[1.5]}]}`, 400, "is not a INT64", nil, "", false, ""},
+		{"unknown output", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":` + row + `}],"outputs":[{"name":"prob"}]}`, 400, `unknown output "prob"`, nil, "", false, ""},
+		{"too large", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[` + strings.Repeat("0,", 3000) + `0]}]}`, 413, "exceeds the limit", nil, "", false, ""},
+		{"huge shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[100000000000,8],"data":[0]}]}`, 400, "elements", nil, "", false, ""},
+		{"negative shape", "/v2/models/ranker/infer", `{"inputs":[{"name":"features","datatype":"FP32","shape":[-1,8],"data":[0]}]}`, 400, "non-negative", nil, "", false, ""},
+		// Wrong methods and unknown paths answer OIP JSON errors, not net/http's plain text.
+		{"GET on infer", "/v2/models/ranker/infer", ``, 405, "method GET is not allowed on /v2/models/ranker/infer (allowed: POST)", nil, "GET", false, "POST"},
+		{"PUT on versioned infer", "/v2/models/ranker/versions/v7/infer", `{}`, 405, "not allowed", nil, "PUT", false, "POST"},
+		{"DELETE on health", "/v2/health/live", ``, 405, "method DELETE is not allowed on /v2/health/live", nil, "DELETE", false, "GET, HEAD"},
+		{"POST on metadata", "/v2/models/ranker", `{}`, 405, "not allowed", nil, "POST", false, "GET, HEAD"},
+		{"POST on server metadata", "/v2", `{}`, 405, "not allowed", nil, "POST", false, "GET, HEAD"},
+		{"unknown path", "/v1/models/ranker:predict", `{}`, 404, "POST /v1/models/ranker:predict is not an OIP endpoint", nil, "POST", false, ""},
+		{"unknown path under models", "/v2/models/ranker/explain", `{}`, 404, "is not an OIP endpoint", nil, "POST", false, ""},
+		{"root", "/", ``, 404, "GET / is not an OIP endpoint", nil, "GET", false, ""},
+		{"admin: DELETE on health", "/v2/health/live", ``, 405, "method DELETE is not allowed", nil, "DELETE", true, "GET, HEAD"},
+		{"admin: GET on unload", "/v2/repository/models/ranker/unload", ``, 405, "method GET is not allowed", nil, "GET", true, "POST"},
+		{"admin: POST on metrics", "/metrics", ``, 405, "not allowed", nil, "POST", true, "GET, HEAD"},
+		{"admin: unknown path", "/v2/models/ranker/infer", `{}`, 404, "not served on the admin listener", nil, "POST", true, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out inferResponse
-			method := "POST"
-			if !strings.HasSuffix(tc.path, "infer") && !strings.Contains(tc.path, "repository") {
-				method = "GET"
+			method := tc.method
+			if method == "" {
+				method = "POST"
+				if !strings.HasSuffix(tc.path, "infer") && !strings.Contains(tc.path, "repository") {
+					method = "GET"
+				}
 			}
-			resp := h.do(t, method, tc.path, tc.body, tc.hdr, &out)
+			base := h.url
+			if tc.admin {
+				base = h.admin
+			}
+			resp := h.doURL(t, base, method, tc.path, tc.body, tc.hdr, &out)
 			if resp.StatusCode != tc.status || !strings.Contains(out.Error, tc.msg) {
 				t.Errorf("%d %q, want %d and an error containing %q", resp.StatusCode, out.Error, tc.status, tc.msg)
+			}
+			if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("Content-Type %q, want application/json", ct)
+			}
+			if got := resp.Header.Get("Allow"); got != tc.allow {
+				t.Errorf("Allow %q, want %q", got, tc.allow)
 			}
 		})
 	}

@@ -48,17 +48,17 @@ var restPool = sync.Pool{New: func() any { return new(restState) }}
 func (s *Server) Handler() http.Handler { return s.mux }
 
 func (s *Server) routes() *http.ServeMux {
-	mux := http.NewServeMux()
+	mux := newOIPMux()
 	s.healthRoutes(mux)
-	mux.HandleFunc("GET /v2", func(w http.ResponseWriter, r *http.Request) {
+	mux.routeFunc("GET", "/v2", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.serverMetadata())
 	})
-	mux.HandleFunc("GET /v2/models/{model}", s.handleMetadata)
-	mux.HandleFunc("GET /v2/models/{model}/versions/{version}", s.handleMetadata)
-	mux.HandleFunc("GET /v2/models/{model}/ready", s.handleModelReady)
-	mux.HandleFunc("GET /v2/models/{model}/versions/{version}/ready", s.handleModelReady)
-	mux.HandleFunc("POST /v2/models/{model}/infer", s.handleInfer)
-	mux.HandleFunc("POST /v2/models/{model}/versions/{version}/infer", s.handleInfer)
+	mux.routeFunc("GET", "/v2/models/{model}", s.handleMetadata)
+	mux.routeFunc("GET", "/v2/models/{model}/versions/{version}", s.handleMetadata)
+	mux.routeFunc("GET", "/v2/models/{model}/ready", s.handleModelReady)
+	mux.routeFunc("GET", "/v2/models/{model}/versions/{version}/ready", s.handleModelReady)
+	mux.routeFunc("POST", "/v2/models/{model}/infer", s.handleInfer)
+	mux.routeFunc("POST", "/v2/models/{model}/versions/{version}/infer", s.handleInfer)
 	// The repository extension (load, unload, index) is served only on the admin listener,
 	// behind the bearer token: anything that reaches this port (a client, Envoy's data
 	// path) must not be able to unload a model.
@@ -66,16 +66,19 @@ func (s *Server) routes() *http.ServeMux {
 		writeError(w, errRepositoryOffDataPath)
 	})
 	if s.cfg.MetricsHandler != nil {
-		mux.Handle("GET /metrics", s.cfg.MetricsHandler)
+		mux.route("GET", "/metrics", s.cfg.MetricsHandler)
 	}
-	return mux
+	mux.finish(func(r *http.Request) string {
+		return r.Method + " " + r.URL.Path + " is not an OIP endpoint (GET /v2, /v2/health/{live,ready}, /v2/models/{model}[/versions/{version}][/ready]; POST /v2/models/{model}[/versions/{version}]/infer)"
+	})
+	return mux.ServeMux
 }
 
-func (s *Server) healthRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v2/health/live", func(w http.ResponseWriter, r *http.Request) {
+func (s *Server) healthRoutes(mux *oipMux) {
+	mux.routeFunc("GET", "/v2/health/live", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]bool{"live": true})
 	})
-	mux.HandleFunc("GET /v2/health/ready", func(w http.ResponseWriter, r *http.Request) {
+	mux.routeFunc("GET", "/v2/health/ready", func(w http.ResponseWriter, r *http.Request) {
 		ok := s.Ready()
 		code := http.StatusOK
 		if !ok {
