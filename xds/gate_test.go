@@ -43,8 +43,8 @@ func TestPolicyExtprocWouldNACKIsNeverServed(t *testing.T) {
 			c.srv.applyFilesLocked(context.Background(), &rollout.Set{Rollouts: []*rollout.Rollout{&r}}, "test")
 			c.srv.mu.Unlock()
 			st := c.srv.Status()
-			if st.ConfigVersion != good || st.LastError == nil || !strings.Contains(st.LastError.Message, "ext_proc policy:") {
-				t.Fatalf("version %s (good %s), error %+v: want the policy refused and the last good config kept", st.ConfigVersion, good, st.LastError)
+			if st.ConfigVersion != good || st.CurrentError == nil || !strings.Contains(st.CurrentError.Message, "ext_proc policy:") {
+				t.Fatalf("version %s (good %s), error %+v: want the policy refused and the last good config kept", st.ConfigVersion, good, st.CurrentError)
 			}
 			s := adsStream(t, c)
 			p := &policyv1.Policy{}

@@ -43,11 +43,11 @@ func TestUnresolvedNamesAreShownAndNeverGivenAShare(t *testing.T) {
 	// 1. v2 gets half the traffic but its only name does not resolve: refused.
 	eps := map[string]string{"v1": "127.0.0.1:9001", "v2": "late.invalid:9002"}
 	writeFile(t, dir, "n.yaml", rolloutDoc("n", eps, "{v1: 50, v2: 50}", ""))
-	waitFor(t, 5*time.Second, "the refusal", func() bool { return c.srv.Status().LastError != nil })
+	waitFor(t, 5*time.Second, "the refusal", func() bool { return c.srv.Status().CurrentError != nil })
 	st := status()
 	want := `model "n" version "v2" has 50% of baseline traffic but none of its endpoints resolves: late.invalid:9002 (no such host late.invalid)`
-	if st.ConfigVersion != good || !strings.Contains(st.LastError.Message, want) {
-		t.Fatalf("version %s (good %s), error %+v; want %q", st.ConfigVersion, good, st.LastError, want)
+	if st.ConfigVersion != good || !strings.Contains(st.CurrentError.Message, want) {
+		t.Fatalf("version %s (good %s), error %+v; want %q", st.ConfigVersion, good, st.CurrentError, want)
 	}
 	if st.Names["late.invalid"].State != "unresolved" {
 		t.Fatalf("/status names: %+v", st.Names)
@@ -94,7 +94,7 @@ func TestUnresolvedNamesAreShownAndNeverGivenAShare(t *testing.T) {
 	writeFile(t, dir, "n.yaml", rolloutDoc("n", eps, "{v1: 100, v2: 0}",
 		"experiments: [{name: nx, layer: nl, allocation: 10, arms: [{name: a, version: v2, weight: 1}]}]\n"))
 	waitFor(t, 5*time.Second, "the arm refused", func() bool {
-		e := c.srv.Status().LastError
+		e := c.srv.Status().CurrentError
 		return e != nil && strings.Contains(e.Message, `version "v2" has arm nx=a`)
 	})
 	if c.srv.Version() != before {

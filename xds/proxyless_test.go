@@ -44,12 +44,12 @@ func TestProxylessGRPC(t *testing.T) {
 		before := c.srv.Version()
 		writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", eps, "{v1: 50, v2: 10}", ""))
 		waitFor(t, 5e9, "error on /status", func() bool {
-			return c.srv.Status().LastError != nil
+			return c.srv.Status().CurrentError != nil
 		})
 		st := c.srv.Status()
-		if st.ConfigVersion != before || !strings.Contains(st.LastError.Message, "ranker.yaml:") ||
-			!strings.Contains(st.LastError.Message, "traffic: weights sum to 60, want 100") {
-			t.Fatalf("status after bad file: version %s (was %s), error %+v", st.ConfigVersion, before, st.LastError)
+		if st.ConfigVersion != before || !strings.Contains(st.CurrentError.Message, "ranker.yaml:") ||
+			!strings.Contains(st.CurrentError.Message, "traffic: weights sum to 60, want 100") {
+			t.Fatalf("status after bad file: version %s (was %s), error %+v", st.ConfigVersion, before, st.CurrentError)
 		}
 		if got := countCalls(t, client, 50); got["v1"] != 50 {
 			t.Fatalf("routing changed after a bad file: %v", got)

@@ -27,10 +27,10 @@ func TestReloadThatRemovesEveryModelIsRefused(t *testing.T) {
 		if err := os.Remove(filepath.Join(dir, "a.yaml")); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 5*time.Second, "the empty reload refused", func() bool { return c.srv.Status().LastError != nil })
+		waitFor(t, 5*time.Second, "the empty reload refused", func() bool { return c.srv.Status().CurrentError != nil })
 		st := c.srv.Status()
-		if st.ConfigVersion != before || len(st.Models) != 1 || !strings.Contains(st.LastError.Message, "refusing to remove every model") {
-			t.Fatalf("after emptying the directory: version %s (was %s), models %d, error %+v", st.ConfigVersion, before, len(st.Models), st.LastError)
+		if st.ConfigVersion != before || len(st.Models) != 1 || !strings.Contains(st.CurrentError.Message, "refusing to remove every model") {
+			t.Fatalf("after emptying the directory: version %s (was %s), models %d, error %+v", st.ConfigVersion, before, len(st.Models), st.CurrentError)
 		}
 		_, body := httpDo(t, http.MethodGet, "http://"+c.adminAddr+"/metrics", "", "")
 		if !strings.Contains(body, "patchbay_xds_empty_reloads_refused_total 1") {
@@ -49,7 +49,7 @@ func TestReloadThatRemovesEveryModelIsRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 		waitFor(t, 5*time.Second, "the empty config applied", func() bool { return c.srv.Version() != before })
-		if st := c.srv.Status(); len(st.Models) != 0 || st.LastError != nil {
+		if st := c.srv.Status(); len(st.Models) != 0 || st.CurrentError != nil {
 			t.Fatalf("with AllowEmpty: %+v", st)
 		}
 	})
@@ -131,7 +131,7 @@ func TestHalfWrittenFileIsNeverServed(t *testing.T) {
 			t.Fatalf("CDS response %d served a half-written file: clusters %v", i, names)
 		}
 	}
-	if st := c.srv.Status(); st.LastError != nil || st.RejectedConfigs != 0 {
-		t.Fatalf("a file still being written was reported as a failure: %+v (%d rejected)", st.LastError, st.RejectedConfigs)
+	if st := c.srv.Status(); st.CurrentError != nil || st.RejectedConfigs != 0 {
+		t.Fatalf("a file still being written was reported as a failure: %+v (%d rejected)", st.CurrentError, st.RejectedConfigs)
 	}
 }
