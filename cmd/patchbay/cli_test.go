@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -30,5 +32,27 @@ func TestValidateCountsInEnglish(t *testing.T) {
 	}
 	if strings.Contains(out, " 1 versions") || strings.Contains(out, " 1 experiments") {
 		t.Errorf("plural after 1:\n%s", out)
+	}
+}
+
+// TestMakeUpHelpSaysWhereEnvoyComesFrom: `make help`'s line for `make up` names the
+// three places `up --envoy auto` looks for Envoy, in the order it tries them.
+func TestMakeUpHelpSaysWhereEnvoyComesFrom(t *testing.T) {
+	t.Parallel()
+	mk, err := os.ReadFile(filepath.Join("..", "..", "Makefile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^up:.*## (.*)$`).FindStringSubmatch(string(mk))
+	if m == nil {
+		t.Fatal("no `up: ## help` line in the Makefile")
+	}
+	line, last := m[1], -1
+	for _, want := range []string{"ENVOY_BIN", "PATH", "func-e download"} {
+		i := strings.Index(line, want)
+		if i < 0 || i < last {
+			t.Errorf("make up's help line should name %q after the places before it: %q", want, line)
+		}
+		last = i
 	}
 }

@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -19,9 +17,8 @@ import (
 )
 
 // runExtproc runs the ext_proc router until ctx ends.
-func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("extproc", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("extproc", "[flags]", "The Envoy ext_proc router: takes its policy from the control plane (--xds) and picks\neach request's model version (sticky buckets, experiment arms).")
 	listen := fs.String("listen", "127.0.0.1:18080", "ext_proc gRPC address (with the gRPC health service)")
 	xdsAddr := fs.String("xds", "127.0.0.1:18000", "control plane ADS address")
 	admin := fs.String("admin", "127.0.0.1:18081", "admin HTTP address: /readyz, /livez, /metrics")
@@ -38,13 +35,11 @@ func runExtproc(ctx context.Context, args []string, stderr io.Writer) error {
 	xdsCA := fs.String("xds-ca", "", "PEM CA bundle that the control plane's certificate must chain to: dial --xds over TLS")
 	xdsCert := fs.String("xds-cert", "", "PEM client certificate presented to the control plane (with --xds-key)")
 	xdsKey := fs.String("xds-key", "", "PEM key of --xds-cert")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("extproc: %v: %w", err, errUsage)
+	if err := parseFlags(fs, args, stdout, stderr); err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
+		fs.Usage()
 		return fmt.Errorf("extproc: unexpected arguments %q: %w", fs.Args(), errUsage)
 	}
 	log, err := telemetry.NewLogger(stderr, *logLevel)

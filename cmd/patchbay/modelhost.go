@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -16,9 +14,8 @@ import (
 )
 
 // runModelhost parses the modelhost flags into modelhost.Config and serves until ctx ends.
-func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("modelhost", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("modelhost", "[flags]", "A model host: serves the model versions in --repository DIR (required; laid out as\n<model>/<version>/model.yaml) over the Open Inference Protocol, REST and gRPC.")
 	repo := fs.String("repository", "", "model repository directory: <model>/<version>/model.yaml (required)")
 	httpAddr := fs.String("http", "127.0.0.1:8000", "OIP REST listen address (also serves /metrics)")
 	grpcAddr := fs.String("grpc", "127.0.0.1:8001", "OIP gRPC listen address")
@@ -33,13 +30,11 @@ func runModelhost(ctx context.Context, args []string, stderr io.Writer) error {
 	maxBody := fs.Int64("max-body-bytes", 8<<20, "largest REST body / gRPC message")
 	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for inference spans (unset: tracing off)")
 	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("modelhost: %v: %w", err, errUsage)
+	if err := parseFlags(fs, args, stdout, stderr); err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
+		fs.Usage()
 		return fmt.Errorf("modelhost: unexpected arguments %q: %w", fs.Args(), errUsage)
 	}
 	if *repo == "" {

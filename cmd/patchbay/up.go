@@ -10,7 +10,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -22,6 +21,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -61,7 +61,7 @@ type upConfig struct {
 // their name. It returns when ctx ends (Ctrl-C), after stopping the children in
 // reverse order (SIGTERM, then SIGKILL after a grace period), or when a child dies.
 func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	cfg, err := parseUp(args, stderr)
+	cfg, err := parseUp(args, stdout, stderr)
 	if err != nil {
 		return err
 	}
@@ -69,9 +69,8 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return u.run(ctx)
 }
 
-func parseUp(args []string, stderr io.Writer) (upConfig, error) {
-	fs := flag.NewFlagSet("up", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+func parseUp(args []string, stdout, stderr io.Writer) (upConfig, error) {
+	fs := newFlags("up", "[flags]", "Runs everything on this machine from the examples: two model hosts, the control plane,\next_proc and, when one can be had, Envoy ($ENVOY_BIN, envoy on PATH, or a func-e\ndownload). Ctrl-C stops them all.")
 	var c upConfig
 	examples := fs.String("examples", "examples", "examples directory: rollouts from DIR/rollouts, model repository DIR/models")
 	fs.StringVar(&c.rollouts, "rollouts", "", "rollout directory (default DIR/rollouts of --examples)")
@@ -95,13 +94,11 @@ func parseUp(args []string, stderr io.Writer) (upConfig, error) {
 	fs.DurationVar(&c.readyTimeout, "ready-timeout", 60*time.Second, "how long each part may take to become ready")
 	fs.DurationVar(&c.envoyTimeout, "envoy-timeout", 5*time.Minute, "how long Envoy may take to be ready (a func-e download included)")
 	fs.DurationVar(&c.stopGrace, "stop-grace", 5*time.Second, "how long a part may take to stop after SIGTERM before it is killed")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return c, err
-		}
-		return c, fmt.Errorf("up: %v: %w", err, errUsage)
+	if err := parseFlags(fs, args, stdout, stderr); err != nil {
+		return c, err
 	}
 	if fs.NArg() > 0 {
+		fs.Usage()
 		return c, fmt.Errorf("up: unexpected arguments %q: %w", fs.Args(), errUsage)
 	}
 	if c.rollouts == "" {
@@ -191,6 +188,9 @@ type upRun struct {
 	served []string // per model host: what it serves, for the banner
 	tls    *upTLS   // with --tls: the throwaway PKI
 	client *http.Client
+	// funceOptions are added to func-e's options (tests point its download at a
+	// local server).
+	funceOptions []funceapi.RunOption
 }
 
 func (u *upRun) run(ctx context.Context) (err error) {
@@ -535,13 +535,25 @@ func (u *upRun) waitReady(ctx context.Context, p *part, url string, timeout time
 		case <-ctx.Done():
 			return nil
 		case <-p.done:
-			return fmt.Errorf("up: %s exited before it was ready: %v (its log is above)", p.name, p.err)
+			return &exitedError{name: p.name, err: p.err}
 		case <-deadline.C:
 			return fmt.Errorf("up: %s not ready after %v: GET %s: %s", p.name, timeout, url, last)
 		case <-tick.C:
 		}
 	}
 }
+
+// exitedError: a part ended before it was ready.
+type exitedError struct {
+	name string
+	err  error
+}
+
+func (e *exitedError) Error() string {
+	return fmt.Sprintf("up: %s exited before it was ready: %v (its log is above)", e.name, e.err)
+}
+
+func (e *exitedError) Unwrap() error { return e.err }
 
 // stopAll stops the parts in reverse start order.
 func (u *upRun) stopAll() {
@@ -618,10 +630,10 @@ func (u *upRun) startEnvoy(ctx context.Context) (bool, string) {
 		return true, ""
 	}
 	if !c.download {
-		return false, envoyMissing("and --envoy-download=false")
+		return false, envoyMissing("not tried (--envoy-download=false)")
 	}
 	if err := u.startFuncE(ctx, args, ready); err != nil {
-		return false, envoyMissing(fmt.Sprintf("and func-e could not fetch Envoy %s: %v", envoy.Version(), err))
+		return false, envoyMissing(err.Error())
 	}
 	return true, ""
 }
@@ -654,13 +666,22 @@ func (u *upRun) startFuncE(ctx context.Context, args []string, ready string) err
 	u.log.printf("up", "no Envoy on ENVOY_BIN or PATH: asking func-e for Envoy %s (downloads once)", envoy.Version())
 	runCtx, cancel := context.WithCancel(context.Background())
 	w := u.log.writer("envoy")
+	// Whether Envoy itself printed anything: when func-e fails before Envoy runs (a
+	// download that fails), there is no Envoy log to point at.
+	var envoyWrote atomic.Bool
+	ew := writerFunc(func(b []byte) (int, error) {
+		if len(b) > 0 {
+			envoyWrote.Store(true)
+		}
+		return w.Write(b)
+	})
+	opts := append([]funceapi.RunOption{funceapi.EnvoyVersion(envoy.Version()),
+		funceapi.Out(w), funceapi.EnvoyOut(ew), funceapi.EnvoyErr(ew)}, u.funceOptions...)
 	p := &part{name: "envoy", done: make(chan struct{})}
 	p.signal = func(os.Signal) error { cancel(); return nil }
 	p.kill = func() error { cancel(); return nil }
 	go func() {
-		p.err = funce.Run(runCtx, args,
-			funceapi.EnvoyVersion(envoy.Version()),
-			funceapi.Out(w), funceapi.EnvoyOut(w), funceapi.EnvoyErr(w))
+		p.err = funce.Run(runCtx, args, opts...)
 		if p.err == nil {
 			p.err = errors.New("envoy exited")
 		}
@@ -672,19 +693,39 @@ func (u *upRun) startFuncE(ctx context.Context, args []string, ready string) err
 	if err := u.waitReady(ctx, p, ready, u.cfg.envoyTimeout); err != nil {
 		u.parts = u.parts[:len(u.parts)-1]
 		p.stop(u.cfg.stopGrace)
-		return err
+		var exited *exitedError
+		switch {
+		case errors.As(err, &exited) && !envoyWrote.Load():
+			return fmt.Errorf("could not get Envoy %s running, and Envoy never printed a line: %v\n"+
+				"     (func-e downloads Envoy once, from archive.tetratelabs.io: check that this machine\n"+
+				"     can reach it; behind a proxy, set HTTPS_PROXY)", envoy.Version(), exited.err)
+		case errors.As(err, &exited):
+			return fmt.Errorf("ran Envoy %s, which exited before it was ready: %v (its log is above, lines prefixed \"envoy\")", envoy.Version(), exited.err)
+		}
+		return fmt.Errorf("ran Envoy %s: %w", envoy.Version(), err)
 	}
 	return nil
 }
 
-func envoyMissing(why string) string {
+// writerFunc is an io.Writer made of a function.
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
+
+// envoyMissing is the note when --envoy auto found no Envoy: what was tried, in order
+// (funceStep says how the func-e step went), and what to do next.
+func envoyMissing(funceStep string) string {
 	v := envoy.Version()
-	return fmt.Sprintf(`Envoy is not running: ENVOY_BIN is not set and there is no envoy on PATH, %s.
-Get Envoy %[2]s (the release patchbay is tested with), then run patchbay up again:
+	return fmt.Sprintf(`Envoy is not running. Tried, in order:
+  1. $ENVOY_BIN: not set
+  2. envoy on PATH: none found
+  3. func-e: %s
+Next: get Envoy %[2]s (the release patchbay is tested with) and run patchbay up again,
+with ENVOY_BIN set (or --envoy PATH):
   func-e:  go install github.com/tetratelabs/func-e/cmd/func-e@latest && func-e use %[2]s && export ENVOY_BIN="$(func-e which)"
   docker:  docker create --name envoy envoyproxy/envoy:v%[2]s && docker cp envoy:/usr/local/bin/envoy ./envoy && docker rm envoy && export ENVOY_BIN="$PWD/envoy"
 Still running without it: the model hosts (OIP REST and gRPC), the control plane (proxyless
-gRPC clients route through it) and ext_proc.`, why, v)
+gRPC clients route through it) and ext_proc.`, funceStep, v)
 }
 
 // writeGRPCBootstrap writes the xDS bootstrap a proxyless gRPC client needs. With --tls

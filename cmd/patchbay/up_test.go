@@ -283,12 +283,12 @@ func TestUpFlags(t *testing.T) {
 		{[]string{"--examples", examples, "--modelhost-admin", "127.0.0.1:1"}, "--modelhost-admin 1"},
 		{[]string{"--examples", examples, "extra"}, "unexpected arguments"},
 	} {
-		_, err := parseUp(tc.args, io.Discard)
+		_, err := parseUp(tc.args, io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, errUsage) {
 			t.Errorf("parseUp(%q) = %v, want a usage error containing %q", tc.args, err, tc.want)
 		}
 	}
-	c, err := parseUp([]string{"--examples", examples}, io.Discard)
+	c, err := parseUp([]string{"--examples", examples}, io.Discard, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -395,7 +395,7 @@ func TestExampleRollouts(t *testing.T) {
 		t.Errorf("recs traffic %v, want 100%% v1", recs.Traffic)
 	}
 	// Their endpoints are the hosts `up` starts by default.
-	c, err := parseUp([]string{"--examples", filepath.Join("..", "..", "examples")}, io.Discard)
+	c, err := parseUp([]string{"--examples", filepath.Join("..", "..", "examples")}, io.Discard, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}

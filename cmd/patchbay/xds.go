@@ -22,9 +22,8 @@ import (
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
-func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := flag.NewFlagSet("patchbay xds", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("xds", "[flags]", "The xDS control plane: watches the rollout files in --rollouts DIR (required) and\nserves their config over ADS to Envoy (edge and sidecar), ext_proc routers and\nproxyless gRPC clients.")
 	var (
 		dir        = fs.String("rollouts", "", "directory of rollout files to watch (required)")
 		listen     = fs.String("listen", "127.0.0.1:18000", "ADS gRPC address (Envoy, proxyless gRPC, ext_proc)")
@@ -54,8 +53,8 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	fs.Var(&peerRoles, "peer-role", "URI=role: give client certificates with this URI SAN a role (edge, sidecar, grpc, extproc, operator); repeatable")
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %w", errUsage, err)
+	if err := parseFlags(fs, args, stdout, stderr); err != nil {
+		return err
 	}
 	roles := map[string]string{}
 	for _, pr := range peerRoles {
@@ -120,9 +119,20 @@ func runXDS(ctx context.Context, args []string, stderr io.Writer) error {
 	return srv.Run(ctx, gl, al)
 }
 
+const rolloutUsage = `Usage: patchbay rollout <command> [arguments] [flags]
+
+Rollout tools.
+
+Commands:
+  validate PATH...        check rollout files (or directories of them) as the control plane would
+  rollback MODEL [flags]  send all of MODEL's traffic to its last known-good split (or --version V)
+
+Run 'patchbay rollout <command> -h' for a command's arguments and flags.
+`
+
 func runRollout(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: patchbay rollout validate PATH... | patchbay rollout rollback MODEL --admin URL [--token-file F] [--version V]")
+		fmt.Fprint(stderr, rolloutUsage)
 		return fmt.Errorf("rollout: no subcommand: %w", errUsage)
 	}
 	switch args[0] {
@@ -130,13 +140,23 @@ func runRollout(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return validateRollouts(args[1:], stdout, stderr)
 	case "rollback":
 		return rollback(ctx, args[1:], stdout, stderr)
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stdout, rolloutUsage)
+		return flag.ErrHelp
 	default:
+		fmt.Fprint(stderr, rolloutUsage)
 		return fmt.Errorf("rollout: unknown subcommand %q: %w", args[0], errUsage)
 	}
 }
 
-func validateRollouts(paths []string, stdout, stderr io.Writer) error {
+func validateRollouts(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("rollout validate", "PATH...", "Checks rollout files, and directories of them, with the control plane's loader, and\nreports every problem with its file:line. Exit status 1 when any file is invalid.")
+	if err := parseFlags(fs, args, stdout, stderr); err != nil {
+		return err
+	}
+	paths := fs.Args()
 	if len(paths) == 0 {
+		fs.Usage()
 		return fmt.Errorf("rollout validate: name at least one file or directory: %w", errUsage)
 	}
 	set, err := rollout.LoadFiles(paths...)
@@ -151,8 +171,7 @@ func validateRollouts(paths []string, stdout, stderr io.Writer) error {
 }
 
 func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("patchbay rollout rollback", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlags("rollout rollback", "MODEL [flags]", "Asks the control plane (--admin) to send all of MODEL's traffic to its last known-good\nsplit, or to --version V; --release ends a rollback in force. MODEL may come before or\nafter the flags.")
 	admin := fs.String("admin", "http://127.0.0.1:18001", "control plane admin URL")
 	tokenFile := fs.String("token-file", "", "file holding the admin bearer token (or set PATCHBAY_ADMIN_TOKEN)")
 	version := fs.String("version", "", "send 100% to this version (default: the last known-good split)")
@@ -165,8 +184,8 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		model, args = args[0], args[1:]
 	}
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %w", errUsage, err)
+	if err := parseFlags(fs, args, stdout, stderr); err != nil {
+		return err
 	}
 	if model == "" && fs.NArg() == 1 {
 		model = fs.Arg(0)
