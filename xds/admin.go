@@ -73,7 +73,9 @@ func (s *Server) auth(next http.HandlerFunc) http.HandlerFunc {
 		}
 		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="patchbay"`)
-			writeJSON(w, http.StatusUnauthorized, errorBody("missing or wrong bearer token"))
+			writeJSON(w, http.StatusUnauthorized, errorBody(`missing or wrong bearer token: send "Authorization: Bearer TOKEN" `+
+				"with the token in the control plane's --admin-token-file (patchbay rollout rollback: --token-file FILE, "+
+				"or set the PATCHBAY_ADMIN_TOKEN environment variable)"))
 			return
 		}
 		next(w, r)
@@ -174,7 +176,10 @@ func (s *Server) Rollback(ctx context.Context, model, version string) (*Rollback
 			found, fromIndex = t, i
 		}
 		if found == nil {
-			return nil, http.StatusConflict, fmt.Errorf("model %q has no earlier split to go back to: name a version", model)
+			v := file.Versions[0].Name
+			return nil, http.StatusConflict, fmt.Errorf("model %q has no earlier split to go back to: name the version to send all "+
+				`traffic to: POST {"version": %q} (patchbay rollout rollback %s --version %s); its versions: %s`,
+				model, v, model, v, versionNames(file))
 		}
 		target.Traffic = found
 		reason = "last known-good split"
@@ -293,6 +298,14 @@ func hasVersion(r *rollout.Rollout, v string) bool {
 		}
 	}
 	return false
+}
+
+func versionNames(r *rollout.Rollout) string {
+	names := make([]string, len(r.Versions))
+	for i, v := range r.Versions {
+		names[i] = v.Name
+	}
+	return strings.Join(names, ", ")
 }
 
 // versionsExist reports whether every version with traffic is still in the rollout.
