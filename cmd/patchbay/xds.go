@@ -196,8 +196,9 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if !rollout.ValidModelName(model) {
 		return fmt.Errorf("rollout rollback: %q is not a model name: %w", model, errUsage)
 	}
-	token := os.Getenv("PATCHBAY_ADMIN_TOKEN")
+	token, tokenFrom := os.Getenv("PATCHBAY_ADMIN_TOKEN"), "PATCHBAY_ADMIN_TOKEN"
 	if *tokenFile != "" {
+		tokenFrom = "--token-file " + *tokenFile
 		b, err := os.ReadFile(*tokenFile)
 		if err != nil {
 			return fmt.Errorf("token: %w", err)
@@ -236,7 +237,21 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	defer resp.Body.Close()
 	out, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("rollback: %s: %s", resp.Status, strings.TrimSpace(string(out)))
+		msg := strings.TrimSpace(string(out))
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(out, &e) == nil && e.Error != "" {
+			msg = e.Error
+		}
+		if resp.StatusCode == http.StatusUnauthorized {
+			if token == "" {
+				msg += "\nno token was sent: pass --token-file FILE (the file of the control plane's --admin-token-file) or set PATCHBAY_ADMIN_TOKEN"
+			} else {
+				msg += "\nthe token from " + tokenFrom + " was refused: it must be the content of the control plane's --admin-token-file"
+			}
+		}
+		return fmt.Errorf("rollback: %s: %s", resp.Status, msg)
 	}
 	_, err = stdout.Write(out)
 	return err
