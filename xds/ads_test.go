@@ -2,6 +2,7 @@ package xds
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/internal/envoyvalidate"
+	"github.com/patchbay-io/patchbay/test/harness"
 )
 
 func adsStream(t *testing.T, c *cp) discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient {
@@ -189,50 +191,32 @@ func TestEnvoyNodeGetsValidConfig(t *testing.T) {
 }
 
 // TestNACKDoesNotStorm: a client that rejects every response gets the rejected version
-// once, not again and again; the next real change still reaches it.
+// once, not again and again; the next real change still reaches it. The same client against
+// the same server with the guard unwrapped (go-control-plane's caches alone) is measured too,
+// so the test shows what the guard prevents: a resend storm at least 100x the guarded rate.
 func TestNACKDoesNotStorm(t *testing.T) {
-	dir := t.TempDir()
-	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001"}, "{v1: 100}", ""))
-	c := startCP(t, dir)
+	const window = time.Second
 	for _, typ := range []string{resource.ClusterType, policyv1.TypeURL} {
 		t.Run(typ, func(t *testing.T) {
-			s := adsStream(t, c)
-			n := envoyNode("edge")
-			if typ == policyv1.TypeURL {
-				n = &corev3.Node{Id: "extproc-1", UserAgentName: policyv1.ExtprocUserAgent}
+			dir := t.TempDir()
+			writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001"}, "{v1: 100}", ""))
+			guarded := startCP(t, dir)
+			unguarded := &cp{t: t, dir: t.TempDir(), grpcAddr: "127.0.0.1:0", adminAddr: "127.0.0.1:0", logs: &harness.Buffer{},
+				beforeRun: func(s *Server) { s.cache = s.cache.(*nackGuard).Cache }}
+			writeFile(t, unguarded.dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001"}, "{v1: 100}", ""))
+			unguarded.start()
+			t.Cleanup(unguarded.stop)
+
+			withGuard, got, first := nackStorm(t, guarded, typ, window)
+			without, _, _ := nackStorm(t, unguarded, typ, window)
+			unguarded.stop() // end its storm before the rest of the test
+			rate := func(n int) float64 { return float64(n) / window.Seconds() }
+			t.Logf("always-NACKing client: %.0f responses/s with the NACK guard, %.0f responses/s without it", rate(withGuard), rate(without))
+			if withGuard > 1 {
+				t.Fatalf("%d responses in %s to an always-NACKing client with the guard, want at most 1", withGuard, window)
 			}
-			first := fetch(t, s, n, typ)
-			// NACK it, and keep NACKing whatever arrives, for one second.
-			responses := 0
-			got := make(chan *discoveryv3.DiscoveryResponse, 100)
-			go func() {
-				for {
-					r, err := s.Recv()
-					if err != nil {
-						close(got)
-						return
-					}
-					got <- r
-				}
-			}()
-			nack := func(r *discoveryv3.DiscoveryResponse) {
-				_ = s.Send(&discoveryv3.DiscoveryRequest{Node: n, TypeUrl: typ, ResponseNonce: r.GetNonce(),
-					ErrorDetail: &statuspb.Status{Code: 3, Message: "test client rejects everything"}})
-			}
-			nack(first)
-			deadline := time.After(time.Second)
-		loop:
-			for {
-				select {
-				case r := <-got:
-					responses++
-					nack(r)
-				case <-deadline:
-					break loop
-				}
-			}
-			if responses > 1 {
-				t.Fatalf("%d responses in 1s to an always-NACKing client, want at most 1", responses)
+			if without < 100*max(withGuard, 1) {
+				t.Fatalf("without the guard only %d responses in %s (with it %d): the test no longer shows a storm to guard against", without, window, withGuard)
 			}
 			// A real change is still delivered.
 			writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001"}, "{v1: 100}", "timeout: "+time.Duration(1+len(typ)%7).String()+"\n"))
@@ -246,6 +230,55 @@ func TestNACKDoesNotStorm(t *testing.T) {
 			}
 		})
 	}
+}
+
+// nackStorm opens an ADS stream to c, fetches typ and NACKs every response for window. It
+// returns how many responses came in the window, the channel later responses arrive on (each
+// still NACKed) and the first response.
+func nackStorm(t *testing.T, c *cp, typ string, window time.Duration) (int, <-chan *discoveryv3.DiscoveryResponse, *discoveryv3.DiscoveryResponse) {
+	t.Helper()
+	s := adsStream(t, c)
+	n := envoyNode("edge")
+	if typ == policyv1.TypeURL {
+		n = &corev3.Node{Id: "extproc-1", UserAgentName: policyv1.ExtprocUserAgent}
+	}
+	first := fetch(t, s, n, typ)
+	nack := func(r *discoveryv3.DiscoveryResponse) {
+		_ = s.Send(&discoveryv3.DiscoveryRequest{Node: n, TypeUrl: typ, ResponseNonce: r.GetNonce(),
+			ErrorDetail: &statuspb.Status{Code: 3, Message: "test client rejects everything"}})
+	}
+	var mu sync.Mutex
+	counting, responses := true, 0
+	got := make(chan *discoveryv3.DiscoveryResponse, 16)
+	go func() {
+		defer close(got)
+		for {
+			r, err := s.Recv()
+			if err != nil {
+				return
+			}
+			nack(r) // keep rejecting whatever arrives
+			mu.Lock()
+			c := counting
+			if c {
+				responses++
+			}
+			mu.Unlock()
+			if !c {
+				select {
+				case got <- r:
+				default: // nobody reads a storm after the window
+				}
+			}
+		}
+	}()
+	nack(first)
+	time.Sleep(window)
+	mu.Lock()
+	counting = false
+	n2 := responses
+	mu.Unlock()
+	return n2, got, first
 }
 
 // TestExtprocGetsPolicyInSync: the policy resource carries the same version as the Envoy

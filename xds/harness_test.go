@@ -38,6 +38,7 @@ type cp struct {
 	logs      *harness.Buffer
 	stateFile string
 	configure func(*Config) // optional: adjust the config before New
+	beforeRun func(*Server) // optional: adjust the server between New and Run
 }
 
 func startCP(t testing.TB, dir string) *cp { return startCPWith(t, dir, nil) }
@@ -89,6 +90,9 @@ func (c *cp) start() {
 	srv, err := New(cfg)
 	if err != nil {
 		c.t.Fatal(err)
+	}
+	if c.beforeRun != nil {
+		c.beforeRun(srv)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c.srv, c.cancel, c.done = srv, cancel, make(chan error, 1)
