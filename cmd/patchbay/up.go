@@ -823,8 +823,16 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	fmt.Fprintf(&b, "  %s -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, churn, c.hostGRPC[0])
 	fmt.Fprintf(&b, "  # the model repository API lives only on a host's admin listener, behind the token\n")
 	fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.hostAdmin[0], "/v2/repository/index"))
-	fmt.Fprintf(&b, "  # proxyless gRPC: a gRPC client with xDS support routes itself, no Envoy\n")
-	fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s  then dial xds:///churn\n", grpcBootstrap)
+	fmt.Fprintf(&b, "  # proxyless gRPC, no Envoy: a gRPC client with xDS support (grpcurl, grpc-go) reads the bootstrap\n")
+	fmt.Fprintf(&b, "  # and routes itself through the control plane's split; dial xds:///<model> for each model\n")
+	recsGRPC := `{"model_name":"recs","inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"contents":{"int64_contents":[42]}}]}`
+	for _, body := range []string{rankerGRPC, churn, recsGRPC} {
+		var req struct {
+			Model string `json:"model_name"`
+		}
+		_ = json.Unmarshal([]byte(body), &req)
+		fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s %s -d '%s' xds:///%s inference.GRPCInferenceService/ModelInfer\n", grpcBootstrap, grpcurl, body, req.Model)
+	}
 	if u.tls != nil {
 		fmt.Fprintf(&b, "  (mTLS to the control plane from the bootstrap's tls channel credentials; dial with xDS credentials,\n")
 		fmt.Fprintf(&b, "   google.golang.org/grpc/credentials/xds, for mTLS to the model hosts from its %q certificate provider)\n", grpcCertProvider)
@@ -832,7 +840,8 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	fmt.Fprintf(&b, "  # control plane: state, then an instant rollback; or edit %s (live in milliseconds)\n", c.rollouts)
 	fmt.Fprintf(&b, "  %s -s %s\n", curl, u.url(c.xdsAdmin, "/status"))
 	fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.xdsAdmin, "/v1/models/ranker/rollback"))
-	fmt.Fprintf(&b, "\nCtrl-C stops everything.\n")
+	fmt.Fprintf(&b, "  # no grpcurl? go install github.com/fullstorydev/grpcurl/cmd/grpcurl@latest  (run the lines from the repository root: -import-path api/oip)\n")
+	fmt.Fprintf(&b, "\nCtrl-C stops everything (or kill -INT %d, this process).\n", os.Getpid())
 	fmt.Fprint(u.stdout, b.String())
 }
 

@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	xdsresolver "google.golang.org/grpc/xds"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/patchbay-io/patchbay/api/oip"
+)
+
+// TestUpTourLinesRun runs every command `patchbay up` prints under "Try:" (without
+// Envoy, so the lines through Envoy are not printed): curl lines with the real curl
+// through bash, exactly as printed; grpcurl lines (grpcurl is not needed here) split
+// into words by bash and replayed with grpc-go: same target, -H headers, method and
+// -d body (protojson into the OIP request). The proxyless lines dial xds:///<model>
+// with the bootstrap up wrote, and there is one for every example model.
+func TestUpTourLinesRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and starts the patchbay binary")
+	}
+	if _, err := exec.LookPath("bash"); err != nil {
+		t.Skip("bash is needed to split the printed lines as a shell does")
+	}
+	u := startUpForTest(t)
+	root, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := tryLines(t, u.banner)
+	if !strings.Contains(u.banner, "go install github.com/fullstorydev/grpcurl/cmd/grpcurl@latest") {
+		t.Error("banner does not say how to install grpcurl")
+	}
+	// The rollback line needs an earlier split: make the edit the banner suggests first.
+	m := regexp.MustCompile(`or edit (\S+) \(live`).FindStringSubmatch(u.banner)
+	if m == nil {
+		t.Fatal("banner does not name the rollout directory to edit")
+	}
+	rankerFile := filepath.Join(m[1], "ranker.yaml")
+	b, err := os.ReadFile(rankerFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edited := strings.Replace(strings.Replace(string(b), "v7: 90", "v7: 50", 1), "v8: 10", "v8: 50", 1)
+	if edited == string(b) {
+		t.Fatal("ranker.yaml has no 90/10 split to edit")
+	}
+	if err := os.WriteFile(rankerFile, []byte(edited), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	var proxyless []string
+	ran := 0
+	for _, line := range lines {
+		switch {
+		case strings.HasPrefix(line, "curl "):
+			runCurlLine(t, root, line)
+		case strings.Contains(line, "grpcurl "):
+			model := replayGRPCurl(t, root, line)
+			if strings.Contains(line, "xds:///") {
+				proxyless = append(proxyless, model)
+			}
+		default:
+			t.Errorf("printed line is neither curl nor grpcurl, so this test cannot run it: %s", line)
+			continue
+		}
+		ran++
+	}
+	if ran < 6 {
+		t.Errorf("ran %d lines, want at least 6:\n%s", ran, strings.Join(lines, "\n"))
+	}
+	files, _ := filepath.Glob(filepath.Join(root, "examples", "rollouts", "*.yaml"))
+	var models []string
+	for _, f := range files {
+		models = append(models, strings.TrimSuffix(filepath.Base(f), ".yaml"))
+	}
+	slices.Sort(models)
+	slices.Sort(proxyless)
+	if len(models) == 0 || !slices.Equal(models, proxyless) {
+		t.Errorf("proxyless lines dial %v, want one per example model %v", proxyless, models)
+	}
+}
+
+// tryLines are the command lines under "Try:" (comments left out).
+func tryLines(t *testing.T, banner string) []string {
+	t.Helper()
+	_, try, ok := strings.Cut(banner, "\nTry:\n")
+	if !ok {
+		t.Fatalf("banner has no Try: section:\n%s", banner)
+	}
+	var out []string
+	for _, l := range strings.Split(try, "\n") {
+		if !strings.HasPrefix(l, "  ") {
+			break // the section ends at the first unindented line
+		}
+		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// runCurlLine runs a printed curl line with bash, as printed, and fails on a non-zero
+// exit or an OIP/admin error answer. A rollback retries (bounded) until the control
+// plane has applied the edit that gives it an earlier split.
+func runCurlLine(t *testing.T, root, line string) {
+	t.Helper()
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("curl is not on PATH")
+	}
+	var out []byte
+	var err error
+	for range 50 {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		cmd := exec.CommandContext(ctx, "bash", "-c", line)
+		cmd.Dir = root
+		out, err = cmd.CombinedOutput()
+		cancel()
+		if err == nil && !strings.Contains(string(out), `"error"`) {
+			t.Logf("ran: %s\n  -> %.200s", line, out)
+			return
+		}
+		if !strings.Contains(line, "/rollback") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Errorf("printed line failed: %s\n  err=%v\n  output: %s", line, err, out)
+}
+
+// replayGRPCurl splits a printed grpcurl line with bash (quotes and $(...) as a shell
+// does them), checks the flags and files it names, and makes the same call with
+// grpc-go. It returns the request's model name.
+func replayGRPCurl(t *testing.T, root, line string) string {
+	t.Helper()
+	env, cmdline, _ := strings.Cut(line, "grpcurl ")
+	env = strings.TrimSpace(env)
+	out, err := exec.Command("bash", "-c", "printf '%s\\0' "+cmdline).Output()
+	if err != nil {
+		t.Fatalf("bash cannot split %q: %v", line, err)
+	}
+	words := strings.Split(strings.TrimSuffix(string(out), "\x00"), "\x00")
+	var md []string
+	var body, importPath, proto string
+	var pos []string
+	for i := 0; i < len(words); i++ {
+		w := words[i]
+		next := func() string {
+			if i+1 >= len(words) {
+				t.Fatalf("%s has no value in %q", w, line)
+			}
+			i++
+			return words[i]
+		}
+		switch w {
+		case "-plaintext", "-v":
+		case "-H":
+			k, v, ok := strings.Cut(next(), ":")
+			if !ok {
+				t.Fatalf("bad -H in %q", line)
+			}
+			md = append(md, strings.TrimSpace(k), strings.TrimSpace(v))
+		case "-d":
+			body = next()
+		case "-import-path":
+			importPath = next()
+		case "-proto":
+			proto = next()
+		default:
+			if strings.HasPrefix(w, "-") {
+				t.Fatalf("grpcurl flag %s in %q is not replayed by this test", w, line)
+			}
+			pos = append(pos, w)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, importPath, proto)); err != nil || proto == "" {
+		t.Errorf("grpcurl line names proto %q in %q, not found from the repository root: %v", proto, importPath, err)
+	}
+	if len(pos) != 2 {
+		t.Fatalf("want TARGET METHOD in %q, got %q", line, pos)
+	}
+	target, method := pos[0], pos[1]
+	var req oip.ModelInferRequest
+	if err := protojson.Unmarshal([]byte(body), &req); err != nil {
+		t.Fatalf("-d body of %q is not an OIP ModelInferRequest: %v", line, err)
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if strings.HasPrefix(target, "xds:///") {
+		bootstrap, ok := strings.CutPrefix(env, "GRPC_XDS_BOOTSTRAP=")
+		if !ok {
+			t.Fatalf("proxyless line does not set GRPC_XDS_BOOTSTRAP: %s", line)
+		}
+		js, err := os.ReadFile(bootstrap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := xdsresolver.NewXDSResolverWithConfigForTesting(js)
+		if err != nil {
+			t.Fatalf("grpc-go rejects up's xDS bootstrap: %v", err)
+		}
+		opts = append(opts, grpc.WithResolvers(r))
+	} else if env != "" {
+		t.Errorf("unexpected prefix %q on %s", env, line)
+	}
+	conn, err := grpc.NewClient(target, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ctx = metadata.AppendToOutgoingContext(ctx, md...)
+	var resp oip.ModelInferResponse
+	if err := conn.Invoke(ctx, "/"+method, &req, &resp, grpc.WaitForReady(true)); err != nil {
+		t.Errorf("printed line failed: %s\n  %v", line, err)
+		return req.ModelName
+	}
+	if resp.ModelName != req.ModelName || len(resp.Outputs) == 0 {
+		t.Errorf("%s answered %v", line, &resp)
+	}
+	t.Logf("replayed: %s\n  -> model %s version %s", line, resp.ModelName, resp.ModelVersion)
+	return req.ModelName
+}
