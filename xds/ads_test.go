@@ -2,6 +2,8 @@ package xds
 
 import (
 	"context"
+	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -302,7 +304,8 @@ func TestExtprocGetsPolicyInSync(t *testing.T) {
 	}
 }
 
-// TestDeltaADS: an incremental xDS client gets the same clusters.
+// TestDeltaADS: an incremental xDS client gets the same clusters, and after an edit that
+// keeps v1, drops v2 and adds v3 it is sent only the change: v3's cluster, and v2's removal.
 func TestDeltaADS(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001", "v2": "127.0.0.1:9002"}, "{v1: 50, v2: 50}", ""))
@@ -312,7 +315,7 @@ func TestDeltaADS(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
 	if err != nil {
@@ -325,8 +328,45 @@ func TestDeltaADS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r.GetResources()) != 2 {
-		t.Fatalf("delta CDS gave %d clusters, want 2", len(r.GetResources()))
+	names := func(r *discoveryv3.DeltaDiscoveryResponse) []string {
+		var out []string
+		for _, res := range r.GetResources() {
+			out = append(out, res.GetName())
+		}
+		sort.Strings(out)
+		return out
+	}
+	first := names(r)
+	if len(first) != 2 || len(r.GetRemovedResources()) != 0 {
+		t.Fatalf("delta CDS gave %v (removed %v), want 2 clusters and no removals", first, r.GetRemovedResources())
+	}
+	var v1, v2 string
+	for _, n := range first {
+		switch {
+		case strings.Contains(n, "_v1"):
+			v1 = n
+		case strings.Contains(n, "_v2"):
+			v2 = n
+		}
+	}
+	if v1 == "" || v2 == "" {
+		t.Fatalf("clusters %v: want one for v1 and one for v2", first)
+	}
+	// ACK, then edit: v1 unchanged, v2 gone, v3 new.
+	if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: envoyNode("edge"), TypeUrl: resource.ClusterType, ResponseNonce: r.GetNonce()}); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001", "v3": "127.0.0.1:9003"}, "{v1: 50, v3: 50}", ""))
+	r, err = s.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strings.Replace(v2, "_v2", "_v3", 1)
+	if got := names(r); len(got) != 1 || got[0] != want {
+		t.Fatalf("after the edit delta CDS sent %v, want only the new cluster %s (not the unchanged %s)", got, want, v1)
+	}
+	if rm := r.GetRemovedResources(); len(rm) != 1 || rm[0] != v2 {
+		t.Fatalf("after the edit delta CDS removed %v, want [%s]", rm, v2)
 	}
 }
 
