@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"flag"
 	"fmt"
+	"image/color"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,29 +23,83 @@ import (
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
 )
 
 // suite is one `go test -bench` invocation.
 type suite struct {
-	title string
-	pkg   string
-	bench string
-	time  string
+	title    string
+	pkg      string
+	bench    string
+	time     string
+	benchmem bool
 }
 
+// args is the suite's `go test` command line after "go".
+func (s suite) args() []string {
+	a := []string{"test", "-run", "^$", "-bench", s.bench, "-benchtime", s.time, "-count", "1"}
+	if s.benchmem {
+		a = append(a, "-benchmem")
+	}
+	return append(a, s.pkg)
+}
+
+// command is the suite's command line as a person would type it.
+func (s suite) command() string {
+	a := s.args()
+	a[2], a[4] = "'^$'", "'"+s.bench+"'"
+	return "go " + strings.Join(a, " ")
+}
+
+// suites are every suite `make bench` runs; the report's header lists them again.
 var suites = []suite{
-	{"control plane", "./xds/", "Translate1000x3|EditToRoute|MemoryPer1000Models", "1x"},
-	{"ext_proc vs floor, mTLS on vs off", "./test/bench/extproc/", "ExtprocVsFloor|ExtprocMTLS", "1x"},
-	{"model host", "./test/bench/modelhost/", ".", "2000x"},
-	{"whole chain", "./test/e2e/", ".", "1x"},
-	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x"},
+	{"control plane", "./xds/", "Translate1000x3|EditToRoute|MemoryPer1000Models", "1x", false},
+	{"ext_proc decision alone", "./extproc/internal/assign/", "^BenchmarkDecide$", "1s", true},
+	{"ext_proc vs floor, mTLS on vs off", "./test/bench/extproc/", "ExtprocVsFloor|ExtprocMTLS", "1x", false},
+	{"model host", "./test/bench/modelhost/", ".", "2000x", false},
+	{"whole chain", "./test/e2e/", ".", "1x", false},
+	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x", false},
 }
 
 // result is one benchmark line: its name and metrics by unit.
 type result struct {
 	name    string
 	metrics map[string]float64
-	logs    []string
+}
+
+// row is one line of the report's table and one bar of its chart.
+type row struct {
+	what, figure, baseline string
+	value                  float64 // the plotted value: a ratio, or a cost in unit
+	ok                     bool    // false: not measured in this run
+	unit                   string  // "ratio", or the cost's unit ("ms", "µs", "ns/decision", ...)
+	format                 string  // how value is printed, e.g. "%.2f"
+	better                 string  // "higher" or "lower"
+	goal                   float64 // 0: no goal; otherwise the goal for value (≥ when better is higher)
+}
+
+// valueText is the value as the table and the bar label print it.
+func (r row) valueText() string {
+	if !r.ok {
+		return "not measured"
+	}
+	s := fmt.Sprintf(r.format, r.value)
+	if r.unit != "ratio" {
+		s += " " + r.unit
+	}
+	return s
+}
+
+// goalText is the goal as the table prints it.
+func (r row) goalText() string {
+	if r.goal == 0 {
+		return ""
+	}
+	if r.better == "lower" {
+		return fmt.Sprintf("≤ %.2f", r.goal)
+	}
+	return fmt.Sprintf("≥ %.2f", r.goal)
 }
 
 func main() {
@@ -63,14 +118,15 @@ func run(out string) error {
 	var (
 		all []result
 		raw bytes.Buffer
+		ran []string
 	)
 	for _, s := range suites {
 		fmt.Fprintf(os.Stderr, "running %s (%s)...\n", s.title, s.pkg)
-		cmd := exec.Command("go", "test", "-run", "^$", "-bench", s.bench, "-benchtime", s.time, "-count", "1", s.pkg)
+		cmd := exec.Command("go", s.args()...)
 		var buf bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &buf, &buf
 		err := cmd.Run()
-		fmt.Fprintf(&raw, "### %s: `go test -run '^$' -bench '%s' -benchtime %s %s`\n\n```\n", s.title, s.bench, s.time, s.pkg)
+		fmt.Fprintf(&raw, "### %s: `%s`\n\n```\n", s.title, s.command())
 		for _, l := range strings.Split(buf.String(), "\n") {
 			if strings.HasPrefix(strings.TrimSpace(l), "{") {
 				continue // process JSON logs
@@ -78,144 +134,330 @@ func run(out string) error {
 			raw.WriteString(l + "\n")
 		}
 		raw.WriteString("```\n\n")
+		status := "ok"
 		if err != nil {
 			fmt.Fprintf(&raw, "(suite failed: %v)\n\n", err)
+			status = fmt.Sprintf("**failed: %v**", err)
 		}
+		ran = append(ran, fmt.Sprintf("%s — `%s` (%s)", s.title, s.command(), status))
 		all = append(all, parse(buf.String())...)
 	}
-	get := func(bench, unit string) (float64, bool) {
-		for _, r := range all {
-			if strings.HasPrefix(r.name, bench) {
-				v, ok := r.metrics[unit]
-				return v, ok
-			}
+	rows := buildRows(all)
+
+	var md strings.Builder
+	fmt.Fprintf(&md, "# patchbay benchmark report\n\nTaken %s on %s; Go %s; commit %s.\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"), machine(), runtime.Version(), commit())
+	fmt.Fprintf(&md, "The %d suites that ran, in order (these and no others):\n\n", len(ran))
+	for i, s := range ran {
+		fmt.Fprintf(&md, "%d. %s\n", i+1, s)
+	}
+	md.WriteString("\nEvery ratio comes with a baseline measured in the same run; the \"better\" column says which way is better for each row. " +
+		"These are measurements, not pass/fail tests. The chain figures use `test/envoymodel` (a test model of Envoy, a Go reverse proxy) in Envoy's place: no Envoy binary can be installed here.\n\n")
+	md.WriteString(table(rows))
+	if us, ok := get(all, "BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision"); ok && us > 0 {
+		fmt.Fprintf(&md, "\nDecisions per second per core (server CPU only, gRPC included): %.0f.\n", 1e6/us)
+	}
+	md.WriteString("\n![every row of the table: ratios on one axis, each cost on its own](figures.png)\n\n## Raw output\n\n")
+	md.WriteString(raw.String())
+	if err := os.WriteFile(filepath.Join(out, "report.md"), []byte(md.String()), 0o644); err != nil {
+		return err
+	}
+	// figures.png replaces the older ratios.png, which plotted only the rows with goals.
+	_ = os.Remove(filepath.Join(out, "ratios.png"))
+	return drawPanels(filepath.Join(out, "figures.png"), panels(rows))
+}
+
+// get finds bench's metric unit; bench is a benchmark name without the -GOMAXPROCS suffix.
+func get(all []result, bench, unit string) (float64, bool) {
+	for _, r := range all {
+		if trimProcs(r.name) == bench {
+			v, ok := r.metrics[unit]
+			return v, ok
 		}
-		return 0, false
 	}
-	type row struct {
-		what, figure, baseline, ratio, goal string
-		ratioV                              float64
-		goalV                               float64
+	return 0, false
+}
+
+// trimProcs drops the "-N" GOMAXPROCS suffix `go test` adds to benchmark names.
+func trimProcs(name string) string {
+	if i := strings.LastIndexByte(name, '-'); i > 0 {
+		if _, err := strconv.Atoi(name[i+1:]); err == nil {
+			return name[:i]
+		}
 	}
+	return name
+}
+
+// buildRows turns the parsed results into the report's rows, in table order.
+func buildRows(all []result) []row {
 	var rows []row
-	add := func(what, bench, unit, figure, baseline string, goal float64) {
-		v, ok := get(bench, unit)
-		r := row{what: what, figure: figure, baseline: baseline, ratio: "not measured", goalV: goal}
-		if ok {
-			r.ratio, r.ratioV = fmt.Sprintf("%.2f", v), v
-		}
-		if goal > 0 {
-			r.goal = fmt.Sprintf("≥ %.2f", goal)
-		}
-		rows = append(rows, r)
-	}
 	f := func(bench, unit, format string) string {
-		v, ok := get(bench, unit)
+		v, ok := get(all, bench, unit)
 		if !ok {
 			return "—"
 		}
 		return fmt.Sprintf(format, v)
 	}
-	add("ext_proc throughput, one stream per request, 16 workers", "BenchmarkExtprocVsFloor", "throughput-ratio",
-		"patchbay ext_proc", "trivial ext_proc floor server (fixed answer, same shape)", 0.9)
-	add("ext_proc CPU per decision (floor/patchbay)", "BenchmarkExtprocVsFloor", "cpu-efficiency-ratio",
-		f("BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision", "%.2f µs/decision"), f("BenchmarkExtprocVsFloor", "floor-cpu-us/decision", "floor %.2f µs"), 0.9)
-	add("ext_proc with mTLS: throughput, TLS on / off", "BenchmarkExtprocMTLS", "mtls-throughput-ratio",
-		"`patchbay extproc --tls-cert --tls-key --client-ca`", "the same binary in plaintext", 0)
-	add("ext_proc with mTLS: CPU per decision, TLS on / off (above 1: TLS costs more)", "BenchmarkExtprocMTLS", "mtls-cpu-ratio",
-		f("BenchmarkExtprocMTLS", "mtls-cpu-us/decision", "%.2f µs/decision"), f("BenchmarkExtprocMTLS", "plain-cpu-us/decision", "plaintext %.2f µs"), 0)
-	add("REST infer, 16 floats", "BenchmarkRESTInfer", "ratio",
-		f("BenchmarkRESTInfer", "modelhost-ns/req", "%.0f ns/req"), f("BenchmarkRESTInfer", "baseline-ns/req", "bare net/http echo %.0f ns"), 0.7)
-	add("gRPC ModelInfer, 16 floats", "BenchmarkGRPCInfer", "ratio",
-		f("BenchmarkGRPCInfer", "modelhost-ns/req", "%.0f ns/req"), f("BenchmarkGRPCInfer", "baseline-ns/req", "no-op grpc-go unary %.0f ns"), 0.8)
+	add := func(r row, v float64, ok bool) {
+		r.value, r.ok = v, ok
+		if r.format == "" {
+			r.format = "%.2f"
+		}
+		rows = append(rows, r)
+	}
+	ratio := func(what, bench, unit, figure, baseline, better string, goal float64) {
+		v, ok := get(all, bench, unit)
+		add(row{what: what, figure: figure, baseline: baseline, unit: "ratio", better: better, goal: goal}, v, ok)
+	}
+	cost := func(what, bench, unit, shown, format, figure, baseline string) {
+		v, ok := get(all, bench, unit)
+		add(row{what: what, figure: figure, baseline: baseline, unit: shown, format: format, better: "lower"}, v, ok)
+	}
+
+	ratio("ext_proc throughput, one stream per request, 16 workers (patchbay/floor)", "BenchmarkExtprocVsFloor", "throughput-ratio",
+		"patchbay ext_proc", "trivial ext_proc floor server (fixed answer, same shape)", "higher", 0.9)
+	ratio("ext_proc CPU efficiency per decision (floor CPU/patchbay CPU)", "BenchmarkExtprocVsFloor", "cpu-efficiency-ratio",
+		f("BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision", "%.2f µs/decision"), f("BenchmarkExtprocVsFloor", "floor-cpu-us/decision", "floor %.2f µs"), "higher", 0.9)
+	ratio("ext_proc with mTLS: throughput, TLS on / off", "BenchmarkExtprocMTLS", "mtls-throughput-ratio",
+		"`patchbay extproc --tls-cert --tls-key --client-ca`", "the same binary in plaintext", "higher", 0)
+	ratio("ext_proc with mTLS: CPU per decision, TLS on / off", "BenchmarkExtprocMTLS", "mtls-cpu-ratio",
+		f("BenchmarkExtprocMTLS", "mtls-cpu-us/decision", "%.2f µs/decision"), f("BenchmarkExtprocMTLS", "plain-cpu-us/decision", "plaintext %.2f µs"), "lower", 0)
+	cost("ext_proc decision alone (BenchmarkDecide): time", "BenchmarkDecide", "ns/op", "ns/decision", "%.0f",
+		f("BenchmarkDecide", "B/op", "%.0f B/op"), "—")
+	cost("ext_proc decision alone (BenchmarkDecide): allocations", "BenchmarkDecide", "allocs/op", "allocs/decision", "%.0f",
+		f("BenchmarkDecide", "allocs/op", "%.0f allocs/op"), "—")
+	ratio("REST infer, 16 floats (baseline/host time)", "BenchmarkRESTInfer", "ratio",
+		f("BenchmarkRESTInfer", "modelhost-ns/req", "%.0f ns/req"), f("BenchmarkRESTInfer", "baseline-ns/req", "bare net/http echo %.0f ns"), "higher", 0.7)
+	ratio("gRPC ModelInfer, 16 floats (baseline/host time)", "BenchmarkGRPCInfer", "ratio",
+		f("BenchmarkGRPCInfer", "modelhost-ns/req", "%.0f ns/req"), f("BenchmarkGRPCInfer", "baseline-ns/req", "no-op grpc-go unary %.0f ns"), "higher", 0.8)
 	for _, obj := range []string{"binary", "regression", "multiclass"} {
 		b := "BenchmarkXGBoostVsReference/" + obj
-		add("XGBoost per row vs XGBoost itself, "+obj, b, "ratio",
-			f(b, "ns/row", "%.0f ns/row"), f(b, "xgboost-ns/row", "xgboost (python3-xgboost, 1 thread) %.0f ns/row"), 1.0)
+		ratio("XGBoost per row vs XGBoost itself, "+obj+" (xgboost time/ours)", b, "ratio",
+			f(b, "ns/row", "%.0f ns/row"), f(b, "xgboost-ns/row", "xgboost (python3-xgboost, 1 thread) %.0f ns/row"), "higher", 1.0)
 	}
 	for _, m := range []struct{ name, what string }{
 		{"ranker", "XGBoost ranker (CPU, ~0.3 µs/row)"},
 		{"accel", "model with a 200 µs fixed cost per call"},
 	} {
+		// The benchmark reports the median of per-round ratios as "ratio"; the row's
+		// label promises the ratio of the two median throughputs it prints, so compute that.
 		b := "BenchmarkBatching/" + m.name
-		add("batching on vs off, 64 clients, "+m.what, b, "ratio",
-			f(b, "batched-req/s", "%.0f req/s"), f(b, "unbatched-req/s", "off %.0f req/s"), 0)
+		on, okOn := get(all, b, "batched-req/s")
+		off, okOff := get(all, b, "unbatched-req/s")
+		add(row{what: "batching on vs off, 64 clients, " + m.what + " (ratio of median throughputs)",
+			figure:   f(b, "batched-req/s", "%.0f req/s (median of rounds)"),
+			baseline: f(b, "unbatched-req/s", "off %.0f req/s (median of rounds)") + "; median of per-round ratios " + f(b, "ratio", "%.2f"),
+			unit:     "ratio", better: "higher"}, on/max(off, 1e-9), okOn && okOff && off > 0)
 	}
-	add("chain throughput kept vs host direct", "BenchmarkChainVsDirect", "throughput-kept-ratio",
+	ratio("chain throughput kept vs host direct", "BenchmarkChainVsDirect", "throughput-kept-ratio",
 		f("BenchmarkChainVsDirect", "chain-req/s", "%.0f req/s")+", +"+f("BenchmarkChainVsDirect", "added-p50-us", "%.0f µs")+" p50, +"+f("BenchmarkChainVsDirect", "added-p99-us", "%.0f µs")+" p99",
-		f("BenchmarkChainVsDirect", "direct-req/s", "direct %.0f req/s"), 0)
-	add("translate+validate 1,000 models × 3 versions", "BenchmarkTranslate1000x3", "build/bare-ratio",
-		f("BenchmarkTranslate1000x3", "build-ms/op", "%.0f ms"), f("BenchmarkTranslate1000x3", "bare-translate-ms/op", "bare translation %.0f ms"), 0)
-	add("control-plane heap, 1,000 models", "BenchmarkMemoryPer1000Models", "ratio",
-		f("BenchmarkMemoryPer1000Models", "control-plane-MiB/1000-models", "%.1f MiB"), f("BenchmarkMemoryPer1000Models", "rollouts-MiB", "parsed rollouts %.1f MiB"), 0)
-
-	var md strings.Builder
-	fmt.Fprintf(&md, "# patchbay benchmark report\n\nTaken %s on %s; Go %s; commit %s.\n", time.Now().UTC().Format("2006-01-02 15:04 MST"), machine(), runtime.Version(), commit())
-	md.WriteString("Every figure comes with a baseline measured in the same run; ratios above 1 favour patchbay unless noted. " +
-		"These are measurements, not pass/fail tests. The chain figures use `test/envoymodel` (a test model of Envoy, a Go reverse proxy) in Envoy's place: no Envoy binary can be installed here.\n\n")
-	md.WriteString("| what | figure | baseline (same run) | ratio | goal |\n|---|---|---|---|---|\n")
-	for _, r := range rows {
-		fmt.Fprintf(&md, "| %s | %s | %s | %s | %s |\n", r.what, r.figure, r.baseline, r.ratio, r.goal)
+		f("BenchmarkChainVsDirect", "direct-req/s", "direct %.0f req/s"), "higher", 0)
+	ratio("translate+validate 1,000 models × 3 versions (build/bare translation)", "BenchmarkTranslate1000x3", "build/bare-ratio",
+		f("BenchmarkTranslate1000x3", "build-ms/op", "%.0f ms"), f("BenchmarkTranslate1000x3", "bare-translate-ms/op", "bare translation %.0f ms"), "lower", 0)
+	ratio("control-plane heap, 1,000 models (heap/parsed rollouts)", "BenchmarkMemoryPer1000Models", "ratio",
+		f("BenchmarkMemoryPer1000Models", "control-plane-MiB/1000-models", "%.1f MiB"), f("BenchmarkMemoryPer1000Models", "rollouts-MiB", "parsed rollouts %.1f MiB"), "lower", 0)
+	for _, q := range []string{"p50", "p99"} {
+		cost("rollout edit → grpc-go client routes on it, "+q, "BenchmarkEditToRoute", "edit-to-route-"+q+"-ms", "ms", "%.1f",
+			"—", f("BenchmarkEditToRoute", "rpc-p50-ms", "one RPC p50 %.2f ms"))
 	}
-	fmt.Fprintf(&md, "\n| latency | p50 | p99 | baseline |\n|---|---|---|---|\n")
-	fmt.Fprintf(&md, "| rollout edit → grpc-go client routes on it | %s | %s | one RPC p50 %s |\n",
-		f("BenchmarkEditToRoute", "edit-to-route-p50-ms", "%.1f ms"), f("BenchmarkEditToRoute", "edit-to-route-p99-ms", "%.1f ms"), f("BenchmarkEditToRoute", "rpc-p50-ms", "%.2f ms"))
-	fmt.Fprintf(&md, "| rollout edit → traffic moved through the chain | %s | %s | one request p50 %s |\n",
-		f("BenchmarkEditToTrafficMoved", "p50-ms", "%.1f ms"), f("BenchmarkEditToTrafficMoved", "p99-ms", "%.1f ms"), f("BenchmarkEditToTrafficMoved", "request-p50-ms", "%.2f ms"))
+	for _, q := range []string{"p50", "p99"} {
+		cost("rollout edit → traffic moved through the chain, "+q, "BenchmarkEditToTrafficMoved", q+"-ms", "ms", "%.1f",
+			"—", f("BenchmarkEditToTrafficMoved", "request-p50-ms", "one request p50 %.2f ms"))
+	}
 	for _, c := range []struct{ bench, what string }{
-		{"BenchmarkExtprocDown/killed", "request with ext_proc killed, after detection (detected in " + f("BenchmarkExtprocDown/killed", "detect-ms", "%.0f ms") + ")"},
-		{"BenchmarkExtprocDown/blackholed", "request with ext_proc black-holed, after detection (detected in " + f("BenchmarkExtprocDown/blackholed", "detect-ms", "%.0f ms") + ")"},
+		{"BenchmarkExtprocDown/killed", "request p99 with ext_proc killed, after detection"},
+		{"BenchmarkExtprocDown/blackholed", "request p99 with ext_proc black-holed, after detection"},
 	} {
-		fmt.Fprintf(&md, "| %s | %s | %s | ext_proc healthy, same run: p50 %s, p99 %s (added p99 %s) |\n", c.what,
-			f(c.bench, "down-p50-µs", "%.0f µs"), f(c.bench, "down-p99-µs", "%.0f µs"),
-			f(c.bench, "healthy-p50-µs", "%.0f µs"), f(c.bench, "healthy-p99-µs", "%.0f µs"), f(c.bench, "added-p99-µs", "%.0f µs"))
+		cost(c.what, c.bench, "down-p99-µs", "µs", "%.0f",
+			"p50 "+f(c.bench, "down-p50-µs", "%.0f µs")+"; detected in "+f(c.bench, "detect-ms", "%.0f ms"),
+			"ext_proc healthy, same run: p50 "+f(c.bench, "healthy-p50-µs", "%.0f µs")+", p99 "+f(c.bench, "healthy-p99-µs", "%.0f µs")+" (added p99 "+f(c.bench, "added-p99-µs", "%.0f µs")+")")
 	}
-	if us, ok := get("BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision"); ok && us > 0 {
-		fmt.Fprintf(&md, "\nDecisions per second per core (server CPU only, gRPC included): %.0f.\n", 1e6/us)
-	}
-	md.WriteString("\n![ratios](ratios.png)\n\n## Raw output\n\n")
-	md.WriteString(raw.String())
-	if err := os.WriteFile(filepath.Join(out, "report.md"), []byte(md.String()), 0o644); err != nil {
-		return err
-	}
-	var bars plotter.Values
-	var names []string
+	return rows
+}
+
+// table is the Markdown table of rows.
+func table(rows []row) string {
+	var b strings.Builder
+	b.WriteString("| what | figure | baseline (same run) | value | better | goal |\n|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		if r.ratioV > 0 && r.goalV > 0 {
-			bars = append(bars, r.ratioV/r.goalV)
-			names = append(names, short(r.what))
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", r.what, r.figure, r.baseline, r.valueText(), r.better, r.goalText())
+	}
+	return b.String()
+}
+
+// panel is one chart: the rows sharing a unit (ratios split three ways), on an axis from min to max.
+type panel struct {
+	title    string
+	unit     string
+	names    []string
+	values   []float64 // 0 for a row not measured (its label says so)
+	labels   []string
+	goals    []float64 // 0: no goal
+	min, max float64
+}
+
+// group is the title of the panel a row is plotted in.
+func group(r row) string {
+	switch {
+	case r.unit != "ratio":
+		return "costs in " + r.unit + " (lower is better)"
+	case r.goal > 0:
+		return "ratios with goals, higher is better (line: 1; red triangles: goals)"
+	case r.better == "higher":
+		return "ratios without goals, higher is better (line: 1)"
+	default:
+		return "ratios, lower is better (line: 1)"
+	}
+}
+
+// panels groups every row (ratios with goals, ratios without goals higher and lower is
+// better, then each cost unit, in table order) and sets each axis from its data, so no
+// bar, goal or reference line is clipped.
+func panels(rows []row) []panel {
+	var ps []panel
+	idx := map[string]int{}
+	for _, r := range rows {
+		if _, ok := idx[group(r)]; !ok {
+			idx[group(r)] = len(ps)
+			ps = append(ps, panel{title: group(r), unit: r.unit})
 		}
 	}
-	return chart(filepath.Join(out, "ratios.png"), bars, names)
+	for _, r := range rows {
+		p := &ps[idx[group(r)]]
+		v := 0.0
+		if r.ok {
+			v = r.value
+		}
+		label := r.valueText() + ", " + r.better + " is better"
+		if r.goal > 0 {
+			label += ", goal " + r.goalText()
+		}
+		p.names = append(p.names, short(r.what))
+		p.values = append(p.values, v)
+		p.labels = append(p.labels, label)
+		p.goals = append(p.goals, r.goal)
+	}
+	for i := range ps {
+		p := &ps[i]
+		lo, hi := 0.0, 0.0
+		if p.unit == "ratio" {
+			hi = 1 // the reference line at 1
+		}
+		for i, v := range p.values {
+			lo, hi = min(lo, v, p.goals[i]), max(hi, v, p.goals[i])
+		}
+		if hi == lo {
+			hi = lo + 1
+		}
+		// Room on the right for each bar's label.
+		p.min, p.max = lo-0.02*(hi-lo)*boolf(lo < 0), hi+0.6*(hi-lo)
+	}
+	return ps
 }
 
-func chart(path string, vals plotter.Values, names []string) error {
-	p := plot.New()
-	p.Title.Text = "patchbay vs same-run baselines: ratio / goal (at or above the line meets the goal)"
-	p.Y.Label.Text = "ratio / goal"
-	if len(vals) == 0 {
-		vals, names = plotter.Values{0}, []string{"no data"}
+func boolf(b bool) float64 {
+	if b {
+		return 1
 	}
-	bars, err := plotter.NewBarChart(vals, vg.Points(28))
+	return 0
+}
+
+// drawPanels draws each panel as horizontal bars, one above the other, in one PNG.
+func drawPanels(path string, ps []panel) error {
+	const perBar, extra = 0.32, 1.1 // inches
+	var h float64
+	for _, p := range ps {
+		h += perBar*float64(len(p.values)) + extra
+	}
+	w := 11 * vg.Inch
+	img := vgimg.New(w, vg.Length(h)*vg.Inch)
+	dc := draw.New(img)
+	top := vg.Length(h) * vg.Inch
+	for _, p := range ps {
+		ph := vg.Length(perBar*float64(len(p.values))+extra) * vg.Inch
+		c := draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{X: 0, Y: top - ph}, Max: vg.Point{X: w, Y: top}}}
+		top -= ph
+		pl, err := panelPlot(p)
+		if err != nil {
+			return err
+		}
+		pl.Draw(c)
+	}
+	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
-	p.Add(bars)
-	one, err := plotter.NewLine(plotter.XYs{{X: -0.5, Y: 1}, {X: float64(len(vals)) - 0.5, Y: 1}})
-	if err != nil {
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		f.Close()
 		return err
 	}
-	p.Add(one)
-	p.NominalX(names...)
-	p.X.Tick.Label.Rotation = 0.35
-	p.X.Tick.Label.XAlign = -0.9
-	return p.Save(9*vg.Inch, 5*vg.Inch, path)
+	return f.Close()
 }
 
+func panelPlot(p panel) (*plot.Plot, error) {
+	pl := plot.New()
+	pl.Title.Text = p.title
+	pl.X.Label.Text = p.unit
+	pl.X.Min, pl.X.Max = p.min, p.max
+	n := len(p.values)
+	// Rows from top to bottom in table order: bar i sits at y = n-1-i.
+	vals := make(plotter.Values, n)
+	names := make([]string, n)
+	lab := plotter.XYLabels{XYs: make(plotter.XYs, n), Labels: make([]string, n)}
+	var goals plotter.XYs
+	for i := range n {
+		y := n - 1 - i
+		vals[y], names[y] = p.values[i], p.names[i]
+		lab.XYs[y] = plotter.XY{X: max(p.values[i], 0), Y: float64(y)}
+		lab.Labels[y] = " " + p.labels[i]
+		if p.goals[i] > 0 {
+			goals = append(goals, plotter.XY{X: p.goals[i], Y: float64(y)})
+		}
+	}
+	bars, err := plotter.NewBarChart(vals, vg.Points(14))
+	if err != nil {
+		return nil, err
+	}
+	bars.Horizontal = true
+	bars.Color = color.Gray{Y: 150}
+	bars.LineStyle.Width = 0
+	pl.Add(bars)
+	labels, err := plotter.NewLabels(lab)
+	if err != nil {
+		return nil, err
+	}
+	for i := range labels.TextStyle {
+		labels.TextStyle[i].YAlign = draw.YCenter
+	}
+	pl.Add(labels)
+	if len(goals) > 0 {
+		s, err := plotter.NewScatter(goals)
+		if err != nil {
+			return nil, err
+		}
+		s.GlyphStyle.Shape = draw.PyramidGlyph{}
+		s.GlyphStyle.Radius = vg.Points(4)
+		s.GlyphStyle.Color = color.RGBA{R: 200, A: 255}
+		pl.Add(s)
+	}
+	if p.unit == "ratio" {
+		one, err := plotter.NewLine(plotter.XYs{{X: 1, Y: -0.5}, {X: 1, Y: float64(n) - 0.5}})
+		if err != nil {
+			return nil, err
+		}
+		pl.Add(one)
+	}
+	pl.NominalY(names...)
+	return pl, nil
+}
+
+// short is a row's name on the chart's axis.
 func short(s string) string {
-	s = strings.NewReplacer("XGBoost per row vs XGBoost itself, ", "xgb ", "ext_proc ", "extproc ", " (floor/patchbay)", "",
-		", one stream per request, 16 workers", "", ", 16 floats", "").Replace(s)
-	return s
+	if i := strings.Index(s, " ("); i > 0 && !strings.HasPrefix(s, "ext_proc decision alone") {
+		s = s[:i]
+	}
+	return strings.NewReplacer("XGBoost per row vs XGBoost itself, ", "xgb ", "ext_proc ", "extproc ",
+		", one stream per request, 16 workers", "", ", 16 floats", "", "batching on vs off, 64 clients, ", "batching ",
+		"ext_proc decision alone (BenchmarkDecide): ", "Decide ", ", after detection", "").Replace(s)
 }
 
 // parse reads `go test -bench` output: result lines and the log lines under them.

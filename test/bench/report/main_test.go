@@ -1,0 +1,111 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestReportFromCapturedOutput feeds a captured `go test -bench` output of every suite
+// (testdata/bench-output.txt) through the parser, the table and the chart data.
+func TestReportFromCapturedOutput(t *testing.T) {
+	b, err := os.ReadFile("testdata/bench-output.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := buildRows(parse(string(b)))
+	if len(rows) == 0 {
+		t.Fatal("no rows")
+	}
+	tbl := table(rows)
+	for _, r := range rows {
+		if r.better != "higher" && r.better != "lower" {
+			t.Errorf("row %q: better = %q, want higher or lower", r.what, r.better)
+		}
+		if !r.ok {
+			t.Errorf("row %q: not measured from the captured output", r.what)
+		}
+		if !strings.Contains(tbl, "| "+r.what+" |") || !strings.Contains(tbl, "| "+r.valueText()+" | "+r.better+" |") {
+			t.Errorf("row %q: missing from the table with its value and direction", r.what)
+		}
+	}
+	ps := panels(rows)
+	plotted := 0
+	for _, p := range ps {
+		if len(p.names) != len(p.values) || len(p.labels) != len(p.values) || len(p.goals) != len(p.values) {
+			t.Fatalf("panel %s: ragged data", p.unit)
+		}
+		for i, v := range p.values {
+			plotted++
+			if v < p.min || v > p.max || p.goals[i] < p.min || p.goals[i] > p.max {
+				t.Errorf("panel %s, bar %q: value %v or goal %v outside the axis [%v, %v]", p.unit, p.names[i], v, p.goals[i], p.min, p.max)
+			}
+			if !strings.Contains(p.labels[i], "is better") {
+				t.Errorf("panel %s, bar %q: label %q does not say which way is better", p.unit, p.names[i], p.labels[i])
+			}
+		}
+		if p.unit == "ratio" && (1 < p.min || 1 > p.max) {
+			t.Errorf("%s: axis [%v, %v] clips the reference line at 1", p.title, p.min, p.max)
+		}
+	}
+	if plotted != len(rows) {
+		t.Errorf("%d bars plotted for %d rows", plotted, len(rows))
+	}
+	for _, r := range rows {
+		found := false
+		for _, p := range ps {
+			for i, n := range p.names {
+				if n == short(r.what) && p.unit == r.unit && strings.HasPrefix(p.labels[i], r.valueText()) {
+					found = true
+				}
+			}
+		}
+		if !found {
+			t.Errorf("row %q (%s) has no bar labelled with its value", r.what, r.valueText())
+		}
+	}
+	// Rows this issue depends on: BenchmarkDecide's time and allocations, and the
+	// batching row as the ratio of the two medians it prints (40395 off, 28463 on).
+	want := map[string]string{
+		"ext_proc decision alone (BenchmarkDecide): time":                                                 "311 ns/decision",
+		"ext_proc decision alone (BenchmarkDecide): allocations":                                          "0 allocs/decision",
+		"batching on vs off, 64 clients, XGBoost ranker (CPU, ~0.3 µs/row) (ratio of median throughputs)": "0.70",
+	}
+	for _, r := range rows {
+		if w, ok := want[r.what]; ok {
+			if r.valueText() != w {
+				t.Errorf("row %q = %q, want %q", r.what, r.valueText(), w)
+			}
+			delete(want, r.what)
+		}
+	}
+	for w := range want {
+		t.Errorf("no row %q", w)
+	}
+	if err := drawPanels(filepath.Join(t.TempDir(), "figures.png"), ps); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSuitesHeader checks the suite list includes BenchmarkDecide with -benchmem.
+func TestSuitesHeader(t *testing.T) {
+	for _, s := range suites {
+		if s.pkg == "./extproc/internal/assign/" {
+			if !s.benchmem || !strings.Contains(s.command(), "-benchmem") || !strings.Contains(s.command(), "BenchmarkDecide") {
+				t.Errorf("Decide suite command %q lacks -benchmem or the benchmark", s.command())
+			}
+			return
+		}
+	}
+	t.Error("no BenchmarkDecide suite")
+}
+
+func TestTrimProcs(t *testing.T) {
+	for in, want := range map[string]string{"BenchmarkDecide-2": "BenchmarkDecide", "BenchmarkDecide": "BenchmarkDecide",
+		"BenchmarkExtprocDown/blackholed-bare-2": "BenchmarkExtprocDown/blackholed-bare", "BenchmarkBatching/accel-16": "BenchmarkBatching/accel"} {
+		if got := trimProcs(in); got != want {
+			t.Errorf("trimProcs(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
