@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -237,7 +238,7 @@ func Parse(name string, data []byte) ([]*Rollout, error) {
 			break
 		}
 		if err != nil {
-			errs = append(errs, yamlError(name, err))
+			errs = append(errs, locate(yamlError(name, err), data))
 			break
 		}
 		r := &Rollout{}
@@ -250,7 +251,7 @@ func Parse(name string, data []byte) ([]*Rollout, error) {
 			continue
 		}
 		if serr != nil {
-			errs = append(errs, yamlError(name, serr))
+			errs = append(errs, atLine(yamlError(name, serr), n.Content[0].Line))
 			// Unknown fields leave the rest of the document decoded as written: keep it,
 			// so its other problems are validated and reported with them. Any other
 			// decode error (a wrong type) leaves fields empty: validating them would
@@ -353,6 +354,55 @@ func yamlError(file string, err error) error {
 	}
 	sort.SliceStable(errs, func(i, j int) bool { return errs[i].(*Error).Line < errs[j].(*Error).Line })
 	return errors.Join(errs...)
+}
+
+// locate gives a line to the YAML reader's problems that yaml.v3 reports without one: a
+// byte it cannot read (invalid UTF-8, a control character) is on that byte's line; anything
+// else without a line (an unexpected end of stream) is at the end of the file.
+func locate(err error, data []byte) error {
+	j, ok := err.(interface{ Unwrap() []error })
+	if !ok {
+		return err
+	}
+	for _, e := range j.Unwrap() {
+		if re, ok := e.(*Error); ok && re.Line <= 0 {
+			re.Line = badByteLine(data)
+		}
+	}
+	return err
+}
+
+// atLine gives line to the problems in err that have none (a decoder error yaml.v3 reports
+// without a place: the document's first line is the closest we know).
+func atLine(err error, line int) error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range j.Unwrap() {
+			if re, ok := e.(*Error); ok && re.Line <= 0 {
+				re.Line = line
+			}
+		}
+	}
+	return err
+}
+
+// badByteLine is the line of the first byte YAML cannot read, or else the last line.
+func badByteLine(data []byte) int {
+	line := 1
+	for i := 0; i < len(data); {
+		r, size := utf8.DecodeRune(data[i:])
+		if r == utf8.RuneError && size <= 1 {
+			return line
+		}
+		if r == '\n' {
+			if i+1 < len(data) {
+				line++
+			}
+		} else if r < 0x20 && r != '\t' && r != '\r' || r == 0x7f || r == 0xfffe || r == 0xffff {
+			return line
+		}
+		i += size
+	}
+	return line
 }
 
 func friendlyType(goType string) string {

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+	"go.yaml.in/yaml/v3"
 )
 
 func TestLoadDirGood(t *testing.T) {
@@ -201,13 +203,55 @@ func FuzzParse(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte("---\n---\nmodel: x\n"))
+	// Properties beyond "nothing panics": every problem is an *Error naming the file and a
+	// line > 0; a document that parses and validates, written back as YAML, parses and
+	// validates to the same spec.
 	f.Fuzz(func(t *testing.T, data []byte) {
 		rs, err := Parse("fuzz.yaml", data)
 		if err != nil {
+			mustLocate(t, "Parse", err)
 			return
 		}
-		_ = Validate(&Set{Rollouts: rs})
+		if err := Validate(&Set{Rollouts: rs}); err != nil {
+			mustLocate(t, "Validate", err)
+			return
+		}
+		for _, r := range rs {
+			out, err := yaml.Marshal(r)
+			if err != nil {
+				t.Fatalf("marshal a valid rollout: %v", err)
+			}
+			back, err := Parse("again.yaml", out)
+			if err != nil || len(back) != 1 {
+				t.Fatalf("a valid rollout written back does not parse to one rollout (%d): %v\n%s", len(back), err, out)
+			}
+			if err := Validate(&Set{Rollouts: back}); err != nil {
+				t.Fatalf("a valid rollout written back does not validate: %v\n%s", err, out)
+			}
+			if d := cmp.Diff(r, back[0], cmpopts.IgnoreUnexported(Rollout{}), cmpopts.IgnoreFields(Rollout{}, "Source"), cmpopts.EquateEmpty()); d != "" {
+				t.Fatalf("round trip changed the spec (-parsed +reparsed):\n%s\nwritten as:\n%s", d, out)
+			}
+		}
 	})
+}
+
+// mustLocate fails unless every problem joined in err is an *Error with the file and a line.
+func mustLocate(t *testing.T, what string, err error) {
+	t.Helper()
+	var walk func(error)
+	walk = func(e error) {
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, c := range j.Unwrap() {
+				walk(c)
+			}
+			return
+		}
+		var re *Error
+		if !errors.As(e, &re) || re.File != "fuzz.yaml" || re.Line <= 0 {
+			t.Fatalf("%s: a problem without file and line: %q", what, e)
+		}
+	}
+	walk(err)
 }
 
 // host: says what kind of server runs a version: patchbay (default) or oip; anything else
