@@ -60,11 +60,24 @@ const experiment = `experiments:
       - {name: treatment, version: v8, weight: 50}
 `
 
+// chainMaxBody is the chain's model hosts' --max-body-bytes: below the 1 MiB the Envoy
+// model reads, so an oversized body reaches a host through the chain and the host refuses it.
+const chainMaxBody = 256 << 10
+
+// startChainHost is startHost with --max-body-bytes chainMaxBody.
+func startChainHost(t testing.TB, name string, models ...string) *host {
+	h := &host{http: freeAddr(t), grpc: freeAddr(t)}
+	h.proc = startProc(t, name, "http://"+h.http+"/v2/health/ready",
+		"modelhost", "--repository", repoWith(t, models...), "--http", h.http, "--grpc", h.grpc, "--admin", freeAddr(t),
+		"--max-body-bytes", fmt.Sprint(chainMaxBody), "--log-level", "warn")
+	return h
+}
+
 func startChain(t testing.TB, traffic, extra string) *chain {
 	t.Helper()
 	c := &chain{t: t, dir: t.TempDir()}
-	c.a = startHost(t, "host-a", "ranker/v7")
-	c.b = startHost(t, "host-b", "ranker/v8")
+	c.a = startChainHost(t, "host-a", "ranker/v7")
+	c.b = startChainHost(t, "host-b", "ranker/v8")
 	writeRollout(t, c.dir, "ranker.yaml", rankerRollout(c.a.http, c.b.http, traffic, extra))
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(tokenFile, []byte(adminToken+"\n"), 0o600); err != nil {
@@ -284,11 +297,15 @@ func TestChainHTTP(t *testing.T) {
 		if err != nil || r.status != http.StatusNotFound || !strings.Contains(r.body, `"error"`) {
 			t.Fatalf("unknown model: %+v %v", r, err)
 		}
-		// Oversized body: refused, not crashed.
-		big := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[` + strings.Repeat("0.5,", 400000) + `0.5]}]}`
+		// A body over the model host's --max-body-bytes (and under the 1 MiB the Envoy model
+		// buffers) goes through the chain and gets the host's own 413 OIP error.
+		big := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[` + strings.Repeat("0.5,", 80000) + `0.5]}]}`
+		if len(big) <= chainMaxBody || len(big) >= 1<<20 {
+			t.Fatalf("oversized body of %d bytes: want one between --max-body-bytes %d and 1 MiB", len(big), chainMaxBody)
+		}
 		r, err = c.infer("/v2/models/ranker/infer", map[string]string{"x-user-id": id}, big)
-		if err != nil || r.status < 400 || r.status >= 500 {
-			t.Fatalf("oversized body: status %d %v", r.status, err)
+		if err != nil || r.status != http.StatusRequestEntityTooLarge || !strings.Contains(r.body, fmt.Sprintf(`"error":"request body of %d bytes exceeds the limit of %d"`, len(big), chainMaxBody)) {
+			t.Fatalf("oversized body: %+v %v, want the model host's 413", r, err)
 		}
 		// Admin rollback without the token.
 		resp, err := http.Post("http://"+c.xdsAdmin+"/v1/models/ranker/rollback", "application/json", nil)
