@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +22,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/test/harness"
 )
 
 // TestUpTourLinesRun runs every command `patchbay up` prints under "Try:" (without
@@ -231,4 +236,139 @@ func replayGRPCurl(t *testing.T, root, line string) string {
 	}
 	t.Logf("replayed: %s\n  -> model %s version %s", line, resp.ModelName, resp.ModelVersion)
 	return req.ModelName
+}
+
+// TestUpStopsUnderGoRun runs the README's `go run ./cmd/patchbay up` as a real go run
+// process and checks that everything stops when (a) the go run process gets SIGTERM
+// (which kills the go command alone: up notices its parent is gone), and (b) up's own
+// pid, printed in the banner, gets SIGINT (the go command ignores SIGINT sent to it
+// alone: cmd/go/internal/base/signal.go).
+func TestUpStopsUnderGoRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs go run and the patchbay parts")
+	}
+	for _, tc := range []struct {
+		name   string
+		signal func(t *testing.T, goRun *exec.Cmd, upPID int)
+	}{
+		{"SIGTERM to go run", func(t *testing.T, goRun *exec.Cmd, _ int) {
+			if err := goRun.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"SIGINT to the pid up prints", func(t *testing.T, _ *exec.Cmd, upPID int) {
+			if err := syscall.Kill(upPID, syscall.SIGINT); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root, err := filepath.Abs(filepath.Join("..", ".."))
+			if err != nil {
+				t.Fatal(err)
+			}
+			args := upGoRunArgs(t, root)
+			stdout, stderr := new(harness.Buffer), new(harness.Buffer)
+			goRun := exec.Command("go", append([]string{"run", "./cmd/patchbay", "up"}, args...)...)
+			goRun.Dir = root
+			goRun.Stdout, goRun.Stderr = stdout, stderr
+			goRun.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			if err := goRun.Start(); err != nil {
+				t.Fatal(err)
+			}
+			waited := make(chan error, 1)
+			go func() { waited <- goRun.Wait() }()
+			var pids map[string]int
+			t.Cleanup(func() {
+				// Whatever the outcome, leave nothing running: go run's group, then the parts.
+				_ = syscall.Kill(-goRun.Process.Pid, syscall.SIGKILL)
+				for _, pid := range pids {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+				if t.Failed() {
+					t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
+				}
+			})
+			deadline := time.Now().Add(3 * time.Minute) // go run compiles first
+			for !strings.Contains(stdout.String(), "Ctrl-C stops everything") {
+				if time.Now().After(deadline) {
+					t.Fatal("go run ./cmd/patchbay up did not come up within 3m")
+				}
+				select {
+				case err := <-waited:
+					t.Fatalf("go run exited before up was up: %v", err)
+				case <-time.After(200 * time.Millisecond):
+				}
+			}
+			m := regexp.MustCompile(`kill -INT (\d+)`).FindStringSubmatch(stdout.String())
+			if m == nil {
+				t.Fatal("banner does not print up's pid")
+			}
+			upPID, _ := strconv.Atoi(m[1])
+			pids = startedPIDs(stderr.String())
+			if len(pids) != 4 {
+				t.Fatalf("started %v, want 4 parts", pids)
+			}
+			pids["up"] = upPID
+			tc.signal(t, goRun, upPID)
+			for name, pid := range pids {
+				gone := false
+				for range 150 { // 30s at most: a part gets --stop-grace 5s before SIGKILL
+					if processGone(pid) {
+						gone = true
+						break
+					}
+					time.Sleep(200 * time.Millisecond)
+				}
+				if !gone {
+					t.Errorf("%s (pid %d) still running after the signal", name, pid)
+				}
+			}
+			select {
+			case <-waited:
+			case <-time.After(30 * time.Second):
+				t.Error("go run did not exit")
+			}
+		})
+	}
+}
+
+// processGone: no such process, or a zombie waiting to be reaped.
+func processGone(pid int) bool {
+	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		return true
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return os.IsNotExist(err)
+	}
+	_, rest, _ := strings.Cut(string(b), ") ")
+	return strings.HasPrefix(rest, "Z")
+}
+
+// upGoRunArgs are up's flags for free ports, with the example rollouts copied and
+// moved to the model hosts' ports.
+func upGoRunArgs(t *testing.T, root string) []string {
+	t.Helper()
+	hostHTTP := []string{freeAddr(t), freeAddr(t)}
+	hostGRPC := []string{freeAddr(t), freeAddr(t)}
+	rollouts := t.TempDir()
+	files, _ := filepath.Glob(filepath.Join(root, "examples", "rollouts", "*.yaml"))
+	moved := strings.NewReplacer("127.0.0.1:9001", hostHTTP[0], "127.0.0.1:9002", hostHTTP[1], "127.0.0.1:9011", hostGRPC[0], "127.0.0.1:9012", hostGRPC[1])
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(rollouts, filepath.Base(f)), []byte(moved.Replace(string(b))), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return []string{"--rollouts", rollouts, "--envoy", "off",
+		"--modelhost-http", strings.Join(hostHTTP, ","), "--modelhost-grpc", strings.Join(hostGRPC, ","),
+		"--modelhost-admin", freeAddr(t) + "," + freeAddr(t),
+		"--xds-listen", freeAddr(t), "--xds-admin", freeAddr(t),
+		"--extproc-listen", freeAddr(t), "--extproc-admin", freeAddr(t),
+		"--edge-listener", freeAddr(t), "--sidecar-listener", freeAddr(t),
+		"--stop-grace", "5s", "--log-level", "warn"}
 }

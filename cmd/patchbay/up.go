@@ -66,7 +66,40 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	u := &upRun{cfg: cfg, stdout: stdout, log: &prefixLog{w: stderr}}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go watchParent(ctx, cancel, time.Second/4)
 	return u.run(ctx)
+}
+
+// errParentGone ends `up` when the process that started it has exited.
+var errParentGone = errors.New("the process that started patchbay up exited")
+
+// watchParent cancels ctx when up's parent process exits (its parent pid changes,
+// Unix). This is for `go run ./cmd/patchbay up`: the go command ignores SIGINT and
+// SIGQUIT and waits for its child (cmd/go/internal/base/signal.go, signal_unix.go;
+// RunStdin in base.go), so a SIGTERM to it kills the go command alone and would leave
+// up and every part running. Ctrl-C at a terminal reaches up itself (the terminal
+// signals the whole foreground process group); a SIGINT sent to the go command's pid
+// alone never reaches up at all, so the banner prints up's own pid to signal instead.
+func watchParent(ctx context.Context, cancel context.CancelCauseFunc, every time.Duration) {
+	start := os.Getppid()
+	if start <= 1 {
+		return // already orphaned (or no parent pid on this platform): nothing to watch
+	}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			if os.Getppid() != start {
+				cancel(errParentGone)
+				return
+			}
+		}
+	}
 }
 
 func parseUp(args []string, stdout, stderr io.Writer) (upConfig, error) {
