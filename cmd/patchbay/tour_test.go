@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -371,4 +372,55 @@ func upGoRunArgs(t *testing.T, root string) []string {
 		"--extproc-listen", freeAddr(t), "--extproc-admin", freeAddr(t),
 		"--edge-listener", freeAddr(t), "--sidecar-listener", freeAddr(t),
 		"--stop-grace", "5s", "--log-level", "warn"}
+}
+
+// TestExampleCommentsMatchUpHostLayout checks the prose of examples/rollouts/ranker.yaml
+// and examples/README.md about which host serves which version against what up
+// actually gives each host from the example rollouts (on its default ports).
+func TestExampleCommentsMatchUpHostLayout(t *testing.T) {
+	examples := filepath.Join("..", "..", "examples")
+	u := &upRun{cfg: upConfig{
+		rollouts: filepath.Join(examples, "rollouts"), repository: filepath.Join(examples, "models"),
+		hostHTTP: []string{"127.0.0.1:9001", "127.0.0.1:9002"}, hostGRPC: []string{"127.0.0.1:9011", "127.0.0.1:9012"},
+	}, dir: t.TempDir(), log: &prefixLog{w: io.Discard}}
+	u.hostRepositories()
+	served := func(host int, model string) []string {
+		var out []string
+		for _, mv := range strings.Split(u.served[host], ", ") {
+			if m, v, ok := strings.Cut(mv, "/"); ok && m == model {
+				out = append(out, v)
+			}
+		}
+		return out
+	}
+	b, err := os.ReadFile(filepath.Join(examples, "rollouts", "ranker.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	comment := strings.Join(strings.Fields(strings.ReplaceAll(string(b), "#", " ")), " ")
+	m := regexp.MustCompile(`host a serves ranker (v\d+) only, host b ranker (v\d+) only`).FindStringSubmatch(comment)
+	if m == nil {
+		t.Fatal("ranker.yaml's comment no longer says which host serves which version")
+	}
+	if got := served(0, "ranker"); !slices.Equal(got, []string{m[1]}) {
+		t.Errorf("ranker.yaml says host a serves ranker %s only; up gives it %v", m[1], got)
+	}
+	if got := served(1, "ranker"); !slices.Equal(got, []string{m[2]}) {
+		t.Errorf("ranker.yaml says host b serves ranker %s only; up gives it %v", m[2], got)
+	}
+	readme, err := os.ReadFile(filepath.Join(examples, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.Join(strings.Fields(string(readme)), " ")
+	for i, host := range []string{"a", "b"} {
+		var parts []string
+		for _, model := range []string{"ranker", "churn", "recs"} {
+			parts = append(parts, model+" "+strings.Join(served(i, model), "/"))
+		}
+		want := strings.Join(parts[:2], ", ") + " and " + parts[2]
+		if !strings.Contains(text, host+" ") || !strings.Contains(text, want) {
+			t.Errorf("examples/README.md does not say host %s serves %q", host, want)
+		}
+	}
 }
