@@ -840,12 +840,14 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	churnREST := `{"inputs":[{"name":"features","datatype":"FP32","shape":[1,4],"data":[0.3,12,1,0]}]}`
 	fmt.Fprintf(&b, "\nTry:\n")
 	if envoyUp {
+		fmt.Fprintf(&b, "  # through Envoy (these lines need Envoy; the direct and proxyless lines further down need only up)\n")
 		fmt.Fprintf(&b, "  # ranker through Envoy: 90/10 v7/v8, sticky per user; the answer names the version in %s\n", headers.ServedBy)
 		fmt.Fprintf(&b, "  %s -si -H '%s: alice' -H 'content-type: application/json' -d '%s' %s/v2/models/ranker/infer\n", curl, headers.UserID, ranker, edge)
-		fmt.Fprintf(&b, "  # the ranker-ltv experiment (20%% of US/CA users): see %s on the response\n", headers.Experiments)
+		fmt.Fprintf(&b, "  # the ranker-ltv experiment through Envoy (20%% of US/CA users): see %s on the response\n", headers.Experiments)
 		fmt.Fprintf(&b, "  for u in u1 u2 u3 u4 u5 u6 u7 u8 u9 u10; do %s -s -o /dev/null -D - -H \"%s: $u\" -H 'x-country: US' -d '%s' %s/v2/models/ranker/infer | grep -i x-patchbay; done\n", curl, headers.UserID, ranker, edge)
-		fmt.Fprintf(&b, "  # the same ranker over OIP gRPC through the same split: alice gets the same version (see %s)\n", headers.ServedBy)
+		fmt.Fprintf(&b, "  # the same ranker over OIP gRPC through Envoy and the same split (without Envoy: the xds:///ranker line below): alice gets the same version (see %s)\n", headers.ServedBy)
 		fmt.Fprintf(&b, "  %s -v -H '%s: ranker' -H '%s: alice' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, rankerGRPC, c.edgeListener)
+		fmt.Fprintf(&b, "  # recs through Envoy, balanced over both hosts\n")
 		fmt.Fprintf(&b, "  %s -s -H '%s: bob' -d '%s' %s/v2/models/recs/infer\n", curl, headers.UserID, recs, edge)
 		fmt.Fprintf(&b, "  # churn (50/50 v1/v2) over OIP gRPC, then REST, through Envoy\n")
 		fmt.Fprintf(&b, "  %s -H '%s: churn' -H '%s: carol' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, churn, c.edgeListener)
