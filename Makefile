@@ -27,7 +27,7 @@ fmt-check: ## fail if gofmt would change a file
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
-bench: bench-deps ## run every benchmark (each with a same-run baseline) and write docs/bench/report.md + ratios.png
+bench: bench-deps ## run the six benchmark suites (each with a same-run baseline) and write docs/bench/report.md + figures.png
 	$(GO) run ./test/bench/report -out docs/bench
 
 bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost benchmark compares against (needs root; skipped when present)
