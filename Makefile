@@ -37,7 +37,7 @@ bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost bench
 	  else echo "bench-deps: python3-xgboost missing; as root: apt-get install python3-xgboost (the XGBoost rows will say 'not measured')"; fi; }
 
 fuzz: ## run each fuzz target for 30s
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./xds/rollout/
+	$(GO) test -run '^$$' -fuzz 'FuzzParse$$' -fuzztime 30s ./xds/rollout/
 	$(GO) test -run '^$$' -fuzz FuzzDecide -fuzztime 30s ./extproc/internal/assign/
 	$(GO) test -run '^$$' -fuzz FuzzParsePath -fuzztime 30s ./extproc/internal/assign/
 	$(GO) test -run '^$$' -fuzz FuzzIdentityFromBody -fuzztime 30s ./extproc/

@@ -86,7 +86,7 @@ func withFlavour(n *corev3.Node, f Flavour) *corev3.Node {
 // of the version the client just rejected. go-control-plane's caches answer any request
 // whose version differs from theirs at once; a client that NACKs re-requests with its last
 // good version, which differs, so it would be sent the same bad config forever (a prototype
-// saw ~9,400 responses in 2 s). Here a NACK of the current version is treated as the client
+// saw ~9,400 responses in 2 s; TestNACKDoesNotStorm measures ~22,000/s without this guard). Here a NACK of the current version is treated as the client
 // holding it: the watch stays open and fires on the next change.
 type nackGuard struct {
 	cachev3.Cache
