@@ -44,7 +44,7 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzHandle -fuzztime 30s ./extproc/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 30s ./modelhost/internal/oipjson/
 	$(GO) test -run '^$$' -fuzz FuzzModelInfer -fuzztime 30s ./modelhost/
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./envoy/
+	$(GO) test -run '^$$' -fuzz 'FuzzParse$$' -fuzztime 30s ./envoy/
 	$(GO) test -run '^$$' -fuzz FuzzValidateAny -fuzztime 30s ./internal/envoyvalidate/
 	$(GO) test -run '^$$' -fuzz FuzzParseHundredths -fuzztime 30s ./xds/rollout/
 	$(GO) test -run '^$$' -fuzz FuzzParseSDS -fuzztime 30s ./envoy/
