@@ -68,7 +68,9 @@ func BenchmarkEditToRoute(b *testing.B) {
 	eps := map[string]string{"v1": v1.addr, "v2": v2.addr}
 	dir := b.TempDir()
 	writeFile(b, dir, "ranker.yaml", rolloutDoc("ranker", eps, "{v1: 100, v2: 0}", ""))
-	c := startCP(b, dir)
+	// The shipped defaults (debounce 10ms, settle 100ms), not the test harness's quicker
+	// debounce, so the figure is what an operator gets.
+	c := startCPWith(b, dir, func(cfg *Config) { cfg.Debounce, cfg.Settle = 0, 0 })
 	client := xdsClient(b, c, "ranker")
 	allGoTo(b, client, "v1")
 	var lat, rpc []time.Duration
