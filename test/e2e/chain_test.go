@@ -79,6 +79,15 @@ func startChain(t testing.TB, traffic, extra string) *chain {
 	c.a = startChainHost(t, "host-a", "ranker/v7")
 	c.b = startChainHost(t, "host-b", "ranker/v8")
 	writeRollout(t, c.dir, "ranker.yaml", rankerRollout(c.a.http, c.b.http, traffic, extra))
+	c.startRouting(t)
+	return c
+}
+
+// startRouting starts, on the rollout directory c.dir, the control plane (with the admin
+// token and a state file), ext_proc, and the test model of Envoy serving HTTP/1.1 and h2c
+// on a free port, and waits until the model has its config. It returns that listener.
+func (c *chain) startRouting(t testing.TB) net.Listener {
+	t.Helper()
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(tokenFile, []byte(adminToken+"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -100,12 +109,12 @@ func startChain(t testing.TB, traffic, extra string) *chain {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: edge}
+	srv := edge.Server()
 	go srv.Serve(lis)
 	t.Cleanup(func() { srv.Close() })
 	c.edge, c.edgeURL = edge, "http://"+lis.Addr().String()
 	waitFor(t, 10*time.Second, "edge config", edge.Ready)
-	return c
+	return lis
 }
 
 type inferResult struct {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -18,7 +17,6 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/patchbay-io/patchbay/api/oip"
-	"github.com/patchbay-io/patchbay/test/envoymodel"
 )
 
 // adminHost is a model host with its admin listener and repository token.
@@ -83,32 +81,7 @@ func startBothChain(t *testing.T, traffic, extra string) *bothChain {
 	c.a = startAdminHost(t, "host-a", "ranker/v7")
 	c.b = startAdminHost(t, "host-b", "ranker/v8")
 	writeRollout(t, c.dir, "ranker.yaml", bothRollout(c.a, c.b, traffic, extra))
-	tokenFile := filepath.Join(t.TempDir(), "token")
-	if err := os.WriteFile(tokenFile, []byte(adminToken+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	c.xdsAddr, c.xdsAdmin = freeAddr(t), freeAddr(t)
-	c.xds = startProc(t, "xds", "http://"+c.xdsAdmin+"/readyz", "xds", "--rollouts", c.dir,
-		"--listen", c.xdsAddr, "--admin", c.xdsAdmin, "--admin-token-file", tokenFile,
-		"--state-file", filepath.Join(t.TempDir(), "state.json"), "--log-level", "warn")
-	c.epAddr, c.epAdmin = freeAddr(t), freeAddr(t)
-	c.ep = startProc(t, "extproc", "http://"+c.epAdmin+"/readyz", "extproc", "--listen", c.epAddr,
-		"--xds", c.xdsAddr, "--admin", c.epAdmin, "--log-level", "warn")
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	edge, err := envoymodel.Start(ctx, envoymodel.Config{XDSAddr: c.xdsAddr, ExtprocAddr: c.epAddr})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := edge.Server()
-	go srv.Serve(lis)
-	t.Cleanup(func() { srv.Close() })
-	c.edge, c.edgeURL = edge, "http://"+lis.Addr().String()
-	waitFor(t, 10*time.Second, "edge config", edge.Ready)
+	lis := c.startRouting(t)
 	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
