@@ -9,7 +9,7 @@ help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 up: ## run everything on this machine from examples/; Envoy from ENVOY_BIN, else envoy on PATH, else a func-e download
-	$(GO) run ./cmd/patchbay up
+	$(GO) tool patchbay up
 
 build: ## build bin/patchbay (static)
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/patchbay ./cmd/patchbay

@@ -91,7 +91,7 @@ func TestReadmeTourLinesRun(t *testing.T) {
 		case regexp.MustCompile(`\(Envoy\)|:(10000|15001|9901|9902)\b`).MatchString(line):
 			t.Logf("skipped (goes through Envoy, and this test runs up --envoy off): %s", line)
 			continue
-		case regexp.MustCompile(`^go run \./cmd/patchbay up\b`).MatchString(line):
+		case regexp.MustCompile(`^go (run \./cmd/patchbay|tool patchbay) up\b`).MatchString(line):
 			t.Logf("skipped (starts up on the fixed ports; this test runs up on free ports, TestUpStopsUnderGoRun runs it under go run): %s", line)
 			continue
 		}

@@ -239,25 +239,36 @@ func replayGRPCurl(t *testing.T, root, line string) string {
 	return req.ModelName
 }
 
-// TestUpStopsUnderGoRun runs the README's `go run ./cmd/patchbay up` as a real go run
-// process and checks that everything stops when (a) the go run process gets SIGTERM
-// (which kills the go command alone: up notices its parent is gone), and (b) up's own
-// pid, printed in the banner, gets SIGINT (the go command ignores SIGINT sent to it
-// alone: cmd/go/internal/base/signal.go).
+// TestUpStopsUnderGoRun runs the README's `go tool patchbay up` (and `go run
+// ./cmd/patchbay up`) as a real go process and checks that everything stops when:
+//   - the go tool process gets SIGINT or SIGTERM (go tool forwards every signal to the
+//     program it runs: runBuiltTool in cmd/go/internal/tool/tool.go);
+//   - the go run process gets SIGTERM (which kills the go command alone: up notices its
+//     parent is gone);
+//   - up's own pid, printed in the banner, gets SIGINT (the go command ignores SIGINT
+//     sent to go run alone: cmd/go/internal/base/signal.go).
 func TestUpStopsUnderGoRun(t *testing.T) {
 	if testing.Short() {
-		t.Skip("runs go run and the patchbay parts")
+		t.Skip("runs go tool / go run and the patchbay parts")
 	}
-	for _, tc := range []struct {
-		name   string
-		signal func(t *testing.T, goRun *exec.Cmd, upPID int)
-	}{
-		{"SIGTERM to go run", func(t *testing.T, goRun *exec.Cmd, _ int) {
-			if err := goRun.Process.Signal(syscall.SIGTERM); err != nil {
+	toGo := func(sig syscall.Signal) func(*testing.T, *exec.Cmd, int) {
+		return func(t *testing.T, goCmd *exec.Cmd, _ int) {
+			if err := goCmd.Process.Signal(sig); err != nil {
 				t.Fatal(err)
 			}
-		}},
-		{"SIGINT to the pid up prints", func(t *testing.T, _ *exec.Cmd, upPID int) {
+		}
+	}
+	goTool := []string{"tool", "patchbay", "up"}
+	goRun := []string{"run", "./cmd/patchbay", "up"}
+	for _, tc := range []struct {
+		name   string
+		goArgs []string
+		signal func(t *testing.T, goCmd *exec.Cmd, upPID int)
+	}{
+		{"SIGINT to go tool", goTool, toGo(syscall.SIGINT)},
+		{"SIGTERM to go tool", goTool, toGo(syscall.SIGTERM)},
+		{"SIGTERM to go run", goRun, toGo(syscall.SIGTERM)},
+		{"SIGINT to the pid up prints under go run", goRun, func(t *testing.T, _ *exec.Cmd, upPID int) {
 			if err := syscall.Kill(upPID, syscall.SIGINT); err != nil {
 				t.Fatal(err)
 			}
@@ -270,7 +281,7 @@ func TestUpStopsUnderGoRun(t *testing.T) {
 			}
 			args := upGoRunArgs(t, root)
 			stdout, stderr := new(harness.Buffer), new(harness.Buffer)
-			goRun := exec.Command("go", append([]string{"run", "./cmd/patchbay", "up"}, args...)...)
+			goRun := exec.Command("go", append(slices.Clone(tc.goArgs), args...)...)
 			goRun.Dir = root
 			goRun.Stdout, goRun.Stderr = stdout, stderr
 			goRun.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -293,11 +304,11 @@ func TestUpStopsUnderGoRun(t *testing.T) {
 			deadline := time.Now().Add(3 * time.Minute) // go run compiles first
 			for !strings.Contains(stdout.String(), "Ctrl-C stops everything") {
 				if time.Now().After(deadline) {
-					t.Fatal("go run ./cmd/patchbay up did not come up within 3m")
+					t.Fatalf("go %s did not come up within 3m", strings.Join(tc.goArgs, " "))
 				}
 				select {
 				case err := <-waited:
-					t.Fatalf("go run exited before up was up: %v", err)
+					t.Fatalf("go %s exited before up was up: %v", strings.Join(tc.goArgs, " "), err)
 				case <-time.After(200 * time.Millisecond):
 				}
 			}
@@ -328,7 +339,7 @@ func TestUpStopsUnderGoRun(t *testing.T) {
 			select {
 			case <-waited:
 			case <-time.After(30 * time.Second):
-				t.Error("go run did not exit")
+				t.Errorf("go %s did not exit", tc.goArgs[0])
 			}
 		})
 	}

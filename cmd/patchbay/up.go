@@ -76,7 +76,8 @@ func runUp(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 var errParentGone = errors.New("the process that started patchbay up exited")
 
 // watchParent cancels ctx when up's parent process exits (its parent pid changes,
-// Unix). This is for `go run ./cmd/patchbay up`: the go command ignores SIGINT and
+// Unix). This is for `go run ./cmd/patchbay up` (the README uses `go tool patchbay up`,
+// which forwards every signal): the go command ignores SIGINT and
 // SIGQUIT and waits for its child (cmd/go/internal/base/signal.go, signal_unix.go;
 // RunStdin in base.go), so a SIGTERM to it kills the go command alone and would leave
 // up and every part running. Ctrl-C at a terminal reaches up itself (the terminal
