@@ -1,0 +1,75 @@
+// Package store defines the control plane's durable, shareable state: per model, the slot
+// map its split is laid out on, the rollback in force and the history of splits served.
+// It is what must survive a control-plane restart and what every replica must agree on.
+//
+// Two implementations: File (one JSON file, written atomically and fsynced; one replica)
+// and xds/kube (each Rollout's status in the Kubernetes API, written with optimistic
+// concurrency; any number of replicas). The server (package xds) owns the rules that
+// compute a state; a Store only keeps it.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// HistoryDepth is how many distinct served splits a model's history keeps.
+const HistoryDepth = 10
+
+// Run is a stretch of consecutive slots of a model's slot map held by one version (the
+// same encoding /status shows as slot_runs).
+type Run struct {
+	Version string `json:"version"`
+	Slots   int    `json:"slots"`
+}
+
+// Rollback is a rollback in force: the split it sends traffic to, built on one spec of
+// the model. A different spec (the file or the Rollout changed) releases it.
+type Rollback struct {
+	// Traffic is the split in force (version -> percent, summing to 100).
+	Traffic map[string]int `json:"traffic"`
+	// Reason says why ("last known-good split", "all traffic to v7").
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+	// FromIndex is the History index of the split it restored; -1 for a named version.
+	FromIndex int `json:"fromIndex"`
+	// SpecFingerprint identifies the spec the rollback was taken on.
+	SpecFingerprint string `json:"specFingerprint"`
+}
+
+// ModelState is one model's durable state.
+type ModelState struct {
+	// SpecFingerprint identifies the spec Slots were laid out for: a replica that sees the
+	// same spec uses Slots as they are instead of laying them out again.
+	SpecFingerprint string `json:"specFingerprint,omitempty"`
+	// Slots is the slot map as runs, in slot order (empty: not laid out yet).
+	Slots []Run `json:"slots,omitempty"`
+	// Rollback is the rollback in force, if any.
+	Rollback *Rollback `json:"rollback,omitempty"`
+	// History is the distinct splits the spec served (not rollbacks), oldest first, at
+	// most HistoryDepth.
+	History []map[string]int `json:"history,omitempty"`
+	// ConfigVersion is the config version the writer served with this state (informational).
+	ConfigVersion string `json:"configVersion,omitempty"`
+}
+
+// ErrCorrupt wraps a stored state that cannot be read back. The server does not start
+// afresh on it (that would reshuffle users and forget rollbacks): it reports the error,
+// stays not ready, and retries until an operator recovers (see the xds README).
+var ErrCorrupt = errors.New("stored state is corrupt")
+
+// Store keeps every model's ModelState.
+type Store interface {
+	// Load returns every model's stored state (no state at all: an empty map). An error
+	// wrapping ErrCorrupt means the state exists but cannot be read.
+	Load(ctx context.Context) (map[string]ModelState, error)
+	// Update changes one model's state atomically: fn gets the stored state (zero if none)
+	// and returns the new one. On a concurrent write by another replica the store reads
+	// the state again and calls fn again (a bounded number of times), so fn must be a pure
+	// function of its argument. fn returning an error aborts the update with that error.
+	Update(ctx context.Context, model string, fn func(cur ModelState) (ModelState, error)) (ModelState, error)
+	// Watch calls changed whenever the state may have been changed by someone else (another
+	// replica), until ctx ends. A store with one writer may return at once.
+	Watch(ctx context.Context, changed func()) error
+}
