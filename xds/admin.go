@@ -184,6 +184,8 @@ func (s *Server) Rollback(ctx context.Context, model, version string) (*Rollback
 		target.Traffic = found
 		reason = "last known-good split"
 	}
+	traffic := target.Traffic // as asked (history keeps zero shares), before closeDoors
+	closeDoors(&target)
 	prev := s.state.overrides[model]
 	s.state.overrides[model] = &override{rollout: &target, fileFP: fingerprint(file), reason: reason, at: time.Now().UTC(), fromIndex: fromIndex}
 	if err := s.applyLocked(ctx); err != nil {
@@ -195,9 +197,9 @@ func (s *Server) Rollback(ctx context.Context, model, version string) (*Rollback
 		return nil, http.StatusInternalServerError, err
 	}
 	s.metrics.rollbacks.Add(ctx, 1)
-	s.log.Warn().Str("model", model).Str("reason", reason).Interface("traffic", target.Traffic).
+	s.log.Warn().Str("model", model).Str("reason", reason).Interface("traffic", traffic).
 		Str("version", s.state.built.Version).Msg("rollback applied; holds until the model's file changes")
-	return &RollbackResult{Model: model, Traffic: target.Traffic, Version: s.state.built.Version, Reason: reason}, http.StatusOK, nil
+	return &RollbackResult{Model: model, Traffic: traffic, Version: s.state.built.Version, Reason: reason}, http.StatusOK, nil
 }
 
 // Status is what /status shows.
@@ -289,6 +291,22 @@ func (s *Server) Status() Status {
 		st.Models = append(st.Models, ms)
 	}
 	return st
+}
+
+// closeDoors keeps in a rollback target only the versions it sends traffic to: a version
+// left at zero gets no cluster, so no pinned path, x-patchbay-version route (Envoy or
+// proxyless), mirror, experiment arm or ext_proc pin can reach it (the policy lists only
+// the versions that remain). Experiments and shadows are already off.
+func closeDoors(r *rollout.Rollout) {
+	traffic := map[string]int{}
+	var versions []rollout.Version
+	for _, v := range r.Versions {
+		if r.Traffic[v.Name] > 0 {
+			versions = append(versions, v)
+			traffic[v.Name] = r.Traffic[v.Name]
+		}
+	}
+	r.Versions, r.Traffic = versions, traffic
 }
 
 func hasVersion(r *rollout.Rollout, v string) bool {

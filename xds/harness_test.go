@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -166,9 +167,13 @@ type backend struct {
 	oip.UnimplementedGRPCInferenceServiceServer
 	name string
 	addr string
+	// calls counts the ModelInfer calls this backend answered (at the host, whatever route
+	// brought them).
+	calls atomic.Int64
 }
 
 func (b *backend) ModelInfer(context.Context, *oip.ModelInferRequest) (*oip.ModelInferResponse, error) {
+	b.calls.Add(1)
 	return &oip.ModelInferResponse{ModelVersion: b.name}, nil
 }
 
