@@ -2,8 +2,11 @@
 SHELL := bash
 GO    ?= go
 PKGS  ?= ./...
+# controller-gen's CRD options; api/k8s/v1's generation test runs the same (keep them equal).
+# Floats are allowed: the file format's percentages are decimals (0.25).
+CRD_OPTIONS := crd:allowDangerousTypes=true
 
-.PHONY: help up build test test-short vet fmt-check bench bench-deps fuzz generate tools fixtures e2e-envoy clean
+.PHONY: help up build test test-short vet fmt-check bench bench-deps fuzz generate generate-k8s generate-proto tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,7 +56,13 @@ fuzz: ## run each fuzz target for 30s
 fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
 
-generate: ## regenerate protobuf code in api/ (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
+generate: generate-k8s generate-proto ## regenerate everything generated: the Rollout CRD and deepcopy, then the protobuf code
+
+generate-k8s: ## regenerate the Rollout CRD (charts/patchbay/crds) and api/k8s/v1's deepcopy from the Go types (controller-gen, a go tool)
+	$(GO) tool controller-gen object paths=./api/k8s/v1/...
+	$(GO) tool controller-gen $(CRD_OPTIONS) paths=./api/k8s/v1/... output:crd:stdout > charts/patchbay/crds/rollouts.patchbay.io.yaml
+
+generate-proto: ## regenerate protobuf code in api/ (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
 	PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative api/policy/v1/policy.proto
 	cd api/oip && PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative \
 	  --go-grpc_out=. --go-grpc_opt=paths=source_relative grpc_predict_v2.proto

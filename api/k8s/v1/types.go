@@ -1,0 +1,212 @@
+package v1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Rollout is the desired traffic state of one model: patchbay's rollout file format as a
+// namespaced Kubernetes object. The API server checks only what is cheap to state in a
+// schema (types, ranges, enums); the control plane applies the file format's full rules and
+// reports their problems in status.conditions, by field path.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Namespaced,shortName=pbro,categories=patchbay
+// +kubebuilder:printcolumn:name="Model",type=string,JSONPath=`.status.model`
+// +kubebuilder:printcolumn:name="Split",type=string,JSONPath=`.status.split`
+// +kubebuilder:printcolumn:name="State",type=string,JSONPath=`.status.state`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type Rollout struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec   RolloutSpec   `json:"spec"`
+	Status RolloutStatus `json:"status,omitempty"`
+}
+
+// RolloutSpec has the rollout file format's fields, with the same names and meaning
+// (apiVersion and kind are the object's own).
+type RolloutSpec struct {
+	// Model is the logical name clients call. Default: the object's metadata.name.
+	// +optional
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`
+	Model string `json:"model,omitempty"`
+	// Versions are the model's deployed artifacts.
+	// +kubebuilder:validation:MinItems=1
+	Versions []ModelVersion `json:"versions"`
+	// Traffic is the baseline split: version -> percent, summing to 100.
+	Traffic map[string]int `json:"traffic"`
+	// Shadow mirrors fractions of the requests to versions; their responses are discarded.
+	// +optional
+	Shadow []Shadow `json:"shadow,omitempty"`
+	// Experiments are evaluated in order; the first one a user is in decides the version.
+	// +optional
+	Experiments []Experiment `json:"experiments,omitempty"`
+	// Timeout is the per-model request timeout ("2s", "150ms").
+	// +optional
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
+	Timeout *metav1.Duration `json:"timeout,omitempty"`
+	// Retries is the number of retries per request.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	Retries *int `json:"retries,omitempty"`
+	// Pinning honours client paths that name a version (/v2/models/<m>/versions/<v>/...).
+	// +optional
+	Pinning bool `json:"pinning,omitempty"`
+	// BodyMode asks ext_proc to read the buffered request body (identity or model in the
+	// OIP JSON "parameters"); it costs a body round trip per request.
+	// +optional
+	BodyMode bool `json:"bodyMode,omitempty"`
+}
+
+// ModelVersion is one deployed artifact of the model (the file format's versions[]).
+type ModelVersion struct {
+	// +kubebuilder:validation:MinLength=1
+	Name string `json:"name"`
+	// Endpoints are the version's OIP REST addresses (host:port), or its OIP gRPC addresses
+	// when protocol is grpc.
+	// +optional
+	Endpoints []string `json:"endpoints,omitempty"`
+	// GRPCEndpoints are the version's OIP gRPC addresses beside its REST endpoints.
+	// +optional
+	GRPCEndpoints []string `json:"grpcEndpoints,omitempty"`
+	// Protocol is what endpoints speak. Default http.
+	// +optional
+	// +kubebuilder:validation:Enum=http;grpc
+	Protocol string `json:"protocol,omitempty"`
+	// TLS makes Envoy originate (m)TLS to the endpoints.
+	// +optional
+	TLS bool `json:"tls,omitempty"`
+	// Host is the kind of server behind the endpoints: patchbay (default) or oip.
+	// +optional
+	// +kubebuilder:validation:Enum=patchbay;oip
+	Host string `json:"host,omitempty"`
+}
+
+// Shadow mirrors a fraction of the model's requests to a version.
+type Shadow struct {
+	Version string `json:"version"`
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=100
+	Percent float64 `json:"percent"`
+}
+
+// Experiment assigns a slice of a layer's users to arms.
+type Experiment struct {
+	Name  string `json:"name"`
+	Layer string `json:"layer"`
+	// Allocation is the percent of the layer's users in the experiment, 0 to 100 with at
+	// most two decimals; 0 pauses it.
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=100
+	Allocation float64 `json:"allocation"`
+	// +optional
+	Match *Match `json:"match,omitempty"`
+	// +kubebuilder:validation:MinItems=1
+	Arms []Arm `json:"arms"`
+}
+
+// Match targets an experiment on request headers: every listed header must hold one of its values.
+type Match struct {
+	// +optional
+	Headers map[string][]string `json:"headers,omitempty"`
+}
+
+// Arm is one variant of an experiment.
+type Arm struct {
+	Name    string `json:"name"`
+	Version string `json:"version"`
+	// Weight is relative to the other arms' weights.
+	// +kubebuilder:validation:Minimum=1
+	Weight int `json:"weight"`
+}
+
+// Condition types, reasons and states the control plane writes to status.
+const (
+	// ConditionReady is True when the Rollout's spec is what the control plane serves.
+	ConditionReady = "Ready"
+	// ReasonApplied: the spec is served. ReasonRolledBack: the spec is served under a
+	// rollback in force. ReasonInvalid: the spec breaks a rule; the last good spec stays served.
+	ReasonApplied    = "Applied"
+	ReasonRolledBack = "RolledBack"
+	ReasonInvalid    = "Invalid"
+
+	StateServing    = "Serving"
+	StateRolledBack = "RolledBack"
+	StateInvalid    = "Invalid"
+)
+
+// RolloutStatus is the model's durable state, shared by every control-plane replica (the
+// fields of xds/store.ModelState, written with optimistic concurrency), and what the
+// control plane reports about the spec.
+type RolloutStatus struct {
+	// SpecFingerprint identifies the spec Slots were laid out for.
+	// +optional
+	SpecFingerprint string `json:"specFingerprint,omitempty"`
+	// Slots is the slot map as runs of consecutive slots per version, in slot order.
+	// +optional
+	Slots []SlotRun `json:"slots,omitempty"`
+	// Rollback is the rollback in force, if any.
+	// +optional
+	Rollback *Rollback `json:"rollback,omitempty"`
+	// History is the distinct splits the spec served, oldest first.
+	// +optional
+	History []map[string]int `json:"history,omitempty"`
+	// ConfigVersion is the config version served with this state.
+	// +optional
+	ConfigVersion string `json:"configVersion,omitempty"`
+
+	// Model is the model name served (spec.model, or metadata.name when that is empty).
+	// +optional
+	Model string `json:"model,omitempty"`
+	// Split is the split in force, printable: "v7=90,v8=10".
+	// +optional
+	Split string `json:"split,omitempty"`
+	// State is Serving, RolledBack or Invalid.
+	// +optional
+	// +kubebuilder:validation:Enum=Serving;RolledBack;Invalid
+	State string `json:"state,omitempty"`
+	// ObservedGeneration is the metadata.generation the conditions describe.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// Conditions: Ready (reason Applied, RolledBack or Invalid; an Invalid message names
+	// each problem's field path, e.g. "spec.traffic: sums to 90, want 100").
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// SlotRun is a stretch of consecutive slots of the slot map held by one version.
+type SlotRun struct {
+	Version string `json:"version"`
+	Slots   int    `json:"slots"`
+}
+
+// Rollback is a rollback in force.
+type Rollback struct {
+	// Traffic is the split in force (version -> percent).
+	Traffic map[string]int `json:"traffic"`
+	// Reason says why.
+	// +optional
+	Reason string `json:"reason,omitempty"`
+	// At is when it was taken.
+	// +optional
+	At metav1.Time `json:"at,omitempty"`
+	// FromIndex is the history index of the split it restored; -1 for a named version.
+	FromIndex int `json:"fromIndex"`
+	// SpecFingerprint identifies the spec the rollback was taken on.
+	// +optional
+	SpecFingerprint string `json:"specFingerprint,omitempty"`
+}
+
+// RolloutList is a list of Rollouts.
+//
+// +kubebuilder:object:root=true
+type RolloutList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []Rollout `json:"items"`
+}
