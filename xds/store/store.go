@@ -73,3 +73,37 @@ type Store interface {
 	// replica), until ctx ends. A store with one writer may return at once.
 	Watch(ctx context.Context, changed func()) error
 }
+
+// ErrConflict is returned by Update when other writers kept changing the model's state
+// through every retry.
+var ErrConflict = errors.New("stored state kept changing under a concurrent writer")
+
+// Clone returns a deep copy (no slice, map or pointer shared with s).
+func (s ModelState) Clone() ModelState {
+	out := s
+	out.Slots = append([]Run(nil), s.Slots...)
+	if len(s.Slots) == 0 {
+		out.Slots = nil
+	}
+	if s.Rollback != nil {
+		rb := *s.Rollback
+		rb.Traffic = cloneSplit(s.Rollback.Traffic)
+		out.Rollback = &rb
+	}
+	out.History = nil
+	for _, h := range s.History {
+		out.History = append(out.History, cloneSplit(h))
+	}
+	return out
+}
+
+func cloneSplit(m map[string]int) map[string]int {
+	if m == nil {
+		return nil
+	}
+	out := make(map[string]int, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
