@@ -23,9 +23,11 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
+	patchbayv1 "github.com/patchbay-io/patchbay/api/k8s/v1"
 	"github.com/patchbay-io/patchbay/envoy"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
@@ -124,6 +126,15 @@ type Certificate struct {
 	} `json:"spec"`
 }
 
+// Rollout is a patchbay.io/v1 Rollout as the chart renders it. decode checks it strictly
+// against the CRD's Go type (api/k8s/v1); checkDefaultRollouts turns its spec back into a
+// rollout file and loads it with the control plane's strict loader.
+type Rollout struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              map[string]any `json:"spec"`
+}
+
 // rendered is one chart rendering, decoded.
 type rendered struct {
 	configMaps  map[string]*corev1.ConfigMap
@@ -135,6 +146,10 @@ type rendered struct {
 	monitors    map[string]*ServiceMonitor
 	accounts    map[string]*corev1.ServiceAccount
 	certs       map[string]*Certificate
+	roles       map[string]*rbacv1.Role
+	bindings    map[string]*rbacv1.RoleBinding
+	claims      map[string]*corev1.PersistentVolumeClaim
+	rollouts    map[string]*Rollout
 }
 
 var docSep = regexp.MustCompile(`(?m)^---\s*$`)
@@ -147,7 +162,8 @@ func decode(manifests string) (*rendered, error) {
 		services: map[string]*corev1.Service{}, pdbs: map[string]*policyv1.PodDisruptionBudget{},
 		hpas: map[string]*autoscalingv2.HorizontalPodAutoscaler{}, netpols: map[string]*networkingv1.NetworkPolicy{},
 		monitors: map[string]*ServiceMonitor{}, accounts: map[string]*corev1.ServiceAccount{},
-		certs: map[string]*Certificate{},
+		certs: map[string]*Certificate{}, roles: map[string]*rbacv1.Role{}, bindings: map[string]*rbacv1.RoleBinding{},
+		claims: map[string]*corev1.PersistentVolumeClaim{}, rollouts: map[string]*Rollout{},
 	}
 	for i, doc := range docSep.Split(manifests, -1) {
 		if strings.TrimSpace(stripComments(doc)) == "" {
@@ -187,6 +203,22 @@ func decode(manifests string) (*rendered, error) {
 		case "cert-manager.io/v1/Certificate":
 			o := new(Certificate)
 			obj, put = o, func() { r.certs[o.Name] = o }
+		case "rbac.authorization.k8s.io/v1/Role":
+			o := new(rbacv1.Role)
+			obj, put = o, func() { r.roles[o.Name] = o }
+		case "rbac.authorization.k8s.io/v1/RoleBinding":
+			o := new(rbacv1.RoleBinding)
+			obj, put = o, func() { r.bindings[o.Name] = o }
+		case "v1/PersistentVolumeClaim":
+			o := new(corev1.PersistentVolumeClaim)
+			obj, put = o, func() { r.claims[o.Name] = o }
+		case "patchbay.io/v1/Rollout":
+			// The CRD's Go type, strictly, then as a map to turn back into a file.
+			if err := yaml.UnmarshalStrict([]byte(doc), new(patchbayv1.Rollout)); err != nil {
+				return nil, fmt.Errorf("document %d (Rollout): %w\n%s", i, err, doc)
+			}
+			o := new(Rollout)
+			obj, put = o, func() { r.rollouts[o.Name] = o }
 		default:
 			return nil, fmt.Errorf("document %d: unexpected kind %s", i, gvk)
 		}
@@ -280,10 +312,14 @@ func TestChartRender(t *testing.T) {
 		name   string
 		values []string
 		tls    tlsCase
+		files  bool // xds.source=files (default: kubernetes)
 	}{
-		{"default values", nil, tlsOff},
-		{"full values", []string{"-f", fullValues}, tlsCertManager},
-		{"mTLS from given Secrets", []string{"--set", "tls.enabled=true,xds.tls.secretName=xds-certs,sidecar.example.enabled=true"}, tlsSecrets},
+		{"default values", nil, tlsOff, false},
+		{"full values", []string{"-f", fullValues}, tlsCertManager, false},
+		{"mTLS from given Secrets", []string{"--set", "tls.enabled=true,xds.tls.secretName=xds-certs,sidecar.example.enabled=true"}, tlsSecrets, false},
+		{"files source", []string{"--set", "xds.source=files,xds.replicas=1"}, tlsOff, true},
+		{"full values, files source", []string{"-f", fullValues, "--set", "xds.source=files,xds.replicas=1",
+			"--set-json", `xds.rollouts.volume={"persistentVolumeClaim":{"claimName":"rollouts","readOnly":true}}`}, tlsCertManager, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := helm(t, append([]string{"template", release, chartDir, "--namespace", namespace}, tc.values...)...)
@@ -295,16 +331,17 @@ func TestChartRender(t *testing.T) {
 				t.Fatal(err)
 			}
 			full := tc.tls == tlsCertManager
-			checkWorkloads(t, r)
+			checkWorkloads(t, r, tc.files)
 			checkServices(t, r)
-			checkFlags(t, r, full)
+			checkFlags(t, r, full, tc.files)
 			checkBootstraps(t, r, full, tc.tls != tlsOff)
 			checkTLS(t, r, tc.tls)
-			checkNetworkPolicies(t, r, full)
+			checkNetworkPolicies(t, r, full, tc.files)
+			checkControlPlane(t, r, full, tc.files)
 			if full {
 				checkFull(t, r)
 			} else if tc.tls == tlsOff {
-				checkDefaultRollouts(t, r)
+				checkDefaultRollouts(t, r, tc.files)
 			}
 		})
 	}
@@ -312,7 +349,7 @@ func TestChartRender(t *testing.T) {
 
 // checkWorkloads: every pod runs as non-root on a read-only root FS with no extra
 // capabilities, asks for resources, and probes ports it declares.
-func checkWorkloads(t *testing.T, r *rendered) {
+func checkWorkloads(t *testing.T, r *rendered, files bool) {
 	t.Helper()
 	if len(r.deployments) == 0 {
 		t.Fatal("no Deployments rendered")
@@ -322,8 +359,10 @@ func checkWorkloads(t *testing.T, r *rendered) {
 		if psc := pod.SecurityContext; psc == nil || psc.RunAsNonRoot == nil || !*psc.RunAsNonRoot {
 			t.Errorf("%s: pod securityContext.runAsNonRoot is not true", name)
 		}
-		if pod.AutomountServiceAccountToken == nil || *pod.AutomountServiceAccountToken {
-			t.Errorf("%s: service account token is mounted", name)
+		// Only the control plane with the kubernetes source talks to the API server.
+		wantToken := name == "rel-patchbay-xds" && !files
+		if pod.AutomountServiceAccountToken == nil || *pod.AutomountServiceAccountToken != wantToken {
+			t.Errorf("%s: automountServiceAccountToken %v, want %v", name, pod.AutomountServiceAccountToken, wantToken)
 		}
 		sel, err := metav1.LabelSelectorAsSelector(d.Spec.Selector)
 		if err != nil || !sel.Matches(labelSet(d.Spec.Template.Labels)) {
@@ -500,7 +539,10 @@ func keys[V any](m map[string]V) []string {
 
 // checkFlags: every flag the chart passes exists on the binary; with the full values
 // file, every flag of every part is passed (values mirror flags 1:1).
-func checkFlags(t *testing.T, r *rendered, full bool) {
+//
+// Flags of one source only are left out with the other (files: --rollouts, --state-file;
+// kubernetes: --namespace); --kubeconfig never: a pod uses its ServiceAccount (in-cluster).
+func checkFlags(t *testing.T, r *rendered, full, files bool) {
 	t.Helper()
 	parts := map[string][]corev1.Container{
 		"xds":     {container(t, r, "rel-patchbay-xds", "xds")},
@@ -520,9 +562,19 @@ func checkFlags(t *testing.T, r *rendered, full bool) {
 					t.Errorf("%s: chart passes --%s, which patchbay %s does not define (%v)", part, f, part, known)
 				}
 			}
+			notPassed := map[string]bool{"kubeconfig": part == "xds"}
+			if part == "xds" {
+				notPassed["namespace"] = files
+				notPassed["rollouts"], notPassed["state-file"] = !files, !files
+			}
+			for f := range got {
+				if notPassed[f] {
+					t.Errorf("%s: chart passes --%s, which does not apply here (files source: %v)", part, f, files)
+				}
+			}
 			if full && part != "modelhost" { // model hosts: checked per entry below
 				for _, f := range known {
-					if _, ok := got[f]; !ok {
+					if _, ok := got[f]; !ok && !notPassed[f] {
 						t.Errorf("%s: full values do not reach --%s: add a value for it", part, f)
 					}
 				}
@@ -531,12 +583,17 @@ func checkFlags(t *testing.T, r *rendered, full bool) {
 	}
 	if full {
 		x := argFlags(t, container(t, r, "rel-patchbay-xds", "xds"), "xds")
-		for f, want := range map[string]string{
-			"rollouts": "/srv/rollouts", "listen": "0.0.0.0:28000", "extproc-timeout": "250ms", "access-log": "false",
-			"state-file": "/var/lib/patchbay/state.json", "admin-token-file": "/etc/patchbay/admin-token/token",
+		want := map[string]string{
+			"listen": "0.0.0.0:28000", "extproc-timeout": "250ms", "access-log": "false",
+			"admin-token-file": "/etc/patchbay/admin-token/token",
 			"peer-role": "spiffe://example.org/ns/ml/sa/ranker-client=grpc", "allow-empty": "true", "settle": "250ms",
-			"version-health-interval": "3s",
-		} {
+			"version-health-interval": "3s", "source": "kubernetes", "namespace": namespace,
+		}
+		if files {
+			want["source"], want["namespace"] = "files", ""
+			want["rollouts"], want["state-file"] = "/srv/rollouts", "/srv/state/patchbay.json"
+		}
+		for f, want := range want {
 			if x[f] != want {
 				t.Errorf("xds --%s = %q, want %q", f, x[f], want)
 			}
@@ -611,19 +668,40 @@ func checkBootstraps(t *testing.T, r *rendered, full, mtls bool) {
 
 // checkDefaultRollouts: the default values' rollout files load with the control
 // plane's own strict loader.
-func checkDefaultRollouts(t *testing.T, r *rendered) {
+//
+// With the kubernetes source they are Rollout resources instead of a ConfigMap: each is
+// turned back into a rollout file (apiVersion, kind, model = metadata.name unless the
+// spec says, the spec's fields) and loaded the same way.
+func checkDefaultRollouts(t *testing.T, r *rendered, files bool) {
 	t.Helper()
 	cm := r.configMaps["rel-patchbay-rollouts"]
-	if cm == nil || len(cm.Data) == 0 {
-		t.Fatal("default values render no rollouts ConfigMap")
-	}
-	dir := t.TempDir()
-	for name, content := range cm.Data {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
-			t.Fatal(err)
+	data := map[string]string{}
+	if files {
+		if cm == nil || len(cm.Data) == 0 || len(r.rollouts) != 0 {
+			t.Fatalf("files source: rollouts ConfigMap %v, Rollout resources %v; want the ConfigMap only", cm, keys(r.rollouts))
+		}
+		data = cm.Data
+	} else {
+		if cm != nil || len(r.rollouts) == 0 {
+			t.Fatalf("kubernetes source: rollouts ConfigMap %v, Rollout resources %v; want Rollouts only", cm != nil, keys(r.rollouts))
+		}
+		for name, ro := range r.rollouts {
+			doc := map[string]any{"apiVersion": "patchbay.io/v1", "kind": "Rollout", "model": name}
+			for k, v := range ro.Spec {
+				doc[k] = v
+			}
+			b, err := yaml.Marshal(doc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			data[name+".yaml"] = string(b)
 		}
 	}
-	set, err := rollout.LoadDir(dir)
+	var docs []rollout.File
+	for name, content := range data {
+		docs = append(docs, rollout.File{Path: name, Data: []byte(content)})
+	}
+	set, err := rollout.LoadData(docs)
 	if err != nil {
 		t.Fatalf("default rollouts do not load: %v", err)
 	}
@@ -631,8 +709,8 @@ func checkDefaultRollouts(t *testing.T, r *rendered) {
 		t.Error("default rollouts lack model ranker")
 	}
 	// Their endpoints name the example model host's Service.
-	if !strings.Contains(cm.Data["ranker.yaml"], "rel-patchbay-modelhost-examples.ml.svc.cluster.local:8000") {
-		t.Errorf("ranker.yaml endpoints do not name the model host Service:\n%s", cm.Data["ranker.yaml"])
+	if !strings.Contains(data["ranker.yaml"], "rel-patchbay-modelhost-examples.ml.svc.cluster.local:8000") {
+		t.Errorf("ranker.yaml endpoints do not name the model host Service:\n%s", data["ranker.yaml"])
 	}
 	if r.services["rel-patchbay-modelhost-examples"] == nil {
 		t.Error("no Service for the example model host")
@@ -711,13 +789,24 @@ func TestChartRejectsBadValues(t *testing.T) {
 		{[]string{"xds.listen=18000"}, "/xds/listen"},
 		{[]string{"envoy.maxHeapBytes=0"}, "/envoy/maxHeapBytes"},
 		// the templates' own checks
-		{[]string{"xds.rollouts.files=null"}, "xds.rollouts: set files"},
+		{[]string{"xds.source=files", "xds.replicas=1", "xds.rollouts.files=null"}, "xds.rollouts: set files"},
 		{[]string{"--skip-schema-validation", "modelhosts[0].name=Bad_Name"}, "want a DNS label"},
 		{[]string{"--skip-schema-validation", "xds.listen=18000"}, "want host:port"},
 		{[]string{"tls.certManager.issuerRef.kind=Vault"}, "/tls/certManager/issuerRef/kind"},
 		{[]string{"tls.enabled=true", "tls.certManager.enabled=true"}, "tls.certManager.issuerRef.name is required"},
 		{[]string{"modelhosts[0].maxInflight=-1"}, "/modelhosts/0/maxInflight"},
 		{[]string{"networkPolicy.clients=yes"}, "/networkPolicy/clients"},
+		// The file source keeps its state in one file one replica owns: replicas > 1 is
+		// refused by the schema, and by the template when the schema is skipped.
+		{[]string{"xds.source=files"}, "/xds/replicas"},
+		{[]string{"xds.source=files", "xds.replicas=2"}, "/xds/replicas"},
+		{[]string{"--skip-schema-validation", "xds.source=files"}, "xds.replicas=3 with xds.source=files"},
+		{[]string{"xds.source=configmap"}, "/xds/source"},
+		{[]string{"--skip-schema-validation", "xds.source=configmap"}, `xds.source "configmap": want kubernetes or files`},
+		{[]string{"xds.rollouts.volume.persistentVolumeClaim.claimName=r"}, "xds.rollouts.volume: only with xds.source=files"},
+		{[]string{"xds.source=files", "xds.replicas=1", "xds.stateFile=state.json"}, `xds.stateFile "state.json": want an absolute path`},
+		{[]string{"xds.persistence.size=lots"}, "/xds/persistence/size"},
+		{[]string{"networkPolicy.apiServer.ports={}"}, "/networkPolicy/apiServer/ports"},
 	} {
 		t.Run(strings.Join(tc.set, " "), func(t *testing.T) {
 			t.Parallel()

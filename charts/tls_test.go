@@ -282,7 +282,10 @@ type peers = []networkingv1.NetworkPolicyPeer
 
 // checkNetworkPolicies: one policy per part, ingress and egress, each rule exactly as the
 // table in values.yaml says: which peers reach which ports, and where each part may go.
-func checkNetworkPolicies(t *testing.T, r *rendered, full bool) {
+//
+// With the kubernetes source the control plane may also reach the API server
+// (networkPolicy.apiServer: anywhere on 443 and 6443 by default).
+func checkNetworkPolicies(t *testing.T, r *rendered, full, files bool) {
 	t.Helper()
 	type rules struct {
 		in  []networkingv1.NetworkPolicyIngressRule
@@ -357,6 +360,15 @@ func checkNetworkPolicies(t *testing.T, r *rendered, full bool) {
 				out: []networkingv1.NetworkPolicyEgressRule{dns, store},
 			},
 		}
+	}
+	if !files {
+		apiServer := out(nil, 443, 6443)
+		if full {
+			apiServer = out(peers{{IPBlock: &networkingv1.IPBlock{CIDR: "10.0.0.1/32"}}}, 6443)
+		}
+		w := want["rel-patchbay-xds"]
+		w.out = append(w.out[:len(w.out)-1:len(w.out)-1], apiServer, w.out[len(w.out)-1]) // before DNS
+		want["rel-patchbay-xds"] = w
 	}
 	if got := keys(r.netpols); !cmp.Equal(got, keys(want)) {
 		t.Errorf("NetworkPolicies %v, want %v (on by default, one per part)", got, keys(want))

@@ -23,9 +23,12 @@ import (
 )
 
 func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("xds", "[flags]", "The xDS control plane: watches the rollout files in --rollouts DIR (required) and\nserves their config over ADS to Envoy (edge and sidecar), ext_proc routers and\nproxyless gRPC clients.")
+	fs := newFlags("xds", "[flags]", "The xDS control plane: watches the rollouts and serves their config over ADS to Envoy\n(edge and sidecar), ext_proc routers and proxyless gRPC clients. The rollouts come from\nthe files in --rollouts DIR (--source files, one replica, state in --state-file) or from\nRollout resources in --namespace (--source kubernetes: any number of replicas, state in\neach Rollout's status; endpoints NAME.NAMESPACE.svc[.cluster.local]:PORT resolve from\nthe Service's EndpointSlices, ready endpoints only).")
 	var (
-		dir        = fs.String("rollouts", "", "directory of rollout files to watch (required)")
+		source     = fs.String("source", sourceFiles, "where rollouts and state live: files (--rollouts, --state-file) or kubernetes (Rollout resources in --namespace)")
+		namespace  = fs.String("namespace", "", "kubernetes: the namespace of the Rollouts (default: the pod's own namespace, else \"default\")")
+		kubeconfig = fs.String("kubeconfig", "", "kubernetes: kubeconfig file (default: $KUBECONFIG, else the in-cluster ServiceAccount)")
+		dir        = fs.String("rollouts", "", "files: directory of rollout files to watch (required)")
 		listen     = fs.String("listen", "127.0.0.1:18000", "ADS gRPC address (Envoy, proxyless gRPC, ext_proc)")
 		admin      = fs.String("admin", "127.0.0.1:18001", "admin HTTP address: /readyz /metrics /status, rollback API")
 		edge       = fs.String("edge-listener", "127.0.0.1:10000", "address of the edge Envoy listener emitted to edge nodes")
@@ -64,9 +67,25 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		}
 		roles[uri] = role
 	}
-	if *dir == "" || fs.NArg() > 0 {
+	if fs.NArg() > 0 {
 		fs.Usage()
-		return fmt.Errorf("xds: --rollouts DIR is required: %w", errUsage)
+		return fmt.Errorf("xds: unexpected arguments %q: %w", fs.Args(), errUsage)
+	}
+	switch *source {
+	case sourceFiles:
+		if *dir == "" {
+			fs.Usage()
+			return fmt.Errorf("xds: --rollouts DIR is required with --source files: %w", errUsage)
+		}
+		if *namespace != "" || *kubeconfig != "" {
+			return fmt.Errorf("xds: --namespace and --kubeconfig are for --source kubernetes: %w", errUsage)
+		}
+	case sourceKubernetes:
+		if *dir != "" || *stateFile != "" {
+			return fmt.Errorf("xds: --rollouts and --state-file are for --source files (with kubernetes, rollouts are Rollout resources and the state is in their status): %w", errUsage)
+		}
+	default:
+		return fmt.Errorf("xds: --source %q: want files or kubernetes: %w", *source, errUsage)
 	}
 	topts := translate.Options{
 		EdgeAddress: *edge, SidecarAddress: *sidecar, ExtprocTimeout: *extprocTO, AccessLog: *accessLog,
@@ -89,6 +108,9 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	defer metrics.Shutdown(context.Background())
+	if *source == sourceKubernetes {
+		return errors.New("xds: --source kubernetes: the Kubernetes source (xds/kube) is not in this build yet")
+	}
 	srv, err := xds.New(xds.Config{
 		RolloutsDir:    *dir,
 		Translate:      topts,

@@ -34,6 +34,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The control plane's own ServiceAccount: the only one the chart's Role is bound to. */}}
+{{- define "patchbay.xdsServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-xds" (include "patchbay.fullname" .)) .Values.xds.serviceAccountName -}}
+{{- else -}}
+{{- default "default" .Values.xds.serviceAccountName -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The port of a host:port flag value. */}}
 {{- define "patchbay.port" -}}
 {{- $parts := splitList ":" (toString .) -}}
