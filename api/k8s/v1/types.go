@@ -168,6 +168,11 @@ type RolloutStatus struct {
 	// +optional
 	// +kubebuilder:validation:Enum=Serving;RolledBack;Invalid
 	State string `json:"state,omitempty"`
+	// LastApplied is the last spec the control plane applied, as the rollout document it
+	// rendered: while the spec is invalid, a control-plane replica that never saw it good
+	// (restarted) serves this one.
+	// +optional
+	LastApplied string `json:"lastApplied,omitempty"`
 	// ObservedGeneration is the metadata.generation the conditions describe.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
