@@ -35,10 +35,10 @@ type Source struct {
 	informer atomic.Pointer[cache.SharedIndexInformer] // set once Watch has synced
 
 	mu       sync.Mutex
-	docs     map[string]*docState          // by Path, from the last Read
-	server   map[string][]*rollout.Error   // the last Report's problems
-	reported map[string][]*rollout.Error   // own problems last written to status
-	kick     chan struct{}                 // own problems changed: write statuses
+	docs     map[string]*docState        // by Path, from the last Read
+	server   map[string][]*rollout.Error // the last Report's problems
+	reported map[string][]*rollout.Error // own problems last written to status
+	kick     chan struct{}               // own problems changed: write statuses
 }
 
 // docState is what the last Read found of one Rollout.
