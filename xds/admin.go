@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/store"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
@@ -30,6 +31,10 @@ import (
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if err := s.storeCorrupt(); err != nil {
+			http.Error(w, "state store unreadable: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
 		if s.Version() == "" {
 			http.Error(w, "no valid config yet", http.StatusServiceUnavailable)
 			return
@@ -114,101 +119,139 @@ func (s *Server) handleRollback(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request) {
 	model := r.PathValue("model")
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.state.overrides[model] == nil {
-		writeJSON(w, http.StatusNotFound, errorBody("no rollback in force for model "+model))
+	version, code, err := s.Release(r.Context(), model)
+	if err != nil {
+		writeJSON(w, code, errorBody(err.Error()))
 		return
 	}
-	o := s.state.overrides[model]
-	delete(s.state.overrides, model)
-	if err := s.applyLocked(r.Context()); err != nil {
-		s.state.overrides[model] = o
-		writeJSON(w, http.StatusInternalServerError, errorBody(err.Error()))
-		return
+	writeJSON(w, http.StatusOK, map[string]string{"model": model, "config_version": version})
+}
+
+// Release ends the rollback in force for a model (the spec's split is served again) and
+// returns the config version and the HTTP status to answer with.
+func (s *Server) Release(ctx context.Context, model string) (string, int, error) {
+	version := ""
+	code, err := s.changeState(ctx, model, func(cur store.ModelState, spec *rollout.Rollout, fp string) (store.ModelState, error) {
+		return releaseState(cur, spec, fp)
+	})
+	if err == nil {
+		s.mu.Lock()
+		version = s.state.built.Version
+		s.mu.Unlock()
+		s.log.Info().Str("model", model).Str("version", version).Msg("rollback released through the admin API")
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"model": model, "config_version": s.state.built.Version})
+	return version, code, err
 }
 
 // Rollback applies a rollback (see AdminHandler) and returns the HTTP status to answer with.
+// Any replica may take it: the target comes from the stored history, it is written
+// through the Store, and every replica sharing the Store serves it.
 func (s *Server) Rollback(ctx context.Context, model, version string) (*RollbackResult, int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.state.files == nil {
-		return nil, http.StatusServiceUnavailable, errors.New("no config loaded yet")
-	}
-	file := s.state.files.Model(model)
-	if file == nil {
-		return nil, http.StatusNotFound, fmt.Errorf("unknown model %q", model)
-	}
-	current := file
-	if o := s.state.overrides[model]; o != nil {
-		current = o.rollout
-	}
-	// A rollback is an emergency state built on the current file (its endpoints, timeouts,
-	// protocol): only the split changes, and experiments and shadows are off until the
-	// file changes, so no arm or mirror keeps sending users to the version rolled back from.
-	target := *file
-	target.Experiments, target.Shadow = nil, nil
+	at := time.Now().UTC()
+	var traffic map[string]int
 	var reason string
-	fromIndex := -1 // the history entry a split rollback came from
-	if version != "" {
-		if !hasVersion(file, version) {
-			return nil, http.StatusBadRequest, fmt.Errorf("model %q has no version %q", model, version)
+	code, err := s.changeState(ctx, model, func(cur store.ModelState, spec *rollout.Rollout, fp string) (store.ModelState, error) {
+		if version != "" && !hasVersion(spec, version) {
+			return cur, &httpError{http.StatusBadRequest, fmt.Errorf("model %q has no version %q", model, version)}
 		}
-		target.Traffic = map[string]int{version: 100}
-		reason = "all traffic to " + version
-	} else {
-		// The most recent split the files served that differs from what the file says now
-		// and from the rollback in force (so a second rollback goes one step further back),
-		// and whose versions all still exist.
-		h := s.state.history[model]
-		start := len(h) - 1
-		if o := s.state.overrides[model]; o != nil && o.fromIndex >= 0 {
-			start = o.fromIndex - 1 // a rollback in force: go further back than it did
+		next, t, err := rollbackState(cur, spec, fp, version, at)
+		if err == nil {
+			traffic, reason = t, next.Rollback.Reason
 		}
-		var found map[string]int
-		for i := start; i >= 0 && found == nil; i-- {
-			t := h[i].Traffic
-			if sameTraffic(t, file.Traffic) || sameTraffic(t, current.Traffic) || !versionsExist(file, t) {
-				continue
-			}
-			found, fromIndex = t, i
-		}
-		if found == nil {
-			v := file.Versions[0].Name
-			return nil, http.StatusConflict, fmt.Errorf("model %q has no earlier split to go back to: name the version to send all "+
-				`traffic to: POST {"version": %q} (patchbay rollout rollback %s --version %s); its versions: %s`,
-				model, v, model, v, versionNames(file))
-		}
-		target.Traffic = found
-		reason = "last known-good split"
+		return next, err
+	})
+	if err != nil {
+		return nil, code, err
 	}
-	traffic := target.Traffic // as asked (history keeps zero shares), before closeDoors
-	closeDoors(&target)
-	prev := s.state.overrides[model]
-	s.state.overrides[model] = &override{rollout: &target, fileFP: fingerprint(file), reason: reason, at: time.Now().UTC(), fromIndex: fromIndex}
-	if err := s.applyLocked(ctx); err != nil {
-		if prev == nil {
-			delete(s.state.overrides, model)
-		} else {
-			s.state.overrides[model] = prev
-		}
-		return nil, http.StatusInternalServerError, err
-	}
+	s.mu.Lock()
+	v := s.state.built.Version
+	s.mu.Unlock()
 	s.metrics.rollbacks.Add(ctx, 1)
 	s.log.Warn().Str("model", model).Str("reason", reason).Interface("traffic", traffic).
-		Str("version", s.state.built.Version).Msg("rollback applied; holds until the model's file changes")
-	return &RollbackResult{Model: model, Traffic: traffic, Version: s.state.built.Version, Reason: reason}, http.StatusOK, nil
+		Str("version", v).Msg("rollback applied; holds until the model's rollout changes")
+	return &RollbackResult{Model: model, Traffic: traffic, Version: v, Reason: reason}, http.StatusOK, nil
+}
+
+// changeState changes one model's stored state by rule (rollbackState, releaseState) and
+// serves it: the rule is tried on the state served and the result translated and checked
+// first (nothing is written that cannot be served), then written through Store.Update (the
+// rule re-run on the stored state), and what the Store kept is served.
+func (s *Server) changeState(ctx context.Context, model string,
+	rule func(cur store.ModelState, spec *rollout.Rollout, fp string) (store.ModelState, error)) (int, error) {
+	// One change at a time, and never between a reload's read of the Store and its write.
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.state.storeErr; err != nil && errors.Is(err, store.ErrCorrupt) {
+		return http.StatusServiceUnavailable, fmt.Errorf("the state store cannot be read; recover it first: %w", err)
+	}
+	if s.state.files == nil || s.state.built == nil {
+		return http.StatusServiceUnavailable, errors.New("no config loaded yet")
+	}
+	spec := s.state.files.Model(model)
+	if spec == nil {
+		return http.StatusNotFound, fmt.Errorf("unknown model %q", model)
+	}
+	fp := fingerprint(spec)
+	codeOf := func(err error) int {
+		var he *httpError
+		if errors.As(err, &he) {
+			return he.code
+		}
+		return http.StatusInternalServerError
+	}
+	planned, err := rule(s.state.models[model], spec, fp)
+	if err != nil {
+		return codeOf(err), err
+	}
+	prev := s.saveLocked()
+	models := make(map[string]store.ModelState, len(s.state.models))
+	for k, v := range s.state.models {
+		models[k] = v
+	}
+	models[model] = planned
+	s.state.models = models
+	s.deriveLocked()
+	built, err := s.buildLocked()
+	if err != nil {
+		s.restoreLocked(prev)
+		return http.StatusInternalServerError, err
+	}
+	got, err := s.store.Update(ctx, model, func(cur store.ModelState) (store.ModelState, error) {
+		next, err := rule(cur, spec, fp)
+		if err == nil {
+			next.ConfigVersion = built.Version
+		}
+		return next, err
+	})
+	if err != nil {
+		s.restoreLocked(prev)
+		if code := codeOf(err); code != http.StatusInternalServerError {
+			return code, err
+		}
+		return http.StatusServiceUnavailable, fmt.Errorf("write the state store: %w", err)
+	}
+	models[model] = got
+	s.state.synced[model] = fp
+	s.deriveLocked()
+	if err := s.applyLocked(ctx); err != nil {
+		return http.StatusInternalServerError, err
+	}
+	return http.StatusOK, nil
 }
 
 // Status is what /status shows.
 type Status struct {
-	ConfigVersion string        `json:"config_version"`
-	Ready         bool          `json:"ready"`
-	AppliedAt     *time.Time    `json:"applied_at,omitempty"`
-	RolloutsDir   string        `json:"rollouts_dir"`
-	Models        []ModelStatus `json:"models"`
+	ConfigVersion string     `json:"config_version"`
+	Ready         bool       `json:"ready"`
+	AppliedAt     *time.Time `json:"applied_at,omitempty"`
+	RolloutsDir   string     `json:"rollouts_dir"`
+	// Source names where rollouts come from (a directory, a Kubernetes namespace) and
+	// StateStore where slot maps, rollbacks and history are kept.
+	Source     string        `json:"source"`
+	StateStore string        `json:"state_store"`
+	Models     []ModelStatus `json:"models"`
 	// CurrentError is why the last reload was refused (the last good config is served);
 	// absent once a reload succeeds. Errors is the last distinct rejections with their
 	// times, oldest first: history, not the current state.
@@ -250,7 +293,7 @@ type RollbackStatus struct {
 func (s *Server) Status() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Status{RolloutsDir: s.cfg.RolloutsDir, RejectedConfigs: s.state.rejected,
+	st := Status{RolloutsDir: s.cfg.RolloutsDir, Source: s.source.Describe(), StateStore: describeStore(s.store), RejectedConfigs: s.state.rejected,
 		Clients: s.metrics.clients.byFlavour(), Models: []ModelStatus{}, Errors: append([]statusError{}, s.state.errs...)}
 	if e := s.state.curErr; e != nil {
 		c := *e
@@ -265,7 +308,7 @@ func (s *Server) Status() Status {
 	if s.state.built == nil {
 		return st
 	}
-	st.ConfigVersion, st.Ready = s.state.built.Version, true
+	st.ConfigVersion, st.Ready = s.state.built.Version, s.state.storeErr == nil || !errors.Is(s.state.storeErr, store.ErrCorrupt)
 	at := s.state.applied
 	st.AppliedAt = &at
 	health := s.versionHealth()
@@ -330,18 +373,6 @@ func versionNames(r *rollout.Rollout) string {
 func versionsExist(r *rollout.Rollout, traffic map[string]int) bool {
 	for v, w := range traffic {
 		if w > 0 && !hasVersion(r, v) {
-			return false
-		}
-	}
-	return true
-}
-
-func sameTraffic(a, b map[string]int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if b[k] != v {
 			return false
 		}
 	}

@@ -157,7 +157,7 @@ func (s *Server) refreshDNS(ctx context.Context) {
 		}
 		if diff {
 			if cand := s.state.candidate; cand != nil {
-				s.applyFilesLocked(ctx, cand, "endpoint names resolved")
+				s.applyFilesLocked(ctx, cand, "endpoint names resolved", s.state.models)
 			} else if s.state.files != nil {
 				if err := s.applyLocked(ctx); err != nil {
 					s.rejectLocked(ctx, err)

@@ -40,7 +40,7 @@ func TestPolicyExtprocWouldNACKIsNeverServed(t *testing.T) {
 			r.Experiments[0].Arms = append([]rollout.Arm(nil), r.Experiments[0].Arms...)
 			edit(&r.Experiments[0].Arms[0])
 			c.srv.mu.Lock()
-			c.srv.applyFilesLocked(context.Background(), &rollout.Set{Rollouts: []*rollout.Rollout{&r}}, "test")
+			c.srv.applyFilesLocked(context.Background(), &rollout.Set{Rollouts: []*rollout.Rollout{&r}}, "test", c.srv.state.models)
 			c.srv.mu.Unlock()
 			st := c.srv.Status()
 			if st.ConfigVersion != good || st.CurrentError == nil || !strings.Contains(st.CurrentError.Message, "ext_proc policy:") {

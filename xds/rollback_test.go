@@ -30,7 +30,7 @@ func TestRollbackSemantics(t *testing.T) {
 	apply(moved, "{v1: 20, v2: 80}", extra) // v1 moved hosts in the same edit
 
 	res, code, err := c.srv.Rollback(context.Background(), "r", "")
-	if err != nil || code != http.StatusOK || !sameTraffic(res.Traffic, map[string]int{"v1": 50, "v2": 50}) {
+	if err != nil || code != http.StatusOK || !sameSplit(res.Traffic, map[string]int{"v1": 50, "v2": 50}) {
 		t.Fatalf("first rollback: %v %d %v, want the last known-good 50/50", res, code, err)
 	}
 	st := c.srv.Status().Models[0]
@@ -43,7 +43,7 @@ func TestRollbackSemantics(t *testing.T) {
 		t.Fatalf("rollback brought back old endpoints: v1 on port %d, want the current file's 9011", got)
 	}
 	res, code, err = c.srv.Rollback(context.Background(), "r", "")
-	if err != nil || !sameTraffic(res.Traffic, map[string]int{"v1": 100, "v2": 0}) {
+	if err != nil || !sameSplit(res.Traffic, map[string]int{"v1": 100, "v2": 0}) {
 		t.Fatalf("second rollback: %v %d %v, want one step further back (100/0)", res, code, err)
 	}
 	if _, code, _ = c.srv.Rollback(context.Background(), "r", ""); code != http.StatusConflict {

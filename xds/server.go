@@ -32,14 +32,24 @@ import (
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/store"
 	"github.com/patchbay-io/patchbay/xds/translate"
-	"github.com/patchbay-io/patchbay/xds/watch"
 )
 
 // Config configures the control plane. Flags map onto it 1:1 in cmd/patchbay.
 type Config struct {
-	// RolloutsDir is the directory of rollout files that is watched.
+	// RolloutsDir is the directory of rollout files that is watched (when Source is nil).
 	RolloutsDir string
+	// Source is where rollouts come from; nil: the files of RolloutsDir (watched, read once
+	// settled: see Settle, Debounce, Resync).
+	Source Source
+	// Store keeps each model's slot map, rollback in force and history of splits, read on
+	// every reload and written through compare-and-swap; replicas sharing a Store serve the
+	// same. nil: store.File on StateFile when it is set, else a private store.Memory.
+	Store store.Store
+	// StoreRetry is how often a reload is retried while the Store cannot be read or written
+	// (default 5s).
+	StoreRetry time.Duration
 	// Translate holds the Envoy listener addresses and other emitted knobs.
 	Translate translate.Options
 	// AdminToken guards the rollback API and every other mutation (at least 32 bytes).
@@ -70,9 +80,11 @@ type Config struct {
 	Resync time.Duration
 	// DNSRefresh re-resolves endpoint host names this often (default 5s).
 	DNSRefresh time.Duration
-	// StateFile, when set, keeps each model's slot map across restarts (JSON, written
-	// atomically after every change). Without it a restarted control plane lays splits out
-	// afresh, which can move users between versions whose shares did not change.
+	// StateFile, when set (and Store is nil), keeps each model's slot map, rollback in force
+	// and history across restarts (store.File: JSON, written atomically and fsynced after
+	// every change, the previous state kept as <file>.prev). Without it a restarted control
+	// plane lays splits out afresh, which can move users between versions whose shares did
+	// not change, and forgets rollbacks.
 	StateFile string
 	// VersionHealth probes every version with a share this often on each resolved
 	// endpoint of each protocol it serves (REST ready path, gRPC health service of the
@@ -100,6 +112,8 @@ type Server struct {
 	token    *tokenSource     // nil: no bearer token configured
 	peers    *peerRoles
 	prober   *prober // nil: versions are not probed
+	source   Source
+	store    store.Store
 
 	// reloadMu serialises reloads (the first one, the watcher's, any caller's) from
 	// read to apply, so an older read is never applied after a newer one.
@@ -113,13 +127,25 @@ type Server struct {
 
 // state is everything the server remembers between reloads; guarded by Server.mu.
 type state struct {
-	files     *rollout.Set // last good set read from the files
+	files *rollout.Set // last good set read from the source
+	// models is each served model's durable state as stored (or, for a replica whose
+	// source lags the store, as computed locally); slots, overrides and history are derived
+	// from it (deriveLocked).
+	models    map[string]store.ModelState
 	slots     map[string]translate.SlotMap
 	resolved  map[string][]string
 	overrides map[string]*override
-	history   map[string][]*rollout.Rollout // applied distinct states per model, oldest first
-	built     *translate.Built
-	applied   time.Time
+	history   map[string][]map[string]int // distinct splits the spec served, oldest first
+	// synced is, per model, the spec fingerprint this server last agreed with the store on
+	// (wrote, or found stored): a store holding another spec while ours is unchanged since
+	// was moved on by a replica whose source is ahead, and is not written back.
+	synced map[string]string
+	// storeErr is why the Store could not be read or written on the last try (nil: fine).
+	storeErr error
+	// problems are the last read's problems per document (ProblemReporter).
+	problems map[string][]*rollout.Error
+	built    *translate.Built
+	applied  time.Time
 	// curErr is the error of the last reload when it failed (nil once one succeeds);
 	// errs the last errorHistory distinct rejections, oldest first.
 	curErr   *statusError
@@ -164,15 +190,16 @@ type statusError struct {
 	Message string    `json:"message"`
 }
 
-const historyDepth = 10
-
 // errorHistory is how many distinct rejections /status keeps.
 const errorHistory = 10
 
 // New builds a server. It does not read the rollout directory yet: Run does.
 func New(cfg Config) (*Server, error) {
-	if cfg.RolloutsDir == "" {
+	if cfg.RolloutsDir == "" && cfg.Source == nil {
 		return nil, errors.New("xds: no rollouts directory")
+	}
+	if cfg.StoreRetry <= 0 {
+		cfg.StoreRetry = 5 * time.Second
 	}
 	if cfg.Debounce <= 0 {
 		cfg.Debounce = 10 * time.Millisecond
@@ -203,12 +230,26 @@ func New(cfg Config) (*Server, error) {
 		snapshots: cachev3.NewSnapshotCache(false, nodeHash{}, nil),
 		policies:  cachev3.NewLinearCache(policyv1.TypeURL),
 		state: state{
+			models:    map[string]store.ModelState{},
 			slots:     map[string]translate.SlotMap{},
 			resolved:  map[string][]string{},
 			overrides: map[string]*override{},
-			history:   map[string][]*rollout.Rollout{},
+			history:   map[string][]map[string]int{},
+			synced:    map[string]string{},
 			dns:       map[string]*NameStatus{},
 		},
+		source: cfg.Source,
+		store:  cfg.Store,
+	}
+	if s.source == nil {
+		s.source = &dirSource{dir: cfg.RolloutsDir, debounce: cfg.Debounce, resync: cfg.Resync, settle: cfg.Settle}
+	}
+	if s.store == nil {
+		if cfg.StateFile != "" {
+			s.store = store.NewFile(cfg.StateFile)
+		} else {
+			s.store = store.NewMemory()
+		}
 	}
 	if cfg.AdminToken != "" || cfg.AdminTokenFile != "" {
 		ts, err := newTokenSource(cfg.AdminToken, cfg.AdminTokenFile)
@@ -247,13 +288,6 @@ func New(cfg Config) (*Server, error) {
 			Caches:        map[string]cachev3.Cache{"snapshot": s.snapshots, "policy": s.policies},
 		},
 		snapshots: s.snapshots,
-	}
-	if cfg.StateFile != "" {
-		slots, err := loadSlots(cfg.StateFile)
-		if err != nil {
-			return nil, err
-		}
-		s.state.slots = slots
 	}
 	if cfg.VersionHealth > 0 {
 		s.prober = s.newProber()
@@ -299,9 +333,7 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 	// The watch goes in place first, then the first load: an edit in between is seen.
 	watching := make(chan struct{})
 	go func() {
-		errc <- watch.Run(ctx, watch.Config{Dir: s.cfg.RolloutsDir, Debounce: s.cfg.Debounce, Resync: s.cfg.Resync,
-			Ready: func() { close(watching) }},
-			func() { s.Reload(ctx, "files changed") })
+		errc <- s.source.Watch(ctx, func() { close(watching) }, func() { s.Reload(ctx, "files changed") })
 	}()
 	select {
 	case <-watching:
@@ -311,6 +343,8 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		return err
 	}
 	s.Reload(ctx, "start")
+	go s.watchStore(ctx)
+	go s.retryStore(ctx)
 	gs := s.GRPCServer(ctx)
 	if s.tls != nil {
 		adminLis = tls.NewListener(adminLis, s.tls.ServerConfig("h2", "http/1.1"))
@@ -330,7 +364,7 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		go func() { s.probeVersions(ctx); errc <- nil }()
 	}
 	s.log.Info().Str("ads", grpcLis.Addr().String()).Str("admin", adminLis.Addr().String()).
-		Str("rollouts", s.cfg.RolloutsDir).Msg("control plane serving")
+		Str("rollouts", s.source.Describe()).Msg("control plane serving")
 
 	var err error
 	select {
@@ -368,13 +402,15 @@ func serveGRPC(gs *grpc.Server, lis net.Listener) error {
 	return nil
 }
 
-// Reload reads the rollout directory and applies it if it is valid. A bad directory
-// changes nothing that is served: the error is logged, counted and shown on /status.
-// Files still changing are not read as a config at all: a later event reloads them.
+// Reload reads the rollouts from the source and applies them if they are valid, on the
+// state the Store holds. A bad read changes nothing that is served: the error is logged,
+// counted and shown on /status. Files still changing are not read as a config at all: a
+// later event reloads them. A Store that cannot be read changes nothing either: the server
+// is not ready, shows why and retries (Config.StoreRetry).
 func (s *Server) Reload(ctx context.Context, why string) {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
-	files, settled, err := s.readSettled(ctx)
+	files, settled, err := s.source.Read(ctx)
 	if !settled {
 		s.log.Info().Str("reason", why).Dur("settle", s.cfg.Settle).
 			Msg("rollout files are still changing; they are applied once they settle")
@@ -394,7 +430,7 @@ func (s *Server) Reload(ctx context.Context, why string) {
 	}
 	if err == nil && len(set.Rollouts) == 0 && !s.cfg.AllowEmpty {
 		err = fmt.Errorf("no rollout in %s (an empty directory, a half-synced ConfigMap or a wrong mount?): "+
-			"refusing to remove every model (start with --allow-empty to allow it)", s.cfg.RolloutsDir)
+			"refusing to remove every model (start with --allow-empty to allow it)", s.source.Describe())
 		s.metrics.emptyRefused.Add(ctx, 1)
 	}
 	if err == nil {
@@ -402,86 +438,303 @@ func (s *Server) Reload(ctx context.Context, why string) {
 		// not stall /readyz, /status or the rollback API.
 		s.resolveNew(ctx, set)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.state.readKey = contentKey(files)
-	if err != nil {
-		s.rejectLocked(ctx, fmt.Errorf("rollouts rejected, still serving the last good config: %w", err))
-		return
+	var stored map[string]store.ModelState
+	var storeErr error
+	if err == nil {
+		stored, storeErr = s.store.Load(ctx)
 	}
-	s.applyFilesLocked(ctx, set, why)
+	s.mu.Lock()
+	s.state.readKey = contentKey(files)
+	s.state.problems = documentProblems(err)
+	switch {
+	case err != nil:
+		s.rejectLocked(ctx, fmt.Errorf("rollouts rejected, still serving the last good config: %w", err))
+	case storeErr != nil:
+		s.storeFailedLocked(ctx, storeErr)
+	default:
+		s.applyFilesLocked(ctx, set, why, stored)
+	}
+	s.mu.Unlock()
+	s.report(ctx)
 }
 
-// settleTries bounds how many settle intervals one reload waits for files that keep changing.
-const settleTries = 20
-
-// readSettled reads the rollout files until two reads a settle interval apart agree (same
-// names, sizes, modification times and bytes) and returns the second read; what is parsed is
-// exactly what was seen unchanged. settled is false when the files kept changing (or ctx
-// ended): the writes in progress will cause another reload.
-func (s *Server) readSettled(ctx context.Context) (files []rollout.File, settled bool, err error) {
-	prev, err := rollout.ReadDir(s.cfg.RolloutsDir)
-	if err != nil || s.cfg.Settle < 0 {
-		return prev, true, err
+// reloadState applies the Store's state, changed by another replica, to the rollouts
+// already read (no new read of the source: the state is all that changed).
+func (s *Server) reloadState(ctx context.Context, why string) {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.mu.Lock()
+	set := s.state.files
+	s.mu.Unlock()
+	if set == nil {
+		return // nothing read yet (or nothing good): the next reload of the source applies it
 	}
-	for range settleTries {
-		t := time.NewTimer(s.cfg.Settle)
+	stored, err := s.store.Load(ctx)
+	s.mu.Lock()
+	if err != nil {
+		s.storeFailedLocked(ctx, err)
+	} else {
+		s.applyFilesLocked(ctx, set, why, stored)
+	}
+	s.mu.Unlock()
+	s.report(ctx)
+}
+
+// watchStore reloads the state whenever another replica may have changed it.
+func (s *Server) watchStore(ctx context.Context) {
+	for ctx.Err() == nil {
+		err := s.store.Watch(ctx, func() { s.reloadState(ctx, "state changed") })
+		if err == nil {
+			return // ended with ctx, or a store with one writer: nothing to watch
+		}
+		s.log.Error().Err(err).Dur("retry", s.cfg.StoreRetry).Msg("cannot watch the state store; retrying")
 		select {
 		case <-ctx.Done():
-			t.Stop()
-			return nil, false, nil
-		case <-t.C:
+		case <-time.After(s.cfg.StoreRetry):
+			s.reloadState(ctx, "state watch restarted") // changes missed meanwhile
 		}
-		cur, err := rollout.ReadDir(s.cfg.RolloutsDir)
-		if err != nil {
-			return nil, true, err
-		}
-		if rollout.Same(prev, cur) {
-			return cur, true, nil
-		}
-		prev = cur
 	}
-	return nil, false, nil
 }
 
-// applyFilesLocked makes set the file state and applies it, or keeps the previous one.
-func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why string) {
-	prevFiles, prevOverrides := s.state.files, s.state.overrides
+// retryStore reloads every StoreRetry while the Store could not be read or written.
+func (s *Server) retryStore(ctx context.Context) {
+	t := time.NewTicker(s.cfg.StoreRetry)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.mu.Lock()
+			failed := s.state.storeErr != nil
+			s.mu.Unlock()
+			if failed {
+				s.Reload(ctx, "retry: state store")
+			}
+		}
+	}
+}
+
+// storeFailedLocked records that the Store could not be read or written: nothing new is
+// applied (the last good config stays served), /status shows the error with its recovery,
+// it is logged once per distinct error, and retryStore tries again.
+func (s *Server) storeFailedLocked(ctx context.Context, err error) {
+	first := s.state.storeErr == nil || s.state.storeErr.Error() != err.Error()
+	s.state.storeErr = err
+	msg := fmt.Errorf("state store %s: serving nothing new until it can be read: %w", describeStore(s.store), err)
+	if first {
+		s.log.Error().Err(err).Str("store", describeStore(s.store)).Dur("retry", s.cfg.StoreRetry).
+			Msg("state store unusable; serving nothing new until it is recovered (see the xds README)")
+	}
+	e := statusError{At: time.Now().UTC(), Message: msg.Error()}
+	if s.state.curErr == nil || s.state.curErr.Message != e.Message {
+		s.state.curErr = &e
+		s.state.errs = append(s.state.errs, e)
+		if n := len(s.state.errs); n > errorHistory {
+			s.state.errs = s.state.errs[n-errorHistory:]
+		}
+	}
+}
+
+func describeStore(st store.Store) string {
+	switch v := st.(type) {
+	case *store.File:
+		return "file " + v.Path()
+	case *store.Memory:
+		return "memory"
+	default:
+		return fmt.Sprintf("%T", st)
+	}
+}
+
+// storeCorrupt reports whether the Store holds a state that cannot be read back.
+func (s *Server) storeCorrupt() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state.storeErr != nil && errors.Is(s.state.storeErr, store.ErrCorrupt) {
+		return s.state.storeErr
+	}
+	return nil
+}
+
+// documentProblems groups a load error's rollout problems by document.
+func documentProblems(err error) map[string][]*rollout.Error {
+	if err == nil {
+		return nil
+	}
+	out := map[string][]*rollout.Error{}
+	var walk func(error)
+	walk = func(e error) {
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, c := range j.Unwrap() {
+				walk(c)
+			}
+			return
+		}
+		var re *rollout.Error
+		if errors.As(e, &re) {
+			out[re.File] = append(out[re.File], re)
+		}
+	}
+	walk(err)
+	return out
+}
+
+// report hands each document's problems and the config version served to a Source that
+// shows them where its authors look.
+func (s *Server) report(ctx context.Context) {
+	pr, ok := s.source.(ProblemReporter)
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	problems, version := s.state.problems, ""
+	if s.state.built != nil {
+		version = s.state.built.Version
+	}
+	s.mu.Unlock()
+	pr.Report(ctx, problems, version)
+}
+
+// applyFilesLocked makes set the rollouts served, on the stored state, or keeps the
+// previous ones. For each model it plans the state that serves its spec (planState) from
+// the stored one; the plan is translated and checked before anything is written, then
+// written through Store.Update (the same rule re-run on the state a concurrent writer
+// left), and what the Store kept is what is served.
+func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why string, stored map[string]store.ModelState) {
+	prev := s.saveLocked()
 	prevVersion := ""
 	if s.state.built != nil {
 		prevVersion = s.state.built.Version
 	}
-	s.state.files = set
-	// A rollback holds until that model's file content changes. Work on a copy: if the
-	// new files fail to apply, the rollback in force stays recorded.
-	overrides := make(map[string]*override, len(prevOverrides))
+	if s.state.storeErr != nil {
+		// The store was unreadable (an operator may have restored or replaced it since):
+		// what it holds now is the truth, not what we agreed on before.
+		s.state.synced = map[string]string{}
+	}
+	models := make(map[string]store.ModelState, len(set.Rollouts))
+	var writes []*rollout.Rollout
 	var released []string
-	for model, o := range prevOverrides {
-		if r := set.Model(model); r == nil || fingerprint(r) != o.fileFP {
-			released = append(released, model)
+	for _, r := range set.Rollouts {
+		fp := fingerprint(r)
+		cur := stored[r.Model]
+		next := planState(cur, r, fp)
+		models[r.Model] = next
+		if sameModelState(next, cur) {
+			s.state.synced[r.Model] = fp
 			continue
 		}
-		overrides[model] = o
+		if cur.SpecFingerprint != "" && s.state.synced[r.Model] == fp {
+			// Our spec has not changed since we last agreed with the store, which now holds
+			// another: a replica whose source is ahead moved it on. Serve our spec on a
+			// local layout until our source catches up; do not write it back.
+			continue
+		}
+		if cur.Rollback != nil && next.Rollback == nil {
+			released = append(released, r.Model)
+		}
+		writes = append(writes, r)
 	}
-	s.state.overrides = overrides
-	if err := s.applyLocked(ctx); err != nil {
-		s.state.files, s.state.overrides = prevFiles, prevOverrides
+	s.state.files, s.state.models = set, models
+	s.state.storeErr = nil
+	s.deriveLocked()
+	fail := func(err error) {
+		s.restoreLocked(prev)
 		s.state.candidate = nil
 		if errors.Is(err, errUnresolved) {
 			s.state.candidate = set
 		}
 		s.rejectLocked(ctx, err)
+	}
+	built, err := s.buildLocked()
+	if err != nil {
+		fail(err)
+		return
+	}
+	changed := false
+	for _, r := range writes {
+		fp := fingerprint(r)
+		got, err := s.store.Update(ctx, r.Model, func(cur store.ModelState) (store.ModelState, error) {
+			next := planState(cur, r, fp)
+			if !sameModelState(next, cur) {
+				next.ConfigVersion = built.Version
+			}
+			return next, nil
+		})
+		if err != nil {
+			s.restoreLocked(prev)
+			s.storeFailedLocked(ctx, fmt.Errorf("write model %s: %w", r.Model, err))
+			return
+		}
+		if !sameModelState(got, models[r.Model]) {
+			changed = true
+		}
+		models[r.Model] = got
+		s.state.synced[r.Model] = fp
+	}
+	if changed {
+		s.deriveLocked()
+	}
+	if err := s.applyLocked(ctx); err != nil {
+		fail(err)
 		return
 	}
 	s.state.candidate = nil
 	s.state.curErr, s.state.rejectKey = nil, ""
 	for _, model := range released {
-		s.log.Info().Str("model", model).Msg("rollback released: the model's rollout file changed")
+		s.log.Info().Str("model", model).Msg("rollback released: the model's rollout changed")
 	}
 	// A reload that finds what is already served (the resync, a touch) is not news.
 	if s.state.built.Version != prevVersion {
 		s.log.Info().Str("version", s.state.built.Version).Str("reason", why).Int("models", len(set.Rollouts)).Msg("config applied")
 	}
+}
+
+// saved is the part of the state a refused apply puts back.
+type saved struct {
+	files     *rollout.Set
+	models    map[string]store.ModelState
+	slots     map[string]translate.SlotMap
+	overrides map[string]*override
+	history   map[string][]map[string]int
+	storeErr  error
+}
+
+func (s *Server) saveLocked() saved {
+	return saved{s.state.files, s.state.models, s.state.slots, s.state.overrides, s.state.history, s.state.storeErr}
+}
+
+func (s *Server) restoreLocked(p saved) {
+	s.state.files, s.state.models, s.state.slots, s.state.overrides, s.state.history, s.state.storeErr =
+		p.files, p.models, p.slots, p.overrides, p.history, p.storeErr
+}
+
+// deriveLocked sets slots, overrides (rollbacks in force) and history from files and
+// models. A slot map that does not give the effective split's shares (a state from before
+// the spec, or edited by hand) is moved to it locally.
+func (s *Server) deriveLocked() {
+	slots := map[string]translate.SlotMap{}
+	overrides := map[string]*override{}
+	history := map[string][]map[string]int{}
+	for _, r := range s.state.files.Rollouts {
+		ms := s.state.models[r.Model]
+		fp := fingerprint(r)
+		rb := ms.Rollback
+		if rb != nil && rb.SpecFingerprint != fp {
+			rb = nil
+		}
+		eff := effectiveRollout(r, rb)
+		if rb != nil {
+			overrides[r.Model] = &override{rollout: eff, fileFP: rb.SpecFingerprint, reason: rb.Reason, at: rb.At, fromIndex: rb.FromIndex}
+		}
+		m := toSlotMap(ms.Slots)
+		if !consistentSlots(m, eff) {
+			m = translate.NextSlotMap(m, versionList(eff), eff.Traffic)
+		}
+		slots[r.Model] = m
+		history[r.Model] = ms.History
+	}
+	s.state.slots, s.state.overrides, s.state.history = slots, overrides, history
 }
 
 // rejectLocked records a refused config: it is the current error, and it is counted, logged
@@ -531,19 +784,29 @@ func (s *Server) effectiveLocked() *rollout.Set {
 	return out
 }
 
-// applyLocked translates the effective set and, only if every check passes, swaps the
-// snapshots and the policy. Slot maps advance only when a config is applied.
-func (s *Server) applyLocked(ctx context.Context) error {
-	start := time.Now()
+// buildLocked translates the effective set on the current slot maps and checks it,
+// without serving it.
+func (s *Server) buildLocked() (*translate.Built, error) {
 	set := s.effectiveLocked()
 	if err := s.checkResolvedLocked(set); err != nil {
-		return fmt.Errorf("config rejected, still serving the last good config: %w", err)
+		return nil, fmt.Errorf("config rejected, still serving the last good config: %w", err)
 	}
 	slots := translate.SlotMaps(set, s.state.slots)
 	in := &translate.Input{Set: set, Slots: slots, Resolved: s.state.resolved, Unhealthy: s.state.unhealthy}
 	built, err := translate.Build(in, s.cfg.Translate)
 	if err != nil {
-		return fmt.Errorf("translation rejected, still serving the last good config: %w", err)
+		return nil, fmt.Errorf("translation rejected, still serving the last good config: %w", err)
+	}
+	return built, nil
+}
+
+// applyLocked translates the effective set and, only if every check passes, swaps the
+// snapshots and the policy.
+func (s *Server) applyLocked(ctx context.Context) error {
+	start := time.Now()
+	built, err := s.buildLocked()
+	if err != nil {
+		return err
 	}
 	if s.state.built != nil && built.Version == s.state.built.Version {
 		return nil // nothing changed
@@ -556,29 +819,8 @@ func (s *Server) applyLocked(ctx context.Context) error {
 	if err := s.policies.UpdateResource(policyv1.ResourceName, built.Policy); err != nil {
 		return fmt.Errorf("set policy: %w", err)
 	}
-	if s.cfg.StateFile != "" && !sameSlots(s.state.slots, slots) {
-		if err := saveSlots(s.cfg.StateFile, slots); err != nil {
-			s.log.Error().Err(err).Str("file", s.cfg.StateFile).Msg("cannot save slot maps; a restart may reshuffle users")
-		}
-	}
-	s.state.slots = slots
 	s.state.built = built
 	s.state.applied = time.Now().UTC()
-	// History holds the file states that were served (not rollbacks), so a rollback
-	// goes back through what the files said.
-	for _, r := range s.state.files.Rollouts {
-		if s.state.overrides[r.Model] != nil {
-			continue
-		}
-		h := s.state.history[r.Model]
-		if n := len(h); n == 0 || fingerprint(h[n-1]) != fingerprint(r) {
-			h = append(h, r)
-			if len(h) > historyDepth {
-				h = h[len(h)-historyDepth:]
-			}
-			s.state.history[r.Model] = h
-		}
-	}
 	s.metrics.applies.Add(ctx, 1)
 	s.metrics.applySeconds.Record(ctx, time.Since(start).Seconds())
 	return nil
