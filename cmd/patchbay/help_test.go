@@ -28,6 +28,7 @@ var helpCommands = []struct {
 	{"rollout", []string{"rollout", "--help"}},
 	{"rollout-validate", []string{"rollout", "validate", "--help"}},
 	{"rollout-rollback", []string{"rollout", "rollback", "--help"}},
+	{"rollout-status", []string{"rollout", "status", "--help"}},
 }
 
 // runCLI runs the binary's real entry point and returns what main would exit with.
@@ -96,7 +97,7 @@ func TestHelpGolden(t *testing.T) {
 // their positional arguments, and the top-level help names every command.
 func TestHelpListsSubcommandsAndArguments(t *testing.T) {
 	out, _, _ := runCLI("rollout", "--help")
-	for _, want := range []string{"validate PATH...", "rollback MODEL [flags]"} {
+	for _, want := range []string{"validate PATH...", "rollback MODEL [flags]", "status [MODEL] [flags]"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("rollout help lacks %q:\n%s", want, out)
 		}
@@ -129,6 +130,8 @@ func TestUsageErrorsExit2WithUsage(t *testing.T) {
 		{[]string{"rollout", "validate", "--bogus"}, "Usage: patchbay rollout validate PATH..."},
 		{[]string{"rollout", "validate"}, "Usage: patchbay rollout validate PATH..."},
 		{[]string{"rollout", "rollback", "--bogus"}, "Usage: patchbay rollout rollback MODEL [flags]"},
+		{[]string{"rollout", "status", "--bogus"}, "Usage: patchbay rollout status [MODEL] [flags]"},
+		{[]string{"xds", "--source", "files"}, "Usage: patchbay xds [flags]"},
 	} {
 		stdout, stderr, code := runCLI(tc.args...)
 		if code != 2 || stdout != "" || !strings.Contains(stderr, tc.header) {

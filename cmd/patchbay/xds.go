@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -148,6 +149,10 @@ Rollout tools.
 Commands:
   validate PATH...        check rollout files (or directories of them) as the control plane would
   rollback MODEL [flags]  send all of MODEL's traffic to its last known-good split (or --version V)
+  status [MODEL] [flags]  what the control plane serves for MODEL (or every model): split, state, rollback
+
+rollback and status talk to the control plane's admin API (--admin URL), or to the
+Kubernetes API (--kubeconfig FILE and/or --namespace NS) when its rollouts are Rollout resources.
 
 Run 'patchbay rollout <command> -h' for a command's arguments and flags.
 `
@@ -162,6 +167,8 @@ func runRollout(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return validateRollouts(args[1:], stdout, stderr)
 	case "rollback":
 		return rollback(ctx, args[1:], stdout, stderr)
+	case "status":
+		return rolloutStatus(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, rolloutUsage)
 		return flag.ErrHelp
@@ -193,8 +200,11 @@ func validateRollouts(args []string, stdout, stderr io.Writer) error {
 }
 
 func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("rollout rollback", "MODEL [flags]", "Asks the control plane (--admin) to send all of MODEL's traffic to its last known-good\nsplit, or to --version V; --release ends a rollback in force. MODEL may come before or\nafter the flags.")
+	fs := newFlags("rollout rollback", "MODEL [flags]", "Asks the control plane to send all of MODEL's traffic to its last known-good split, or to\n--version V; --release ends a rollback in force. MODEL may come before or after the flags.\n\nThrough the admin API (--admin), or, with --kubeconfig and/or --namespace, through the\nKubernetes API: the Rollout gets the annotation "+RollbackRequestAnnotation+"\n({\"version\":...,\"release\":...,\"at\":RFC 3339,\"by\":user}), which a control plane running\nwith --source kubernetes executes and acknowledges in status.lastRollbackRequest; the\ncommand waits up to --wait for that and prints the Rollout's status.")
 	admin := fs.String("admin", "http://127.0.0.1:18001", "control plane admin URL")
+	kubeconfig := fs.String("kubeconfig", "", "Kubernetes: kubeconfig file (default: $KUBECONFIG, else ~/.kube/config, else in-cluster)")
+	namespace := fs.String("namespace", "", "Kubernetes: namespace of the Rollout (default: the kubeconfig context's, else \"default\")")
+	wait := fs.Duration("wait", 30*time.Second, "Kubernetes: how long to wait for the control plane to execute the request (0: do not wait)")
 	tokenFile := fs.String("token-file", "", "file holding the admin bearer token (or set PATCHBAY_ADMIN_TOKEN)")
 	version := fs.String("version", "", "send 100% to this version (default: the last known-good split)")
 	release := fs.Bool("release", false, "release a rollback in force instead")
@@ -217,6 +227,18 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if !rollout.ValidModelName(model) {
 		return fmt.Errorf("rollout rollback: %q is not a model name: %w", model, errUsage)
+	}
+	if kube, err := kubeMode(fs); err != nil {
+		return fmt.Errorf("rollout rollback: %w", err)
+	} else if kube {
+		if *version != "" && *release {
+			return fmt.Errorf("rollout rollback: --version and --release exclude each other: %w", errUsage)
+		}
+		k, err := connectKube(*kubeconfig, *namespace)
+		if err != nil {
+			return fmt.Errorf("rollout rollback: %w", err)
+		}
+		return kubeRollback(ctx, k, model, *version, *release, *wait, stdout)
 	}
 	token, tokenFrom := os.Getenv("PATCHBAY_ADMIN_TOKEN"), "PATCHBAY_ADMIN_TOKEN"
 	if *tokenFile != "" {
@@ -277,6 +299,136 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	_, err = stdout.Write(out)
 	return err
+}
+
+// kubeMode reports whether a rollout command talks to the Kubernetes API (--kubeconfig or
+// --namespace given) rather than the admin API; giving flags of both is a usage error.
+func kubeMode(fs *flag.FlagSet) (bool, error) {
+	var kube, admin []string
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "kubeconfig", "namespace", "wait":
+			kube = append(kube, "--"+f.Name)
+		case "admin", "token-file", "xds-ca", "xds-cert", "xds-key":
+			admin = append(admin, "--"+f.Name)
+		}
+	})
+	if len(kube) > 0 && len(admin) > 0 {
+		return false, fmt.Errorf("%s (Kubernetes API) and %s (admin API) exclude each other: %w",
+			strings.Join(kube, ", "), strings.Join(admin, ", "), errUsage)
+	}
+	kubeSet := slices.ContainsFunc(kube, func(f string) bool { return f != "--wait" })
+	if len(kube) > 0 && !kubeSet {
+		return false, fmt.Errorf("--wait needs --kubeconfig or --namespace: %w", errUsage)
+	}
+	return kubeSet, nil
+}
+
+// rolloutStatus prints what the control plane serves, from its admin API's /status or
+// from the Rollouts' status in the Kubernetes API.
+func rolloutStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("rollout status", "[MODEL] [flags]", "Shows what the control plane serves for MODEL, or for every model: the split in force,\nthe state (Serving, RolledBack, Invalid), the rollback in force and the problems found.\nFrom the admin API's /status (--admin), or, with --kubeconfig and/or --namespace, from\nthe Rollouts' status in the Kubernetes API (split, state, conditions, rollback, and a\npending "+RollbackRequestAnnotation+"). MODEL may come before or after the flags.")
+	admin := fs.String("admin", "http://127.0.0.1:18001", "control plane admin URL")
+	xdsCA := fs.String("xds-ca", "", "PEM CA of the control plane's admin certificate (https admin URL)")
+	xdsCert := fs.String("xds-cert", "", "PEM client certificate to present")
+	xdsKey := fs.String("xds-key", "", "PEM key of --xds-cert")
+	kubeconfig := fs.String("kubeconfig", "", "Kubernetes: kubeconfig file (default: $KUBECONFIG, else ~/.kube/config, else in-cluster)")
+	namespace := fs.String("namespace", "", "Kubernetes: namespace of the Rollouts (default: the kubeconfig context's, else \"default\")")
+	var model string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		model, args = args[0], args[1:]
+	}
+	if err := parseFlags(fs, args, stdout, stderr); err != nil {
+		return err
+	}
+	if model == "" && fs.NArg() == 1 {
+		model = fs.Arg(0)
+	} else if fs.NArg() > 0 {
+		fs.Usage()
+		return fmt.Errorf("rollout status: unexpected arguments %q: %w", fs.Args(), errUsage)
+	}
+	if model != "" && !rollout.ValidModelName(model) {
+		return fmt.Errorf("rollout status: %q is not a model name: %w", model, errUsage)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	kube, err := kubeMode(fs)
+	if err != nil {
+		return fmt.Errorf("rollout status: %w", err)
+	}
+	if kube {
+		k, err := connectKube(*kubeconfig, *namespace)
+		if err != nil {
+			return fmt.Errorf("rollout status: %w", err)
+		}
+		ros, err := k.rollouts(ctx, model)
+		if err != nil {
+			return fmt.Errorf("rollout status: %w", err)
+		}
+		for i := range ros {
+			writeRolloutStatus(stdout, &ros[i])
+		}
+		if len(ros) == 0 {
+			fmt.Fprintf(stdout, "no Rollouts in namespace %s\n", k.namespace)
+		}
+		return nil
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(*admin, "/")+"/status", nil)
+	if err != nil {
+		return err
+	}
+	client := http.DefaultClient
+	if f := (tlsfiles.Files{Cert: *xdsCert, Key: *xdsKey, CA: *xdsCA}); f.Enabled() {
+		src, err := tlsfiles.Load(f, tlsfiles.Options{})
+		if err != nil {
+			return fmt.Errorf("rollout status: %w", err)
+		}
+		client = &http.Client{Transport: &http.Transport{TLSClientConfig: src.ClientConfig(req.URL.Hostname())}}
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("rollout status: %w", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("rollout status: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	var st xds.Status
+	if err := json.Unmarshal(body, &st); err != nil {
+		return fmt.Errorf("rollout status: %s/status: %w", *admin, err)
+	}
+	found := false
+	for _, m := range st.Models {
+		if model != "" && m.Name != model {
+			continue
+		}
+		found = true
+		traffic := map[string]any{}
+		for v, p := range m.Traffic {
+			traffic[v] = p
+		}
+		state := "Serving"
+		if m.Rollback != nil {
+			state = "RolledBack"
+		}
+		fmt.Fprintf(stdout, "model %s (%s, config version %s)\n", m.Name, m.File, st.ConfigVersion)
+		fmt.Fprintf(stdout, "  split:     %s\n", splitString(traffic))
+		fmt.Fprintf(stdout, "  state:     %s\n", state)
+		if m.Rollback != nil {
+			fmt.Fprintf(stdout, "  rollback:  %s (at %s)\n", m.Rollback.Reason, m.Rollback.At.Format(time.RFC3339))
+		} else {
+			fmt.Fprintf(stdout, "  rollback:  none\n")
+		}
+	}
+	if st.CurrentError != nil {
+		b, _ := json.Marshal(st.CurrentError)
+		fmt.Fprintf(stdout, "last reload refused (the last good config is served): %s\n", b)
+	}
+	if model != "" && !found {
+		return fmt.Errorf("rollout status: the control plane at %s serves no model %q", *admin, model)
+	}
+	return nil
 }
 
 // stringsFlag is a repeatable string flag.
