@@ -635,6 +635,9 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 		}
 		writes = append(writes, r)
 	}
+	if set == s.state.files && len(writes) == 0 && s.state.built != nil && s.state.curErr == nil && sameModels(models, s.state.models) {
+		return // the state changed for another model, or back to what is served: nothing to do
+	}
 	s.state.files, s.state.models = set, models
 	s.state.storeErr = nil
 	s.deriveLocked()
@@ -674,8 +677,13 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 	}
 	if changed {
 		s.deriveLocked()
+		built, err = s.buildLocked()
+		if err != nil {
+			fail(err)
+			return
+		}
 	}
-	if err := s.applyLocked(ctx); err != nil {
+	if err := s.serveLocked(ctx, built, time.Now()); err != nil {
 		fail(err)
 		return
 	}
@@ -688,6 +696,19 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 	if s.state.built.Version != prevVersion {
 		s.log.Info().Str("version", s.state.built.Version).Str("reason", why).Int("models", len(set.Rollouts)).Msg("config applied")
 	}
+}
+
+func sameModels(a, b map[string]store.ModelState) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for m, x := range a {
+		y, ok := b[m]
+		if !ok || !sameModelState(x, y) {
+			return false
+		}
+	}
+	return true
 }
 
 // saved is the part of the state a refused apply puts back.
@@ -808,6 +829,11 @@ func (s *Server) applyLocked(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	return s.serveLocked(ctx, built, start)
+}
+
+// serveLocked swaps the snapshots and the policy for built (checked by buildLocked).
+func (s *Server) serveLocked(ctx context.Context, built *translate.Built, start time.Time) error {
 	if s.state.built != nil && built.Version == s.state.built.Version {
 		return nil // nothing changed
 	}
