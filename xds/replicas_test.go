@@ -52,6 +52,45 @@ func TestRollbackSurvivesRestart(t *testing.T) {
 	if err != nil || code != 200 || res.Traffic["v1"] != 100 {
 		t.Fatalf("second rollback after restart: %+v %d %v, want one step further back (100/0)", res, code, err)
 	}
+	// A spec change releases the rollback, in the state file too.
+	before := b.srv.Version()
+	writeFile(t, dir, "r.yaml", rolloutDoc("r", eps, "{v1: 60, v2: 40}", ""))
+	waitFor(t, 5*time.Second, "60/40", func() bool { return b.srv.Version() != before })
+	stored, err := store.NewFile(stateFile).Load(context.Background())
+	if err != nil || stored["r"].Rollback != nil || b.srv.Status().Models[0].Rollback != nil {
+		t.Fatalf("after a spec change the rollback is still in force or stored: %+v %v", stored["r"], err)
+	}
+}
+
+// TestLaggingReplicaDoesNotWriteBack: a replica whose source has not seen an edit yet
+// (a ConfigMap mount or informer cache behind) hears of the state another replica wrote for
+// the new spec and does not write its older spec back over it; once its source catches up
+// it serves the stored state exactly.
+func TestLaggingReplicaDoesNotWriteBack(t *testing.T) {
+	eps := map[string]string{"v1": "127.0.0.1:9001", "v2": "127.0.0.1:9002", "v3": "127.0.0.1:9003"}
+	doc, _ := rampDoc(eps, 10)
+	rs := startReplicas(t, 2, doc)
+	a, b := rs.cps[0], rs.cps[1]
+	doc, _ = rampDoc(eps, 60)
+	writeFile(t, a.dir, "r.yaml", doc)
+	waitFor(t, 5*time.Second, "a on 60", func() bool { return rs.view(a).traffic["v3"] == 60 })
+	want, _ := rs.mem.Load(context.Background())
+	// b, still on the old file, reloads its source and the state, twice over.
+	for range 2 {
+		b.srv.Reload(context.Background(), "test: lagging source")
+		b.srv.reloadState(context.Background(), "test: state changed")
+	}
+	got, _ := rs.mem.Load(context.Background())
+	if got["r"].SpecFingerprint != want["r"].SpecFingerprint || !reflect.DeepEqual(got["r"].Slots, want["r"].Slots) {
+		t.Fatalf("the lagging replica wrote its older spec back: stored %+v, want %+v", got["r"], want["r"])
+	}
+	if v := rs.view(b); v.traffic["v3"] != 10 {
+		t.Fatalf("the lagging replica serves %+v, want its own (older) spec until its source catches up", v)
+	}
+	writeFile(t, b.dir, "r.yaml", doc)
+	if v := rs.settled("b caught up", v3At(60)); !reflect.DeepEqual(v.runs, toSlotMap(want["r"].Slots).Runs()) {
+		t.Fatalf("after catching up replicas serve %v, want the stored %v", v.runs, want["r"].Slots)
+	}
 }
 
 // replicaSet is several control planes sharing one store.Memory, each with its own rollout
