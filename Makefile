@@ -6,7 +6,7 @@ PKGS  ?= ./...
 # Floats are allowed: the file format's percentages are decimals (0.25).
 CRD_OPTIONS := crd:allowDangerousTypes=true
 
-.PHONY: help up build test test-short vet fmt-check bench bench-deps fuzz generate generate-k8s generate-proto tools fixtures e2e-envoy clean
+.PHONY: help up build test test-short vet fmt-check bench bench-deps fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,14 +17,19 @@ up: ## run everything on this machine from examples/; Envoy from ENVOY_BIN, else
 build: ## build bin/patchbay (static)
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/patchbay ./cmd/patchbay
 
-test: fmt-check vet ## the whole suite: gofmt, go vet, go test -race (what CI runs); ends listing every skipped test and why
-	set -o pipefail; $(GO) test -race -count=1 -timeout 15m -json $(PKGS) | $(GO) run ./test/testreport
+test: fmt-check vet ## the whole suite: gofmt, go vet, go test -race of both modules (this one, then test/k8s's real API server tests) with one summary (what CI runs); ends listing every skipped test and why
+	set -o pipefail; { $(GO) test -race -count=1 -timeout 15m -json $(PKGS); r=$$?; \
+	  (cd test/k8s && $(GO) test -race -count=1 -timeout 10m -json ./...); exit $$(( r | $$? )); } | $(GO) run ./test/testreport
+
+test-k8s: ## only test/k8s (its own module): the Kubernetes source and store against a real kube-apiserver in process
+	set -o pipefail; (cd test/k8s && $(GO) test -race -count=1 -timeout 10m -json ./...) | $(GO) run ./test/testreport
 
 test-short: ## go test without -race, for a quick loop
 	$(GO) test -count=1 $(PKGS)
 
-vet: ## go vet
+vet: ## go vet (both modules)
 	$(GO) vet $(PKGS)
+	cd test/k8s && $(GO) vet ./...
 
 fmt-check: ## fail if gofmt would change a file
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
