@@ -248,10 +248,25 @@ func (s *Source) writeStatuses(ctx context.Context) {
 
 func (s *Source) writeStatus(ctx context.Context, u statusUpdate) error {
 	rc := s.cfg.rollouts()
+	first := true
 	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		obj, err := rc.Get(ctx, u.name, metav1.GetOptions{})
-		if err != nil {
-			return err
+		// First from the informer's cache: after most reloads every status already says
+		// what it should, and replicas need not each GET every Rollout. A stale cached
+		// copy costs one conflict; the retries read the API.
+		var obj *unstructured.Unstructured
+		if inf := s.informer.Load(); first && inf != nil {
+			if o, ok, _ := (*inf).GetStore().GetByKey(s.cfg.Namespace + "/" + u.name); ok {
+				if uo, ok := o.(*unstructured.Unstructured); ok {
+					obj = uo.DeepCopy()
+				}
+			}
+		}
+		first = false
+		if obj == nil {
+			var err error
+			if obj, err = rc.Get(ctx, u.name, metav1.GetOptions{}); err != nil {
+				return err
+			}
 		}
 		old, _, _ := unstructured.NestedMap(obj.Object, "status")
 		st := make(map[string]any, len(old)+6)
@@ -304,7 +319,7 @@ func (s *Source) writeStatus(ctx context.Context, u statusUpdate) error {
 			return nil
 		}
 		obj.Object["status"] = st
-		_, err = rc.UpdateStatus(ctx, obj, metav1.UpdateOptions{})
+		_, err := rc.UpdateStatus(ctx, obj, metav1.UpdateOptions{})
 		return err
 	})
 }
