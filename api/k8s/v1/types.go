@@ -136,7 +136,31 @@ const (
 	StateServing    = "Serving"
 	StateRolledBack = "RolledBack"
 	StateInvalid    = "Invalid"
+
+	// ConditionRollbackRequest reports the outcome of the last rollback request (True,
+	// reason Executed; False, reason Failed, with why).
+	ConditionRollbackRequest = "RollbackRequest"
+	ReasonExecuted           = "Executed"
+	ReasonFailed             = "Failed"
 )
+
+// RollbackRequestAnnotation asks the control plane for a rollback through the Kubernetes
+// API (`patchbay rollout rollback --kubeconfig`): its value is a JSON RollbackRequest. A
+// control plane executes a value that differs from status.lastRollbackRequest, then writes
+// the value there. It never edits the annotation (its Role needs no write on Rollouts).
+const RollbackRequestAnnotation = "patchbay.io/rollback-request"
+
+// RollbackRequest is the value of RollbackRequestAnnotation.
+type RollbackRequest struct {
+	// Version: send 100% to it (empty: the last known-good split).
+	Version string `json:"version,omitempty"`
+	// Release ends the rollback in force instead.
+	Release bool `json:"release,omitempty"`
+	// At is when the operator asked (RFC 3339, UTC); it makes every request distinct.
+	At string `json:"at"`
+	// By is who asked, as the API server authenticated them.
+	By string `json:"by"`
+}
 
 // RolloutStatus is the model's durable state, shared by every control-plane replica (the
 // fields of xds/store.ModelState, written with optimistic concurrency), and what the
@@ -173,6 +197,10 @@ type RolloutStatus struct {
 	// (restarted) serves this one.
 	// +optional
 	LastApplied string `json:"lastApplied,omitempty"`
+	// LastRollbackRequest is the value of the annotation patchbay.io/rollback-request the
+	// control plane last handled (`patchbay rollout rollback --kubeconfig` waits for it).
+	// +optional
+	LastRollbackRequest string `json:"lastRollbackRequest,omitempty"`
 	// ObservedGeneration is the metadata.generation the conditions describe.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`

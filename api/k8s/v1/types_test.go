@@ -164,7 +164,7 @@ func TestSpecFieldsAreTheFileFormats(t *testing.T) {
 // Store keeps) under the same JSON names, at every depth.
 func TestStatusHoldsModelState(t *testing.T) {
 	st := reflect.TypeFor[v1.RolloutStatus]()
-	extra := map[string]bool{"model": true, "split": true, "state": true, "observedGeneration": true, "conditions": true, "lastApplied": true}
+	extra := map[string]bool{"model": true, "split": true, "state": true, "observedGeneration": true, "conditions": true, "lastApplied": true, "lastRollbackRequest": true}
 	ms := reflect.TypeFor[store.ModelState]()
 	msNames := map[string]bool{}
 	for _, n := range jsonNames(ms) {
