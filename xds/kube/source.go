@@ -39,7 +39,23 @@ type Source struct {
 	server   map[string][]*rollout.Error // the last Report's problems
 	reported map[string][]*rollout.Error // own problems last written to status
 	kick     chan struct{}               // own problems changed: write statuses
+
+	rollbackFn RollbackFunc
+	rbMu       sync.Mutex
+	rbPending  map[string]bool // Rollout names with a rollback request not acknowledged
+	rbKick     chan struct{}
 }
+
+// RollbackFunc executes a rollback request (annotation v1.RollbackRequestAnnotation) on a
+// model. id is the annotation's value, distinct per request: every replica may see a
+// request before one of them acknowledges it, so executing an id already executed must
+// change nothing (e.g. record id in the rollback's reason and compare inside the Store's
+// Update fn).
+type RollbackFunc func(ctx context.Context, model, id string, req v1.RollbackRequest) error
+
+// OnRollbackRequest makes Watch execute rollback requests with fn and acknowledge each in
+// status.lastRollbackRequest (outcome in the RollbackRequest condition). Call before Watch.
+func (s *Source) OnRollbackRequest(fn RollbackFunc) { s.rollbackFn = fn }
 
 // docState is what the last Read found of one Rollout.
 type docState struct {
@@ -58,7 +74,8 @@ type docState struct {
 
 // NewSource returns a Source over cfg.Namespace's Rollouts.
 func NewSource(cfg Config) *Source {
-	return &Source{cfg: cfg, docs: map[string]*docState{}, kick: make(chan struct{}, 1)}
+	return &Source{cfg: cfg, docs: map[string]*docState{}, kick: make(chan struct{}, 1),
+		rbPending: map[string]bool{}, rbKick: make(chan struct{}, 1)}
 }
 
 // Describe names the source.
@@ -81,8 +98,12 @@ func (s *Source) Watch(ctx context.Context, ready func(), changed func()) error 
 		}
 	}
 	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) { notify() },
+		AddFunc: func(obj any) {
+			s.noteRollbackRequest(obj)
+			notify()
+		},
 		UpdateFunc: func(oldObj, newObj any) {
+			s.noteRollbackRequest(newObj)
 			o, ok1 := oldObj.(*unstructured.Unstructured)
 			n, ok2 := newObj.(*unstructured.Unstructured)
 			if !ok1 || !ok2 || o.GetGeneration() != n.GetGeneration() {
@@ -107,6 +128,8 @@ func (s *Source) Watch(ctx context.Context, ready func(), changed func()) error 
 			return nil
 		case <-s.kick:
 			s.writeStatuses(ctx)
+		case <-s.rbKick:
+			s.executeRollbacks(ctx)
 		}
 	}
 }
@@ -350,4 +373,117 @@ func sameProblems(a, b []*rollout.Error) bool {
 		}
 	}
 	return true
+}
+
+// pendingRollback is the Rollout's rollback request not acknowledged yet ("": none).
+func pendingRollback(obj *unstructured.Unstructured) string {
+	req := obj.GetAnnotations()[v1.RollbackRequestAnnotation]
+	if req == "" {
+		return ""
+	}
+	if done, _, _ := unstructured.NestedString(obj.Object, "status", "lastRollbackRequest"); done == req {
+		return ""
+	}
+	return req
+}
+
+func (s *Source) noteRollbackRequest(o any) {
+	obj, ok := o.(*unstructured.Unstructured)
+	if !ok || s.rollbackFn == nil || pendingRollback(obj) == "" {
+		return
+	}
+	s.rbMu.Lock()
+	s.rbPending[obj.GetName()] = true
+	s.rbMu.Unlock()
+	select {
+	case s.rbKick <- struct{}{}:
+	default:
+	}
+}
+
+// executeRollbacks executes each pending request and acknowledges it.
+func (s *Source) executeRollbacks(ctx context.Context) {
+	s.rbMu.Lock()
+	names := make([]string, 0, len(s.rbPending))
+	for n := range s.rbPending {
+		names = append(names, n)
+	}
+	s.rbPending = map[string]bool{}
+	s.rbMu.Unlock()
+	sort.Strings(names)
+	rc := s.cfg.rollouts()
+	for _, name := range names {
+		obj, err := rc.Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			s.cfg.Logger.Warn().Err(err).Str("rollout", name).Msg("read rollback request")
+			continue
+		}
+		id := pendingRollback(obj)
+		if id == "" {
+			continue // acknowledged meanwhile (another replica)
+		}
+		model := Model(obj)
+		var req v1.RollbackRequest
+		err = json.Unmarshal([]byte(id), &req)
+		if err != nil {
+			err = fmt.Errorf("annotation %s is not a rollback request: %w", v1.RollbackRequestAnnotation, err)
+		} else {
+			err = s.rollbackFn(ctx, model, id, req)
+		}
+		cond := metav1.Condition{Type: v1.ConditionRollbackRequest, Status: metav1.ConditionTrue, Reason: v1.ReasonExecuted,
+			ObservedGeneration: obj.GetGeneration(), Message: describeRequest(req)}
+		if err != nil {
+			cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, v1.ReasonFailed, err.Error()
+			s.cfg.Logger.Warn().Err(err).Str("model", model).Str("request", id).Msg("rollback request failed")
+		} else {
+			s.cfg.Logger.Info().Str("model", model).Str("request", id).Msg("rollback request executed")
+		}
+		if err := s.acknowledge(ctx, name, id, cond); err != nil && ctx.Err() == nil {
+			s.cfg.Logger.Warn().Err(err).Str("rollout", name).Msg("acknowledge rollback request")
+		}
+	}
+}
+
+func describeRequest(r v1.RollbackRequest) string {
+	what := "rolled back to the last known-good split"
+	switch {
+	case r.Release:
+		what = "rollback released"
+	case r.Version != "":
+		what = "all traffic to " + r.Version
+	}
+	return fmt.Sprintf("%s (asked by %s at %s)", what, r.By, r.At)
+}
+
+// acknowledge writes status.lastRollbackRequest = id and the outcome condition, unless
+// another replica has acknowledged it already.
+func (s *Source) acknowledge(ctx context.Context, name, id string, cond metav1.Condition) error {
+	rc := s.cfg.rollouts()
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		obj, err := rc.Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if done, _, _ := unstructured.NestedString(obj.Object, "status", "lastRollbackRequest"); done == id {
+			return nil
+		}
+		st, _, _ := unstructured.NestedMap(obj.Object, "status")
+		if st == nil {
+			st = map[string]any{}
+		}
+		var conds []metav1.Condition
+		if c, ok := st["conditions"]; ok && convert(c, &conds) != nil {
+			conds = nil
+		}
+		meta.SetStatusCondition(&conds, cond)
+		var cj any
+		if err := convert(conds, &cj); err != nil {
+			return err
+		}
+		st["conditions"] = cj
+		st["lastRollbackRequest"] = id
+		obj.Object["status"] = st
+		_, err = rc.UpdateStatus(ctx, obj, metav1.UpdateOptions{})
+		return err
+	})
 }
