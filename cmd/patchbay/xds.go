@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -19,6 +20,8 @@ import (
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds"
+	"github.com/patchbay-io/patchbay/xds/endpointslice"
+	"github.com/patchbay-io/patchbay/xds/kube"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
@@ -109,10 +112,7 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	defer metrics.Shutdown(context.Background())
-	if *source == sourceKubernetes {
-		return errors.New("xds: --source kubernetes: the Kubernetes source (xds/kube) is not in this build yet")
-	}
-	srv, err := xds.New(xds.Config{
+	cfg := xds.Config{
 		RolloutsDir:    *dir,
 		Translate:      topts,
 		AdminTokenFile: *tokenFile,
@@ -126,7 +126,13 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		Debounce:       *debounce,
 		Logger:         log,
 		Metrics:        metrics,
-	})
+	}
+	if *source == sourceKubernetes {
+		if err := kubernetesSource(ctx, &cfg, *kubeconfig, *namespace, *dnsRefresh); err != nil {
+			return fmt.Errorf("xds: %w", err)
+		}
+	}
+	srv, err := xds.New(cfg)
 	if err != nil {
 		return err
 	}
@@ -299,6 +305,36 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	_, err = stdout.Write(out)
 	return err
+}
+
+// kubernetesSource points cfg at the Kubernetes API: Rollouts of the namespace as the
+// Source, their status as the Store, and Service names resolved from EndpointSlices
+// (every other name through DNS, as before).
+func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespace string, refresh time.Duration) error {
+	if kubeconfig == "" {
+		// $KUBECONFIG may list several files: like kubectl, the first one that exists.
+		for _, f := range filepath.SplitList(os.Getenv("KUBECONFIG")) {
+			if _, err := os.Stat(f); err == nil {
+				kubeconfig = f
+				break
+			}
+		}
+	}
+	if namespace == "" {
+		namespace = defaultNamespace()
+	}
+	clients, err := kube.NewClients(kubeconfig)
+	if err != nil {
+		return err
+	}
+	kc := kube.Config{Client: clients.Dynamic, Namespace: namespace, Logger: cfg.Logger.With().Str("component", "kube").Logger()}
+	cfg.Source, cfg.Store = kube.NewSource(kc), kube.NewStore(kc)
+	res := endpointslice.New(clients.Kube, endpointslice.Options{Namespace: namespace, Next: net.DefaultResolver.LookupHost})
+	res.Start(ctx)
+	cfg.LookupHost = res.LookupHost
+	cfg.Logger.Info().Str("namespace", namespace).Str("kubeconfig", kubeconfig).Dur("endpoint_refresh", refresh).
+		Msg("kubernetes source: Rollouts and their status; Service names from EndpointSlices")
+	return nil
 }
 
 // kubeMode reports whether a rollout command talks to the Kubernetes API (--kubeconfig or
