@@ -2,8 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -15,12 +16,16 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+
+	v1 "github.com/patchbay-io/patchbay/api/k8s/v1"
+	"github.com/patchbay-io/patchbay/xds"
+	"github.com/patchbay-io/patchbay/xds/kube"
+	"github.com/patchbay-io/patchbay/xds/store"
 )
 
 // The sources of `patchbay xds --source`.
@@ -42,29 +47,16 @@ func defaultNamespace() string {
 	return "default"
 }
 
-// RollbackRequestAnnotation is the contract between `patchbay rollout rollback
-// --kubeconfig` and the control plane: its value is a JSON rollbackRequest. The control
-// plane executes a request whose value differs from the Rollout's
-// status.lastRollbackRequest, then writes that value there (whatever the outcome; a
-// failure also lands in the Ready condition). It never edits the annotation, so its Role
-// needs no write access to Rollouts themselves.
-const RollbackRequestAnnotation = "patchbay.io/rollback-request"
+// The rollback request contract (api/k8s/v1): `patchbay rollout rollback --kubeconfig`
+// sets the annotation v1.RollbackRequestAnnotation (patchbay.io/rollback-request) to a JSON
+// v1.RollbackRequest. A control plane executes a value that differs from the Rollout's
+// status.lastRollbackRequest, then writes that value there with the outcome in the
+// RollbackRequest condition. It never edits the annotation, so its Role needs no write
+// access to Rollouts themselves.
+const RollbackRequestAnnotation = v1.RollbackRequestAnnotation
 
-// rollbackRequest is the annotation's value.
-type rollbackRequest struct {
-	// Version: send 100% to it (empty: the last known-good split, as the admin API).
-	Version string `json:"version,omitempty"`
-	// Release: end the rollback in force instead (as DELETE on the admin API).
-	Release bool `json:"release,omitempty"`
-	// At is when the operator asked (RFC 3339, UTC); it makes every request distinct.
-	At string `json:"at"`
-	// By is who asked, as the API server authenticated them.
-	By string `json:"by"`
-}
-
-// rolloutsGVR is the Rollout resource (api/k8s/v1; named here so the CLI reads any
-// Rollout as JSON without depending on the control plane's packages).
-var rolloutsGVR = schema.GroupVersionResource{Group: "patchbay.io", Version: "v1", Resource: "rollouts"}
+// rolloutsGVR is the Rollout resource, read as JSON through the dynamic client.
+var rolloutsGVR = v1.GroupVersionResource
 
 // kubeTarget is the cluster a CLI command talks to.
 type kubeTarget struct {
@@ -226,7 +218,7 @@ func kubeRollback(ctx context.Context, k *kubeTarget, model, version string, rel
 		return fmt.Errorf("rollback: %w", err)
 	}
 	o := ros[0]
-	req := rollbackRequest{Version: version, Release: release, At: time.Now().UTC().Format(time.RFC3339Nano), By: k.whoAmI(ctx)}
+	req := v1.RollbackRequest{Version: version, Release: release, At: time.Now().UTC().Format(time.RFC3339Nano), By: k.whoAmI(ctx)}
 	value, err := json.Marshal(req)
 	if err != nil {
 		return err
@@ -247,19 +239,31 @@ func kubeRollback(ctx context.Context, k *kubeTarget, model, version string, rel
 	defer cancel()
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
+	acked := false
 	for {
 		cur, err := rc.Get(ctx, o.GetName(), metav1.GetOptions{})
 		if err == nil {
 			if handled, _, _ := unstructured.NestedString(cur.Object, "status", "lastRollbackRequest"); handled == string(value) {
-				writeRolloutStatus(stdout, cur)
-				if !release && !rolledBack(cur) {
-					return errors.New("rollback: the control plane handled the request but the Rollout is not rolled back (see its condition)")
+				acked = true
+				if c := condition(cur, v1.ConditionRollbackRequest); c != nil && c["status"] == "False" {
+					writeRolloutStatus(stdout, cur)
+					return fmt.Errorf("rollback: the control plane refused the request: %v", c["message"])
 				}
-				return nil
+				// Executed: wait for the served state to show in status (written after each reload).
+				if state, _, _ := unstructured.NestedString(cur.Object, "status", "state"); (state == v1.StateRolledBack) != release {
+					writeRolloutStatus(stdout, cur)
+					return nil
+				}
 			}
 		}
 		select {
 		case <-ctx.Done():
+			if acked {
+				if cur, err := rc.Get(context.Background(), o.GetName(), metav1.GetOptions{}); err == nil {
+					writeRolloutStatus(stdout, cur)
+				}
+				return fmt.Errorf("rollback: the control plane executed the request, but the Rollout's status did not show it within %v", wait)
+			}
 			return fmt.Errorf("rollback: the request is recorded on Rollout %s/%s, but no control plane acknowledged it within %v (status.lastRollbackRequest); is one running with --source kubernetes in %s?",
 				k.namespace, o.GetName(), wait, k.namespace)
 		case <-tick.C:
@@ -267,7 +271,83 @@ func kubeRollback(ctx context.Context, k *kubeTarget, model, version string, rel
 	}
 }
 
-func rolledBack(o *unstructured.Unstructured) bool {
-	_, ok, _ := unstructured.NestedMap(o.Object, "status", "rollback")
-	return ok
+// condition is the status condition of that type (nil: none).
+func condition(o *unstructured.Unstructured, typ string) map[string]any {
+	conds, _, _ := unstructured.NestedSlice(o.Object, "status", "conditions")
+	for _, c := range conds {
+		if m, ok := c.(map[string]any); ok && m["type"] == typ {
+			return m
+		}
+	}
+	return nil
+}
+
+// Executing a cluster rollback request (the annotation above) exactly once.
+//
+// Every replica sees a request before one of them acknowledges it, and a rollback to the
+// last known-good split taken twice goes back twice. So each execution carries the
+// request's tag (a hash of the annotation's value) in its context; requestStore's Update,
+// which runs inside the Store's compare-and-swap, leaves the state alone when the
+// rollback in force already carries that tag, and tags the rollback it writes (the tag
+// ends its reason: "last known-good split (request 1a2b3c4d5e6f)"). The replica that
+// loses the race re-runs the update on the winner's state and changes nothing.
+
+type requestTagKey struct{}
+
+// requestTag is the short tag of a rollback request's annotation value.
+func requestTag(id string) string {
+	sum := sha256.Sum256([]byte(id))
+	return "request " + hex.EncodeToString(sum[:6])
+}
+
+func executedBy(st store.ModelState, tag string) bool {
+	return st.Rollback != nil && strings.HasSuffix(st.Rollback.Reason, "("+tag+")")
+}
+
+// requestStore is a Store whose updates made for a rollback request are idempotent.
+type requestStore struct{ store.Store }
+
+func (s requestStore) Update(ctx context.Context, model string, fn func(store.ModelState) (store.ModelState, error)) (store.ModelState, error) {
+	tag, ok := ctx.Value(requestTagKey{}).(string)
+	if !ok {
+		return s.Store.Update(ctx, model, fn)
+	}
+	return s.Store.Update(ctx, model, func(cur store.ModelState) (store.ModelState, error) {
+		if executedBy(cur, tag) {
+			return cur, nil // another replica executed this request
+		}
+		next, err := fn(cur)
+		if err == nil && next.Rollback != nil {
+			rb := *next.Rollback
+			rb.Reason += " (" + tag + ")"
+			next.Rollback = &rb
+		}
+		return next, err
+	})
+}
+
+// rollbackRequests executes a request with the server's own rollback and release (the
+// rules of the admin API), once per request whatever the number of replicas.
+func rollbackRequests(srv *xds.Server, st store.Store) kube.RollbackFunc {
+	return func(ctx context.Context, model, id string, req v1.RollbackRequest) error {
+		tag := requestTag(id)
+		ctx = context.WithValue(ctx, requestTagKey{}, tag)
+		var err error
+		if req.Release {
+			_, _, err = srv.Release(ctx, model)
+			if err != nil && strings.Contains(err.Error(), "no rollback in force") {
+				return nil // released already (by another replica, or never in force): the state asked for holds
+			}
+			return err
+		}
+		if _, _, err = srv.Rollback(ctx, model, req.Version); err == nil {
+			return nil
+		}
+		// Refused by a replica that served another's execution of this very request
+		// before its own (its rule ran on the rolled-back state): it was executed.
+		if all, lerr := st.Load(ctx); lerr == nil && executedBy(all[model], tag) {
+			return nil
+		}
+		return err
+	}
 }

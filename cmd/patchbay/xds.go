@@ -127,14 +127,19 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		Logger:         log,
 		Metrics:        metrics,
 	}
+	var src *kube.Source
 	if *source == sourceKubernetes {
-		if err := kubernetesSource(ctx, &cfg, *kubeconfig, *namespace, *dnsRefresh); err != nil {
+		if src, err = kubernetesSource(ctx, &cfg, *kubeconfig, *namespace, *dnsRefresh); err != nil {
 			return fmt.Errorf("xds: %w", err)
 		}
 	}
 	srv, err := xds.New(cfg)
 	if err != nil {
 		return err
+	}
+	if src != nil {
+		// The Source watches from srv.Run on: srv is set before it calls back.
+		src.OnRollbackRequest(rollbackRequests(srv, cfg.Store))
 	}
 	gl, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -310,7 +315,7 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // kubernetesSource points cfg at the Kubernetes API: Rollouts of the namespace as the
 // Source, their status as the Store, and Service names resolved from EndpointSlices
 // (every other name through DNS, as before).
-func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespace string, refresh time.Duration) error {
+func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespace string, refresh time.Duration) (*kube.Source, error) {
 	if kubeconfig == "" {
 		// $KUBECONFIG may list several files: like kubectl, the first one that exists.
 		for _, f := range filepath.SplitList(os.Getenv("KUBECONFIG")) {
@@ -325,16 +330,17 @@ func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespac
 	}
 	clients, err := kube.NewClients(kubeconfig)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	kc := kube.Config{Client: clients.Dynamic, Namespace: namespace, Logger: cfg.Logger.With().Str("component", "kube").Logger()}
-	cfg.Source, cfg.Store = kube.NewSource(kc), kube.NewStore(kc)
+	src := kube.NewSource(kc)
+	cfg.Source, cfg.Store = src, requestStore{kube.NewStore(kc)}
 	res := endpointslice.New(clients.Kube, endpointslice.Options{Namespace: namespace, Next: net.DefaultResolver.LookupHost})
 	res.Start(ctx)
 	cfg.LookupHost = res.LookupHost
 	cfg.Logger.Info().Str("namespace", namespace).Str("kubeconfig", kubeconfig).Dur("endpoint_refresh", refresh).
 		Msg("kubernetes source: Rollouts and their status; Service names from EndpointSlices")
-	return nil
+	return src, nil
 }
 
 // kubeMode reports whether a rollout command talks to the Kubernetes API (--kubeconfig or
