@@ -9,20 +9,28 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apiserver/pkg/storage/storagebackend"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"k8s.io/client-go/util/retry"
+	apiservertesting "k8s.io/kubernetes/cmd/kube-apiserver/app/testing"
 	"sigs.k8s.io/yaml"
 
 	v1 "github.com/patchbay-io/patchbay/api/k8s/v1"
@@ -43,9 +51,19 @@ func buildPatchbay(t *testing.T) string {
 // writeKubeconfig writes a kubeconfig for the test API server, as an operator would have.
 func writeKubeconfig(t *testing.T) string {
 	t.Helper()
-	c := rest.CopyConfig(server.Config)
+	return writeKubeconfigFor(t, server.Config, "")
+}
+
+// writeKubeconfigFor writes a kubeconfig for the server of cfg, with cfg's credentials or,
+// when token is set, that bearer token alone.
+func writeKubeconfigFor(t *testing.T, base *rest.Config, token string) string {
+	t.Helper()
+	c := rest.CopyConfig(base)
 	if err := rest.LoadTLSFiles(c); err != nil { // CA, client certificate: inline
 		t.Fatal(err)
+	}
+	if token != "" {
+		c.BearerToken, c.CertData, c.KeyData = token, nil, nil
 	}
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["test"] = &clientcmdapi.Cluster{Server: c.Host, CertificateAuthorityData: c.CAData, TLSServerName: c.ServerName, InsecureSkipTLSVerify: c.Insecure}
@@ -319,5 +337,167 @@ spec:
 	// A version the model lacks: refused, and the CLI says why.
 	if out, err := cli(append([]string{"rollout", "rollback", "ranker", "--version", "v9"}, kflags...)...); err == nil || !strings.Contains(out, "refused the request") || !strings.Contains(out, "v9") {
 		t.Errorf("rollout rollback --version v9: %v\n%s", err, out)
+	}
+}
+
+// TestChartRoleIsEnough runs the control plane as the chart's ServiceAccount on an API
+// server that enforces RBAC, with nothing but the chart's Role (rendered by helm from
+// charts/patchbay): it serves a Rollout, writes its status, resolves a Service from
+// EndpointSlices and executes a rollback request; and the same account may not read
+// Secrets, change a Rollout's spec, or read Rollouts of another namespace.
+func TestChartRoleIsEnough(t *testing.T) {
+	bin := buildPatchbay(t)
+	tb := &mainTB{name: t.Name()}
+	t.Cleanup(tb.runCleanups)
+	etcdURL, err := startEtcd(tb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	storage := storagebackend.NewDefaultConfig(path.Join("/patchbay-rbac", strconv.FormatInt(time.Now().UnixNano(), 36)), nil)
+	storage.Transport.ServerList = []string{etcdURL}
+	srv, err := apiservertesting.StartTestServer(tb, apiservertesting.NewDefaultTestServerOptions(), []string{
+		"--disable-admission-plugins=ServiceAccount", "--bind-address=127.0.0.1", "--authorization-mode=RBAC",
+	}, storage)
+	if err != nil {
+		t.Fatalf("start kube-apiserver with RBAC: %v\n%s", err, tb.tail())
+	}
+	tb.Cleanup(srv.TearDownFn)
+	admin := rest.CopyConfig(srv.ClientConfig)
+	admin.ContentType, admin.AcceptContentTypes = "application/json", "application/json"
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := installCRDs(ctx, admin, crdDir); err != nil {
+		t.Fatal(err)
+	}
+	kc, err := kubernetes.NewForConfig(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, elsewhere := esNamespace(t, kc, "rbac"), esNamespace(t, kc, "elsewhere")
+
+	// The chart's Role and RoleBinding, as helm renders them for a release in ns.
+	helm := exec.Command("go", "tool", "helm", "template", "rel", "charts/patchbay", "--namespace", ns, "--show-only", "templates/rbac.yaml")
+	helm.Dir = filepath.Join("..", "..")
+	rendered, err := helm.CombinedOutput()
+	if err != nil {
+		t.Fatalf("helm template: %v\n%s", err, rendered)
+	}
+	var role rbacv1.Role
+	var binding rbacv1.RoleBinding
+	for _, doc := range strings.Split(string(rendered), "\n---\n") {
+		var tm metav1.TypeMeta
+		if err := yaml.Unmarshal([]byte(doc), &tm); err != nil {
+			t.Fatal(err)
+		}
+		switch tm.Kind {
+		case "Role":
+			err = yaml.UnmarshalStrict([]byte(doc), &role)
+		case "RoleBinding":
+			err = yaml.UnmarshalStrict([]byte(doc), &binding)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if role.Name == "" || len(binding.Subjects) != 1 {
+		t.Fatalf("rendered RBAC lacks the Role or its binding:\n%s", rendered)
+	}
+	if _, err := kc.RbacV1().Roles(ns).Create(ctx, &role, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kc.RbacV1().RoleBindings(ns).Create(ctx, &binding, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sa := binding.Subjects[0].Name
+	if _, err := kc.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := kc.CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	asSA := writeKubeconfigFor(t, admin, tok.Status.Token)
+	asOperator := writeKubeconfigFor(t, admin, "")
+
+	// What the control plane needs.
+	if _, err := kc.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice(ns, "hosts-a", "hosts", discoveryv1.AddressTypeIPv4,
+		ep{addr: "192.0.2.1"}, ep{addr: "192.0.2.2", notReady: true}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	hosts := "hosts." + ns + ".svc"
+	var obj map[string]any
+	if err := yaml.Unmarshal([]byte(fmt.Sprintf(`
+apiVersion: patchbay.io/v1
+kind: Rollout
+metadata: {name: ranker, namespace: %s}
+spec:
+  versions:
+    - {name: v7, endpoints: ["%s:9001"]}
+    - {name: v8, endpoints: ["192.0.2.9:9002"]}
+  traffic: {v7: 90, v8: 10}
+`, ns, hosts)), &obj); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dyn.Resource(v1.GroupVersionResource).Namespace(ns).Create(ctx, &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	r := startReplica(t, ctx, bin, asSA, ns)
+	r.until(t, "serves the Rollout as the chart's ServiceAccount, "+hosts+" from EndpointSlices", func(st cpStatus) bool {
+		return serves(map[string]int{"v7": 90, "v8": 10})(st) && strings.Join(st.Names[hosts].Addresses, ",") == "192.0.2.1"
+	})
+	cli := func(args ...string) (string, error) {
+		out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
+		return string(out), err
+	}
+	var out string
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		out, err = cli("rollout", "status", "ranker", "--kubeconfig", asOperator, "--namespace", ns)
+		if err == nil && strings.Contains(out, "condition: Ready=True") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the control plane never wrote the Rollout's status: %v\n%s\n%s", err, out, r.logs)
+		}
+	}
+	if out, err := cli("rollout", "rollback", "ranker", "--version", "v7", "--kubeconfig", asOperator, "--namespace", ns); err != nil ||
+		!strings.Contains(out, "state:     RolledBack") {
+		t.Fatalf("rollback request as the chart's ServiceAccount: %v\n%s", err, out)
+	}
+	r.until(t, "serves the rollback", serves(map[string]int{"v7": 100}))
+
+	// Nothing more.
+	saCfg := rest.CopyConfig(admin)
+	saCfg.BearerToken, saCfg.CertData, saCfg.KeyData, saCfg.CertFile, saCfg.KeyFile = tok.Status.Token, nil, nil, "", ""
+	saKube, err := kubernetes.NewForConfig(saCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	saDyn, err := dynamic.NewForConfig(saCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := saKube.CoreV1().Secrets(ns).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("list Secrets as the control plane: %v, want Forbidden", err)
+	}
+	if _, err := saKube.CoreV1().ConfigMaps(ns).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("list ConfigMaps as the control plane: %v, want Forbidden", err)
+	}
+	cur, err := saDyn.Resource(v1.GroupVersionResource).Namespace(ns).Get(ctx, "ranker", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = unstructured.SetNestedField(cur.Object, int64(100), "spec", "traffic", "v8")
+	if _, err := saDyn.Resource(v1.GroupVersionResource).Namespace(ns).Update(ctx, cur, metav1.UpdateOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("update a Rollout's spec as the control plane: %v, want Forbidden", err)
+	}
+	if _, err := saDyn.Resource(v1.GroupVersionResource).Namespace(elsewhere).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("list Rollouts of another namespace as the control plane: %v, want Forbidden", err)
+	}
+	if _, err := saKube.DiscoveryV1().EndpointSlices(elsewhere).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("list EndpointSlices of another namespace as the control plane: %v, want Forbidden", err)
 	}
 }
