@@ -301,3 +301,27 @@ func spew(obj *unstructured.Unstructured) string {
 	b, _ := json.Marshal(obj.Object["status"])
 	return fmt.Sprintf("generation %d, status %s", obj.GetGeneration(), b)
 }
+
+// TestReloadFailureReachesEveryStatus: a reload failure tied to no document (reported
+// under kube.AllDocuments) puts Ready=False on every Rollout, none stays Applied.
+func TestReloadFailureReachesEveryStatus(t *testing.T) {
+	ns := namespace(t)
+	apply(t, ns, rankerManifest)
+	apply(t, ns, strings.Replace(rankerManifest, "name: ranker\nspec:\n", "name: churn\nspec:\n", 1))
+	src := kube.NewSource(kubeConfig(t, ns))
+	watching(t, src)
+	ctx := context.Background()
+	if _, _, err := src.Read(ctx); err != nil {
+		t.Fatal(err)
+	}
+	src.Report(ctx, nil, "1")
+	src.Report(ctx, map[string][]*rollout.Error{kube.AllDocuments: {{Msg: "translation rejected: listener address missing"}}}, "1")
+	for _, name := range []string{"ranker", "churn"} {
+		eventually(t, name+" not Applied", func() (bool, string) {
+			obj := getRollout(t, ns, name)
+			c := readyCondition(obj)
+			return c != nil && c.Status == metav1.ConditionFalse && c.Reason == v1.ReasonInvalid &&
+				c.Message == "translation rejected: listener address missing", spew(obj)
+		})
+	}
+}

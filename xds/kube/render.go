@@ -117,8 +117,11 @@ func Message(ps []*rollout.Error) string {
 		if i > 0 {
 			b.WriteString("; ")
 		}
-		b.WriteString(FieldPath(p.Field))
-		b.WriteString(": ")
+		if p.Field != "" || p.File != "" {
+			// Located in the document; a problem of no document (AllDocuments) is its message.
+			b.WriteString(FieldPath(p.Field))
+			b.WriteString(": ")
+		}
 		b.WriteString(p.Msg)
 	}
 	s := b.String()

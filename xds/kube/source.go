@@ -213,8 +213,13 @@ func (s *Source) Read(ctx context.Context) ([]rollout.File, bool, error) {
 	return files, true, nil
 }
 
+// AllDocuments is the problems key of a reload failure tied to no one document (the
+// translation or a Store write failed): Report puts it on every Rollout, so none claims to
+// be Applied while the spec is not served.
+const AllDocuments = ""
+
 // Report writes each Rollout's status after a reload: problems are the server's (by
-// Path; none: applied), on top of each object's own found by Read. The config version is
+// Path, or AllDocuments; none: applied), on top of each object's own found by Read. The config version is
 // not written here (it would rewrite every status on every reload): the Store keeps it.
 func (s *Source) Report(ctx context.Context, problems map[string][]*rollout.Error, _ string) {
 	s.mu.Lock()
@@ -245,7 +250,7 @@ func (s *Source) writeStatuses(ctx context.Context) {
 	for p, d := range s.docs {
 		u := statusUpdate{name: p[len(s.cfg.Namespace)+1:], generation: d.generation, model: d.model,
 			own: d.problems, traffic: d.traffic, order: d.order}
-		u.problems = append(append([]*rollout.Error(nil), d.problems...), s.server[p]...)
+		u.problems = append(append(append([]*rollout.Error(nil), d.problems...), s.server[p]...), s.server[AllDocuments]...)
 		if len(u.problems) == 0 && d.current {
 			u.lastGood = d.good
 		}
