@@ -20,6 +20,7 @@ import (
 	"github.com/patchbay-io/patchbay/xds"
 	"github.com/patchbay-io/patchbay/xds/kube"
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/store"
 )
 
 // The ranker example as kubectl applies it, and the same rollout as a file.
@@ -324,4 +325,34 @@ func TestReloadFailureReachesEveryStatus(t *testing.T) {
 				c.Message == "translation rejected: listener address missing", spew(obj)
 		})
 	}
+}
+
+// TestRollbackShowsWithoutReport: a rollback another replica writes into the state makes
+// this replica's Source rewrite the status (state RolledBack, split of the rollback) even
+// before any reload of its own reports again.
+func TestRollbackShowsWithoutReport(t *testing.T) {
+	ns := namespace(t)
+	apply(t, ns, rankerManifest)
+	cfg := kubeConfig(t, ns)
+	src := kube.NewSource(cfg)
+	watching(t, src)
+	ctx := context.Background()
+	if _, _, err := src.Read(ctx); err != nil {
+		t.Fatal(err)
+	}
+	src.Report(ctx, nil, "1")
+	other := kube.NewStore(kubeConfig(t, ns))
+	if _, err := other.Update(ctx, "ranker", func(cur store.ModelState) (store.ModelState, error) {
+		cur.Rollback = &store.Rollback{Traffic: map[string]int{"v7": 100}, Reason: "test", At: time.Now().UTC(), FromIndex: -1}
+		return cur, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "status RolledBack", func() (bool, string) {
+		obj := getRollout(t, ns, "ranker")
+		c := readyCondition(obj)
+		state, _, _ := unstructured.NestedString(obj.Object, "status", "state")
+		split, _, _ := unstructured.NestedString(obj.Object, "status", "split")
+		return c != nil && c.Reason == v1.ReasonRolledBack && state == v1.StateRolledBack && split == "v7=100", spew(obj)
+	})
 }

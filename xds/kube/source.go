@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"reflect"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -108,6 +109,18 @@ func (s *Source) Watch(ctx context.Context, ready func(), changed func()) error 
 			n, ok2 := newObj.(*unstructured.Unstructured)
 			if !ok1 || !ok2 || o.GetGeneration() != n.GetGeneration() {
 				notify()
+				return
+			}
+			// A rollback written or released (by any replica) changes what the status
+			// should say (state, split, reason): the last Report may have compared with a
+			// cached copy that did not have it yet.
+			ro, _, _ := unstructured.NestedFieldNoCopy(o.Object, "status", "rollback")
+			rn, _, _ := unstructured.NestedFieldNoCopy(n.Object, "status", "rollback")
+			if !reflect.DeepEqual(ro, rn) {
+				select {
+				case s.kick <- struct{}{}:
+				default:
+				}
 			}
 		},
 		DeleteFunc: func(any) { notify() },
