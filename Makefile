@@ -58,6 +58,8 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzParseSDS -fuzztime 30s ./envoy/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 30s ./modelhost/internal/bearer/
 	$(GO) test -run '^$$' -fuzz FuzzRender -fuzztime 30s ./xds/kube/
+	$(GO) test -run '^$$' -fuzz FuzzParseFile -fuzztime 30s ./xds/store/
+	$(GO) test -run '^$$' -fuzz FuzzServiceOf -fuzztime 30s ./xds/endpointslice/
 
 fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
