@@ -145,6 +145,9 @@ func (s *Server) refreshDNS(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		// Applied as a reload is (one at a time, never between a reload's read of the Store
+		// and its write), and reported before the next reload can report.
+		s.reloadMu.Lock()
 		s.mu.Lock()
 		diff := false
 		for i, h := range hosts {
@@ -161,12 +164,18 @@ func (s *Server) refreshDNS(ctx context.Context) {
 			} else if s.state.files != nil {
 				if err := s.applyLocked(ctx); err != nil {
 					s.rejectLocked(ctx, err)
+					s.problemOfAllLocked(err)
 				} else {
+					s.clearProblemOfAllLocked()
 					s.log.Info().Str("version", s.state.built.Version).Msg("endpoint addresses changed")
 				}
 			}
 		}
 		s.mu.Unlock()
+		if diff {
+			s.report(ctx)
+		}
+		s.reloadMu.Unlock()
 	}
 }
 

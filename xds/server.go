@@ -446,6 +446,9 @@ func (s *Server) Reload(ctx context.Context, why string) {
 	s.mu.Lock()
 	s.state.readKey = contentKey(files)
 	s.state.problems = documentProblems(err)
+	if err != nil && len(s.state.problems) == 0 {
+		s.problemOfAllLocked(err) // a read error, an empty set: no document to blame
+	}
 	switch {
 	case err != nil:
 		s.rejectLocked(ctx, fmt.Errorf("rollouts rejected, still serving the last good config: %w", err))
@@ -522,6 +525,7 @@ func (s *Server) storeFailedLocked(ctx context.Context, err error) {
 	first := s.state.storeErr == nil || s.state.storeErr.Error() != err.Error()
 	s.state.storeErr = err
 	msg := fmt.Errorf("state store %s: serving nothing new until it can be read: %w", describeStore(s.store), err)
+	s.problemOfAllLocked(msg)
 	if first {
 		s.log.Error().Err(err).Str("store", describeStore(s.store)).Dur("retry", s.cfg.StoreRetry).
 			Msg("state store unusable; serving nothing new until it is recovered (see the xds README)")
@@ -580,6 +584,31 @@ func documentProblems(err error) map[string][]*rollout.Error {
 	return out
 }
 
+// problemOfAllLocked makes err a problem of every document for the ProblemReporter
+// (AllDocuments), beside the documents' own: what their authors wrote is not served.
+func (s *Server) problemOfAllLocked(err error) {
+	p := make(map[string][]*rollout.Error, len(s.state.problems)+1)
+	for k, v := range s.state.problems {
+		p[k] = v
+	}
+	p[AllDocuments] = []*rollout.Error{{Msg: err.Error()}}
+	s.state.problems = p // a new map: the last one may be in a ProblemReporter's hands
+}
+
+// clearProblemOfAllLocked forgets the failure of no one document (a config was applied).
+func (s *Server) clearProblemOfAllLocked() {
+	if _, ok := s.state.problems[AllDocuments]; !ok {
+		return
+	}
+	p := make(map[string][]*rollout.Error, len(s.state.problems))
+	for k, v := range s.state.problems {
+		if k != AllDocuments {
+			p[k] = v
+		}
+	}
+	s.state.problems = p
+}
+
 // report hands each document's problems and the config version served to a Source that
 // shows them where its authors look.
 func (s *Server) report(ctx context.Context) {
@@ -636,6 +665,7 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 		writes = append(writes, r)
 	}
 	if set == s.state.files && len(writes) == 0 && s.state.built != nil && s.state.curErr == nil && sameModels(models, s.state.models) {
+		s.clearProblemOfAllLocked()
 		return // the state changed for another model, or back to what is served: nothing to do
 	}
 	s.state.files, s.state.models = set, models
@@ -648,6 +678,7 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 			s.state.candidate = set
 		}
 		s.rejectLocked(ctx, err)
+		s.problemOfAllLocked(err)
 	}
 	built, err := s.buildLocked()
 	if err != nil {
@@ -689,6 +720,7 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 	}
 	s.state.candidate = nil
 	s.state.curErr, s.state.rejectKey = nil, ""
+	s.clearProblemOfAllLocked()
 	for _, model := range released {
 		s.log.Info().Str("model", model).Msg("rollback released: the model's rollout changed")
 	}

@@ -24,6 +24,15 @@ type Source interface {
 // where its author looks (a Rollout's status.conditions). Report is called after every
 // reload with the problems found per document (keyed by rollout.File.Path; no entry: the
 // document is fine and applied) and the config version served.
+//
+// A reload failure tied to no one document (the translation rejected, a version with a share
+// whose endpoints do not resolve, an empty set refused, the Store unusable) is reported
+// under AllDocuments: every document's author should know that what they wrote is not
+// served.
 type ProblemReporter interface {
 	Report(ctx context.Context, problems map[string][]*rollout.Error, configVersion string)
 }
+
+// AllDocuments is the ProblemReporter key of a reload failure tied to no one document; its
+// problem is a *rollout.Error with only Msg set.
+const AllDocuments = ""
