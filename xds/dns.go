@@ -123,8 +123,23 @@ func (s *Server) lookup(ctx context.Context, host string) ([]string, error) {
 	return ips, nil
 }
 
-// refreshDNS re-resolves every endpoint name periodically and re-applies when any
-// name's addresses changed (trying again a config refused for unresolved names).
+// ResolveNow makes the control plane re-resolve every endpoint name at once rather than
+// at the next DNSRefresh, and apply what changed: an EndpointSlice was added, changed or
+// deleted (wire it to xds/endpointslice's Options.OnChange), so a pod that stops being
+// ready leaves EDS within a round trip to the resolver instead of a refresh period. It
+// does not wait: the lookups run in the refresh loop, outside the state lock, and calls
+// made while a round is pending coalesce into it. Calls before Run are kept for its first
+// round.
+func (s *Server) ResolveNow() {
+	select {
+	case s.resolveKick <- struct{}{}:
+	default:
+	}
+}
+
+// refreshDNS re-resolves every endpoint name periodically, and at once when ResolveNow
+// asks, and re-applies when any name's addresses changed (trying again a config refused
+// for unresolved names).
 func (s *Server) refreshDNS(ctx context.Context) {
 	t := time.NewTicker(s.cfg.DNSRefresh)
 	defer t.Stop()
@@ -133,6 +148,7 @@ func (s *Server) refreshDNS(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-s.resolveKick:
 		}
 		s.mu.Lock()
 		hosts := s.knownHostsLocked()

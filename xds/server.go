@@ -121,6 +121,9 @@ type Server struct {
 	// afterRead, when set (tests only), runs in Reload between reading and applying.
 	afterRead func(why string)
 
+	// resolveKick asks refreshDNS for a round now (ResolveNow); buffered: kicks coalesce.
+	resolveKick chan struct{}
+
 	mu    sync.Mutex
 	state state
 }
@@ -238,8 +241,9 @@ func New(cfg Config) (*Server, error) {
 			synced:    map[string]string{},
 			dns:       map[string]*NameStatus{},
 		},
-		source: cfg.Source,
-		store:  cfg.Store,
+		source:      cfg.Source,
+		store:       cfg.Store,
+		resolveKick: make(chan struct{}, 1),
 	}
 	if s.source == nil {
 		s.source = &dirSource{dir: cfg.RolloutsDir, debounce: cfg.Debounce, resync: cfg.Resync, settle: cfg.Settle}

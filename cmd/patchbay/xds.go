@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/patchbay-io/patchbay/internal/telemetry"
@@ -128,8 +129,16 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		Metrics:        metrics,
 	}
 	var src *kube.Source
+	// srvRef is the server once built: an EndpointSlice change before then is seen by
+	// its first resolution anyway.
+	var srvRef atomic.Pointer[xds.Server]
 	if *source == sourceKubernetes {
-		if src, err = kubernetesSource(ctx, &cfg, *kubeconfig, *namespace, *dnsRefresh); err != nil {
+		resolveNow := func() {
+			if s := srvRef.Load(); s != nil {
+				s.ResolveNow()
+			}
+		}
+		if src, err = kubernetesSource(ctx, &cfg, *kubeconfig, *namespace, *dnsRefresh, resolveNow); err != nil {
 			return fmt.Errorf("xds: %w", err)
 		}
 	}
@@ -137,6 +146,7 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return err
 	}
+	srvRef.Store(srv)
 	if src != nil {
 		// The Source watches from srv.Run on: srv is set before it calls back.
 		src.OnRollbackRequest(rollbackRequests(srv, cfg.Store))
@@ -314,8 +324,9 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 
 // kubernetesSource points cfg at the Kubernetes API: Rollouts of the namespace as the
 // Source, their status as the Store, and Service names resolved from EndpointSlices
-// (every other name through DNS, as before).
-func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespace string, refresh time.Duration) (*kube.Source, error) {
+// (every other name through DNS, as before); onSliceChange is called on every change of
+// an EndpointSlice (the server re-resolves at once rather than at the next refresh).
+func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespace string, refresh time.Duration, onSliceChange func()) (*kube.Source, error) {
 	if kubeconfig == "" {
 		// $KUBECONFIG may list several files: like kubectl, the first one that exists.
 		for _, f := range filepath.SplitList(os.Getenv("KUBECONFIG")) {
@@ -335,11 +346,12 @@ func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespac
 	kc := kube.Config{Client: clients.Dynamic, Namespace: namespace, Logger: cfg.Logger.With().Str("component", "kube").Logger()}
 	src := kube.NewSource(kc)
 	cfg.Source, cfg.Store = src, requestStore{kube.NewStore(kc)}
-	res := endpointslice.New(clients.Kube, endpointslice.Options{Namespace: namespace, Next: net.DefaultResolver.LookupHost})
+	res := endpointslice.New(clients.Kube, endpointslice.Options{Namespace: namespace, Next: net.DefaultResolver.LookupHost,
+		OnChange: onSliceChange})
 	res.Start(ctx)
 	cfg.LookupHost = res.LookupHost
 	cfg.Logger.Info().Str("namespace", namespace).Str("kubeconfig", kubeconfig).Dur("endpoint_refresh", refresh).
-		Msg("kubernetes source: Rollouts and their status; Service names from EndpointSlices")
+		Msg("kubernetes source: Rollouts and their status; Service names from EndpointSlices (re-resolved on every change)")
 	return src, nil
 }
 

@@ -20,6 +20,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/test/oiphost"
 	"github.com/patchbay-io/patchbay/xds"
 	"github.com/patchbay-io/patchbay/xds/endpointslice"
 	"github.com/patchbay-io/patchbay/xds/kube"
@@ -56,7 +57,12 @@ func startCP(t *testing.T, ns, name string, o cpOptions) *cpReplica {
 	cfg.Logger = cfg.Logger.With().Str("replica", name).Logger()
 	ctx, cancel := context.WithCancel(context.Background())
 	var ref atomic.Pointer[xds.Server]
-	res := endpointslice.New(clients(t).Kube, endpointslice.Options{Namespace: ns, Next: net.DefaultResolver.LookupHost})
+	res := endpointslice.New(clients(t).Kube, endpointslice.Options{Namespace: ns, Next: net.DefaultResolver.LookupHost,
+		OnChange: func() {
+			if s := ref.Load(); s != nil {
+				s.ResolveNow()
+			}
+		}})
 	res.Start(ctx)
 	srv, err := xds.New(xds.Config{Source: kube.NewSource(cfg), Store: kube.NewStore(cfg), Logger: cfg.Logger,
 		LookupHost: res.LookupHost, DNSRefresh: o.dnsRefresh, AdminToken: adminToken,
@@ -249,7 +255,7 @@ func (p *serviceProxy) connected() []string {
 
 // grpcClient dials xds:///<model> with grpc-go's own xDS client (proxyless), its bootstrap
 // naming adsAddr as the management server: it has its own xDS client and ADS stream.
-func grpcClient(t *testing.T, adsAddr, model string) oip.GRPCInferenceServiceClient {
+func grpcClient(t *testing.T, adsAddr, model string, opts ...grpc.DialOption) oip.GRPCInferenceServiceClient {
 	t.Helper()
 	bootstrap := fmt.Sprintf(`{
 		"xds_servers": [{"server_uri": %q, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
@@ -259,7 +265,8 @@ func grpcClient(t *testing.T, adsAddr, model string) oip.GRPCInferenceServiceCli
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := grpc.NewClient("xds:///"+model, grpc.WithResolvers(rb), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	opts = append(opts, grpc.WithResolvers(rb), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("xds:///"+model, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -345,4 +352,93 @@ func TestUnresolvedEndpointReachesEveryStatus(t *testing.T) {
 	})
 	eventually(t, "ranker Applied again", applied("ranker"))
 	eventually(t, "churn Applied again", applied("churn"))
+}
+
+// podNetwork is a TEST-ONLY model of the pod network for a client's data-plane connections:
+// the API server refuses loopback addresses in EndpointSlices, so the slices hold pod IPs
+// of TEST-NET-1 (192.0.2.0/24), and this dialer carries a connection to such a pod
+// address:port to the 127.0.0.1 listener of the host playing that pod. Any other address
+// is dialled as it is. Every connection stays on loopback.
+type podNetwork map[string]string
+
+func (p podNetwork) dialer() grpc.DialOption {
+	return grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+		if to, ok := p[addr]; ok {
+			addr = to
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", addr)
+	})
+}
+
+// TestEndpointSliceChangeReResolvesAtOnce: a Service's pod stops being ready (its
+// EndpointSlice says so) and the control plane re-resolves the Service name at once
+// (endpointslice Options.OnChange → xds.Server.ResolveNow): the served EDS drops the pod
+// and the grpc-go client stops sending it calls, with the DNS refresh set to an hour, so
+// nothing else could have done it. (Failed before: names were re-resolved only every
+// --dns-refresh.) The time seen is logged.
+func TestEndpointSliceChangeReResolvesAtOnce(t *testing.T) {
+	ns := namespace(t)
+	a, b := oiphost.Start(t, "ranker", "v1"), oiphost.Start(t, "ranker", "v1")
+	const port = "8000"
+	pods := podNetwork{"192.0.2.1:" + port: a.GRPC, "192.0.2.2:" + port: b.GRPC}
+	kc := clients(t).Kube
+	ctx := context.Background()
+	if _, err := kc.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice(ns, "ranker-v1-a", "ranker-v1", "IPv4",
+		ep{addr: "192.0.2.1"}, ep{addr: "192.0.2.2"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	host := "ranker-v1." + ns + ".svc"
+	apply(t, ns, manifest("ranker", map[string]string{"v1": host + ":" + port}, map[string]int{"v1": 100}))
+	cp := startCP(t, ns, "a", cpOptions{dnsRefresh: time.Hour})
+	servedAddrs := func() []string {
+		m, _ := cp.model("ranker")
+		if m == nil || len(m.Endpoints["v1"]) == 0 {
+			return nil
+		}
+		return m.Endpoints["v1"][0].Addresses
+	}
+	eventually(t, "both pods served", func() (bool, string) {
+		got := servedAddrs()
+		return slices.Equal(got, []string{"192.0.2.1:" + port, "192.0.2.2:" + port}), fmt.Sprint(got)
+	})
+	client := grpcClient(t, cp.ads, "ranker", pods.dialer())
+	eventually(t, "the client uses both pods", func() (bool, string) {
+		answers(t, client, "ranker", 10)
+		return a.Served("v1") > 0 && b.Served("v1") > 0, fmt.Sprintf("pod a %d, pod b %d", a.Served("v1"), b.Served("v1"))
+	})
+
+	s, err := kc.DiscoveryV1().EndpointSlices(ns).Get(ctx, "ranker-v1-a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Endpoints[1].Conditions.Ready = ptr(false) // pod b
+	start := time.Now()
+	if _, err := kc.DiscoveryV1().EndpointSlices(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var edsGone, clientGone time.Duration
+	for deadline := start.Add(10 * time.Second); edsGone == 0 || clientGone == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("10 s after pod b became not ready (DNS refresh: 1 h): served %v, client still uses it (%v)", servedAddrs(), clientGone == 0)
+		}
+		if edsGone == 0 && slices.Equal(servedAddrs(), []string{"192.0.2.1:" + port}) {
+			edsGone = time.Since(start)
+		}
+		if clientGone == 0 {
+			before := b.Served("v1")
+			answers(t, client, "ranker", 20)
+			if b.Served("v1") == before {
+				clientGone = time.Since(start)
+			}
+		}
+	}
+	t.Logf("pod b not ready: gone from the served EDS after %v, the grpc-go client stopped using it after %v (20 calls in a row on pod a)",
+		edsGone.Round(time.Millisecond), clientGone.Round(time.Millisecond))
+	// And it stays gone.
+	before := b.Served("v1")
+	answers(t, client, "ranker", 50)
+	if b.Served("v1") != before {
+		t.Fatalf("pod b answered %d calls after it left EDS", b.Served("v1")-before)
+	}
 }
