@@ -2,19 +2,60 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
-	"runtime/debug"
+	"os"
+	"runtime"
+	"strconv"
 	"strings"
 
 	"github.com/rs/zerolog"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/patchbay-io/patchbay/extproc"
+	"github.com/patchbay-io/patchbay/internal/runtimetune"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 )
+
+// extprocDefaults are `patchbay extproc`'s runtime defaults, chosen by measurement
+// against the floor server (test/bench/extproc BenchmarkExtprocSweep; the figures are in
+// extproc/README.md, "Runtime defaults").
+var extprocDefaults = runtimetune.Defaults{GCPercent: 800, LimitFraction: 0.9}
+
+// runtimeSettings resolves a server's GC percent and memory limit: a flag the user gave
+// wins, then $GOGC / $GOMEMLIMIT, then def (the memory limit from the container's cgroup).
+func runtimeSettings(fs *flag.FlagSet, gcPercent, memoryLimit string, def runtimetune.Defaults) (runtimetune.Settings, error) {
+	return resolveRuntime(fs, gcPercent, memoryLimit, def, os.Getenv, runtimetune.CgroupMemoryLimit(os.DirFS("/sys/fs/cgroup")))
+}
+
+// resolveRuntime is runtimeSettings with the environment and the container limit given.
+func resolveRuntime(fs *flag.FlagSet, gcPercent, memoryLimit string, def runtimetune.Defaults, getenv func(string) string, cgroupLimit int64) (runtimetune.Settings, error) {
+	in := runtimetune.Input{EnvGOGC: getenv("GOGC"), EnvGOMEMLIMIT: getenv("GOMEMLIMIT"), CgroupLimit: cgroupLimit, Defaults: def}
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "gc-percent":
+			in.GCPercentFlag = gcPercent
+		case "memory-limit":
+			in.MemoryLimitFlag = memoryLimit
+		}
+	})
+	return runtimetune.Resolve(in)
+}
+
+// streamWorkers reads --stream-workers: auto (GOMAXPROCS), 0 (a goroutine per stream) or N.
+func streamWorkers(v string) (uint32, error) {
+	if v == "auto" {
+		return uint32(runtime.GOMAXPROCS(0)), nil
+	}
+	n, err := strconv.ParseUint(v, 10, 16)
+	if err != nil {
+		return 0, fmt.Errorf("%q: want auto, 0 or a number of workers", v)
+	}
+	return uint32(n), nil
+}
 
 // runExtproc runs the ext_proc router until ctx ends.
 func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -25,8 +66,9 @@ func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	identity := fs.String("identity-headers", "x-user-id", "comma-separated identity headers, first present wins (used when the policy names none)")
 	nodeID := fs.String("node-id", "", "xDS node id (default hostname-pid)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-	gcPercent := fs.Int("gc-percent", 0, "GOGC for the process when > 0 (default: the runtime's, or $GOGC)")
-	workers := fs.Uint("stream-workers", 0, "gRPC stream worker goroutines (grpc.NumStreamWorkers); 0: a goroutine per stream")
+	gcPercent := fs.String("gc-percent", strconv.Itoa(extprocDefaults.GCPercent), "GC percent (as GOGC; off: no GC but at the memory limit); precedence: this flag, then $GOGC, then the default (measured: extproc/README.md)")
+	memoryLimit := fs.String("memory-limit", "auto", "soft memory limit of the Go runtime, e.g. 400MiB, or none; auto: 90% of the container's memory limit (cgroup) if it has one, else none; precedence: this flag, then $GOMEMLIMIT, then auto")
+	workers := fs.String("stream-workers", "auto", "gRPC stream worker goroutines (grpc.NumStreamWorkers); auto: GOMAXPROCS; 0: a goroutine per stream")
 	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for decision spans (unset: tracing off)")
 	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate: serve ext_proc and the admin listener over TLS (re-read when it changes)")
@@ -46,9 +88,16 @@ func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return fmt.Errorf("extproc: %v: %w", err, errUsage)
 	}
-	if *gcPercent > 0 {
-		debug.SetGCPercent(*gcPercent)
+	tune, err := runtimeSettings(fs, *gcPercent, *memoryLimit, extprocDefaults)
+	if err != nil {
+		return fmt.Errorf("extproc: %v: %w", err, errUsage)
 	}
+	numWorkers, err := streamWorkers(*workers)
+	if err != nil {
+		return fmt.Errorf("extproc: --stream-workers: %v: %w", err, errUsage)
+	}
+	tune.Apply()
+	log.Info().Str("runtime", tune.String()).Int("stream_workers", int(numWorkers)).Msg("runtime settings")
 	var ids []string
 	for _, h := range strings.Split(*identity, ",") {
 		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
@@ -82,7 +131,7 @@ func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		IdentityHeaders:  ids,
 		Logger:           log,
 		Meter:            metrics.Meter("patchbay/extproc"),
-		NumStreamWorkers: uint32(*workers),
+		NumStreamWorkers: numWorkers,
 	}
 	if serverTLS != nil {
 		cfg.TLS, cfg.AdminTLS = serverTLS.ServerConfig("h2"), serverTLS.ServerConfig("h2", "http/1.1")
