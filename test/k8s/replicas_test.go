@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"slices"
 	"sort"
 	"strings"
@@ -14,11 +15,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	xdsresolver "google.golang.org/grpc/xds"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/util/retry"
 
+	v1 "github.com/patchbay-io/patchbay/api/k8s/v1"
 	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/test/oiphost"
 	"github.com/patchbay-io/patchbay/xds"
@@ -54,7 +59,7 @@ func startCP(t *testing.T, ns, name string, o cpOptions) *cpReplica {
 		o.dnsRefresh = time.Hour
 	}
 	cfg := kubeConfig(t, ns)
-	cfg.Logger = cfg.Logger.With().Str("replica", name).Logger()
+	cfg.Logger = zerolog.New(newTestLog(t)).With().Timestamp().Str("replica", name).Logger()
 	ctx, cancel := context.WithCancel(context.Background())
 	var ref atomic.Pointer[xds.Server]
 	res := endpointslice.New(clients(t).Kube, endpointslice.Options{Namespace: ns, Next: net.DefaultResolver.LookupHost,
@@ -92,6 +97,53 @@ func startCP(t *testing.T, ns, name string, o cpOptions) *cpReplica {
 		stop: func() { once.Do(func() { cancel(); <-done }) }}
 	t.Cleanup(r.stop)
 	return r
+}
+
+// testLog writes log lines into the test's log until the test and its cleanups are over,
+// then drops them: a replica's informer callbacks may still log while it shuts down.
+type testLog struct {
+	t    *testing.T
+	mu   sync.Mutex
+	done bool
+}
+
+func newTestLog(t *testing.T) *testLog {
+	l := &testLog{t: t}
+	t.Cleanup(func() { // registered first: runs after the cleanups that stop replicas
+		l.mu.Lock()
+		l.done = true
+		l.mu.Unlock()
+	})
+	return l
+}
+
+func (l *testLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.done {
+		l.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+// writeSpec replaces a Rollout's spec as `kubectl replace` does, re-reading it when a
+// replica's status write got in first (a conflict on the resourceVersion).
+func writeSpec(t *testing.T, ns, manifest string) {
+	t.Helper()
+	want := parseManifest(t, manifest)
+	rc := clients(t).Dynamic.Resource(v1.GroupVersionResource).Namespace(ns)
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		cur, err := rc.Get(context.Background(), want.GetName(), metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		cur.Object["spec"] = want.Object["spec"]
+		_, err = rc.Update(context.Background(), cur, metav1.UpdateOptions{FieldValidation: "Strict"})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("update %s: %v", want.GetName(), err)
+	}
 }
 
 // model is what a replica serves of a model (nil: not served) and its config version.
@@ -325,7 +377,7 @@ func TestUnresolvedEndpointReachesEveryStatus(t *testing.T) {
 	_, version := cp.model("churn")
 
 	missing := "missing." + ns + ".svc:8000"
-	replaceSpec(t, ns, manifest("churn", map[string]string{"v1": "127.0.0.1:9002", "v2": missing}, map[string]int{"v1": 90, "v2": 10}))
+	writeSpec(t, ns, manifest("churn", map[string]string{"v1": "127.0.0.1:9002", "v2": missing}, map[string]int{"v1": 90, "v2": 10}))
 	for _, name := range []string{"ranker", "churn"} {
 		eventually(t, name+" says the edit is not served", func() (bool, string) {
 			obj := getRollout(t, ns, name)
@@ -441,4 +493,439 @@ func TestEndpointSliceChangeReResolvesAtOnce(t *testing.T) {
 	if b.Served("v1") != before {
 		t.Fatalf("pod b answered %d calls after it left EDS", b.Served("v1")-before)
 	}
+}
+
+// fleet is a model served by control-plane replicas in process, behind a serviceProxy,
+// with one real OIP host per version (test/oiphost: every answer's model_version names
+// the version that ran).
+type fleet struct {
+	t      *testing.T
+	ns     string
+	model  string
+	eps    map[string]string
+	hosts  map[string]*oiphost.Host
+	live   []*cpReplica
+	proxy  *serviceProxy
+	seq    int
+	began  time.Time       // the Rollout was created
+	writes []time.Duration // write → every live replica serves it, per write
+}
+
+func newFleet(t *testing.T, replicas int, traffic map[string]int) *fleet {
+	t.Helper()
+	f := &fleet{t: t, ns: namespace(t), model: "ranker", eps: map[string]string{}, hosts: map[string]*oiphost.Host{}}
+	for _, v := range []string{"v1", "v2", "v3"} {
+		f.hosts[v] = oiphost.Start(t, f.model, v)
+		f.eps[v] = f.hosts[v].GRPC
+	}
+	f.began = time.Now()
+	apply(t, f.ns, manifest(f.model, f.eps, traffic)) // kubectl-shaped YAML, as kubectl sends it
+	f.proxy = startServiceProxy(t)
+	for range replicas {
+		f.start()
+	}
+	return f
+}
+
+// start runs a new replica and makes it an endpoint of the Service.
+func (f *fleet) start() *cpReplica {
+	f.seq++
+	r := startCP(f.t, f.ns, fmt.Sprintf("r%d", f.seq), cpOptions{})
+	f.live = append(f.live, r)
+	f.proxy.add(r.ads)
+	return r
+}
+
+// kill ends a replica as a pod kill does: out of the Service, connections cut, process gone.
+func (f *fleet) kill(r *cpReplica) {
+	f.proxy.remove(r.ads)
+	r.stop()
+	f.live = slices.DeleteFunc(f.live, func(x *cpReplica) bool { return x == r })
+}
+
+// agreed is what every live replica serves once they agree.
+type agreed struct {
+	version string
+	model   xds.ModelStatus
+}
+
+// agree waits until every live replica serves the model as want says, all with one config
+// version, one slot map and one rollback state, and returns that and how long it took from
+// since; then checks that the Store (the Rollout's status) holds the same slot map.
+func (f *fleet) agree(what string, since time.Time, want func(m *xds.ModelStatus) bool) (agreed, time.Duration) {
+	f.t.Helper()
+	var last string
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(2 * time.Millisecond) {
+		ok, got := f.agreeNow(want)
+		if ok {
+			took := time.Since(since)
+			f.checkStore(what, got)
+			f.t.Logf("%s: %d replicas serve config %s (%s) %v after the write", what, len(f.live), got.version, runsString(got.model.SlotRuns), took.Round(time.Millisecond))
+			return got, took
+		}
+		last = got.version
+		if time.Now().After(deadline) {
+			var b strings.Builder
+			for _, r := range f.live {
+				m, v := r.model(f.model)
+				fmt.Fprintf(&b, "\n  %s: version %s %+v error %v", r.name, v, m, r.srv.Status().CurrentError)
+			}
+			f.t.Fatalf("%s: replicas do not agree within 30 s (last %s):%s", what, last, b.String())
+		}
+	}
+}
+
+// write changes the Rollout's spec (kubectl replace) and waits until every live replica
+// serves it with one config version and slot map; the time is recorded.
+func (f *fleet) write(traffic map[string]int) agreed {
+	f.t.Helper()
+	start := time.Now()
+	writeSpec(f.t, f.ns, manifest(f.model, f.eps, traffic))
+	got, took := f.agree(fmt.Sprintf("write %v", traffic), start, func(m *xds.ModelStatus) bool {
+		return m.Rollback == nil && sameSplit(m.Traffic, traffic)
+	})
+	f.writes = append(f.writes, took)
+	return got
+}
+
+func (f *fleet) agreeNow(want func(m *xds.ModelStatus) bool) (bool, agreed) {
+	var first *agreed
+	for _, r := range f.live {
+		m, v := r.model(f.model)
+		if m == nil || !want(m) {
+			return false, agreed{version: v}
+		}
+		a := agreed{version: v, model: *m}
+		if first == nil {
+			first = &a
+			continue
+		}
+		if a.version != first.version || !slices.Equal(a.model.SlotRuns, first.model.SlotRuns) || (a.model.Rollback == nil) != (first.model.Rollback == nil) {
+			return false, a
+		}
+	}
+	return first != nil, *first
+}
+
+// checkStore compares the slot map and config version kept in the Rollout's status with
+// what the replicas serve.
+func (f *fleet) checkStore(what string, got agreed) {
+	f.t.Helper()
+	st, err := kube.NewStore(kubeConfig(f.t, f.ns)).Load(context.Background())
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	ms := st[f.model]
+	var runs []translate.Run
+	for _, r := range ms.Slots {
+		runs = append(runs, translate.Run{Version: r.Version, Weight: uint32(r.Slots)})
+	}
+	if !slices.Equal(runs, got.model.SlotRuns) || ms.ConfigVersion != got.version {
+		f.t.Fatalf("%s: the Rollout's status holds slots %v config %s; the replicas serve %v config %s",
+			what, runsString(runs), ms.ConfigVersion, runsString(got.model.SlotRuns), got.version)
+	}
+}
+
+func runsString(runs []translate.Run) string {
+	var parts []string
+	for _, r := range runs {
+		parts = append(parts, fmt.Sprintf("%s×%d", r.Version, r.Weight))
+	}
+	return strings.Join(parts, " ")
+}
+
+// slotsOf expands runs to the version of each slot.
+func slotsOf(runs []translate.Run) []string {
+	var out []string
+	for _, r := range runs {
+		for range r.Weight {
+			out = append(out, r.Version)
+		}
+	}
+	return out
+}
+
+func sameSplit(a, b map[string]int) bool {
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	for k, v := range b {
+		if a[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// logBound logs the p50 and max of the recorded write → all-replicas-serve times.
+func (f *fleet) logBound(what string) {
+	d := slices.Clone(f.writes)
+	if len(d) == 0 {
+		return
+	}
+	slices.Sort(d)
+	f.t.Logf("BOUND %s: write (Rollout spec update or rollback call) → all %d replicas serve one config version: p50 %v, max %v over %d writes",
+		what, len(f.live), d[len(d)/2].Round(time.Millisecond), d[len(d)-1].Round(time.Millisecond), len(d))
+}
+
+// onlyFrom waits (bounded) until n calls in a row are answered by versions of want alone,
+// and returns what answered them.
+func onlyFrom(t *testing.T, c oip.GRPCInferenceServiceClient, model string, n int, want ...string) map[string]int {
+	t.Helper()
+	var got map[string]int
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		got = answers(t, c, model, n)
+		ok := true
+		for v := range got {
+			ok = ok && slices.Contains(want, v)
+		}
+		if ok {
+			return got
+		}
+	}
+	t.Fatalf("calls are still answered by %v, want only %v", got, want)
+	return nil
+}
+
+// TestReplicasFollowKubectlRamp, with 2 and with 3 replicas: a Rollout applied from
+// kubectl-shaped YAML routes a grpc-go xDS client (which reaches the replicas through the
+// Service): answers come only from the versions the split names (v3, at 0, never answers);
+// then a monotone ramp of v2 10→20→…→100 done by Rollout spec updates: at every step all
+// replicas serve one config version and one slot map, the one the Rollout's status holds,
+// and no slot given to v2 goes back (one lineage); the client ends on v2 alone. The time
+// from each write until all replicas serve it is logged (BOUND).
+func TestReplicasFollowKubectlRamp(t *testing.T) {
+	for _, n := range []int{2, 3} {
+		t.Run(fmt.Sprintf("%d replicas", n), func(t *testing.T) {
+			f := newFleet(t, n, map[string]int{"v1": 90, "v2": 10, "v3": 0})
+			got, _ := f.agree("applied", f.began, func(m *xds.ModelStatus) bool { return m.Traffic["v2"] == 10 })
+			client := grpcClient(t, f.proxy.addr(), f.model)
+			seen := onlyFrom(t, client, f.model, 200, "v1", "v2")
+			if seen["v1"] == 0 || seen["v2"] == 0 {
+				t.Fatalf("200 calls on a 90/10 split answered by %v: want both", seen)
+			}
+			prev := slotsOf(got.model.SlotRuns)
+			for p := 20; p <= 100; p += 10 {
+				got = f.write(map[string]int{"v1": 100 - p, "v2": p, "v3": 0})
+				slots := slotsOf(got.model.SlotRuns)
+				for i := range prev {
+					if prev[i] == "v2" && slots[i] != "v2" {
+						t.Fatalf("v2 at %d%%: slot %d went back from v2 to %s (not monotone): %s", p, i, slots[i], runsString(got.model.SlotRuns))
+					}
+				}
+				prev = slots
+				onlyFrom(t, client, f.model, 20, "v1", "v2")
+			}
+			onlyFrom(t, client, f.model, 50, "v2")
+			if s := f.hosts["v3"].Served("v3"); s != 0 {
+				t.Fatalf("v3, at 0 throughout, answered %d calls", s)
+			}
+			f.logBound(fmt.Sprintf("ramp, %d replicas", n))
+		})
+	}
+}
+
+// adminPost calls a replica's admin API with the admin token.
+func adminPost(t *testing.T, r *cpReplica, path, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, "http://"+r.admin+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+adminToken)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// caller calls the model without pause in the background (no WaitForReady, 2 s timeout:
+// a config lost or partial fails calls at once) and counts the outcomes.
+type caller struct {
+	calls, failures, strays atomic.Int64
+	mu                      sync.Mutex
+	firstErr                error
+	stop                    chan struct{}
+	done                    chan struct{}
+}
+
+func startCaller(c oip.GRPCInferenceServiceClient, model string, want ...string) *caller {
+	k := &caller{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(k.done)
+		for {
+			select {
+			case <-k.stop:
+				return
+			default:
+			}
+			v, err := infer(c, model, 2*time.Second, false)
+			k.calls.Add(1)
+			switch {
+			case err != nil:
+				k.failures.Add(1)
+				k.mu.Lock()
+				if k.firstErr == nil {
+					k.firstErr = err
+				}
+				k.mu.Unlock()
+			case !slices.Contains(want, v):
+				k.strays.Add(1)
+			}
+		}
+	}()
+	return k
+}
+
+func (k *caller) finish() {
+	close(k.stop)
+	<-k.done
+}
+
+// waitCalls waits (bounded) until n more calls were made.
+func (k *caller) waitCalls(t *testing.T, n int64) {
+	t.Helper()
+	target := k.calls.Load() + n
+	for deadline := time.Now().Add(30 * time.Second); k.calls.Load() < target; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the caller is stuck at %d calls", k.calls.Load())
+		}
+	}
+}
+
+// TestReplicasRollbackKillAndRollingRestart, 3 replicas behind the Service, a grpc-go xDS
+// client through it:
+//   - a rollback taken through one replica's admin API is served by all three (one config
+//     version and slot map, the one in the Rollout's status, which says RolledBack) and the
+//     client follows (v1 alone answers);
+//   - a replica killed between two spec updates (right after the first write, whatever it
+//     had applied) loses nothing: the other two serve the second update, and the replica
+//     restarted serves exactly their config version and slot map;
+//   - a rolling restart — the replica the client is connected to killed first, then the
+//     others one by one, each replaced before the next goes — while the client calls
+//     without pause: every call succeeds and is answered by a version of the split (never an
+//     empty or partial config), the client reconnects to the new replicas, and then follows
+//     the next edit.
+//
+// The time from each write or rollback call until all replicas serve it is logged (BOUND).
+func TestReplicasRollbackKillAndRollingRestart(t *testing.T) {
+	f := newFleet(t, 3, map[string]int{"v1": 80, "v2": 20, "v3": 0})
+	f.agree("applied", f.began, func(m *xds.ModelStatus) bool { return m.Traffic["v2"] == 20 })
+	client := grpcClient(t, f.proxy.addr(), f.model)
+	onlyFrom(t, client, f.model, 50, "v1", "v2")
+	f.write(map[string]int{"v1": 50, "v2": 50, "v3": 0})
+
+	// A rollback through one replica's admin API.
+	via := f.live[1]
+	start := time.Now()
+	if code, body := adminPost(t, via, "/v1/models/"+f.model+"/rollback", `{"version": "v1"}`); code != http.StatusOK {
+		t.Fatalf("rollback through %s: %d %s", via.name, code, body)
+	}
+	rolled, took := f.agree("rollback through "+via.name, start, func(m *xds.ModelStatus) bool {
+		return m.Rollback != nil && sameSplit(m.Traffic, map[string]int{"v1": 100})
+	})
+	f.writes = append(f.writes, took)
+	onlyFrom(t, client, f.model, 50, "v1")
+	eventually(t, "status RolledBack", func() (bool, string) {
+		obj := getRollout(t, f.ns, f.model)
+		c := readyCondition(obj)
+		split, _, _ := unstructured.NestedString(obj.Object, "status", "split")
+		return c != nil && c.Reason == "RolledBack" && split == "v1=100", spew(obj)
+	})
+	t.Logf("rollback served by all: config %s", rolled.version)
+
+	// A replica killed between two spec updates.
+	victim := f.live[2]
+	writeSpec(t, f.ns, manifest(f.model, f.eps, map[string]int{"v1": 40, "v2": 60, "v3": 0}))
+	f.kill(victim)
+	want := map[string]int{"v1": 30, "v2": 70, "v3": 0}
+	edited := f.write(want)
+	restarted := f.start()
+	again, _ := f.agree("replica "+restarted.name+" started after "+victim.name+" was killed mid-edit", time.Now(), func(m *xds.ModelStatus) bool {
+		return sameSplit(m.Traffic, want)
+	})
+	if again.version != edited.version || !slices.Equal(again.model.SlotRuns, edited.model.SlotRuns) {
+		t.Fatalf("after the restart: config %s %s; before it the others served %s %s",
+			again.version, runsString(again.model.SlotRuns), edited.version, runsString(edited.model.SlotRuns))
+	}
+	onlyFrom(t, client, f.model, 20, "v1", "v2")
+
+	// A rolling restart while the client calls without pause.
+	conn := f.proxy.connected()
+	if len(conn) != 1 {
+		t.Fatalf("the client's ADS connections go to %v, want one replica", conn)
+	}
+	var order []*cpReplica
+	for _, r := range f.live {
+		if r.ads == conn[0] {
+			order = append([]*cpReplica{r}, order...)
+		} else {
+			order = append(order, r)
+		}
+	}
+	old := map[string]bool{}
+	for _, r := range order {
+		old[r.ads] = true
+	}
+	k := startCaller(client, f.model, "v1", "v2")
+	k.waitCalls(t, 20)
+	began := time.Now()
+	for i, r := range order {
+		killed := time.Now()
+		f.kill(r)
+		if i == 0 {
+			// The client's replica is gone: it reconnects through the Service to another.
+			for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+				if c := f.proxy.connected(); len(c) == 1 && c[0] != r.ads {
+					t.Logf("the client reconnected %v after its replica %s was killed", time.Since(killed).Round(time.Millisecond), r.name)
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the client did not reconnect within 30 s: connected %v", f.proxy.connected())
+				}
+			}
+		}
+		k.waitCalls(t, 20)
+		n := f.start()
+		got, _ := f.agree(fmt.Sprintf("rolling restart: %s killed, %s started", r.name, n.name), killed, func(m *xds.ModelStatus) bool {
+			return sameSplit(m.Traffic, want)
+		})
+		if got.version != edited.version || !slices.Equal(got.model.SlotRuns, edited.model.SlotRuns) {
+			t.Fatalf("replica %s serves config %s %s, want %s %s", n.name, got.version, runsString(got.model.SlotRuns), edited.version, runsString(edited.model.SlotRuns))
+		}
+		k.waitCalls(t, 20)
+	}
+	// The client must be connected to a new replica by now (every old one is gone).
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if c := f.proxy.connected(); len(c) == 1 && !old[c[0]] {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the client's ADS connections go to %v, want one new replica", f.proxy.connected())
+		}
+	}
+	k.finish()
+	k.mu.Lock()
+	firstErr := k.firstErr
+	k.mu.Unlock()
+	t.Logf("rolling restart of 3 replicas in %v: %d calls, %d failed, %d answered by a version outside the split",
+		time.Since(began).Round(time.Millisecond), k.calls.Load(), k.failures.Load(), k.strays.Load())
+	if k.failures.Load() != 0 || k.strays.Load() != 0 {
+		t.Fatalf("during the rolling restart %d of %d calls failed (first: %v) and %d were answered outside the split",
+			k.failures.Load(), k.calls.Load(), firstErr, k.strays.Load())
+	}
+
+	// The client follows the next edit, served by the new replicas.
+	f.write(map[string]int{"v1": 0, "v2": 100, "v3": 0})
+	onlyFrom(t, client, f.model, 50, "v2")
+	if s := f.hosts["v3"].Served("v3"); s != 0 {
+		t.Fatalf("v3, at 0 throughout, answered %d calls", s)
+	}
+	f.logBound("3 replicas: edits, a rollback, kills and restarts")
 }
