@@ -1,8 +1,8 @@
 // Package extprocbench measures patchbay's ext_proc server against a floor: a trivial,
 // well-tuned ext_proc server that returns a fixed answer of the same shape without
-// deciding anything. Both run as child processes of this test binary (the same binary,
-// runtime and gRPC settings), so their CPU is read from /proc/<pid>/stat without the
-// load generator's. Run:
+// deciding anything. patchbay runs as shipped (the built cmd/patchbay, no tuning flags),
+// the floor as a child of this test binary; both are separate processes, so their CPU is
+// read from /proc/<pid>/stat without the load generator's. Run:
 //
 //	go test ./test/bench/extproc -run '^$' -bench . -benchtime 1x
 package extprocbench
@@ -75,7 +75,7 @@ func runServer(mode string) int {
 		}
 	}
 	if xds, ok := strings.CutPrefix(mode, "patchbay:"); ok {
-		srv, err := extproc.New(extproc.Config{XDSAddress: xds})
+		srv, err := extproc.New(extproc.Config{XDSAddress: xds, NumStreamWorkers: libraryWorkers()})
 		if err == nil {
 			err = srv.Serve(ctx, lis)
 		}
@@ -85,7 +85,7 @@ func runServer(mode string) int {
 		}
 		return 0
 	}
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(floorOptions()...)
 	extprocv3.RegisterExternalProcessorServer(gs, floor{})
 	go func() { <-ctx.Done(); gs.Stop() }()
 	_ = gs.Serve(lis)
@@ -180,9 +180,11 @@ type child struct {
 	lat     []time.Duration
 }
 
-func startChild(b *testing.B, name, mode string) *child {
+// startChild runs this test binary as the server mode names ("floor" or
+// "patchbay:<xds>"), with env added to a runtime-neutral environment (runtimeFree).
+func startChild(b *testing.B, name, mode string, env ...string) *child {
 	cmd := exec.Command(os.Args[0], "-test.run=^$", "-test.bench=^$")
-	cmd.Env = append(os.Environ(), serverEnv+"="+mode)
+	cmd.Env = append(append(runtimeFree(), serverEnv+"="+mode), env...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
@@ -341,18 +343,28 @@ func fmtRatios(xs []float64) string {
 	return "[" + strings.Join(parts, " ") + "]"
 }
 
-// BenchmarkExtprocVsFloor is a measurement, not a pass/fail test: it prints both
-// servers' figures and the ratios (goal: >= 0.9 on throughput and on CPU efficiency).
-// It runs its fixed schedule once whatever b.N is. PATCHBAY_BENCH_AA=1 replaces the
-// floor by a second patchbay (an A/A run) to show how much the machine's noise moves
-// the ratios; PATCHBAY_BENCH_CPUPROFILE=dir profiles both servers.
+// BenchmarkExtprocVsFloor is a measurement, not a pass/fail test: it runs the binary
+// as shipped (`go build ./cmd/patchbay`, then `patchbay extproc` with only its address
+// flags, no tuning flags and no GOGC/GOMEMLIMIT in its environment) against the tuned
+// floor (floorGOGC, floorWorkers), and prints both servers' figures and the ratios
+// (goal: >= 0.9 on throughput and on CPU efficiency). It runs its fixed schedule once
+// whatever b.N is. PATCHBAY_BENCH_AA=1 replaces the floor by a second shipped patchbay
+// (an A/A run) to show how much the machine's noise moves the ratios;
+// PATCHBAY_BENCH_LIBRARY=1 replaces the shipped binary by extproc.New in a child of this
+// test binary (no telemetry, runtime defaults), and with PATCHBAY_BENCH_CPUPROFILE=dir
+// profiles both children.
 func BenchmarkExtprocVsFloor(b *testing.B) {
 	xds := startADS(b)
-	pb := startChild(b, "patchbay", "patchbay:"+xds)
-	fl := startChild(b, "floor", "floor")
+	var pb *child
+	if os.Getenv("PATCHBAY_BENCH_LIBRARY") != "" {
+		pb = startChild(b, "library", "patchbay:"+xds)
+	} else {
+		pb = startShipped(b, "patchbay", buildPatchbay(b), xds, nil, nil)
+	}
+	fl := startChild(b, "floor", "floor", floorEnv()...)
 	if os.Getenv("PATCHBAY_BENCH_AA") != "" {
 		// A/A run: a second patchbay stands in for the floor, showing the noise level.
-		fl = startChild(b, "patchbay2", "patchbay:"+xds)
+		fl = startShipped(b, "patchbay2", buildPatchbay(b), xds, nil, nil)
 	}
 
 	reqs := make([]*extprocv3.ProcessingRequest, 4096)
@@ -360,17 +372,8 @@ func BenchmarkExtprocVsFloor(b *testing.B) {
 		reqs[i] = request("user-" + strconv.Itoa(i))
 	}
 	// Wait for patchbay's policy (its answers then carry a bucket) and warm both up.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := once(context.Background(), extprocv3.NewExternalProcessorClient(pb.conn[0]), reqs[0])
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("patchbay never got its policy: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitDeciding(b, pb, reqs[0])
+	waitDeciding(b, fl, reqs[0])
 	warm := []*child{{name: pb.name, cmd: pb.cmd, conn: pb.conn}, {name: fl.name, cmd: fl.cmd, conn: fl.conn}}
 	for _, c := range warm {
 		c.round(b, reqs, 300*time.Millisecond)

@@ -83,6 +83,15 @@ func TestReportFromCapturedOutput(t *testing.T) {
 	for w := range want {
 		t.Errorf("no row %q", w)
 	}
+	// The ext_proc rows say the binary ran as shipped, against the tuned floor.
+	for _, what := range []string{extprocThroughputRow, extprocCPURow} {
+		if !strings.Contains(tbl, "| "+what+" |") || !strings.Contains(what, "as shipped") {
+			t.Errorf("no ext_proc row %q saying as shipped", what)
+		}
+	}
+	if !strings.Contains(tbl, "`patchbay extproc` as shipped") || !strings.Contains(tbl, "tuned floor") {
+		t.Error("the ext_proc rows do not name the shipped binary and the tuned floor")
+	}
 	if err := drawPanels(filepath.Join(t.TempDir(), "figures.png"), ps); err != nil {
 		t.Fatal(err)
 	}
