@@ -20,7 +20,7 @@ import (
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 )
 
-// extprocDefaults are `patchbay extproc`'s runtime defaults, chosen by measurement
+// extprocDefaults are `patchbay extproc`'s GC and memory-limit defaults, chosen by measurement
 // against the floor server (test/bench/extproc BenchmarkExtprocSweep; the figures are in
 // extproc/README.md, "Runtime defaults").
 var extprocDefaults = runtimetune.Defaults{GCPercent: 800, LimitFraction: 0.9}
@@ -45,10 +45,17 @@ func resolveRuntime(fs *flag.FlagSet, gcPercent, memoryLimit string, def runtime
 	return runtimetune.Resolve(in)
 }
 
-// streamWorkers reads --stream-workers: auto (GOMAXPROCS), 0 (a goroutine per stream) or N.
+// workersPerProc × GOMAXPROCS is --stream-workers auto. grpc-go hands a new stream to an
+// idle worker, else starts a goroutine for it, whose stack then grows (morestack and
+// copystack were 8% of the server's CPU with 2 workers and 16 streams in flight); workers
+// keep their grown stacks. Streams in flight grow with throughput, so with cores.
+const workersPerProc = 8
+
+// streamWorkers reads --stream-workers: auto (workersPerProc × GOMAXPROCS), 0 (a goroutine
+// per stream) or N.
 func streamWorkers(v string) (uint32, error) {
 	if v == "auto" {
-		return uint32(runtime.GOMAXPROCS(0)), nil
+		return uint32(workersPerProc * runtime.GOMAXPROCS(0)), nil
 	}
 	n, err := strconv.ParseUint(v, 10, 16)
 	if err != nil {
@@ -68,7 +75,7 @@ func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	gcPercent := fs.String("gc-percent", strconv.Itoa(extprocDefaults.GCPercent), "GC percent (as GOGC; off: no GC but at the memory limit); precedence: this flag, then $GOGC, then the default (measured: extproc/README.md)")
 	memoryLimit := fs.String("memory-limit", "auto", "soft memory limit of the Go runtime, e.g. 400MiB, or none; auto: 90% of the container's memory limit (cgroup) if it has one, else none; precedence: this flag, then $GOMEMLIMIT, then auto")
-	workers := fs.String("stream-workers", "auto", "gRPC stream worker goroutines (grpc.NumStreamWorkers); auto: GOMAXPROCS; 0: a goroutine per stream")
+	workers := fs.String("stream-workers", "auto", "gRPC stream worker goroutines (grpc.NumStreamWorkers); auto: 8 x GOMAXPROCS; 0: a goroutine per stream")
 	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for decision spans (unset: tracing off)")
 	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate: serve ext_proc and the admin listener over TLS (re-read when it changes)")

@@ -66,7 +66,7 @@ func TestRuntimeSettingsPrecedence(t *testing.T) {
 
 func TestStreamWorkers(t *testing.T) {
 	t.Parallel()
-	for in, want := range map[string]uint32{"auto": uint32(runtime.GOMAXPROCS(0)), "0": 0, "8": 8} {
+	for in, want := range map[string]uint32{"auto": uint32(8 * runtime.GOMAXPROCS(0)), "0": 0, "8": 8} {
 		if got, err := streamWorkers(in); err != nil || got != want {
 			t.Errorf("streamWorkers(%q) = %d, %v; want %d", in, got, err, want)
 		}
