@@ -77,3 +77,27 @@ func TestStreamWorkers(t *testing.T) {
 		}
 	}
 }
+
+// TestModelhostRuntimeDefaults: patchbay modelhost keeps the runtime's GC percent and sets
+// the soft memory limit from the container's; $GOMEMLIMIT still wins.
+func TestModelhostRuntimeDefaults(t *testing.T) {
+	t.Parallel()
+	fs := flag.NewFlagSet("modelhost", flag.ContinueOnError)
+	gc := fs.String("gc-percent", strconv.Itoa(modelhostDefaults.GCPercent), "")
+	lim := fs.String("memory-limit", "auto", "")
+	if err := fs.Parse(nil); err != nil {
+		t.Fatal(err)
+	}
+	none := func(string) string { return "" }
+	s, err := resolveRuntime(fs, *gc, *lim, modelhostDefaults, none, 4<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := int64(float64(4<<30) * modelhostDefaults.LimitFraction); s.GCPercent != 100 || s.MemoryLimit != want || s.LimitFrom != "default" {
+		t.Errorf("modelhost defaults in a 4 GiB container: %v", s)
+	}
+	s, err = resolveRuntime(fs, *gc, *lim, modelhostDefaults, func(k string) string { return map[string]string{"GOMEMLIMIT": "1GiB"}[k] }, 4<<30)
+	if err != nil || s.MemoryLimit != 1<<30 || s.LimitFrom != "env" {
+		t.Errorf("with $GOMEMLIMIT=1GiB: %v, %v", s, err)
+	}
+}

@@ -5,13 +5,21 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/patchbay-io/patchbay/internal/runtimetune"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/modelhost"
 )
+
+// modelhostDefaults: the runtime's GC percent (a host's live heap is its models, so a
+// higher percent multiplies their memory; not yet measured for speed) and the soft memory
+// limit at 90% of the container's, so the runtime collects harder near the limit instead of
+// the pod being OOM-killed.
+var modelhostDefaults = runtimetune.Defaults{GCPercent: 100, LimitFraction: 0.9}
 
 // runModelhost parses the modelhost flags into modelhost.Config and serves until ctx ends.
 func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -30,6 +38,8 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	maxBody := fs.Int64("max-body-bytes", 8<<20, "largest REST body / gRPC message")
 	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for inference spans (unset: tracing off)")
 	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
+	gcPercent := fs.String("gc-percent", strconv.Itoa(modelhostDefaults.GCPercent), "GC percent (as GOGC; off: no GC but at the memory limit); precedence: this flag, then $GOGC, then the default")
+	memoryLimit := fs.String("memory-limit", "auto", "soft memory limit of the Go runtime, e.g. 4GiB, or none; auto: 90% of the container's memory limit (cgroup) if it has one, else none; precedence: this flag, then $GOMEMLIMIT, then auto")
 	if err := parseFlags(fs, args, stdout, stderr); err != nil {
 		return err
 	}
@@ -45,6 +55,12 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return fmt.Errorf("modelhost: %w: %w", err, errUsage)
 	}
+	tune, err := runtimeSettings(fs, *gcPercent, *memoryLimit, modelhostDefaults)
+	if err != nil {
+		return fmt.Errorf("modelhost: %v: %w", err, errUsage)
+	}
+	tune.Apply()
+	log.Info().Str("runtime", tune.String()).Msg("runtime settings")
 	var tlsSource *tlsfiles.Source
 	if *tlsCert != "" || *tlsKey != "" || *clientCA != "" {
 		if *tlsCert == "" || *tlsKey == "" {
