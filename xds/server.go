@@ -333,12 +333,16 @@ func (s *Server) GRPCServer(ctx context.Context) *grpc.Server {
 func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	errc := make(chan error, 4)
+	// bg counts the goroutines Run starts: Run returns once they have ended (bounded), so
+	// nothing of a stopped server still reloads, writes status or logs.
+	var bg sync.WaitGroup
+	defer func() { cancel(); waitBounded(&bg, 5*time.Second, s.log) }()
+	errc := make(chan error, 8) // one per sender below: none blocks once Run stops reading
 	// The watch goes in place first, then the first load: an edit in between is seen.
 	watching := make(chan struct{})
-	go func() {
+	bg.Go(func() {
 		errc <- s.source.Watch(ctx, func() { close(watching) }, func() { s.Reload(ctx, "files changed") })
-	}()
+	})
 	select {
 	case <-watching:
 	case err := <-errc:
@@ -347,8 +351,8 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		return err
 	}
 	s.Reload(ctx, "start")
-	go s.watchStore(ctx)
-	go s.retryStore(ctx)
+	bg.Go(func() { s.watchStore(ctx) })
+	bg.Go(func() { s.retryStore(ctx) })
 	gs := s.GRPCServer(ctx)
 	if s.tls != nil {
 		adminLis = tls.NewListener(adminLis, s.tls.ServerConfig("h2", "http/1.1"))
@@ -363,9 +367,9 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		}
 		errc <- nil
 	}()
-	go func() { s.refreshDNS(ctx); errc <- nil }()
+	bg.Go(func() { s.refreshDNS(ctx); errc <- nil })
 	if s.prober != nil {
-		go func() { s.probeVersions(ctx); errc <- nil }()
+		bg.Go(func() { s.probeVersions(ctx); errc <- nil })
 	}
 	s.log.Info().Str("ads", grpcLis.Addr().String()).Str("admin", adminLis.Addr().String()).
 		Str("rollouts", s.source.Describe()).Msg("control plane serving")
@@ -387,6 +391,17 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		gs.Stop() // xDS streams never end on their own: do not wait forever
 	}
 	return err
+}
+
+// waitBounded waits for wg, at most d (a goroutine stuck past it is logged, not waited for).
+func waitBounded(wg *sync.WaitGroup, d time.Duration, log zerolog.Logger) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		log.Warn().Dur("waited", d).Msg("control plane stopped; some of its background work has not ended yet")
+	}
 }
 
 // The admin HTTP server's timeouts: its requests are small JSON bodies and its answers
