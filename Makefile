@@ -60,6 +60,7 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzRender -fuzztime 30s ./xds/kube/
 	$(GO) test -run '^$$' -fuzz FuzzParseFile -fuzztime 30s ./xds/store/
 	$(GO) test -run '^$$' -fuzz FuzzServiceOf -fuzztime 30s ./xds/endpointslice/
+	$(GO) test -run '^$$' -fuzz FuzzParseLimit -fuzztime 30s ./internal/runtimetune/
 
 fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
