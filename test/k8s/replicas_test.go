@@ -1,12 +1,15 @@
 package k8s
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
 	"slices"
 	"sort"
 	"strings"
@@ -928,4 +931,57 @@ func TestReplicasRollbackKillAndRollingRestart(t *testing.T) {
 		t.Fatalf("v3, at 0 throughout, answered %d calls", s)
 	}
 	f.logBound("3 replicas: edits, a rollback, kills and restarts")
+}
+
+// TestBinaryReResolvesOnSliceChange: the shipped `patchbay xds --source kubernetes`, with
+// --dns-refresh an hour, drops a pod from a Service's addresses as soon as its
+// EndpointSlice says it is not ready (cmd/patchbay wires the resolver's OnChange to
+// ResolveNow; failed before: the change waited for the refresh).
+func TestBinaryReResolvesOnSliceChange(t *testing.T) {
+	bin := buildPatchbay(t)
+	ns := namespace(t)
+	kc := clients(t).Kube
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := kc.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice(ns, "hosts-a", "hosts", "IPv4",
+		ep{addr: "192.0.2.1"}, ep{addr: "192.0.2.2"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	host := "hosts." + ns + ".svc"
+	apply(t, ns, manifest("ranker", map[string]string{"v1": host + ":8000"}, map[string]int{"v1": 100}))
+	r := &replica{admin: freeAddr(t), logs: &bytes.Buffer{}, done: make(chan struct{})}
+	cmd := exec.CommandContext(ctx, bin, "xds", "--source", "kubernetes", "--kubeconfig", writeKubeconfig(t), "--namespace", ns,
+		"--listen", freeAddr(t), "--admin", r.admin, "--dns-refresh", "1h", "--version-health-interval", "0")
+	cmd.Stdout, cmd.Stderr = r.logs, r.logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = cmd.Wait(); close(r.done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-r.done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-r.done
+		}
+		if t.Failed() {
+			t.Logf("patchbay xds log:\n%s", r.logs.String())
+		}
+	})
+	addrs := func(want ...string) func(cpStatus) bool {
+		return func(st cpStatus) bool { return slices.Equal(st.Names[host].Addresses, want) }
+	}
+	r.until(t, "both pods", addrs("192.0.2.1", "192.0.2.2"))
+	s, err := kc.DiscoveryV1().EndpointSlices(ns).Get(ctx, "hosts-a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Endpoints[1].Conditions.Ready = ptr(false)
+	start := time.Now()
+	if _, err := kc.DiscoveryV1().EndpointSlices(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	r.until(t, "the not-ready pod dropped (refresh: 1 h)", addrs("192.0.2.1"))
+	t.Logf("patchbay xds dropped the not-ready pod %v after the EndpointSlice update", time.Since(start).Round(time.Millisecond))
 }
