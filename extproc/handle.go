@@ -171,7 +171,7 @@ func (s *Server) requestHeaders(ctx context.Context, st *streamState, h *extproc
 		}
 	}
 	resp := s.answer(ctx, cur, &d, hs, false, span)
-	s.in.latency.Record(ctx, (since() - start).Seconds())
+	s.recordLatency(ctx, start)
 	return resp
 }
 
@@ -182,7 +182,7 @@ func (s *Server) awaitBody(ctx context.Context, st *streamState, cur *state, hs 
 	buffered := mode == filterv3.ProcessingMode_BUFFERED || mode == filterv3.ProcessingMode_BUFFERED_PARTIAL
 	if endOfStream || (!buffered && st.protocol.GetSendBodyWithoutWaitingForHeaderResponse()) {
 		if !endOfStream {
-			s.in.body.Add(ctx, 1, s.in.bodyOpts[bodyUnusable]...)
+			s.in.bodies[bodyUnusable].inc()
 		}
 		assign.Assign(d.Model, "", hs, d)
 		return nil
@@ -224,15 +224,26 @@ func (s *Server) requestBody(ctx context.Context, st *streamState, b *extprocv3.
 	d := &st.pending
 	id, ok := IdentityFromBody(st.body, st.st.tbl.Identity)
 	if ok {
-		s.in.body.Add(ctx, 1, s.in.bodyOpts[bodyIdentity]...)
+		s.in.bodies[bodyIdentity].inc()
 	} else {
-		s.in.body.Add(ctx, 1, s.in.bodyOpts[bodyNone]...)
+		s.in.bodies[bodyNone].inc()
 	}
 	d.Stripped, d.OtherPatchbay = 0, false // removed with the headers answer
 	assign.Assign(d.Model, id, st.hs, d)
 	resp := s.answer(ctx, st.st, d, st.hs, true, nil)
-	s.in.latency.Record(ctx, (since() - start).Seconds())
+	s.recordLatency(ctx, start)
 	return resp
+}
+
+// recordLatency records a decision's duration. The histogram's exemplar filter
+// (trace-based) reads the context for a sampled span: only a decision span can be one,
+// so without tracing it gets an empty context instead of walking the gRPC stream's
+// chain of contexts.
+func (s *Server) recordLatency(ctx context.Context, start time.Duration) {
+	if s.tracer == nil {
+		ctx = context.Background()
+	}
+	s.in.latency.Record(ctx, (since() - start).Seconds())
 }
 
 // IdentityFromBody reads the identity from an OIP JSON request body's "parameters"
@@ -291,7 +302,7 @@ func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs 
 		}
 		return passThrough[d.Stripped]
 	case assign.UnknownModel, assign.UnknownVersion, assign.PinForbidden, assign.ModelConflict:
-		s.in.rejected.Add(ctx, 1, s.in.rejectOpts[d.Outcome]...)
+		s.in.rejects[d.Outcome].inc()
 		if span != nil {
 			span.SetAttributes(attribute.String("patchbay.model", d.ModelName), attribute.String("patchbay.error", errorMessage(d)))
 		}
@@ -337,17 +348,17 @@ func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs 
 
 	switch {
 	case d.Source == assign.Pin:
-		s.in.decisions.Add(ctx, 1, lb.byPin[d.Version.ID]...)
+		lb.byPin[d.Version.ID].inc()
 	case d.Source == assign.Experiment:
-		s.in.decisions.Add(ctx, 1, lb.byExp[d.Version.ID]...)
+		lb.byExp[d.Version.ID].inc()
 	default:
-		s.in.decisions.Add(ctx, 1, lb.split[m.ID]...)
+		lb.split[m.ID].inc()
 	}
 	if d.Anonymous {
-		s.in.anonymous.Add(ctx, 1, lb.anonymous[m.ID]...)
+		lb.anonymous[m.ID].inc()
 	}
 	for _, a := range d.Exposures() {
-		s.in.exposures.Add(ctx, 1, lb.exposure[a.ID]...)
+		lb.exposure[a.ID].inc()
 	}
 	if span != nil {
 		s.traceDecision(ctx, span, d, r, n)

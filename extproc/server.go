@@ -103,11 +103,11 @@ func (s *Server) ConfigVersion() string {
 func (s *Server) SetPolicy(p *policyv1.Policy) error {
 	tbl, err := policy.Compile(p, s.cfg.IdentityHeaders)
 	if err != nil {
-		s.in.updates.Add(context.Background(), 1, s.in.rejectOpt...)
+		s.in.refused.inc()
 		return err
 	}
-	s.state.Store(&state{tbl: tbl, labels: newLabels(tbl)})
-	s.in.updates.Add(context.Background(), 1, s.in.acceptOpt...)
+	s.state.Store(&state{tbl: tbl, labels: s.in.newLabels(tbl)})
+	s.in.accepted.inc()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
 	s.log.Info().Str("config_version", tbl.ConfigVersion).Int("models", len(tbl.Models)).Msg("policy applied")

@@ -167,11 +167,15 @@ func benchRequest(user string) *extprocv3.ProcessingRequest {
 		headers.UserID, user, "x-envoy-expected-rq-timeout-ms", "2000")
 }
 
+// BenchmarkHandleHeaders measures one request-headers answer: the decision, the answer
+// and the metrics, with the no-op meter and with the OpenTelemetry SDK. The "-parallel"
+// variants run on every P with a context as deep as a gRPC stream's (the exemplar filter
+// walks it), as the server does.
 func BenchmarkHandleHeaders(b *testing.B) {
-	for _, name := range []string{"noop-meter", "sdk-meter"} {
+	for _, name := range []string{"noop-meter", "sdk-meter", "noop-meter-parallel", "sdk-meter-parallel"} {
 		b.Run(name, func(b *testing.B) {
 			cfg := Config{}
-			if name == "sdk-meter" {
+			if strings.HasPrefix(name, "sdk-meter") {
 				cfg.Meter = sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader())).Meter("bench")
 			}
 			srv, err := New(cfg)
@@ -185,9 +189,24 @@ func BenchmarkHandleHeaders(b *testing.B) {
 			for i := range reqs {
 				reqs[i] = benchRequest("user-" + strconv.Itoa(i))
 			}
+			b.ReportAllocs()
+			if strings.HasSuffix(name, "-parallel") {
+				ctx := context.Background()
+				for i := range 10 {
+					ctx = context.WithValue(ctx, ctxKey(i), i)
+				}
+				b.RunParallel(func(pb *testing.PB) {
+					var st streamState
+					i := 0
+					for pb.Next() {
+						srv.requestHeaders(ctx, &st, reqs[i&1023].GetRequestHeaders())
+						i++
+					}
+				})
+				return
+			}
 			ctx := context.Background()
 			var st streamState
-			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
 				srv.requestHeaders(ctx, &st, reqs[i&1023].GetRequestHeaders())
@@ -196,6 +215,8 @@ func BenchmarkHandleHeaders(b *testing.B) {
 		})
 	}
 }
+
+type ctxKey int
 
 // TestHistogramUnits scrapes the Prometheus exposition after real decisions and checks
 // every histogram's buckets against its unit (decision latency is in seconds).

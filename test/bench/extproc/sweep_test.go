@@ -96,6 +96,7 @@ type variant struct {
 	name  string
 	floor bool     // the floor server (env only) instead of patchbay extproc
 	lib   bool     // extproc.New in a child of the test binary (env only; no telemetry)
+	bin   string   // another patchbay binary instead of the one built from this tree
 	env   []string // KEY=VALUE added to the runtime-free environment
 	args  []string // flags after the address flags
 }
@@ -103,8 +104,8 @@ type variant struct {
 // parseSweep reads PATCHBAY_BENCH_SWEEP: variants separated by ";", each
 // "name: token token ...", a token being a flag (--x=y), KEY=VALUE for the environment,
 // "floor" for a floor variant, or "library" for extproc.New in a child of the test binary
-// (PATCHBAY_BENCH_FLOOR_WORKERS=N sets its stream workers). "name:" alone is the binary as
-// shipped.
+// (PATCHBAY_BENCH_FLOOR_WORKERS=N sets its stream workers), or "bin:PATH" for another
+// patchbay binary (an A/B of two builds in one run). "name:" alone is the binary as shipped.
 func parseSweep(spec string) ([]variant, error) {
 	var vs []variant
 	for _, part := range strings.Split(spec, ";") {
@@ -122,6 +123,8 @@ func parseSweep(spec string) ([]variant, error) {
 				v.floor = true
 			case tok == "library":
 				v.lib = true
+			case strings.HasPrefix(tok, "bin:"):
+				v.bin = strings.TrimPrefix(tok, "bin:")
 			case strings.HasPrefix(tok, "--"):
 				v.args = append(v.args, tok)
 			case strings.Contains(tok, "="):
@@ -136,11 +139,11 @@ func parseSweep(spec string) ([]variant, error) {
 }
 
 func TestParseSweep(t *testing.T) {
-	vs, err := parseSweep("shipped: ; gc400: GOGC=400 --stream-workers=2; f: floor PATCHBAY_BENCH_FLOOR_WORKERS=0")
+	vs, err := parseSweep("shipped: ; gc400: GOGC=400 --stream-workers=2; f: floor PATCHBAY_BENCH_FLOOR_WORKERS=0; old: bin:/tmp/pb")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(vs) != 3 || vs[0].name != "shipped" || len(vs[0].env)+len(vs[0].args) != 0 ||
+	if len(vs) != 4 || vs[3].bin != "/tmp/pb" || vs[0].bin != "" || vs[0].name != "shipped" || len(vs[0].env)+len(vs[0].args) != 0 ||
 		!slices.Equal(vs[1].env, []string{"GOGC=400"}) || !slices.Equal(vs[1].args, []string{"--stream-workers=2"}) ||
 		!vs[2].floor || vs[1].floor {
 		t.Fatalf("parseSweep = %+v", vs)
@@ -183,6 +186,8 @@ func BenchmarkExtprocSweep(b *testing.B) {
 			cs = append(cs, startChild(b, v.name, "floor", append(floorEnv(), v.env...)...))
 		case v.lib:
 			cs = append(cs, startChild(b, v.name, "patchbay:"+xds, v.env...))
+		case v.bin != "":
+			cs = append(cs, startShipped(b, v.name, v.bin, xds, v.env, v.args))
 		default:
 			cs = append(cs, startShipped(b, v.name, bin, xds, v.env, v.args))
 		}
