@@ -336,20 +336,24 @@ func (s *Server) Status() Status {
 	return st
 }
 
-// closeDoors keeps in a rollback target only the versions it sends traffic to: a version
-// left at zero gets no cluster, so no pinned path, x-patchbay-version route (Envoy or
-// proxyless), mirror, experiment arm or ext_proc pin can reach it (the policy lists only
-// the versions that remain). Experiments and shadows are already off.
+// closeDoors marks in a rollback target the versions it leaves at zero as Closed: no
+// pinned path (Envoy answers 404 "rolled back"), x-patchbay-version route (Envoy falls
+// through to the split; a proxyless caller's pin is refused with FAILED_PRECONDITION before
+// anything is sent), mirror, experiment arm or ext_proc pin reaches them (the policy lists
+// only the open versions). Their clusters stay: an Envoy applying the change never holds a
+// route naming a cluster it no longer has (that window answered 503 "unknown cluster"), and
+// grpc-go keeps the cluster a release names again. Experiments and shadows are already off.
 func closeDoors(r *rollout.Rollout) {
 	traffic := map[string]int{}
-	var versions []rollout.Version
+	closed := map[string]bool{}
 	for _, v := range r.Versions {
 		if r.Traffic[v.Name] > 0 {
-			versions = append(versions, v)
 			traffic[v.Name] = r.Traffic[v.Name]
+		} else {
+			closed[v.Name] = true
 		}
 	}
-	r.Versions, r.Traffic = versions, traffic
+	r.Traffic, r.Closed = traffic, closed
 }
 
 func hasVersion(r *rollout.Rollout, v string) bool {

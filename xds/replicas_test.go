@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/patchbay-io/patchbay/xds/store"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
@@ -224,7 +227,11 @@ func TestReplicasAgree(t *testing.T) {
 				t.Fatalf("replicas after the rollback: %+v, want the rollback (version %s)", v, res.Version)
 			}
 			allGoTo(t, client, "v1")
-			allGoTo(t, client, "v1", "x-patchbay-version", "v3")
+			// The caller's own pin on a rolled-back version is refused (closeDoors).
+			waitFor(t, 5*time.Second, "a pin on v3 refused", func() bool {
+				_, err := call(context.Background(), client, "x-patchbay-version", "v3")
+				return status.Code(err) == codes.FailedPrecondition
+			})
 			if code, body := httpDo(t, http.MethodDelete, "http://"+rs.cps[n-1].adminAddr+"/v1/models/r/rollback", testToken, ""); code != 200 {
 				t.Fatalf("release through replica %d: %d %s", n-1, code, body)
 			}

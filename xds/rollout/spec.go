@@ -38,6 +38,13 @@ type Rollout struct {
 	// OIP JSON "parameters"). It costs a body round trip per request; off by default.
 	BodyMode bool `yaml:"bodyMode"`
 
+	// Closed marks the versions a rollback left at zero (set by the control plane, never
+	// read from a file): nothing routes to them — no version route, pinned path, mirror,
+	// experiment arm or ext_proc pin — but their Envoy clusters stay, so no route that an
+	// Envoy still holds while it applies the change names a cluster it no longer has
+	// (Envoy's xDS guidance: remove a cluster only once no route refers to it).
+	Closed map[string]bool `yaml:"-" json:"closed,omitempty"`
+
 	// Source is where this document came from: file and line of its first key.
 	Source Position `yaml:"-" json:"-"`
 	// lines maps a field path ("traffic.v7", "versions[1].name") to its line.

@@ -331,6 +331,13 @@ func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
 	if r.Pinning {
 		for _, v := range r.Versions {
 			vbase := base + "/versions/" + v.Name
+			if r.Closed[v.Name] {
+				routes = append(routes, directRoute(r.Model+"/pin/"+v.Name+"/rolled-back", prefixMatch(vbase+"/"), 404,
+					"version "+v.Name+" of model "+r.Model+" is rolled back"),
+					directRoute(r.Model+"/pin/"+v.Name+"/rolled-back-metadata", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Path{Path: vbase}}, 404,
+						"version "+v.Name+" of model "+r.Model+" is rolled back"))
+				continue
+			}
 			if !v.Serves(rollout.REST) {
 				routes = append(routes, directRoute(r.Model+"/pin/"+v.Name+"/not-rest", prefixMatch(vbase+"/"), 404,
 					"version "+v.Name+" of model "+r.Model+" is not served over OIP REST"),
@@ -356,8 +363,9 @@ func restModelRoutes(in *Input, r *rollout.Rollout) []*routev3.Route {
 	down := in.down(r)
 	for _, k := range restKinds {
 		for _, v := range r.Versions {
-			// An unhealthy version's requests by name fall through to the split.
-			if !v.Serves(rollout.REST) || down[v.Name] {
+			// An unhealthy version's requests by name fall through to the split, and so do
+			// a rolled-back version's.
+			if !v.Serves(rollout.REST) || down[v.Name] || r.Closed[v.Name] {
 				continue
 			}
 			m := k.match(base)
@@ -391,7 +399,7 @@ func modelRoutes(in *Input, r *rollout.Rollout, protocol, kind string, match *ro
 	var out []*routev3.Route
 	down := in.down(r)
 	for _, v := range r.Versions {
-		if !v.Serves(protocol) || down[v.Name] {
+		if !v.Serves(protocol) || down[v.Name] || r.Closed[v.Name] {
 			continue
 		}
 		m := proto.Clone(match).(*routev3.RouteMatch)

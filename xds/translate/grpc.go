@@ -69,6 +69,9 @@ func grpcListener(in *Input, r *rollout.Rollout) *listenerv3.Listener {
 	// a route naming the cluster keeps it in grpc-go's cluster manager — one dropped from
 	// every route and named again on recovery fails RPCs picked in between with "unknown
 	// cluster selected for RPC" (seen in TestUnhealthyVersionLeavesTheSplit).
+	// A rolled-back version's route refuses the caller's pin (FAILED_PRECONDITION, aborted
+	// at the client: nothing is sent) but still names the version's cluster, for the same
+	// reason: a release names it again without "unknown cluster" failures in between.
 	down := in.down(r)
 	for _, v := range r.Versions {
 		if !v.Serves(rollout.GRPC) {
@@ -76,6 +79,12 @@ func grpcListener(in *Input, r *rollout.Rollout) *listenerv3.Listener {
 		}
 		m := grpcSurfaceMatch("")
 		m.Headers = []*routev3.HeaderMatcher{exactHeader(headers.Version, v.Name)}
+		if r.Closed[v.Name] {
+			rt := grpcAbortRoute(r, "/version/"+v.Name+"/rolled-back-refused", m, codes.FailedPrecondition)
+			rt.GetRoute().ClusterSpecifier = &routev3.RouteAction_Cluster{Cluster: GRPCClusterName(r.Model, v.Name)}
+			routes = append(routes, rt)
+			continue
+		}
 		routes = append(routes, &routev3.Route{
 			Name:  r.Model + "/version/" + v.Name,
 			Match: m,

@@ -177,6 +177,17 @@ func SlotMaps(set *rollout.Set, prev map[string]SlotMap) map[string]SlotMap {
 	return out
 }
 
+// openVersionNames are the versions a request may name: all but those a rollback closed.
+func openVersionNames(r *rollout.Rollout) []string {
+	var names []string
+	for _, v := range r.Versions {
+		if !r.Closed[v.Name] {
+			names = append(names, v.Name)
+		}
+	}
+	return names
+}
+
 func versionNames(r *rollout.Rollout) []string {
 	names := make([]string, len(r.Versions))
 	for i, v := range r.Versions {
@@ -256,7 +267,7 @@ func Policy(in *Input, version string) *policyv1.Policy {
 		m := &policyv1.Model{
 			Name:     r.Model,
 			Salt:     "patchbay/model/" + r.Model,
-			Versions: versionNames(r),
+			Versions: openVersionNames(r),
 			Pinning:  r.Pinning,
 			BodyMode: r.BodyMode,
 		}
