@@ -287,13 +287,9 @@ func rollback(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
 	req.Header.Set("Content-Type", "application/json")
-	client := http.DefaultClient
-	if f := (tlsfiles.Files{Cert: *xdsCert, Key: *xdsKey, CA: *xdsCA}); f.Enabled() {
-		src, err := tlsfiles.Load(f, tlsfiles.Options{})
-		if err != nil {
-			return fmt.Errorf("rollback: %w", err)
-		}
-		client = &http.Client{Transport: &http.Transport{TLSClientConfig: src.ClientConfig(req.URL.Hostname())}}
+	client, err := adminClient(tlsfiles.Files{Cert: *xdsCert, Key: *xdsKey, CA: *xdsCA}, req.URL.Hostname())
+	if err != nil {
+		return fmt.Errorf("rollback: %w", err)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
@@ -431,13 +427,9 @@ func rolloutStatus(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	client := http.DefaultClient
-	if f := (tlsfiles.Files{Cert: *xdsCert, Key: *xdsKey, CA: *xdsCA}); f.Enabled() {
-		src, err := tlsfiles.Load(f, tlsfiles.Options{})
-		if err != nil {
-			return fmt.Errorf("rollout status: %w", err)
-		}
-		client = &http.Client{Transport: &http.Transport{TLSClientConfig: src.ClientConfig(req.URL.Hostname())}}
+	client, err := adminClient(tlsfiles.Files{Cert: *xdsCert, Key: *xdsKey, CA: *xdsCA}, req.URL.Hostname())
+	if err != nil {
+		return fmt.Errorf("rollout status: %w", err)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
@@ -490,3 +482,16 @@ type stringsFlag []string
 
 func (f *stringsFlag) String() string     { return strings.Join(*f, ",") }
 func (f *stringsFlag) Set(v string) error { *f = append(*f, v); return nil }
+
+// adminClient is the HTTP client for the control plane's admin API: the default one, or
+// one presenting --xds-cert and checking the server against --xds-ca for serverName.
+func adminClient(f tlsfiles.Files, serverName string) (*http.Client, error) {
+	if !f.Enabled() {
+		return http.DefaultClient, nil
+	}
+	src, err := tlsfiles.Load(f, tlsfiles.Options{})
+	if err != nil {
+		return nil, err
+	}
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: src.ClientConfig(serverName)}}, nil
+}
