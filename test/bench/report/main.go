@@ -60,6 +60,8 @@ var suites = []suite{
 	{"model host", "./test/bench/modelhost/", ".", "2000x", false},
 	{"whole chain", "./test/e2e/", ".", "1x", false},
 	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x", false},
+	{"control plane against models (the shipped binary, 100 and 1,000 models; 10,000 with PATCHBAY_BENCH_LARGE=1)", "./test/bench/xdsscale/", "XDSScale", "1x", false},
+	{"control plane fan-out to simulated ADS clients (the shipped binary; 5,000/20,000 clients with PATCHBAY_BENCH_LARGE=1)", "./test/bench/fanout/", "^BenchmarkFanout$", "1x", false},
 }
 
 // result is one benchmark line: its name and metrics by unit.
@@ -156,14 +158,120 @@ func run(out string) error {
 	if us, ok := get(all, "BenchmarkExtprocVsFloor", "patchbay-cpu-us/decision"); ok && us > 0 {
 		fmt.Fprintf(&md, "\nDecisions per second per core, `patchbay extproc` as shipped (server CPU only, gRPC included): %.0f.\n", 1e6/us)
 	}
-	md.WriteString("\n![every row of the table: ratios on one axis, each cost on its own](figures.png)\n\n## Raw output\n\n")
+	md.WriteString("\n![every row of the table: ratios on one axis, each cost on its own](figures.png)\n\n")
+	md.WriteString("Cost against scale: the control plane's costs against models (each over the same run's 100-model figure; dashed: the ideal 1 and linear growth) and the fan-out p99 against connected clients (`test/bench/xdsscale`, `test/bench/fanout`; capacity plan: `docs/capacity.md`).\n\n![cost against scale](scale.png)\n\n## Raw output\n\n")
 	md.WriteString(raw.String())
 	if err := os.WriteFile(filepath.Join(out, "report.md"), []byte(md.String()), 0o644); err != nil {
 		return err
 	}
 	// figures.png replaces the older ratios.png, which plotted only the rows with goals.
 	_ = os.Remove(filepath.Join(out, "ratios.png"))
-	return drawPanels(filepath.Join(out, "figures.png"), panels(rows))
+	if err := drawPanels(filepath.Join(out, "figures.png"), panels(rows)); err != nil {
+		return err
+	}
+	return drawScale(filepath.Join(out, "scale.png"), all)
+}
+
+// series is one line of the scale figure: x (models or clients) against y.
+type series struct {
+	name string
+	xys  plotter.XYs
+}
+
+// scaleSeries are the scale figure's lines: against models, each control-plane cost over
+// the same run's 100-model figure; against clients, the fan-out p99 per model count.
+func scaleSeries(all []result) (models, clients []series) {
+	for _, c := range []struct{ name, unit string }{
+		{"one-model edit time", "edit-p50-ms"}, {"route bytes per edit", "route-bytes/edit"},
+		{"RSS", "rss-MiB"}, {"start → ready", "ready-s"}, {"route matchers per request", "rest-matchers"},
+	} {
+		s := series{name: c.name}
+		base, ok := get(all, "BenchmarkXDSScale/models=100", c.unit)
+		for _, m := range []int{100, 1000, 10000} {
+			if v, ok2 := get(all, fmt.Sprintf("BenchmarkXDSScale/models=%d", m), c.unit); ok && ok2 && base > 0 {
+				s.xys = append(s.xys, plotter.XY{X: float64(m), Y: v / base})
+			}
+		}
+		if len(s.xys) > 0 {
+			models = append(models, s)
+		}
+	}
+	for _, m := range []int{1, 1000} {
+		s := series{name: fmt.Sprintf("p99, %d model(s)", m)}
+		for _, c := range []int{100, 1000, 5000, 20000} {
+			if v, ok := get(all, fmt.Sprintf("BenchmarkFanout/models=%d/clients=%d", m, c), "p99-ms"); ok {
+				s.xys = append(s.xys, plotter.XY{X: float64(c), Y: v})
+			}
+		}
+		if len(s.xys) > 0 {
+			clients = append(clients, s)
+		}
+	}
+	return models, clients
+}
+
+// drawScale draws cost against scale: control-plane costs against models (× the 100-model
+// figure, with the ideal 1 and linear growth drawn) and fan-out p99 against clients, both
+// on log axes, side by side in one PNG.
+func drawScale(path string, all []result) error {
+	models, clients := scaleSeries(all)
+	w, h := 12*vg.Inch, 5*vg.Inch
+	img := vgimg.New(w, h)
+	dc := draw.New(img)
+	colors := []color.Color{color.RGBA{R: 200, A: 255}, color.RGBA{B: 200, A: 255}, color.RGBA{G: 150, A: 255},
+		color.RGBA{R: 150, B: 150, A: 255}, color.RGBA{R: 200, G: 120, A: 255}}
+	mk := func(title, xl, yl string, ss []series, ref bool) (*plot.Plot, error) {
+		p := plot.New()
+		p.Title.Text, p.X.Label.Text, p.Y.Label.Text = title, xl, yl
+		p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
+		p.X.Tick.Marker, p.Y.Tick.Marker = plot.LogTicks{Prec: -1}, plot.LogTicks{Prec: -1}
+		p.Legend.Top, p.Legend.Left = true, true
+		for i, s := range ss {
+			l, pts, err := plotter.NewLinePoints(s.xys)
+			if err != nil {
+				return nil, err
+			}
+			l.Color, pts.Color = colors[i%len(colors)], colors[i%len(colors)]
+			p.Add(l, pts)
+			p.Legend.Add(s.name, l, pts)
+		}
+		if ref && len(ss) > 0 {
+			x0, x1 := ss[0].xys[0].X, ss[0].xys[len(ss[0].xys)-1].X
+			for _, r := range []struct {
+				name string
+				xys  plotter.XYs
+			}{{"ideal (1: independent of models)", plotter.XYs{{X: x0, Y: 1}, {X: x1, Y: 1}}},
+				{"linear in models", plotter.XYs{{X: x0, Y: 1}, {X: x1, Y: x1 / x0}}}} {
+				l, err := plotter.NewLine(r.xys)
+				if err != nil {
+					return nil, err
+				}
+				l.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+				p.Add(l)
+				p.Legend.Add(r.name, l)
+			}
+		}
+		return p, nil
+	}
+	left, err := mk("control plane cost against models (× the 100-model figure)", "models (5 versions each)", "× 100-model figure", models, true)
+	if err != nil {
+		return err
+	}
+	right, err := mk("fan-out: split edit → every client, p99", "connected ADS clients", "p99 ms", clients, false)
+	if err != nil {
+		return err
+	}
+	left.Draw(draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{}, Max: vg.Point{X: w / 2, Y: h}}})
+	right.Draw(draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{X: w / 2}, Max: vg.Point{X: w, Y: h}}})
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // get finds bench's metric unit; bench is a benchmark name without the -GOMAXPROCS suffix.
@@ -279,6 +387,87 @@ func buildRows(all []result) []row {
 		cost(c.what, c.bench, "down-p99-µs", "µs", "%.0f",
 			"p50 "+f(c.bench, "down-p50-µs", "%.0f µs")+"; detected in "+f(c.bench, "detect-ms", "%.0f ms"),
 			"ext_proc healthy, same run: p50 "+f(c.bench, "healthy-p50-µs", "%.0f µs")+", p99 "+f(c.bench, "healthy-p99-µs", "%.0f µs")+" (added p99 "+f(c.bench, "added-p99-µs", "%.0f µs")+")")
+	}
+	rows = append(rows, scaleRows(all, f)...)
+	return rows
+}
+
+// scaleRows are the control plane's rows against models (xdsscale) and clients (fanout):
+// each size's cost, and each cost over the same run's smallest size. Sizes that only run
+// with PATCHBAY_BENCH_LARGE=1 get rows only when they ran.
+func scaleRows(all []result, f func(bench, unit, format string) string) []row {
+	var rows []row
+	keep := func(r row, v float64, ok bool) {
+		if r.format == "" {
+			r.format = "%.2f"
+		}
+		r.value, r.ok = v, ok
+		rows = append(rows, r)
+	}
+	xs := func(m int) string { return fmt.Sprintf("BenchmarkXDSScale/models=%d", m) }
+	base := xs(100)
+	for _, m := range []int{100, 1000, 10000} {
+		b := xs(m)
+		if _, ok := get(all, b, "models"); !ok && m == 10000 {
+			continue
+		}
+		n := fmt.Sprintf("%d", m)
+		if m >= 1000 {
+			n = fmt.Sprintf("%d,%03d", m/1000, m%1000)
+		}
+		cost := func(what, unit, shown, format, figure, baseline string, scale float64) {
+			v, ok := get(all, b, unit)
+			keep(row{what: what, figure: figure, baseline: baseline, unit: shown, format: format, better: "lower"}, v*scale, ok)
+		}
+		cost("one-model edit → Envoy delta client, "+n+" models × 5 versions (p50)", "edit-p50-ms", "ms", "%.0f",
+			"max "+f(b, "edit-max-ms", "%.0f ms"), f(base, "edit-p50-ms", "100 models %.0f ms"), 1)
+		cost("route bytes sent for a one-model edit, "+n+" models", "route-bytes/edit", "MB", "%.2f",
+			f(b, "route-bytes/model", "%.0f B per model, the whole table every edit"), f(base, "route-bytes/edit", "100 models %.0f B"), 1e-6)
+		cost("control plane RSS, "+n+" models", "rss-MiB", "MiB", "%.0f",
+			f(b, "rss-KiB/model", "%.0f KiB per model")+", peak after edits "+f(b, "hwm-after-edits-MiB", "%.0f MiB"), f(base, "rss-MiB", "100 models %.0f MiB"), 1)
+		cost("control plane start → ready, "+n+" models", "ready-s", "s", "%.1f", "—", f(base, "ready-s", "100 models %.1f s"), 1)
+		cost("route matchers a request for the last model walks, "+n+" models", "rest-matchers", "matchers", "%.0f",
+			f(b, "routes", "%.0f routes in one table"), f(base, "rest-matchers", "100 models %.0f"), 1)
+		if m == 100 {
+			continue
+		}
+		ratio := func(what, unit string) {
+			v, ok := get(all, b, unit+"-x-baseline")
+			keep(row{what: what + ", " + n + " / 100 models", figure: f(b, unit, "%.4g"), baseline: f(base, unit, "100 models %.4g"),
+				unit: "ratio", better: "lower"}, v, ok)
+		}
+		ratio("route bytes per one-model edit (ideal 1: proportional to the change)", "route-bytes/edit")
+		ratio("route matchers per request (ideal 1: lookup independent of models)", "rest-matchers")
+		ratio("one-model edit time", "edit-p50-ms")
+		ratio("control plane RSS", "rss-MiB")
+	}
+	fb := func(m, c int) string { return fmt.Sprintf("BenchmarkFanout/models=%d/clients=%d", m, c) }
+	fbase := fb(1, 100)
+	for _, sz := range [][2]int{{1, 100}, {1, 1000}, {1000, 100}, {1, 5000}, {1, 20000}, {1000, 1000}} {
+		b := fb(sz[0], sz[1])
+		if _, ok := get(all, b, "clients"); !ok && (sz[1] > 1000 || sz[0]*sz[1] > 100000) {
+			continue
+		}
+		what := fmt.Sprintf("fan-out: split edit → every client, %d model(s) × %d clients", sz[0], sz[1])
+		v, ok := get(all, b, "p99-ms")
+		keep(row{what: what + " (p99)", unit: "ms", format: "%.0f", better: "lower",
+			figure:   "p50 " + f(b, "p50-ms", "%.0f ms") + ", max " + f(b, "max-ms", "%.0f ms") + "; " + f(b, "tcp-conns", "%.0f TCP connections"),
+			baseline: f(fbase, "p99-ms", "1 model × 100 clients p99 %.0f ms")}, v, ok)
+		v, ok = get(all, b, "edit-cpu-us/client")
+		keep(row{what: what + ": server CPU per client for the edit", unit: "µs/client", format: "%.0f", better: "lower",
+			figure:   f(b, "edit-cpu-ms", "%.0f ms in all") + "; connect " + f(b, "connect-cpu-us/client", "%.0f µs/client"),
+			baseline: f(fbase, "edit-cpu-us/client", "1 model × 100 clients %.0f µs/client")}, v, ok)
+		v, ok = get(all, b, "rss-KiB/client")
+		keep(row{what: what + ": server RSS per connected client", unit: "KiB/client", format: "%.0f", better: "lower",
+			figure:   f(b, "rss-synced-MiB", "%.0f MiB synced") + ", " + f(b, "rss-idle-MiB", "%.0f MiB before"),
+			baseline: f(fbase, "rss-KiB/client", "1 model × 100 clients %.0f KiB/client")}, v, ok)
+		if b == fbase {
+			continue
+		}
+		p, ok1 := get(all, b, "p99-ms")
+		p0, ok2 := get(all, fbase, "p99-ms")
+		keep(row{what: what + ": p99 / 1 model × 100 clients", figure: f(b, "p99-ms", "%.0f ms"), baseline: f(fbase, "p99-ms", "%.0f ms"),
+			unit: "ratio", better: "lower"}, p/max(p0, 1e-9), ok1 && ok2 && p0 > 0)
 	}
 	return rows
 }

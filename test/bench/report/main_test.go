@@ -118,3 +118,52 @@ func TestTrimProcs(t *testing.T) {
 		}
 	}
 }
+
+// TestScaleRows checks the control plane's rows against models and clients (captured
+// xdsscale and fanout output) and the cost-against-scale figure's data.
+func TestScaleRows(t *testing.T) {
+	b, err := os.ReadFile("testdata/bench-output.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := parse(string(b))
+	rows := buildRows(all)
+	want := map[string]string{
+		"route bytes sent for a one-model edit, 1,000 models":                                              "10.98 MB",
+		"route matchers a request for the last model walks, 1,000 models":                                  "26982 matchers",
+		"route matchers per request (ideal 1: lookup independent of models), 1,000 / 100 models":           "10.06",
+		"fan-out: split edit → every client, 1 model(s) × 20000 clients (p99)":                             "7663 ms",
+		"fan-out: split edit → every client, 1000 model(s) × 100 clients: server RSS per connected client": "",
+		"one-model edit → Envoy delta client, 1,000 models × 5 versions (p50)":                             "",
+		"fan-out: split edit → every client, 1 model(s) × 1000 clients: p99 / 1 model × 100 clients":       "",
+	}
+	for _, r := range rows {
+		if w, ok := want[r.what]; ok {
+			if !r.ok || (w != "" && r.valueText() != w) {
+				t.Errorf("row %q = %q (measured %v), want %q", r.what, r.valueText(), r.ok, w)
+			}
+			delete(want, r.what)
+		}
+		if strings.Contains(r.what, "10,000 models") || strings.Contains(r.what, "1000 model(s) × 1000 clients") {
+			t.Errorf("row %q for a size that did not run", r.what)
+		}
+	}
+	for w := range want {
+		t.Errorf("no row %q", w)
+	}
+	models, clients := scaleSeries(all)
+	if len(models) != 5 || len(clients) != 2 {
+		t.Fatalf("scale figure: %d model series, %d client series; want 5 and 2", len(models), len(clients))
+	}
+	for _, s := range models {
+		if len(s.xys) != 2 || s.xys[0].Y != 1 {
+			t.Errorf("series %q = %v: want 100 and 1,000 models, the first at 1 (the baseline)", s.name, s.xys)
+		}
+	}
+	if got := len(clients[0].xys); got != 4 {
+		t.Errorf("1-model fan-out series has %d points, want 4 (100, 1,000, 5,000, 20,000 clients)", got)
+	}
+	if err := drawScale(filepath.Join(t.TempDir(), "scale.png"), all); err != nil {
+		t.Fatal(err)
+	}
+}
