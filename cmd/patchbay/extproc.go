@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 
@@ -105,6 +106,14 @@ func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	tune.Apply()
 	log.Info().Str("runtime", tune.String()).Int("stream_workers", int(numWorkers)).Msg("runtime settings")
+	if path := os.Getenv(cpuProfileEnv); path != "" {
+		stop, err := startCPUProfile(path)
+		if err != nil {
+			return fmt.Errorf("extproc: $%s: %w", cpuProfileEnv, err)
+		}
+		defer stop()
+		log.Info().Str("path", path).Msg("writing a CPU profile until exit")
+	}
 	var ids []string
 	for _, h := range strings.Split(*identity, ",") {
 		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
@@ -171,6 +180,23 @@ func runExtproc(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	stopAdmin()
 	<-adminDone
 	return err
+}
+
+// cpuProfileEnv names a file that receives a CPU profile of the whole run (written when
+// the process stops). test/bench/extproc/pgo.sh uses it to regenerate default.pgo, the
+// profile `go build` optimises this binary with.
+const cpuProfileEnv = "PATCHBAY_EXTPROC_CPUPROFILE"
+
+func startCPUProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 // extprocTLS loads the serving and the xDS client TLS files (nil where none are named).
