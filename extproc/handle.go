@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -31,6 +32,25 @@ type streamState struct {
 	body    []byte
 	// oneBodyMessage: the body arrives in one (buffered) message.
 	oneBodyMessage bool
+	// reply holds the answer being sent; back to replies once it is (release).
+	reply *reply
+}
+
+// replies recycles answers: gRPC has marshalled a message when Send returns, so the
+// stream gives its reply back then, and a routed answer allocates nothing. grpc-go
+// (stream.go, ServerStream.SendMsg) warns that stats handlers and x/net/trace tracing
+// may read a sent message later; Serve installs neither (no grpc.StatsHandler, and
+// grpc.EnableTracing is left false). An embedder that wraps Process with either must
+// not rely on the message after Send.
+var replies = sync.Pool{New: func() any { return new(reply) }}
+
+// release recycles the answer of the message just sent (or not sent).
+func (st *streamState) release() {
+	if r := st.reply; r != nil {
+		st.reply = nil
+		*r = reply{}
+		replies.Put(r)
+	}
 }
 
 // bodyOverride asks Envoy for the buffered request body and otherwise keeps the filter's
@@ -156,7 +176,7 @@ func (s *Server) requestHeaders(ctx context.Context, st *streamState, h *extproc
 		// remove the client's x-patchbay-* headers.
 		var d assign.Decision
 		assign.ScanForbidden(hs, &d)
-		return s.answer(ctx, nil, &d, hs, false, nil)
+		return s.answer(ctx, st, nil, &d, hs, false, nil)
 	}
 	var span trace.Span
 	if s.tracer != nil {
@@ -170,7 +190,7 @@ func (s *Server) requestHeaders(ctx context.Context, st *streamState, h *extproc
 			return resp
 		}
 	}
-	resp := s.answer(ctx, cur, &d, hs, false, span)
+	resp := s.answer(ctx, st, cur, &d, hs, false, span)
 	s.recordLatency(ctx, start)
 	return resp
 }
@@ -230,7 +250,7 @@ func (s *Server) requestBody(ctx context.Context, st *streamState, b *extprocv3.
 	}
 	d.Stripped, d.OtherPatchbay = 0, false // removed with the headers answer
 	assign.Assign(d.Model, id, st.hs, d)
-	resp := s.answer(ctx, st.st, d, st.hs, true, nil)
+	resp := s.answer(ctx, st, st.st, d, st.hs, true, nil)
 	s.recordLatency(ctx, start)
 	return resp
 }
@@ -273,7 +293,7 @@ func IdentityFromBody(body []byte, names []string) (string, bool) {
 	return "", false
 }
 
-// reply is every message of a routed answer in one allocation.
+// reply is every message of a routed answer in one object, recycled (replies).
 type reply struct {
 	resp    extprocv3.ProcessingResponse
 	onH     extprocv3.ProcessingResponse_RequestHeaders
@@ -289,8 +309,9 @@ type reply struct {
 }
 
 // answer turns a decision into Envoy's answer: for body mode (onBody) a body response,
-// else a headers response; errors become immediate responses.
-func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs []*corev3.HeaderValue, onBody bool, span trace.Span) *extprocv3.ProcessingResponse {
+// else a headers response; errors become immediate responses. A routed answer lives in
+// st.reply until st.release.
+func (s *Server) answer(ctx context.Context, st *streamState, cur *state, d *assign.Decision, hs []*corev3.HeaderValue, onBody bool, span trace.Span) *extprocv3.ProcessingResponse {
 	switch d.Outcome {
 	case assign.PassThrough:
 		if d.OtherPatchbay {
@@ -309,7 +330,8 @@ func (s *Server) answer(ctx context.Context, cur *state, d *assign.Decision, hs 
 		return immediateError(d)
 	}
 	m, lb := d.Model, cur.labels
-	r := new(reply)
+	r := replies.Get().(*reply)
+	st.reply = r
 	r.bucketV.Key = headers.Bucket
 	r.bucketV.RawValue = strconv.AppendUint(r.buf[:0], d.Bucket, 10)
 	r.bucket.Header = &r.bucketV

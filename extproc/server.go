@@ -309,9 +309,12 @@ func (s *Server) Process(stream extprocv3.ExternalProcessor_ProcessServer) error
 			return err
 		}
 		if req.GetObservabilityMode() || resp == nil {
+			st.release()
 			continue
 		}
-		if err := stream.Send(resp); err != nil {
+		err = stream.Send(resp)
+		st.release() // Send has marshalled resp
+		if err != nil {
 			return err
 		}
 	}
