@@ -225,7 +225,8 @@ func drawScale(path string, all []result) error {
 		p.Title.Text, p.X.Label.Text, p.Y.Label.Text = title, xl, yl
 		p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
 		p.X.Tick.Marker, p.Y.Tick.Marker = plot.LogTicks{Prec: -1}, plot.LogTicks{Prec: -1}
-		p.Legend.Top, p.Legend.Left = true, true
+		// Costs rise to the right: the legend goes where the lines are not.
+		p.Legend.Top, p.Legend.Left = ref, ref
 		for i, s := range ss {
 			l, pts, err := plotter.NewLinePoints(s.xys)
 			if err != nil {
@@ -247,6 +248,9 @@ func drawScale(path string, all []result) error {
 					return nil, err
 				}
 				l.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+				if r.name != "ideal (1: independent of models)" {
+					l.Color, l.Dashes = color.Gray{Y: 140}, []vg.Length{vg.Points(1), vg.Points(3)}
+				}
 				p.Add(l)
 				p.Legend.Add(r.name, l)
 			}
