@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	xdsresolver "google.golang.org/grpc/xds"
 
 	"github.com/patchbay-io/patchbay/api/oip"
@@ -261,18 +262,54 @@ func countCalls(t testing.TB, c oip.GRPCInferenceServiceClient, n int, md ...str
 	return out
 }
 
-// allGoTo waits (bounded) until n consecutive RPCs are answered by want.
+// allGoToStreak is how many consecutive RPCs allGoTo needs from one version. A split that
+// still sends another version a share passes it only by chance: for the 80/20 split the
+// proxyless test starts from (want on the 80% side), the chance that some run of 150
+// consecutive answers among at most allGoToMaxCalls is all want is below
+// 20,000 × 0.8^150 ≈ 6e-11 (0.8^30, the old streak, is 1.2e-3 per try: a lost edit went
+// unnoticed about once in a hundred runs).
+const (
+	allGoToStreak   = 150
+	allGoToMaxCalls = 20_000
+)
+
+// allGoTo waits (bounded: 10 s and allGoToMaxCalls RPCs) until allGoToStreak consecutive
+// RPCs are answered by want; an error or another version starts the count again.
 func allGoTo(t testing.TB, c oip.GRPCInferenceServiceClient, want string, md ...string) {
 	t.Helper()
-	waitFor(t, 5*time.Second, "all RPCs on "+want, func() bool {
-		for i := 0; i < 30; i++ {
-			name, err := call(context.Background(), c, md...)
-			if err != nil || name != want {
-				return false
+	goTo(t, c, want, false, md...)
+}
+
+// allGoToWithoutErrors is allGoTo that also fails on any RPC error while the client
+// follows: a change of split must move RPCs from one version to another, never fail them
+// (an RPC routed to a cluster that a snapshot dropped fails, or waits for its deadline).
+func allGoToWithoutErrors(t testing.TB, c oip.GRPCInferenceServiceClient, want string, md ...string) {
+	t.Helper()
+	goTo(t, c, want, true, md...)
+}
+
+func goTo(t testing.TB, c oip.GRPCInferenceServiceClient, want string, noErrors bool, md ...string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	streak, seen := 0, map[string]int{}
+	for calls := 0; calls < allGoToMaxCalls && time.Now().Before(deadline); calls++ {
+		name, err := call(context.Background(), c, md...)
+		if err != nil {
+			if noErrors {
+				t.Fatalf("RPC %d while moving to %s failed: %v (answers before: %v)", calls, want, err, seen)
 			}
+			name = "error: " + status.Code(err).String()
 		}
-		return true
-	})
+		if name != want {
+			seen[name]++
+			streak = 0
+			continue
+		}
+		if streak++; streak == allGoToStreak {
+			return
+		}
+	}
+	t.Fatalf("no %d consecutive RPCs on %s within 10s (other answers seen: %v)", allGoToStreak, want, seen)
 }
 
 func httpDo(t testing.TB, method, url, token, body string) (int, string) {
