@@ -6,7 +6,7 @@ PKGS  ?= ./...
 # Floats are allowed: the file format's percentages are decimals (0.25).
 CRD_OPTIONS := crd:allowDangerousTypes=true
 
-.PHONY: help up build test test-short vet fmt-check bench bench-deps fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
+.PHONY: help up build pgo test test-short vet fmt-check bench bench-deps fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ up: ## run everything on this machine from examples/; Envoy from ENVOY_BIN, else
 
 build: ## build bin/patchbay (static)
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/patchbay ./cmd/patchbay
+
+pgo: ## regenerate cmd/patchbay/default.pgo (a CPU profile of patchbay extproc under the ext_proc benchmark's load; ~1 min): go build uses it for profile-guided optimisation
+	test/bench/extproc/pgo.sh
 
 test: fmt-check vet ## the whole suite: gofmt, go vet, go test -race of both modules (this one, then test/k8s's real API server tests) with one summary (what CI runs); ends listing every skipped test and why
 	set -o pipefail; { $(GO) test -race -count=1 -timeout 15m -json $(PKGS); r=$$?; \
