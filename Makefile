@@ -38,7 +38,7 @@ fmt-check: ## fail if gofmt would change a file
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
-bench: bench-deps ## run the six benchmark suites (each with a same-run baseline) and write docs/bench/report.md + figures.png
+bench: bench-deps ## run the benchmark suites the report lists (each with a same-run baseline; large sizes with PATCHBAY_BENCH_LARGE=1) and write docs/bench/report.md, figures.png and scale.png
 	$(GO) run ./test/bench/report -out docs/bench
 
 bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost benchmark compares against (needs root; skipped when present)
