@@ -285,6 +285,9 @@ type EndpointStatus struct {
 	// State is "ip" for an address literal, else the name's state: ok, unresolved, stale.
 	State string `json:"state"`
 	Error string `json:"error,omitempty"`
+	// Zones maps each address with a known zone (Config.Zones: EndpointSlices) to it, as
+	// the last config built serves it: one EDS locality per zone.
+	Zones map[string]string `json:"zones,omitempty"`
 }
 
 func (s *Server) endpointStatusLocked(v rollout.Version) []EndpointStatus {
@@ -303,7 +306,14 @@ func (s *Server) endpointStatusLocked(v rollout.Version) []EndpointStatus {
 			es.State, es.Error = st.State, st.Error
 		}
 		for _, ip := range s.state.resolved[host] {
-			es.Addresses = append(es.Addresses, net.JoinHostPort(ip, port))
+			a := net.JoinHostPort(ip, port)
+			es.Addresses = append(es.Addresses, a)
+			if z := s.state.zones[ip]; z != "" {
+				if es.Zones == nil {
+					es.Zones = map[string]string{}
+				}
+				es.Zones[a] = z
+			}
 		}
 		out = append(out, es)
 	}

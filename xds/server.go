@@ -94,8 +94,12 @@ type Config struct {
 	VersionHealth time.Duration
 	// LookupHost resolves a host name (default net.DefaultResolver.LookupHost).
 	LookupHost func(ctx context.Context, host string) ([]string, error)
-	Logger     zerolog.Logger
-	Metrics    *telemetry.Metrics
+	// Zones, when set, gives the zone of each address a host name resolves to (Kubernetes:
+	// xds/endpointslice's Resolver.Zones, from the EndpointSlices' zone). Those endpoints
+	// are served in one EDS locality per zone (translate.Input.Zones).
+	Zones   func(host string) map[string]string
+	Logger  zerolog.Logger
+	Metrics *telemetry.Metrics
 }
 
 // Server is a running control plane.
@@ -159,6 +163,8 @@ type state struct {
 	// the same bad file again neither counts nor logs it again. Cleared on a good apply.
 	readKey   string
 	rejectKey string
+	// zones is the zone of each endpoint address in the last config built (Config.Zones).
+	zones map[string]string
 	// dns is what is known of each endpoint host name: addresses, and whether it resolves.
 	dns map[string]*NameStatus
 	// unhealthy marks the versions the prober found unhealthy (model -> version): the
@@ -864,11 +870,12 @@ func (s *Server) buildLocked() (*translate.Built, error) {
 		return nil, fmt.Errorf("config rejected, still serving the last good config: %w", err)
 	}
 	slots := translate.SlotMaps(set, s.state.slots)
-	in := &translate.Input{Set: set, Slots: slots, Resolved: s.state.resolved, Unhealthy: s.state.unhealthy}
+	in := &translate.Input{Set: set, Slots: slots, Resolved: s.state.resolved, Unhealthy: s.state.unhealthy, Zones: s.zonesLocked(set)}
 	built, err := translate.Build(in, s.cfg.Translate)
 	if err != nil {
 		return nil, fmt.Errorf("translation rejected, still serving the last good config: %w", err)
 	}
+	s.state.zones = in.Zones
 	return built, nil
 }
 
@@ -911,4 +918,21 @@ func (s *Server) Version() string {
 		return ""
 	}
 	return s.state.built.Version
+}
+
+// zonesLocked asks Config.Zones for the zone of every address the set's host names
+// resolve to (nil without Config.Zones). It reads the resolver's cache: no lookups.
+func (s *Server) zonesLocked(set *rollout.Set) map[string]string {
+	if s.cfg.Zones == nil {
+		return nil
+	}
+	out := map[string]string{}
+	for _, h := range translate.Hostnames(set) {
+		for addr, z := range s.cfg.Zones(h) {
+			if z != "" {
+				out[addr] = z
+			}
+		}
+	}
+	return out
 }

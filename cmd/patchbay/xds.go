@@ -346,6 +346,7 @@ func kubernetesSource(ctx context.Context, cfg *xds.Config, kubeconfig, namespac
 		OnChange: onSliceChange})
 	res.Start(ctx)
 	cfg.LookupHost = res.LookupHost
+	cfg.Zones = res.Zones
 	cfg.Logger.Info().Str("namespace", namespace).Str("kubeconfig", kubeconfig).Dur("endpoint_refresh", refresh).
 		Msg("kubernetes source: Rollouts and their status; Service names from EndpointSlices (re-resolved on every change)")
 	return src, nil

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -73,7 +74,7 @@ func startCP(t *testing.T, ns, name string, o cpOptions) *cpReplica {
 		}})
 	res.Start(ctx)
 	srv, err := xds.New(xds.Config{Source: kube.NewSource(cfg), Store: kube.NewStore(cfg), Logger: cfg.Logger,
-		LookupHost: res.LookupHost, DNSRefresh: o.dnsRefresh, AdminToken: adminToken,
+		LookupHost: res.LookupHost, Zones: res.Zones, DNSRefresh: o.dnsRefresh, AdminToken: adminToken,
 		Translate: translate.Options{EdgeAddress: "127.0.0.1:10000", SidecarAddress: "127.0.0.1:15001"}})
 	if err != nil {
 		cancel()
@@ -984,4 +985,53 @@ func TestBinaryReResolvesOnSliceChange(t *testing.T) {
 	}
 	r.until(t, "the not-ready pod dropped (refresh: 1 h)", addrs("192.0.2.1"))
 	t.Logf("patchbay xds dropped the not-ready pod %v after the EndpointSlice update", time.Since(start).Round(time.Millisecond))
+}
+
+// TestEndpointSliceZonesReachTheConfig: the zones of a Service's EndpointSlice endpoints
+// reach the config the control plane builds (one EDS locality per zone:
+// translate.TestZonesBecomeLocalities) and /status, through the same resolver that
+// answers the Service name; a pod whose zone changes is shown in its new zone.
+func TestEndpointSliceZonesReachTheConfig(t *testing.T) {
+	ns := namespace(t)
+	a, b := oiphost.Start(t, "ranker", "v1"), oiphost.Start(t, "ranker", "v1")
+	const port = "8000"
+	pods := podNetwork{"192.0.2.1:" + port: a.GRPC, "192.0.2.2:" + port: b.GRPC}
+	kc := clients(t).Kube
+	ctx := context.Background()
+	if _, err := kc.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice(ns, "ranker-v1-a", "ranker-v1", "IPv4",
+		ep{addr: "192.0.2.1", zone: "zone-a"}, ep{addr: "192.0.2.2", zone: "zone-b"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	host := "ranker-v1." + ns + ".svc"
+	apply(t, ns, manifest("ranker", map[string]string{"v1": host + ":" + port}, map[string]int{"v1": 100}))
+	cp := startCP(t, ns, "a", cpOptions{})
+	zones := func() map[string]string {
+		m, _ := cp.model("ranker")
+		if m == nil || len(m.Endpoints["v1"]) == 0 {
+			return nil
+		}
+		return m.Endpoints["v1"][0].Zones
+	}
+	want := map[string]string{"192.0.2.1:" + port: "zone-a", "192.0.2.2:" + port: "zone-b"}
+	eventually(t, "both zones served", func() (bool, string) {
+		return maps.Equal(zones(), want), fmt.Sprint(zones())
+	})
+	client := grpcClient(t, cp.ads, "ranker", pods.dialer())
+	eventually(t, "the client uses both zones' pods", func() (bool, string) {
+		answers(t, client, "ranker", 10)
+		return a.Served("v1") > 0 && b.Served("v1") > 0, fmt.Sprintf("pod a %d, pod b %d", a.Served("v1"), b.Served("v1"))
+	})
+	s, err := kc.DiscoveryV1().EndpointSlices(ns).Get(ctx, "ranker-v1-a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Endpoints[1].Zone = ptr("zone-a")
+	s.Endpoints[1].Addresses = []string{"192.0.2.3"} // a new pod in zone-a
+	if _, err := kc.DiscoveryV1().EndpointSlices(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	want = map[string]string{"192.0.2.1:" + port: "zone-a", "192.0.2.3:" + port: "zone-a"}
+	eventually(t, "the new pod in zone-a", func() (bool, string) {
+		return maps.Equal(zones(), want), fmt.Sprint(zones())
+	})
 }

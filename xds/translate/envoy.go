@@ -3,6 +3,7 @@ package translate
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -591,11 +592,16 @@ func edsCluster(name string) *clusterv3.Cluster {
 }
 
 // loadAssignment lists a version's endpoints by IP. grpc-go needs a locality and a
-// positive locality weight, so every endpoint sits in one named locality of weight 1.
+// positive locality weight, so endpoints without a known zone sit in one named locality,
+// and endpoints with a zone (Input.Zones) in one locality per zone. Each locality is
+// weighted by its number of endpoints: localities are picked by weight first, so equal
+// weights would load a zone's endpoints more the fewer they are.
 func loadAssignment(in *Input, r *rollout.Rollout, v rollout.Version, protocol string) *endpointv3.ClusterLoadAssignment {
 	var lbs []*endpointv3.LbEndpoint
+	byZone := map[string][]*endpointv3.LbEndpoint{}
+	var zones []string
 	for _, hp := range in.endpoints(v.Addrs(protocol)) {
-		lbs = append(lbs, &endpointv3.LbEndpoint{
+		lb := &endpointv3.LbEndpoint{
 			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
 				Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
 					Address:       hp.ip,
@@ -604,15 +610,35 @@ func loadAssignment(in *Input, r *rollout.Rollout, v rollout.Version, protocol s
 			}},
 			HealthStatus:        corev3.HealthStatus_UNKNOWN,
 			LoadBalancingWeight: wrapperspb.UInt32(1),
-		})
+		}
+		if z := in.Zones[hp.ip]; z != "" {
+			if byZone[z] == nil {
+				zones = append(zones, z)
+			}
+			byZone[z] = append(byZone[z], lb)
+			continue
+		}
+		lbs = append(lbs, lb)
 	}
 	cla := &endpointv3.ClusterLoadAssignment{ClusterName: ProtocolClusterName(r.Model, v.Name, protocol)}
 	if len(lbs) > 0 {
+		w := uint32(1) // alone, its weight does not matter
+		if len(zones) > 0 {
+			w = uint32(len(lbs))
+		}
 		cla.Endpoints = []*endpointv3.LocalityLbEndpoints{{
 			Locality:            &corev3.Locality{Region: "patchbay", Zone: r.Model, SubZone: v.Name},
 			LbEndpoints:         lbs,
-			LoadBalancingWeight: wrapperspb.UInt32(1),
+			LoadBalancingWeight: wrapperspb.UInt32(w),
 		}}
+	}
+	slices.Sort(zones)
+	for _, z := range zones {
+		cla.Endpoints = append(cla.Endpoints, &endpointv3.LocalityLbEndpoints{
+			Locality:            &corev3.Locality{Zone: z, SubZone: r.Model + "/" + v.Name},
+			LbEndpoints:         byZone[z],
+			LoadBalancingWeight: wrapperspb.UInt32(uint32(len(byZone[z]))),
+		})
 	}
 	return cla
 }

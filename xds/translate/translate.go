@@ -44,6 +44,12 @@ type Input struct {
 	// Resolved maps each DNS host name used in an endpoint to its current IP addresses.
 	// The control plane resolves names itself so that every flavour gets EDS with IPs.
 	Resolved map[string][]string
+	// Zones maps an endpoint IP address to its zone (Kubernetes: the EndpointSlice
+	// endpoint's zone). A version's endpoints with a zone are served in one EDS locality
+	// per zone (Locality.Zone, weighted by its endpoint count, so every endpoint keeps an
+	// even share), which Envoy's zone-aware routing and grpc-go's locality picking use;
+	// endpoints without one stay in the version's own locality.
+	Zones map[string]string
 	// Unhealthy marks the versions the control plane's prober found unhealthy (model ->
 	// version). Their baseline slots are lent to the model's healthy versions and their
 	// version routes (x-patchbay-version) are not emitted, for as long as they are marked;
