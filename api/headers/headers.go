@@ -18,6 +18,11 @@ const (
 	Experiments = "x-patchbay-experiments"
 	// ServedBy is the response header "model/version" that Envoy adds.
 	ServedBy = "x-patchbay-served-by"
+	// RouteKey is set by Envoy's early header mutation to "<:path>/<x-patchbay-model>/"
+	// (after removing any client-sent value); Envoy's scoped routes read the scope key
+	// (model) from it. Not in Stripped: the mutation removes it itself, first, and every
+	// model route removes it before the upstream.
+	RouteKey = "x-patchbay-route-key"
 	// Prefix is common to every patchbay header.
 	Prefix = "x-patchbay-"
 )

@@ -40,11 +40,32 @@ import (
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
 
-// Envoy builds the resources for an Envoy node of the given role: one listener (HCM with
-// an early header mutation stripping client routing headers, then ext_proc -> router,
-// routes over RDS), the route table, one EDS cluster per model version and protocol it
-// serves (ClusterName for OIP REST, GRPCClusterName for OIP gRPC), and their endpoints.
+// Envoy builds the resources for an Envoy node of the given role: EnvoyShared (the
+// listener, its secrets, the fallback route table and scope) and EnvoyModel of every model
+// (its route table, scopes, clusters and endpoints), in rollout order.
 func Envoy(in *Input, opts Options, role Role) (Resources, error) {
+	res, err := EnvoyShared(in, opts, role)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range in.Set.Rollouts {
+		res.add(EnvoyModel(in, r, opts, role))
+	}
+	return res, nil
+}
+
+// add appends every resource of o to res, type by type.
+func (res Resources) add(o Resources) {
+	for t, rs := range o {
+		res[t] = append(res[t], rs...)
+	}
+}
+
+// EnvoyShared is the part of an Envoy node's resources that belongs to no model: one
+// listener (HCM with an early header mutation stripping client routing headers, then
+// ext_proc -> router), the SDS secrets it and the clusters refer to, and the routes shared
+// by every model.
+func EnvoyShared(in *Input, opts Options, role Role) (Resources, error) {
 	if err := checkTLS(in.Set, opts); err != nil {
 		return nil, err
 	}
@@ -63,18 +84,25 @@ func Envoy(in *Input, opts Options, role Role) (Resources, error) {
 	if secrets := envoySecrets(in.Set, opts, role); len(secrets) > 0 {
 		res[resource.SecretType] = secrets
 	}
-	for _, r := range in.Set.Rollouts {
-		for _, v := range r.Versions {
-			for _, p := range []string{rollout.REST, rollout.GRPC} {
-				if !v.Serves(p) {
-					continue
-				}
-				res[resource.ClusterType] = append(res[resource.ClusterType], envoyCluster(r, v, p, opts))
-				res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v, p))
+	return res, nil
+}
+
+// EnvoyModel is everything of model r for an Envoy node of the given role: one EDS cluster
+// per version and protocol it serves (ClusterName for OIP REST, GRPCClusterName for OIP
+// gRPC) and their endpoints. It depends only on r, in.Slots[r.Model], in.Resolved and
+// in.Zones for r's hosts, in.Unhealthy[r.Model] and opts.
+func EnvoyModel(in *Input, r *rollout.Rollout, opts Options, role Role) Resources {
+	res := Resources{}
+	for _, v := range r.Versions {
+		for _, p := range []string{rollout.REST, rollout.GRPC} {
+			if !v.Serves(p) {
+				continue
 			}
+			res[resource.ClusterType] = append(res[resource.ClusterType], envoyCluster(r, v, p, opts))
+			res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v, p))
 		}
 	}
-	return res, nil
+	return res
 }
 
 func envoyListener(name, addr string, opts Options, role Role) (*listenerv3.Listener, error) {

@@ -35,21 +35,29 @@ func GRPC(in *Input) Resources { return GRPCWith(in, Options{}) }
 func GRPCWith(in *Input, opts Options) Resources {
 	res := Resources{}
 	for _, r := range in.Set.Rollouts {
-		if !r.Serves(rollout.GRPC) {
+		res.add(GRPCModel(in, r, opts))
+	}
+	return res
+}
+
+// GRPCModel is the proxyless resources of model r: its api_listener, and a cluster and
+// ClusterLoadAssignment per version serving gRPC. Empty for a model not served over gRPC.
+func GRPCModel(in *Input, r *rollout.Rollout, opts Options) Resources {
+	res := Resources{}
+	if !r.Serves(rollout.GRPC) {
+		return res
+	}
+	res[resource.ListenerType] = append(res[resource.ListenerType], grpcListener(in, r))
+	for _, v := range r.Versions {
+		if !v.Serves(rollout.GRPC) {
 			continue
 		}
-		res[resource.ListenerType] = append(res[resource.ListenerType], grpcListener(in, r))
-		for _, v := range r.Versions {
-			if !v.Serves(rollout.GRPC) {
-				continue
-			}
-			c := edsCluster(GRPCClusterName(r.Model, v.Name))
-			if upstreamTLS(v, opts) {
-				grpcUpstreamTLS(c)
-			}
-			res[resource.ClusterType] = append(res[resource.ClusterType], c)
-			res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v, rollout.GRPC))
+		c := edsCluster(GRPCClusterName(r.Model, v.Name))
+		if upstreamTLS(v, opts) {
+			grpcUpstreamTLS(c)
 		}
+		res[resource.ClusterType] = append(res[resource.ClusterType], c)
+		res[resource.EndpointType] = append(res[resource.EndpointType], loadAssignment(in, r, v, rollout.GRPC))
 	}
 	return res
 }

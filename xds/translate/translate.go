@@ -14,6 +14,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
+	"github.com/patchbay-io/patchbay/api/headers"
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 )
@@ -22,9 +23,23 @@ import (
 const (
 	EdgeListener    = "patchbay_edge"
 	SidecarListener = "patchbay_sidecar"
+	// RouteConfigName is the one RouteConfiguration of the shape before Scoped RDS.
+	//
+	// Deprecated: Envoy nodes now use ScopedRoutesName, ModelRouteName and
+	// FallbackRouteName; kept for the benchmark's reference of the old shape.
 	RouteConfigName = "patchbay"
-	ExtprocCluster  = "patchbay_extproc"
-	DefaultTimeout  = 200 * time.Millisecond
+	// ScopedRoutesName is the HCM's scoped_routes name (the SRDS collection).
+	ScopedRoutesName = "patchbay"
+	// FallbackRouteName is the RouteConfiguration of requests naming no model (the
+	// scope key ("", "")): gRPC calls without x-patchbay-model.
+	FallbackRouteName = "patchbay/fallback"
+	// FallbackScopeName is the ScopedRouteConfiguration of FallbackRouteName.
+	FallbackScopeName = "patchbay/scope/fallback"
+	// RouteKeyHeader is the header the early header mutation sets from the path and
+	// x-patchbay-model; the scope key is read from it (see ScopeKey).
+	RouteKeyHeader = headers.RouteKey
+	ExtprocCluster = "patchbay_extproc"
+	DefaultTimeout = 200 * time.Millisecond
 	// HealthCheckInterval and HealthCheckTimeout are those of the active health checks
 	// emitted on every model cluster (2 failures: unhealthy, 1 success: healthy); the
 	// control plane's version prober uses the same by default.
@@ -34,6 +49,13 @@ const (
 	grpcOIPPrefix       = "/inference.GRPCInferenceService/"
 	restModelsPrefix    = "/v2/models/"
 )
+
+// ModelRouteName names model m's RouteConfiguration.
+func ModelRouteName(m string) string { return "patchbay/model/" + m }
+
+// ScopeName names one ScopedRouteConfiguration of model m; shape is one of base, infer,
+// ready, versions, named, health-live, health-ready.
+func ScopeName(m, shape string) string { return "patchbay/scope/" + m + "/" + shape }
 
 // Input is everything a translation depends on.
 type Input struct {
