@@ -62,9 +62,10 @@ func (res Resources) add(o Resources) {
 }
 
 // EnvoyShared is the part of an Envoy node's resources that belongs to no model: one
-// listener (HCM with an early header mutation stripping client routing headers, then
-// ext_proc -> router), the SDS secrets it and the clusters refer to, and the routes shared
-// by every model.
+// listener (HCM with an early header mutation stripping client routing headers and setting
+// the route key, then ext_proc -> router, routes by Scoped RDS), the SDS secrets it and the
+// clusters refer to, and the fallback RouteConfiguration (FallbackRouteName) with its scope
+// ("", ""): requests that name no model.
 func EnvoyShared(in *Input, opts Options, role Role) (Resources, error) {
 	if err := checkTLS(in.Set, opts); err != nil {
 		return nil, err
@@ -78,8 +79,9 @@ func EnvoyShared(in *Input, opts Options, role Role) (Resources, error) {
 		return nil, err
 	}
 	res := Resources{
-		resource.ListenerType: {lis},
-		resource.RouteType:    {envoyRoutes(in)},
+		resource.ListenerType:    {lis},
+		resource.RouteType:       {routeConfig(FallbackRouteName, globalRoutes())},
+		resource.ScopedRouteType: {scope(FallbackScopeName, FallbackRouteName, "", "")},
 	}
 	if secrets := envoySecrets(in.Set, opts, role); len(secrets) > 0 {
 		res[resource.SecretType] = secrets
@@ -87,12 +89,18 @@ func EnvoyShared(in *Input, opts Options, role Role) (Resources, error) {
 	return res, nil
 }
 
-// EnvoyModel is everything of model r for an Envoy node of the given role: one EDS cluster
-// per version and protocol it serves (ClusterName for OIP REST, GRPCClusterName for OIP
-// gRPC) and their endpoints. It depends only on r, in.Slots[r.Model], in.Resolved and
-// in.Zones for r's hosts, in.Unhealthy[r.Model] and opts.
+// EnvoyModel is everything of model r for an Envoy node of the given role: its
+// RouteConfiguration (ModelRouteName), the scopes whose keys select it (ModelScopes), one
+// EDS cluster per version and protocol it serves (ClusterName for OIP REST,
+// GRPCClusterName for OIP gRPC) and their endpoints. It depends only on r,
+// in.Slots[r.Model], in.Resolved and in.Zones for r's hosts, in.Unhealthy[r.Model] and
+// opts; role changes nothing today.
 func EnvoyModel(in *Input, r *rollout.Rollout, opts Options, role Role) Resources {
-	res := Resources{}
+	res := Resources{resource.RouteType: {modelRouteConfig(in, r)}}
+	for _, k := range ModelScopes(r.Model) {
+		res[resource.ScopedRouteType] = append(res[resource.ScopedRouteType],
+			scope(ScopeName(r.Model, k.Shape), ModelRouteName(r.Model), k.Key[0], k.Key[1]))
+	}
 	for _, v := range r.Versions {
 		for _, p := range []string{rollout.REST, rollout.GRPC} {
 			if !v.Serves(p) {
@@ -118,10 +126,15 @@ func envoyListener(name, addr string, opts Options, role Role) (*listenerv3.List
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	strip := make([]*mutationv3.HeaderMutation, 0, len(headers.Stripped))
+	strip := make([]*mutationv3.HeaderMutation, 0, len(headers.Stripped)+2)
 	for _, h := range headers.Stripped {
 		strip = append(strip, &mutationv3.HeaderMutation{Action: &mutationv3.HeaderMutation_Remove{Remove: h}})
 	}
+	// The route key: a client's own value is removed first, then set from the path and
+	// x-patchbay-model (see RouteKeyFormat).
+	strip = append(strip,
+		&mutationv3.HeaderMutation{Action: &mutationv3.HeaderMutation_Remove{Remove: RouteKeyHeader}},
+		&mutationv3.HeaderMutation{Action: &mutationv3.HeaderMutation_Append{Append: setHeader(RouteKeyHeader, RouteKeyFormat)}})
 	extproc := &extprocv3.ExternalProcessor{
 		// No grpc_service.timeout: Envoy opens the ext_proc stream with AsyncClient::start
 		// and StreamOptions that carry no timeout (envoy
@@ -154,21 +167,22 @@ func envoyListener(name, addr string, opts Options, role Role) (*listenerv3.List
 		httpFilter("envoy.filters.http.router", &routerv3.Router{}),
 	}
 	hcm := &hcmv3.HttpConnectionManager{
-		StatPrefix: name,
-		CodecType:  hcmv3.HttpConnectionManager_AUTO,
-		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{
-			RouteConfigName: RouteConfigName,
-			ConfigSource:    adsSource(),
-		}},
+		StatPrefix:     name,
+		CodecType:      hcmv3.HttpConnectionManager_AUTO,
+		RouteSpecifier: &hcmv3.HttpConnectionManager_ScopedRoutes{ScopedRoutes: scopedRoutes()},
 		// Client-sent routing headers are removed by an early header mutation: it runs
 		// before route selection and before any filter, so a client cannot pick its
 		// variant even when ext_proc is unreachable (an HTTP header_mutation filter would
-		// run after Envoy has already picked the route with the forged headers).
+		// run after Envoy has already picked the route with the forged headers). The same
+		// mutation sets the route key the scope is chosen by (envoy
+		// source/common/http/conn_manager_impl.cc, ActiveStream::decodeHeaders runs the
+		// early header mutations before snapScopedRouteConfig / refreshCachedRoute).
 		EarlyHeaderMutationExtensions: []*corev3.TypedExtensionConfig{{
 			Name:        "envoy.http.early_header_mutation.header_mutation",
 			TypedConfig: mustAny(&earlymutationv3.HeaderMutation{Mutations: strip}),
 		}},
 		HttpFilters:                  filters,
+		LocalReplyConfig:             noScopeReply(),
 		NormalizePath:                wrapperspb.Bool(true),
 		MergeSlashes:                 true,
 		PathWithEscapedSlashesAction: hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT,
@@ -230,7 +244,8 @@ func accessLog() *accesslogv3.AccessLog {
 	}
 }
 
-// envoyRoutes builds the one route table every Envoy node uses. Only the OIP inference
+// modelRouteConfig builds model r's route table (ModelRouteName): the global refusals
+// (globalRoutes) around the model's own routes. Only the OIP inference
 // surface reaches a model cluster: REST POST .../infer, GET metadata and GET .../ready (and
 // the server-level GETs chosen by x-patchbay-model) for models served over REST; the six
 // inference methods of inference.GRPCInferenceService (with x-patchbay-model) for models
@@ -252,40 +267,47 @@ func accessLog() *accesslogv3.AccessLog {
 // only if getGrpcStatusValue() is empty. So every direct response on a gRPC path also sets
 // grpc-status itself (grpcDirectRoute): an unknown gRPC model is NOT_FOUND, as ext_proc
 // answers it (extproc/handle.go, immediateError), whichever of the two sees it first.
-func envoyRoutes(in *Input) *routev3.RouteConfiguration {
-	routes := []*routev3.Route{
+func modelRouteConfig(in *Input, r *rollout.Rollout) *routev3.RouteConfiguration {
+	routes := globalRoutes()
+	head, tail := routes[:2:2], routes[2:]
+	routes = head
+	base := restModelsPrefix + r.Model
+	if r.Serves(rollout.REST) {
+		routes = append(routes, restModelRoutes(in, r)...)
+		routes = append(routes, directRoute(r.Model+"/rest-other", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
+			PathSeparatedPrefix: base}}, 404, "not served through patchbay: the data path carries only POST "+base+"/infer, GET "+base+" and GET "+base+"/ready"))
+	} else {
+		msg := "model " + r.Model + " is not served over OIP REST (it is served over OIP gRPC)"
+		routes = append(routes,
+			directRoute(r.Model+"/rest-refused", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
+				PathSeparatedPrefix: base}}, 404, msg),
+			directRoute(r.Model+"/server-rest-refused", restServerMatch(r.Model), 404, msg),
+		)
+	}
+	grpcModel := &routev3.RouteMatch{
+		PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
+		Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
+	}
+	if r.Serves(rollout.GRPC) {
+		routes = append(routes, modelRoutes(in, r, rollout.GRPC, "grpc", grpcSurfaceMatch(r.Model))...)
+		routes = append(routes, grpcDirectRoute(r.Model+"/grpc-other", grpcModel, 404, codes.Unimplemented,
+			"method not served through patchbay: the data path carries only "+strings.Join(GRPCMethods, ", ")))
+	} else {
+		routes = append(routes, grpcDirectRoute(r.Model+"/grpc-refused", grpcModel, 404, codes.Unimplemented,
+			"model "+r.Model+" is not served over OIP gRPC (it is served over OIP REST)"))
+	}
+	return routeConfig(ModelRouteName(r.Model), append(routes, tail...))
+}
+
+// globalRoutes are the refusals every route table holds: the repository extension first
+// (so that a model named like a path segment still refuses it), then, after a model's own
+// routes, what no model serves. Alone they are the fallback route table (scope ("", ""):
+// requests naming no model).
+func globalRoutes() []*routev3.Route {
+	return []*routev3.Route{
 		grpcDirectRoute("repository-grpc", prefixMatch(grpcRepositoryPrefix), 403, codes.PermissionDenied, msgRepository),
 		directRoute("repository-rest", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
 			PathSeparatedPrefix: restRepositoryPrefix}}, 404, msgRepository),
-	}
-	for _, r := range in.Set.Rollouts {
-		base := restModelsPrefix + r.Model
-		if r.Serves(rollout.REST) {
-			routes = append(routes, restModelRoutes(in, r)...)
-			routes = append(routes, directRoute(r.Model+"/rest-other", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
-				PathSeparatedPrefix: base}}, 404, "not served through patchbay: the data path carries only POST "+base+"/infer, GET "+base+" and GET "+base+"/ready"))
-		} else {
-			msg := "model " + r.Model + " is not served over OIP REST (it is served over OIP gRPC)"
-			routes = append(routes,
-				directRoute(r.Model+"/rest-refused", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{
-					PathSeparatedPrefix: base}}, 404, msg),
-				directRoute(r.Model+"/server-rest-refused", restServerMatch(r.Model), 404, msg),
-			)
-		}
-		grpcModel := &routev3.RouteMatch{
-			PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: grpcOIPPrefix},
-			Headers:       []*routev3.HeaderMatcher{exactHeader(headers.Model, r.Model)},
-		}
-		if r.Serves(rollout.GRPC) {
-			routes = append(routes, modelRoutes(in, r, rollout.GRPC, "grpc", grpcSurfaceMatch(r.Model))...)
-			routes = append(routes, grpcDirectRoute(r.Model+"/grpc-other", grpcModel, 404, codes.Unimplemented,
-				"method not served through patchbay: the data path carries only "+strings.Join(GRPCMethods, ", ")))
-		} else {
-			routes = append(routes, grpcDirectRoute(r.Model+"/grpc-refused", grpcModel, 404, codes.Unimplemented,
-				"model "+r.Model+" is not served over OIP gRPC (it is served over OIP REST)"))
-		}
-	}
-	routes = append(routes,
 		directRoute("unknown-model", prefixMatch(restModelsPrefix), 404, "unknown model"),
 		directRoute("server-needs-model", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{
 			SafeRegex: &matcherv3.RegexMatcher{Regex: serverSurfaceRegex}}},
@@ -293,9 +315,14 @@ func envoyRoutes(in *Input) *routev3.RouteConfiguration {
 		grpcDirectRoute("unknown-grpc-model", prefixMatch(grpcOIPPrefix), 404, codes.NotFound,
 			"unknown model: set "+headers.Model+" to a known model"),
 		directRoute("not-inference", prefixMatch("/"), 404, "not found: patchbay's data path carries only the OIP inference surface"),
-	)
+	}
+}
+
+// routeConfig is one route table: one virtual host for every domain. The route key is
+// removed before the upstream: it is Envoy's own routing input, not the host's.
+func routeConfig(name string, routes []*routev3.Route) *routev3.RouteConfiguration {
 	return &routev3.RouteConfiguration{
-		Name: RouteConfigName,
+		Name: name,
 		VirtualHosts: []*routev3.VirtualHost{{
 			Name:    "patchbay",
 			Domains: []string{"*"},
@@ -312,7 +339,8 @@ func envoyRoutes(in *Input) *routev3.RouteConfiguration {
 				AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
 			}},
 		}},
-		ValidateClusters: wrapperspb.Bool(false),
+		RequestHeadersToRemove: []string{RouteKeyHeader},
+		ValidateClusters:       wrapperspb.Bool(false),
 	}
 }
 
@@ -463,7 +491,7 @@ func directRoute(name string, m *routev3.RouteMatch, status uint32, msg string) 
 
 // grpcDirectRoute is a direct response on a gRPC path: HTTP status for a non-gRPC caller,
 // and its own grpc-status, which Envoy keeps over its HTTP-to-gRPC mapping (see
-// envoyRoutes).
+// modelRouteConfig).
 func grpcDirectRoute(name string, m *routev3.RouteMatch, status uint32, code codes.Code, msg string) *routev3.Route {
 	r := directRoute(name, m, status, msg)
 	r.ResponseHeadersToAdd = append(r.ResponseHeadersToAdd, setHeader("grpc-status", strconv.Itoa(int(code))))

@@ -61,7 +61,7 @@ func outcome(t *testing.T, r *routev3.Route) string {
 	t.Helper()
 	switch {
 	case r == nil:
-		return "no route"
+		return "NR 404" // no scope (or no route): Envoy's 404 with the local_reply_config body
 	case r.GetDirectResponse() != nil:
 		return "direct " + strconv.Itoa(int(r.GetDirectResponse().GetStatus()))
 	case r.GetTypedPerFilterConfig()[faultFilter] != nil:
@@ -92,7 +92,10 @@ const oipPrefix = "/inference.GRPCInferenceService/"
 
 // TestOnlyInferenceReachesClusters: through Envoy (edge and sidecar share the table) only
 // the OIP inference surface reaches a model cluster; the repository extension, other
-// methods, verbs and paths are answered by Envoy itself.
+// methods, verbs and paths are answered by Envoy itself: a direct response of the scoped
+// route table, or, when the request's scope key selects no table (an unknown model, a
+// path outside the surface), Envoy's 404 NR, whose body the HCM's local_reply_config makes
+// an OIP error (TestNoScopeReply).
 func TestOnlyInferenceReachesClusters(t *testing.T) {
 	for _, tc := range []struct {
 		file  string
@@ -106,20 +109,20 @@ func TestOnlyInferenceReachesClusters(t *testing.T) {
 			{"GET", "/v2/health/ready", model("ranker"), "cluster"},
 			{"GET", "/v2", model("ranker"), "cluster"},
 			{"POST", "/v2/models/ranker/infer", map[string][]string{"x-patchbay-version": {"v8"}}, "cluster"},
-			{"GET", "/v2/health/ready", nil, "direct 404"},
+			{"GET", "/v2/health/ready", nil, "NR 404"},
 			{"GET", "/v2", nil, "direct 404"},
-			{"GET", "/v2/health/ready", model("nosuch"), "direct 404"},
-			{"POST", "/v2/repository/models/ranker/unload", nil, "direct 404"},
-			{"POST", "/v2/repository/models/ranker/load", model("ranker"), "direct 404"},
-			{"POST", "/v2/repository/index", nil, "direct 404"},
+			{"GET", "/v2/health/ready", model("nosuch"), "NR 404"},
+			{"POST", "/v2/repository/models/ranker/unload", nil, "NR 404"},
+			{"POST", "/v2/repository/models/ranker/load", model("ranker"), "NR 404"},
+			{"POST", "/v2/repository/index", nil, "NR 404"},
 			{"GET", "/v2/models/ranker/infer", nil, "direct 404"},
 			{"PUT", "/v2/models/ranker/infer", nil, "direct 404"},
 			{"POST", "/v2/models/ranker/ready", nil, "direct 404"},
 			{"DELETE", "/v2/models/ranker", nil, "direct 404"},
-			{"POST", "/v2/models/ranker/explain", nil, "direct 404"},
+			{"POST", "/v2/models/ranker/explain", nil, "NR 404"},
 			{"POST", "/v2/models/ranker/infer/x", nil, "direct 404"},
 			{"POST", "/v2/models/ranker/versions/v7/infer", nil, "direct 403"},
-			{"POST", "/v2/models/rankerx/infer", nil, "direct 404"},
+			{"POST", "/v2/models/rankerx/infer", nil, "NR 404"},
 			{"GET", "/metrics", nil, "direct 404"},
 			{"POST", oipPrefix + "ModelInfer", model("ranker"), "direct 404"}, // REST-only model
 			{"POST", "/v2/models/churn/infer", nil, "direct 404"},             // gRPC-only model
@@ -147,7 +150,7 @@ func TestOnlyInferenceReachesClusters(t *testing.T) {
 			{"POST", "/v2/models/scorer/versions/v3/infer", nil, "direct 404"},
 			{"DELETE", "/v2/models/scorer/versions/v1", nil, "direct 404"},
 			{"POST", "/v2/models/scorer/versions/v1/ready", nil, "direct 404"},
-			{"POST", "/v2/repository/models/scorer/unload", nil, "direct 404"},
+			{"POST", "/v2/repository/models/scorer/unload", nil, "NR 404"},
 		}},
 	} {
 		in := loadInput(t, tc.file)
@@ -156,9 +159,8 @@ func TestOnlyInferenceReachesClusters(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			routes := res[resource.RouteType][0].(*routev3.RouteConfiguration).GetVirtualHosts()[0].GetRoutes()
 			for _, c := range tc.cases {
-				r := firstRoute(t, routes, c.method, c.path, c.hdr)
+				r := envoyRoute(t, res, c.method, c.path, c.hdr)
 				if got := outcome(t, r); got != c.want {
 					t.Errorf("%s role %d: %s %s %v: %s (route %s), want %s", tc.file, role, c.method, c.path, c.hdr, got, r.GetName(), c.want)
 				}

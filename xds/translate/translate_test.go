@@ -93,6 +93,7 @@ func TestGolden(t *testing.T) {
 				"version":   b.Version,
 				"listeners": edge[resource.ListenerType],
 				"routes":    edge[resource.RouteType],
+				"scopes":    edge[resource.ScopedRouteType],
 				"clusters":  edge[resource.ClusterType],
 				"endpoints": edge[resource.EndpointType],
 				"grpc":      map[string]any{"listeners": GRPC(in)[resource.ListenerType], "clusters": GRPC(in)[resource.ClusterType]},
