@@ -123,8 +123,21 @@ func LoadDir(dir string) (*Set, error) {
 	return LoadData(files)
 }
 
-// LoadData parses and validates files already read (see ReadDir).
+// LoadData parses and validates files already read (see ReadDir). A call of more than one
+// file goes through a package-wide Cache: a file whose path and bytes the previous such
+// call parsed is not parsed again (the control plane's reload after a one-file edit parses
+// one file). A call of one file (a validation of one document, as xds/kube does for every
+// object) parses it and leaves the cache alone, so it does not evict the directory's
+// entries. The result is the same either way; see Cache for what a caller must not change.
 func LoadData(files []File) (*Set, error) {
+	if len(files) <= 1 {
+		return loadData(files, Parse)
+	}
+	return defaultCache.LoadData(files)
+}
+
+// loadData is LoadData with the parse of one file's bytes given.
+func loadData(files []File, parse func(name string, data []byte) ([]*Rollout, error)) (*Set, error) {
 	var (
 		set  Set
 		errs []error
@@ -134,7 +147,7 @@ func LoadData(files []File) (*Set, error) {
 			errs = append(errs, &Error{File: f.Path, Msg: f.Err.Error()})
 			continue
 		}
-		rs, err := Parse(f.Path, f.Data)
+		rs, err := parse(f.Path, f.Data)
 		set.Rollouts = append(set.Rollouts, rs...)
 		if err != nil {
 			errs = append(errs, err)
