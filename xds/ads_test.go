@@ -220,8 +220,10 @@ func TestNACKDoesNotStorm(t *testing.T) {
 			if without < 100*max(withGuard, 1) {
 				t.Fatalf("without the guard only %d responses in %s (with it %d): the test no longer shows a storm to guard against", without, window, withGuard)
 			}
-			// A real change is still delivered.
-			writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001"}, "{v1: 100}", "timeout: "+time.Duration(1+len(typ)%7).String()+"\n"))
+			// A real change of that type is still delivered: a new version (a new cluster,
+			// and a new policy version). Resources are versioned one by one, so an edit that
+			// changes no cluster sends a CDS client nothing.
+			writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001", "v2": "127.0.0.1:9002"}, "{v1: 100}", ""))
 			select {
 			case r := <-got:
 				if r.GetVersionInfo() == first.GetVersionInfo() && typ != policyv1.TypeURL {
@@ -361,12 +363,21 @@ func TestDeltaADS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Make before break: the new cluster comes first, its removal of v2 only after the
+	// routes that named v2 have been replaced (a later response).
 	want := strings.Replace(v2, "_v2", "_v3", 1)
-	if got := names(r); len(got) != 1 || got[0] != want {
-		t.Fatalf("after the edit delta CDS sent %v, want only the new cluster %s (not the unchanged %s)", got, want, v1)
+	if got := names(r); len(got) != 1 || got[0] != want || len(r.GetRemovedResources()) != 0 {
+		t.Fatalf("after the edit delta CDS sent %v (removed %v), want only the new cluster %s (not the unchanged %s) and no removal yet", got, r.GetRemovedResources(), want, v1)
 	}
-	if rm := r.GetRemovedResources(); len(rm) != 1 || rm[0] != v2 {
-		t.Fatalf("after the edit delta CDS removed %v, want [%s]", rm, v2)
+	if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: envoyNode("edge"), TypeUrl: resource.ClusterType, ResponseNonce: r.GetNonce()}); err != nil {
+		t.Fatal(err)
+	}
+	r, err = s.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rm := r.GetRemovedResources(); len(rm) != 1 || rm[0] != v2 || len(r.GetResources()) != 0 {
+		t.Fatalf("then delta CDS sent %v and removed %v, want only the removal of %s", names(r), rm, v2)
 	}
 }
 
@@ -378,7 +389,7 @@ func TestDNSNamesFollowAddressChanges(t *testing.T) {
 	writeFile(t, dir, "mover.yaml", rolloutDoc("mover", map[string]string{"v1": "moving.models.svc:8001"}, "{v1: 100}", ""))
 	c := startCP(t, dir)
 	addr := func() string {
-		snap, err := c.srv.snapshots.GetSnapshot(string(FlavourGRPC))
+		snap, err := c.srv.Served(FlavourGRPC)
 		if err != nil {
 			return ""
 		}

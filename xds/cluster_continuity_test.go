@@ -97,7 +97,7 @@ func servedClusters(t *testing.T, s *Server) map[Flavour]flavourClusters {
 	t.Helper()
 	out := map[Flavour]flavourClusters{}
 	for _, f := range []Flavour{FlavourEdge, FlavourSidecar, FlavourGRPC} {
-		snap, err := s.snapshots.GetSnapshot(string(f))
+		snap, err := s.Served(f)
 		if err != nil {
 			t.Fatal(err)
 		}

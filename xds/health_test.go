@@ -74,7 +74,7 @@ func (h *versionHost) setGRPC(ok bool) {
 // the translate.Slots slots, as Envoy walks its weighted clusters.
 func servedSplit(t *testing.T, c *cp, route string) []string {
 	t.Helper()
-	snap, err := c.srv.snapshots.GetSnapshot(string(FlavourEdge))
+	snap, err := c.srv.Served(FlavourEdge)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +96,7 @@ func servedSplit(t *testing.T, c *cp, route string) []string {
 
 func hasRoute(t *testing.T, c *cp, name string) bool {
 	t.Helper()
-	snap, err := c.srv.snapshots.GetSnapshot(string(FlavourEdge))
+	snap, err := c.srv.Served(FlavourEdge)
 	if err != nil {
 		t.Fatal(err)
 	}

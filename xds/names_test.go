@@ -69,7 +69,7 @@ func TestUnresolvedNamesAreShownAndNeverGivenAShare(t *testing.T) {
 	// 3. It stops resolving: last addresses kept, flagged stale.
 	fakeDNS.unset("late.invalid")
 	waitFor(t, 5*time.Second, "the name flagged stale", func() bool { return c.srv.Status().Names["late.invalid"].State == "stale" })
-	snap, _ := c.srv.snapshots.GetSnapshot(string(FlavourGRPC))
+	snap, _ := c.srv.Served(FlavourGRPC)
 	cla := snap.GetResources(resource.EndpointType)["n_v2_grpc"].(*endpointv3.ClusterLoadAssignment)
 	if got := cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress(); got != "10.6.0.2" {
 		t.Fatalf("stale name served %q, want its last address 10.6.0.2", got)

@@ -85,7 +85,7 @@ func doors(t *testing.T, s *Server, model, version string) []string {
 	cl := strings.ToLower(model + "_" + version)
 	hit := func(name string) bool { return name == cl || name == cl+"_grpc" }
 	for _, f := range []Flavour{FlavourEdge, FlavourSidecar, FlavourGRPC} {
-		snap, err := s.snapshots.GetSnapshot(string(f))
+		snap, err := s.Served(f)
 		if err != nil {
 			t.Fatal(err)
 		}

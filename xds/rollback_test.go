@@ -37,7 +37,7 @@ func TestRollbackSemantics(t *testing.T) {
 	if len(st.Experiments) != 0 || len(st.Shadows) != 0 || st.Rollback == nil {
 		t.Fatalf("rollback kept experiments/shadows or is not shown: %+v", st)
 	}
-	snap, _ := c.srv.snapshots.GetSnapshot(string(FlavourGRPC))
+	snap, _ := c.srv.Served(FlavourGRPC)
 	cla := snap.GetResources(resource.EndpointType)["r_v1_grpc"].(*endpointv3.ClusterLoadAssignment)
 	if got := cla.GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue(); got != 9011 {
 		t.Fatalf("rollback brought back old endpoints: v1 on port %d, want the current file's 9011", got)

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
@@ -104,12 +105,13 @@ type Config struct {
 
 // Server is a running control plane.
 type Server struct {
-	cfg       Config
-	log       zerolog.Logger
-	snapshots cachev3.SnapshotCache
-	policies  *cachev3.LinearCache
-	cache     cachev3.Cache
-	metrics   *metrics
+	cfg      Config
+	log      zerolog.Logger
+	res      *resourceCache
+	builder  *translate.Builder
+	policies *cachev3.LinearCache
+	cache    cachev3.Cache
+	metrics  *metrics
 
 	tls      *tlsfiles.Source // nil without TLS
 	identity bool             // client certificates required: roles follow them
@@ -151,7 +153,7 @@ type state struct {
 	storeErr error
 	// problems are the last read's problems per document (ProblemReporter).
 	problems map[string][]*rollout.Error
-	built    *translate.Built
+	built    *translate.Output
 	applied  time.Time
 	// curErr is the error of the last reload when it failed (nil once one succeeds);
 	// errs the last errorHistory distinct rejections, oldest first.
@@ -234,10 +236,11 @@ func New(cfg Config) (*Server, error) {
 	}
 	log := cfg.Logger.With().Str("component", "xds").Logger()
 	s := &Server{
-		cfg:       cfg,
-		log:       log,
-		snapshots: cachev3.NewSnapshotCache(false, nodeHash{}, nil),
-		policies:  cachev3.NewLinearCache(policyv1.TypeURL),
+		cfg:      cfg,
+		log:      log,
+		res:      newResourceCache(),
+		builder:  translate.NewBuilder(cfg.Translate),
+		policies: cachev3.NewLinearCache(policyv1.TypeURL),
 		state: state{
 			models:    map[string]store.ModelState{},
 			slots:     map[string]translate.SlotMap{},
@@ -285,20 +288,26 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.tls, s.identity = src, cfg.TLS.CA != ""
 	}
-	classify := func(typeURL string) string {
+	caches := s.res.muxCaches()
+	caches[policyKey] = s.policies
+	caches[silentKey] = silentCache{}
+	// A request goes to its flavour's cache of its type (the policy to the one policy
+	// cache); a node the callbacks did not admit, or a type no flavour is served, to a
+	// cache that never answers.
+	classify := func(n *corev3.Node, typeURL string) string {
 		if typeURL == policyv1.TypeURL {
-			return "policy"
+			return policyKey
 		}
-		return "snapshot"
+		if k := muxKey(nodeHash{}.ID(n), typeURL); caches[k] != nil {
+			return k
+		}
+		return silentKey
 	}
-	s.cache = &nackGuard{
-		Cache: &cachev3.MuxCache{
-			Classify:      func(r *cachev3.Request) string { return classify(r.GetTypeUrl()) },
-			ClassifyDelta: func(r *cachev3.DeltaRequest) string { return classify(r.GetTypeUrl()) },
-			Caches:        map[string]cachev3.Cache{"snapshot": s.snapshots, "policy": s.policies},
-		},
-		snapshots: s.snapshots,
-	}
+	s.cache = &nackGuard{Cache: &cachev3.MuxCache{
+		Classify:      func(r *cachev3.Request) string { return classify(r.GetNode(), r.GetTypeUrl()) },
+		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return classify(r.GetNode(), r.GetTypeUrl()) },
+		Caches:        caches,
+	}}
 	if cfg.VersionHealth > 0 {
 		s.prober = s.newProber()
 	}
@@ -864,14 +873,14 @@ func (s *Server) effectiveLocked() *rollout.Set {
 
 // buildLocked translates the effective set on the current slot maps and checks it,
 // without serving it.
-func (s *Server) buildLocked() (*translate.Built, error) {
+func (s *Server) buildLocked() (*translate.Output, error) {
 	set := s.effectiveLocked()
 	if err := s.checkResolvedLocked(set); err != nil {
 		return nil, fmt.Errorf("config rejected, still serving the last good config: %w", err)
 	}
 	slots := translate.SlotMaps(set, s.state.slots)
 	in := &translate.Input{Set: set, Slots: slots, Resolved: s.state.resolved, Unhealthy: s.state.unhealthy, Zones: s.zonesLocked(set)}
-	built, err := translate.Build(in, s.cfg.Translate)
+	built, err := s.builder.Build(in)
 	if err != nil {
 		return nil, fmt.Errorf("translation rejected, still serving the last good config: %w", err)
 	}
@@ -891,14 +900,12 @@ func (s *Server) applyLocked(ctx context.Context) error {
 }
 
 // serveLocked swaps the snapshots and the policy for built (checked by buildLocked).
-func (s *Server) serveLocked(ctx context.Context, built *translate.Built, start time.Time) error {
+func (s *Server) serveLocked(ctx context.Context, built *translate.Output, start time.Time) error {
 	if s.state.built != nil && built.Version == s.state.built.Version {
 		return nil // nothing changed
 	}
-	for f, snap := range map[Flavour]*cachev3.Snapshot{FlavourEdge: built.Edge, FlavourSidecar: built.Sidecar, FlavourGRPC: built.GRPC} {
-		if err := s.snapshots.SetSnapshot(ctx, string(f), snap); err != nil {
-			return fmt.Errorf("set %s snapshot: %w", f, err)
-		}
+	if err := s.res.apply(built); err != nil {
+		return fmt.Errorf("serve: %w", err)
 	}
 	if err := s.policies.UpdateResource(policyv1.ResourceName, built.Policy); err != nil {
 		return fmt.Errorf("set policy: %w", err)

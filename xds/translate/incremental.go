@@ -1,0 +1,294 @@
+package translate
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"reflect"
+	"slices"
+	"sort"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+
+	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
+	"github.com/patchbay-io/patchbay/internal/envoyvalidate"
+	"github.com/patchbay-io/patchbay/xds/rollout"
+)
+
+// Flavours of the resources a Builder produces, indexes of Output.Shared and
+// ModelOutput.Res.
+const (
+	FlavourEdge = iota
+	FlavourSidecar
+	FlavourGRPC
+	flavourCount
+)
+
+var flavourNames = [flavourCount]string{"edge", "sidecar", "grpc"}
+
+// Output is one incremental build: each flavour's shared resources, each model's own, the
+// ext_proc policy and the version of it all.
+type Output struct {
+	Version string
+	Shared  [flavourCount]Resources
+	// Models holds each model's resources. A model whose inputs did not change since the
+	// previous build has the same *ModelOutput as in the previous Output, so a consumer can
+	// skip it by comparing pointers.
+	Models map[string]*ModelOutput
+	Policy *policyv1.Policy
+	// Rebuilt names the models translated by this build (the others were reused).
+	Rebuilt []string
+}
+
+// Flavour is every resource of flavour f: the shared ones, then each model's.
+func (o *Output) Flavour(f int) Resources {
+	out := Resources{}
+	for t, rs := range o.Shared[f] {
+		out[t] = append(out[t], rs...)
+	}
+	for _, m := range sortedKeys(o.Models) {
+		for t, rs := range o.Models[m].Res[f] {
+			out[t] = append(out[t], rs...)
+		}
+	}
+	return out
+}
+
+// ModelOutput is one model's translated, validated resources for every flavour.
+type ModelOutput struct {
+	Res  [flavourCount]Resources
+	hash [32]byte // of the resources' deterministic bytes, every flavour
+	in   modelInputs
+	// bytes of each resource by flavour, type and name: a rebuilt resource with the same
+	// bytes as before is replaced by the previous value (pointer), so it is not sent again.
+	bytes [flavourCount]map[string]map[string][]byte
+}
+
+// modelInputs is everything a model's resources depend on (see EnvoyModel).
+type modelInputs struct {
+	r         *rollout.Rollout
+	slots     SlotMap
+	resolved  map[string][]string // r's host names only
+	zones     map[string]string   // r's resolved addresses only
+	unhealthy map[string]bool
+}
+
+func (a modelInputs) same(b modelInputs) bool {
+	if a.r != b.r && !reflect.DeepEqual(a.r, b.r) {
+		return false
+	}
+	return slices.Equal(a.slots, b.slots) && reflect.DeepEqual(a.resolved, b.resolved) &&
+		reflect.DeepEqual(a.zones, b.zones) && reflect.DeepEqual(a.unhealthy, b.unhealthy)
+}
+
+// Builder translates incrementally: it keeps each model's translated and validated
+// resources, and a build translates and validates again only the models whose inputs
+// changed (their rollout, slot map, resolved addresses and zones, health), plus the
+// shared part of each flavour. What it returns is checked as Build checks: Envoy's
+// validation rules inside every Any, every route's clusters exist, the policy passes
+// policyv1.Validate. A Builder is not safe for concurrent use.
+type Builder struct {
+	opts   Options
+	models map[string]*ModelOutput
+}
+
+// NewBuilder returns a Builder for the deployment options.
+func NewBuilder(opts Options) *Builder {
+	return &Builder{opts: opts, models: map[string]*ModelOutput{}}
+}
+
+// Build translates in. On error nothing of the Builder's memory changes: the next build
+// starts from the last good one.
+func (b *Builder) Build(in *Input) (*Output, error) {
+	out := &Output{Models: make(map[string]*ModelOutput, len(in.Set.Rollouts))}
+	var errs []error
+	for f, role := range []Role{Edge, Sidecar} {
+		res, err := EnvoyShared(in, b.opts, role)
+		if err != nil {
+			return nil, err
+		}
+		out.Shared[f] = res
+	}
+	out.Shared[FlavourGRPC] = Resources{}
+	for f := range flavourCount {
+		for _, typ := range sortedTypes(out.Shared[f]) {
+			for _, r := range out.Shared[f][typ] {
+				if err := envoyvalidate.Validate(r); err != nil {
+					errs = append(errs, fmt.Errorf("%s %s %q: %w", flavourNames[f], shortType(typ), cachev3.GetResourceName(r), err))
+				}
+			}
+		}
+	}
+	for _, r := range in.Set.Rollouts {
+		mi := inputsOf(in, r)
+		prev := b.models[r.Model]
+		if prev != nil && prev.in.same(mi) {
+			out.Models[r.Model] = prev
+			continue
+		}
+		mo, err := b.buildModel(in, r, mi, prev)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		out.Models[r.Model] = mo
+		out.Rebuilt = append(out.Rebuilt, r.Model)
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	// Every route must name a cluster that exists. A rebuilt model's routes name its own
+	// clusters (checked in buildModel); the shared resources are checked against every
+	// model's clusters.
+	for f := range flavourCount {
+		if len(out.Shared[f][resource.RouteType]) == 0 {
+			continue
+		}
+		all := Resources{}
+		for t, rs := range out.Shared[f] {
+			all[t] = rs
+		}
+		for _, m := range out.Models {
+			all[resource.ClusterType] = append(all[resource.ClusterType], m.Res[f][resource.ClusterType]...)
+		}
+		if err := checkClusterRefs(all); err != nil {
+			return nil, fmt.Errorf("%s: %w", flavourNames[f], err)
+		}
+	}
+	policy := Policy(in, "")
+	if err := policyv1.Validate(policy); err != nil {
+		return nil, fmt.Errorf("ext_proc policy: %w", err)
+	}
+	pb, err := proto.MarshalOptions{Deterministic: true}.Marshal(policy)
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	for f := range flavourCount {
+		for _, typ := range sortedTypes(out.Shared[f]) {
+			for _, r := range out.Shared[f][typ] {
+				bb, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+				if err != nil {
+					return nil, err
+				}
+				h.Write(bb)
+			}
+		}
+	}
+	for _, m := range sortedKeys(out.Models) {
+		mh := out.Models[m].hash
+		h.Write([]byte(m))
+		h.Write(mh[:])
+	}
+	h.Write(pb)
+	out.Version = hex.EncodeToString(h.Sum(nil))[:16]
+	policy.ConfigVersion = out.Version
+	out.Policy = policy
+	b.models = out.Models
+	return out, nil
+}
+
+// buildModel translates and validates one model, reusing prev's values of the resources
+// whose bytes did not change.
+func (b *Builder) buildModel(in *Input, r *rollout.Rollout, mi modelInputs, prev *ModelOutput) (*ModelOutput, error) {
+	mo := &ModelOutput{in: mi}
+	mo.Res[FlavourEdge] = EnvoyModel(in, r, b.opts, Edge)
+	mo.Res[FlavourSidecar] = EnvoyModel(in, r, b.opts, Sidecar)
+	mo.Res[FlavourGRPC] = GRPCModel(in, r, b.opts)
+	h := sha256.New()
+	var errs []error
+	for f := range flavourCount {
+		mo.bytes[f] = map[string]map[string][]byte{}
+		for _, typ := range sortedTypes(mo.Res[f]) {
+			mo.bytes[f][typ] = map[string][]byte{}
+			for i, res := range mo.Res[f][typ] {
+				name := cachev3.GetResourceName(res)
+				bb, err := proto.MarshalOptions{Deterministic: true}.Marshal(res)
+				if err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				mo.bytes[f][typ][name] = bb
+				h.Write(bb)
+				if prev != nil {
+					if old, ok := prev.bytes[f][typ][name]; ok && bytes.Equal(old, bb) {
+						mo.Res[f][typ][i] = prev.lookup(f, typ, name)
+						continue // validated when it was built
+					}
+				}
+				if err := envoyvalidate.Validate(res); err != nil {
+					errs = append(errs, fmt.Errorf("%s %s %q: %w", flavourNames[f], shortType(typ), name, err))
+				}
+			}
+		}
+	}
+	for f := range flavourCount {
+		if err := checkClusterRefs(mo.Res[f]); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", flavourNames[f], err))
+		}
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("model %s: %w", r.Model, errors.Join(errs...))
+	}
+	copy(mo.hash[:], h.Sum(nil))
+	return mo, nil
+}
+
+// lookup finds one of the model's resources by flavour, type and name.
+func (mo *ModelOutput) lookup(f int, typ, name string) types.Resource {
+	for _, r := range mo.Res[f][typ] {
+		if cachev3.GetResourceName(r) == name {
+			return r
+		}
+	}
+	return nil
+}
+
+// inputsOf gathers what model r's resources depend on.
+func inputsOf(in *Input, r *rollout.Rollout) modelInputs {
+	mi := modelInputs{r: r, slots: in.Slots[r.Model], unhealthy: in.Unhealthy[r.Model]}
+	for _, v := range r.Versions {
+		for _, ep := range v.AllEndpoints() {
+			host, _, err := net.SplitHostPort(ep)
+			if err != nil {
+				continue
+			}
+			if net.ParseIP(host) == nil {
+				if mi.resolved == nil {
+					mi.resolved = map[string][]string{}
+				}
+				addrs := in.Resolved[host]
+				mi.resolved[host] = addrs
+				for _, a := range addrs {
+					if z, ok := in.Zones[a]; ok {
+						if mi.zones == nil {
+							mi.zones = map[string]string{}
+						}
+						mi.zones[a] = z
+					}
+				}
+			} else if z, ok := in.Zones[host]; ok {
+				if mi.zones == nil {
+					mi.zones = map[string]string{}
+				}
+				mi.zones[host] = z
+			}
+		}
+	}
+	return mi
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
