@@ -84,7 +84,7 @@ func ModelName(i int) string { return fmt.Sprintf("model-%05d", i) }
 
 // ModelDoc is model i's rollout: Versions versions, each with one REST endpoint (and a
 // gRPC one when withGRPC) on its own IP address (no DNS); traffic on two of them, a
-// canary (edit 0: v1 90%, v2 10%; edit e moves e%10 points from v1 to v2), the other three
+// canary (edit 0: v1 90%, v2 10%; edit e moves e%80 points from v1 to v2), the other three
 // kept at 0 for rollbacks (their clusters exist, they get no routes of their own).
 func ModelDoc(i, edit int, withGRPC bool) string {
 	var b strings.Builder
@@ -96,7 +96,7 @@ func ModelDoc(i, edit int, withGRPC bool) string {
 			fmt.Fprintf(&b, "    grpcEndpoints: [\"%s:9000\"]\n", ip)
 		}
 	}
-	shift := edit % 10
+	shift := edit % 80
 	fmt.Fprintf(&b, "traffic: {v1: %d, v2: %d, v3: 0, v4: 0, v5: 0}\n", 90-shift, 10+shift)
 	return b.String()
 }
@@ -129,8 +129,14 @@ type Proc struct {
 	Cmd   *exec.Cmd
 	ADS   string // host:port of ADS
 	Admin string // host:port of the admin API
-	// Ready is the time from the process start to /readyz answering 200.
-	Ready time.Duration
+	// Started is when the process was started; Ready the time from then to /readyz 200.
+	Started time.Time
+	Ready   time.Duration
+
+	bin  string
+	args []string
+	log  *os.File
+	done chan struct{}
 }
 
 func freePort(tb testing.TB) string {
@@ -149,38 +155,41 @@ func freePort(tb testing.TB) string {
 const HealthOff = "--version-health-interval=0"
 
 // Start runs `patchbay xds --rollouts dir` (plus extra flags) and waits (bounded by
-// timeout) until /readyz answers 200. The process is killed when the test ends.
+// timeout) until /readyz answers 200. The process is stopped when the test ends.
 func Start(tb testing.TB, bin, dir string, timeout time.Duration, extra ...string) *Proc {
 	tb.Helper()
-	p := &Proc{ADS: freePort(tb), Admin: freePort(tb)}
-	args := append([]string{"xds", "--rollouts", dir, "--listen", p.ADS, "--admin", p.Admin, "--log-level", "warn"}, extra...)
-	p.Cmd = exec.Command(bin, args...)
+	p := &Proc{ADS: freePort(tb), Admin: freePort(tb), bin: bin}
+	p.args = append([]string{"xds", "--rollouts", dir, "--listen", p.ADS, "--admin", p.Admin, "--log-level", "warn"}, extra...)
 	logf, err := os.Create(filepath.Join(tb.TempDir(), "xds.log"))
 	if err != nil {
 		tb.Fatal(err)
 	}
-	p.Cmd.Stdout, p.Cmd.Stderr = logf, logf
-	start := time.Now()
+	p.log = logf
+	tb.Cleanup(func() {
+		p.stop(syscall.SIGTERM)
+		logf.Close()
+	})
+	p.launch(tb, timeout)
+	return p
+}
+
+func (p *Proc) launch(tb testing.TB, timeout time.Duration) {
+	tb.Helper()
+	p.Cmd = exec.Command(p.bin, p.args...)
+	p.Cmd.Stdout, p.Cmd.Stderr = p.log, p.log
+	p.Started = time.Now()
 	if err := p.Cmd.Start(); err != nil {
 		tb.Fatal(err)
 	}
 	done := make(chan struct{})
-	go func() { p.Cmd.Wait(); close(done) }()
-	tb.Cleanup(func() {
-		p.Cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			p.Cmd.Process.Kill()
-			<-done
-		}
-		logf.Close()
-	})
+	p.done = done
+	cmd := p.Cmd
+	go func() { cmd.Wait(); close(done) }()
 	client := &http.Client{Timeout: time.Second}
-	for time.Since(start) < timeout {
+	for time.Since(p.Started) < timeout {
 		select {
 		case <-done:
-			b, _ := os.ReadFile(logf.Name())
+			b, _ := os.ReadFile(p.log.Name())
 			tb.Fatalf("patchbay xds exited before ready:\n%s", b)
 		default:
 		}
@@ -188,15 +197,35 @@ func Start(tb testing.TB, bin, dir string, timeout time.Duration, extra ...strin
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				p.Ready = time.Since(start)
-				return p
+				p.Ready = time.Since(p.Started)
+				return
 			}
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	tb.Fatalf("patchbay xds not ready within %v", timeout)
-	return nil
 }
+
+// stop signals the process and waits for it (SIGKILL after 10 s).
+func (p *Proc) stop(sig syscall.Signal) {
+	if p.Cmd == nil || p.Cmd.Process == nil {
+		return
+	}
+	p.Cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		p.Cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// Kill kills the process (SIGKILL: no graceful stream close) and waits for it to exit.
+func (p *Proc) Kill() { p.stop(syscall.SIGKILL) }
+
+// Restart starts the process again with the same arguments (same ports, same rollout
+// directory) and waits until /readyz answers 200.
+func (p *Proc) Restart(tb testing.TB, timeout time.Duration) { p.launch(tb, timeout) }
 
 // Mem is a process's resident set (VmRSS) and its peak (VmHWM), in bytes.
 type Mem struct{ RSS, HWM float64 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -22,6 +23,12 @@ type Request struct {
 // matchers were evaluated until the match (the matching one included) and the matched
 // route's name. Matchers this code does not model return an error rather than a guess.
 func Walk(rc *routev3.RouteConfiguration, req Request) (int, string, error) {
+	n, r, err := WalkRoute(rc, req)
+	return n, r.GetName(), err
+}
+
+// WalkRoute is Walk returning the matched route itself (nil when none matched).
+func WalkRoute(rc *routev3.RouteConfiguration, req Request) (int, *routev3.Route, error) {
 	var vh *routev3.VirtualHost
 	for _, v := range rc.GetVirtualHosts() {
 		for _, d := range v.GetDomains() {
@@ -34,21 +41,21 @@ func Walk(rc *routev3.RouteConfiguration, req Request) (int, string, error) {
 		}
 	}
 	if vh == nil {
-		return 0, "", fmt.Errorf("no virtual host")
+		return 0, nil, fmt.Errorf("no virtual host")
 	}
 	for i, r := range vh.GetRoutes() {
 		ok, err := matches(r.GetMatch(), req)
 		if err != nil {
-			return i + 1, "", fmt.Errorf("route %q: %w", r.GetName(), err)
+			return i + 1, nil, fmt.Errorf("route %q: %w", r.GetName(), err)
 		}
 		if ok {
-			return i + 1, r.GetName(), nil
+			return i + 1, r, nil
 		}
 	}
-	return len(vh.GetRoutes()), "", nil
+	return len(vh.GetRoutes()), nil, nil
 }
 
-var regexCache = map[string]*regexp.Regexp{}
+var regexCache sync.Map // string -> *regexp.Regexp
 
 func matches(m *routev3.RouteMatch, req Request) (bool, error) {
 	if m.GetRuntimeFraction() != nil || len(m.GetQueryParameters()) > 0 || m.GetGrpc() != nil || m.GetDynamicMetadata() != nil {
@@ -72,14 +79,16 @@ func matches(m *routev3.RouteMatch, req Request) (bool, error) {
 			return false, nil
 		}
 	case *routev3.RouteMatch_SafeRegex:
-		re, ok := regexCache[s.SafeRegex.GetRegex()]
-		if !ok {
+		var re *regexp.Regexp
+		if v, ok := regexCache.Load(s.SafeRegex.GetRegex()); ok {
+			re = v.(*regexp.Regexp)
+		} else {
 			var err error
 			// Envoy's safe_regex on a path is a full match (RE2 FullMatch).
 			if re, err = regexp.Compile("^(?:" + s.SafeRegex.GetRegex() + ")$"); err != nil {
 				return false, err
 			}
-			regexCache[s.SafeRegex.GetRegex()] = re
+			regexCache.Store(s.SafeRegex.GetRegex(), re)
 		}
 		if !re.MatchString(p) {
 			return false, nil

@@ -1,17 +1,22 @@
 package xdsscale
 
 import (
+	"strings"
 	"testing"
+	"time"
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
-// edgeRoutes translates n of the benchmark's models into the edge route table.
-func edgeRoutes(t *testing.T, n int) *routev3.RouteConfiguration {
+// translated is the edge config of n of the benchmark's models as an Envoy client would
+// hold it, straight from translate.Envoy.
+func translated(t *testing.T, n int) (Snapshot, *rollout.Set) {
 	t.Helper()
 	dir := t.TempDir()
 	WriteModels(t, dir, n)
@@ -24,42 +29,118 @@ func edgeRoutes(t *testing.T, n int) *routev3.RouteConfiguration {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, r := range res[resource.RouteType] {
-		if rc := r.(*routev3.RouteConfiguration); rc.GetName() == translate.RouteConfigName {
-			return rc
+	s := Snapshot{Res: map[string]map[string]*Held{}, Got: map[string]bool{}}
+	for typ, rs := range res {
+		s.Res[typ], s.Got[typ] = map[string]*Held{}, true
+		for _, r := range rs {
+			a, err := anypb.New(r.(proto.Message))
+			if err != nil {
+				t.Fatal(err)
+			}
+			h, err := decode(typ, a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.Res[typ][name(h.Msg)] = h
 		}
 	}
-	t.Fatal("no edge route table")
-	return nil
+	return s, set
 }
 
-// TestWalkMatchesLikeEnvoy: on the real translated table, each request lands on the route
-// Envoy's first-match rule gives it, and the count grows with the model's position.
+// TestWalkMatchesLikeEnvoy: on the real translated edge config, each request lands on the
+// route Envoy's rules give it (scope, then first match), and what a request for a model
+// passes through does not depend on the model's position once the routes are scoped (it
+// grew with it in the flat table).
 func TestWalkMatchesLikeEnvoy(t *testing.T) {
-	rc := edgeRoutes(t, 3)
+	s, _ := translated(t, 3)
+	if !s.Complete() {
+		t.Fatal("the translated config is not complete by the client's rule (a route config or endpoints named but missing)")
+	}
 	cases := []struct {
-		req      Request
-		wantName string
+		req  Request
+		want []string // the matched route's name contains these
 	}{
-		{Request{Method: "POST", Path: "/v2/models/model-00002/infer"}, "model-00002/infer/split"},
-		{Request{Method: "POST", Path: "/v2/models/model-00000/infer", Headers: map[string]string{"x-patchbay-version": "v3"}}, "model-00000/infer/version/v3"},
-		{Request{Method: "GET", Path: "/v2/models/model-00001/ready"}, "model-00001/ready/split"},
-		{Request{Method: "GET", Path: "/v2/models/nope"}, "unknown-model"},
-		{Request{Method: "GET", Path: "/elsewhere"}, "not-inference"},
+		{Request{Method: "POST", Path: "/v2/models/model-00002/infer"}, []string{"model-00002", "infer", "split"}},
+		{Request{Method: "POST", Path: "/v2/models/model-00000/infer", Headers: map[string]string{"x-patchbay-version": "v3"}}, []string{"model-00000", "infer", "v3"}},
+		{Request{Method: "GET", Path: "/v2/models/model-00001/ready"}, []string{"model-00001", "ready", "split"}},
 	}
 	for _, c := range cases {
-		_, name, err := Walk(rc, c.req)
+		_, name, err := s.Matchers(c.req)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if name != c.wantName {
-			t.Errorf("%s %s %v matched %q, want %q", c.req.Method, c.req.Path, c.req.Headers, name, c.wantName)
+		for _, w := range c.want {
+			if !strings.Contains(name, w) {
+				t.Errorf("%s %s %v matched %q, want a route naming %v", c.req.Method, c.req.Path, c.req.Headers, name, c.want)
+				break
+			}
 		}
 	}
-	first, _, _ := Walk(rc, Request{Method: "POST", Path: "/v2/models/model-00000/infer"})
-	last, _, _ := Walk(rc, Request{Method: "POST", Path: "/v2/models/model-00002/infer"})
-	perModel := (last - first) / 2
-	if perModel < 5 || last != first+2*perModel {
-		t.Errorf("matchers: first model %d, last %d: want the same number of routes per model before each", first, last)
+	first, _, _ := s.Matchers(inferReq(0))
+	last, _, _ := s.Matchers(inferReq(2))
+	_, lookups, _ := s.RouteFor(inferReq(2))
+	if lookups > 0 && first != last {
+		t.Errorf("scoped routes: matchers for the first model %d, the last %d: want the same", first, last)
+	}
+	if lookups == 0 && (last-first)%2 != 0 {
+		t.Errorf("flat table: matchers first %d, last %d: want the same number of routes per model before each", first, last)
+	}
+}
+
+// TestOldFlatReference: OldFlatMatchers equals the walk of the flat table where translate
+// still emits one (commits up to 403a3fa, checked there at 1, 3, 100 and 250 models,
+// first, middle and last model); once routes are scoped it is the reference alone.
+func TestOldFlatReference(t *testing.T) {
+	s, set := translated(t, 40)
+	flat, ok := s.Res[resource.RouteType][translate.RouteConfigName]
+	if !ok || len(flat.Msg.(*routev3.RouteConfiguration).GetVirtualHosts()) == 0 ||
+		len(flat.Msg.(*routev3.RouteConfiguration).GetVirtualHosts()[0].GetRoutes()) < 40 {
+		t.Skip("translate emits scoped routes: no flat table to check the reference against (it was checked at 403a3fa)")
+	}
+	for _, i := range []int{0, 17, 39} {
+		got, _, err := Walk(flat.Msg.(*routev3.RouteConfiguration), inferReq(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := OldFlatMatchers(set, ModelName(i))
+		if err != nil || got != want {
+			t.Errorf("model %d: the flat table walks %d, the reference says %d (%v)", i, got, want, err)
+		}
+	}
+}
+
+// TestEnvoyClientFollowsTheShippedControlPlane: the Envoy-like clients (delta and SotW),
+// over real gRPC to the shipped binary, reach a complete config, route every model's
+// request, and hold an edit of one model's split.
+func TestEnvoyClientFollowsTheShippedControlPlane(t *testing.T) {
+	dir := t.TempDir()
+	WriteModels(t, dir, 5)
+	p := Start(t, Binary(t), dir, time.Minute, HealthOff)
+	ctx := WaitCtx(t, time.Minute)
+	var clients []*Envoy
+	for _, delta := range []bool{true, false} {
+		e, err := DialEnvoy(ctx, p.ADS, "envoy-client-test", delta)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		s, err := e.Wait(ctx, Snapshot.Complete)
+		if err != nil {
+			t.Fatalf("delta=%v: %v", delta, err)
+		}
+		if ok, err := lastEditsHeld(s, map[int]int{0: 0, 4: 0}); !ok {
+			t.Fatalf("delta=%v: %v", delta, err)
+		}
+		clients = append(clients, e)
+	}
+	EditModel(t, dir, 3, 7, false)
+	for _, e := range clients {
+		s, err := e.Wait(ctx, func(s Snapshot) bool { ok, _ := lastEditsHeld(s, map[int]int{3: 7}); return ok && s.Complete() })
+		if err != nil {
+			t.Fatalf("delta=%v: the edit did not arrive: %v", e.Delta, err)
+		}
+		if len(s.Stats.Removed) > 0 || len(s.Stats.SotWShortLDSCD) > 0 {
+			t.Errorf("delta=%v: removals %v, short SotW responses %v", e.Delta, s.Stats.Removed, s.Stats.SotWShortLDSCD)
+		}
 	}
 }
