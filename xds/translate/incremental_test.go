@@ -207,4 +207,3 @@ func TestBuilderRefusalKeepsLastGood(t *testing.T) {
 		t.Fatalf("after a refused build the good input rebuilt %v (version %s, was %s)", again.Rebuilt, again.Version, good.Version)
 	}
 }
-
