@@ -6,6 +6,7 @@ package fanout
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,8 +29,8 @@ import (
 type Kind int
 
 const (
-	EnvoySotW  Kind = iota // edge Envoy, SotW ADS, RDS "patchbay" (the edge route table)
-	EnvoyDelta             // edge Envoy, delta ADS, RDS "patchbay"
+	EnvoySotW  Kind = iota // edge Envoy, SotW ADS, RDS of the edited model's route config and a sample (EnvoyRoutes)
+	EnvoyDelta             // edge Envoy, delta ADS, the same RDS names
 	Proxyless              // grpc-go proxyless, SotW, LDS of its target model (route inline)
 	Extproc                // ext_proc, SotW, the policy
 	kinds
@@ -117,6 +118,7 @@ const (
 // Fleet is N simulated clients on conns TCP connections.
 type Fleet struct {
 	N, Conns int
+	models   int
 	// Synced counts clients that hold their first response.
 	Synced atomic.Int64
 	// Updated counts clients that received a response after Mark.
@@ -158,9 +160,10 @@ func (f *Fleet) Close() {
 
 // Connect opens conns client connections to addr and n streams spread over them, client i
 // of Kind i%4 (proxyless clients watch model), each ACKing every response as its real
-// counterpart does. It returns at once; watch Synced.
-func Connect(ctx context.Context, addr string, n, conns int, model string) (*Fleet, error) {
-	f := &Fleet{N: n, Conns: conns}
+// counterpart does (models: how many are configured, for EnvoyRoutes). It returns at
+// once; watch Synced.
+func Connect(ctx context.Context, addr string, n, conns, models int, model string) (*Fleet, error) {
+	f := &Fleet{N: n, Conns: conns, models: models}
 	for c := 0; c < conns; c++ {
 		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30), grpc.ForceCodec(liteCodec{})))
@@ -185,6 +188,26 @@ func (f *Fleet) fail(ctx context.Context, err error) {
 	f.mu.Unlock()
 }
 
+// Sample is how many other models' route configs a simulated Envoy subscribes to besides
+// the edited model's.
+const Sample = 3
+
+// EnvoyRoutes are the RDS names simulated Envoy i subscribes to: the edited model's
+// RouteConfiguration (translate.ModelRouteName) and Sample others among the configured
+// models "model-00001".."model-<models-1>" chosen by i (none when models is 1). A real Envoy subscribes to every
+// model's (SRDS wildcard, RDS per scope); the simulated ones do not, to keep the load
+// generator within the 2 cores (see README).
+func EnvoyRoutes(i, models int, model string) []string {
+	names := []string{translate.ModelRouteName(model)}
+	for k := 1; k <= Sample && models > 1; k++ {
+		n := translate.ModelRouteName(fmt.Sprintf("model-%05d", 1+(i*7+k*331)%(models-1)))
+		if !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	return names
+}
+
 func (f *Fleet) run(ctx context.Context, cc *grpc.ClientConn, i int, k Kind, model string) {
 	delta := k == EnvoyDelta
 	desc, method := sotwDesc, sotwMethod
@@ -196,7 +219,7 @@ func (f *Fleet) run(ctx context.Context, cc *grpc.ClientConn, i int, k Kind, mod
 		f.fail(ctx, err)
 		return
 	}
-	typ, names := resource.RouteType, []string{translate.RouteConfigName}
+	typ, names := resource.RouteType, EnvoyRoutes(i, f.models, model)
 	switch k {
 	case Proxyless:
 		typ, names = resource.ListenerType, []string{model}

@@ -33,11 +33,10 @@ func sizes() []size {
 		}
 		return s
 	}
-	// 1 model x 100 clients is the same-run baseline. 1,000 models x 1,000 clients needs
-	// ~10 GiB in the server alone (9 MiB per Envoy stream, see README): large only.
-	s := []size{{1, 100}, {1, 1000}, {1000, 100}}
+	// 1 model x 100 clients is the same-run baseline.
+	s := []size{{1, 100}, {1, 1000}, {1000, 100}, {1000, 1000}}
 	if xdsscale.Large() {
-		s = append(s, size{1, 5000}, size{1, 20000}, size{1000, 1000})
+		s = append(s, size{1000, 5000}, size{1000, 20000})
 	}
 	return s
 }
@@ -81,12 +80,13 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // BenchmarkFanout runs the shipped control plane (`patchbay xds`, a separate process,
 // default flags but the prober off: see xdsscale.HealthOff) with simulated clients (a
-// quarter each: Envoy edge SotW and delta on the route table, proxyless gRPC on the edited
+// quarter each: Envoy edge SotW and delta on the edited model's route config and Sample
+// others (EnvoyRoutes), proxyless gRPC on the edited
 // model's listener, ext_proc on the policy) over real gRPC ADS streams on loopback; then
 // changes one model's split and reports p50/p99/max time until every client received it,
 // and the server's CPU and memory per connected client. Sizes (models x clients): 1 x 100
-// (the baseline), 1 x 1,000, 1,000 x 100; with PATCHBAY_BENCH_LARGE=1 also 1 x 5,000,
-// 1 x 20,000 and 1,000 x 1,000; PATCHBAY_FANOUT_SIZES=MxC,... picks others.
+// (the baseline), 1 x 1,000, 1,000 x 100, 1,000 x 1,000; with PATCHBAY_BENCH_LARGE=1 also
+// 1,000 x 5,000 and 1,000 x 20,000; PATCHBAY_FANOUT_SIZES=MxC,... picks others.
 func BenchmarkFanout(b *testing.B) {
 	raiseFDLimit(b) // the server process inherits it
 	bin := xdsscale.Binary(b)
@@ -110,7 +110,7 @@ func fanoutOnce(b *testing.B, bin string, sz size) {
 	defer cancel()
 	conns := (sz.clients + perConn(sz.clients) - 1) / perConn(sz.clients)
 	start := time.Now()
-	f, err := Connect(ctx, p.ADS, sz.clients, conns, xdsscale.ModelName(edited))
+	f, err := Connect(ctx, p.ADS, sz.clients, conns, sz.models, xdsscale.ModelName(edited))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -219,7 +219,7 @@ func BenchmarkFanoutProfile(b *testing.B) {
 	}
 	var f *Fleet
 	pprof.Do(ctx, pprof.Labels("side", "client"), func(ctx context.Context) {
-		f, err = Connect(ctx, gl.Addr().String(), sz.clients, sz.clients/perConn(sz.clients), xdsscale.ModelName(edited))
+		f, err = Connect(ctx, gl.Addr().String(), sz.clients, sz.clients/perConn(sz.clients), sz.models, xdsscale.ModelName(edited))
 	})
 	if err != nil {
 		b.Fatal(err)

@@ -379,6 +379,14 @@ func decode(typ string, a *anypb.Any) (*Held, error) {
 	if err := proto.Unmarshal(a.GetValue(), m); err != nil {
 		return nil, err
 	}
+	// Keep of clusters and endpoints only what the client follows (the EDS name): a
+	// thousand clients holding every decoded cluster would be the load generator's memory.
+	switch r := m.(type) {
+	case *clusterv3.Cluster:
+		m = &clusterv3.Cluster{Name: r.GetName(), ClusterDiscoveryType: r.GetClusterDiscoveryType(), EdsClusterConfig: r.GetEdsClusterConfig()}
+	case *endpointv3.ClusterLoadAssignment:
+		m = &endpointv3.ClusterLoadAssignment{ClusterName: r.GetClusterName()}
+	}
 	return &Held{Raw: a.GetValue(), Msg: m}, nil
 }
 
