@@ -6,7 +6,7 @@ PKGS  ?= ./...
 # Floats are allowed: the file format's percentages are decimals (0.25).
 CRD_OPTIONS := crd:allowDangerousTypes=true
 
-.PHONY: help up build pgo test test-short vet fmt-check bench bench-deps fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
+.PHONY: help up build pgo test test-short vet fmt-check bench bench-deps soak fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ fmt-check: ## fail if gofmt would change a file
 
 bench: bench-deps ## run the benchmark suites the report lists (each with a same-run baseline; large sizes with PATCHBAY_BENCH_LARGE=1) and write docs/bench/report.md, figures.png and scale.png
 	$(GO) run ./test/bench/report -out docs/bench
+
+soak: ## a bounded soak of the chain (control plane, ext_proc, model host, the test model of Envoy): steady load, a rollout edit every 3 s, every process's RSS, threads and fds sampled; 10 min (PATCHBAY_SOAK_DURATION=2m to shorten); not in CI
+	PATCHBAY_SOAK=1 $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 60m ./test/bench/soak/
 
 bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost benchmark compares against (needs root; skipped when present)
 	@/usr/bin/python3 -c 'import xgboost' 2>/dev/null || { \
