@@ -60,8 +60,8 @@ var suites = []suite{
 	{"model host", "./test/bench/modelhost/", ".", "2000x", false},
 	{"whole chain", "./test/e2e/", ".", "1x", false},
 	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x", false},
-	{"control plane against models (the shipped binary, 100 and 1,000 models; 10,000 with PATCHBAY_BENCH_LARGE=1)", "./test/bench/xdsscale/", "XDSScale", "1x", false},
-	{"control plane fan-out to simulated ADS clients (the shipped binary; 5,000/20,000 clients with PATCHBAY_BENCH_LARGE=1)", "./test/bench/fanout/", "^BenchmarkFanout$", "1x", false},
+	{"control plane against models and a burst of 1,000 edits (the shipped binary, 100 and 1,000 models; 10,000 with PATCHBAY_BENCH_LARGE=1)", "./test/bench/xdsscale/", "XDSScale|Burst", "1x", false},
+	{"control plane fan-out to simulated ADS clients and a restart under 1,000 clients (the shipped binary; 1,000 models x 5,000/20,000 clients with PATCHBAY_BENCH_LARGE=1)", "./test/bench/fanout/", "^BenchmarkFanout$|^BenchmarkRestart$", "1x", false},
 }
 
 // result is one benchmark line: its name and metrics by unit.
@@ -159,7 +159,7 @@ func run(out string) error {
 		fmt.Fprintf(&md, "\nDecisions per second per core, `patchbay extproc` as shipped (server CPU only, gRPC included): %.0f.\n", 1e6/us)
 	}
 	md.WriteString("\n![every row of the table: ratios on one axis, each cost on its own](figures.png)\n\n")
-	md.WriteString("Cost against scale: the control plane's costs against models (each over the same run's 100-model figure; dashed: the ideal 1 and linear growth) and the fan-out p99 against connected clients (`test/bench/xdsscale`, `test/bench/fanout`; capacity plan: `docs/capacity.md`).\n\n![cost against scale](scale.png)\n\n## Raw output\n\n")
+	md.WriteString("Cost against scale: the control plane's costs against models (each over the same run's 100-model figure; dashed: the ideal 1 and linear growth), the fan-out p99 against connected clients, and the server's CPU and RSS per client against clients at 1,000 models (`test/bench/xdsscale`, `test/bench/fanout`; capacity plan: `docs/capacity.md`).\n\n![cost against scale](scale.png)\n\n## Raw output\n\n")
 	md.WriteString(raw.String())
 	if err := os.WriteFile(filepath.Join(out, "report.md"), []byte(md.String()), 0o644); err != nil {
 		return err
@@ -183,7 +183,8 @@ type series struct {
 func scaleSeries(all []result) (models, clients []series) {
 	for _, c := range []struct{ name, unit string }{
 		{"one-model edit time", "edit-p50-ms"}, {"route bytes per edit", "route-bytes/edit"},
-		{"RSS", "rss-MiB"}, {"start → ready", "ready-s"}, {"route matchers per request", "rest-matchers"},
+		{"RSS", "rss-MiB"}, {"start → full config at a client", "full-start-s"}, {"route matchers per request", "rest-matchers"},
+		{"matchers, flat table before Scoped RDS", "old-flat-matchers"},
 	} {
 		s := series{name: c.name}
 		base, ok := get(all, "BenchmarkXDSScale/models=100", c.unit)
@@ -210,12 +211,35 @@ func scaleSeries(all []result) (models, clients []series) {
 	return models, clients
 }
 
+// perClientSeries are the fan-out's server costs per connected client at 1,000 models
+// against clients: CPU for the edit and RSS.
+func perClientSeries(all []result) []series {
+	var out []series
+	for _, c := range []struct{ name, unit string }{
+		{"server CPU for the edit, µs per client", "edit-cpu-us/client"}, {"server RSS, KiB per client", "rss-KiB/client"},
+		{"server CPU to connect and sync, µs per client", "connect-cpu-us/client"},
+	} {
+		s := series{name: c.name}
+		for _, n := range []int{100, 1000, 5000, 20000} {
+			if v, ok := get(all, fmt.Sprintf("BenchmarkFanout/models=1000/clients=%d", n), c.unit); ok && v > 0 {
+				s.xys = append(s.xys, plotter.XY{X: float64(n), Y: v})
+			}
+		}
+		if len(s.xys) > 0 {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
 // drawScale draws cost against scale: control-plane costs against models (× the 100-model
-// figure, with the ideal 1 and linear growth drawn) and fan-out p99 against clients, both
-// on log axes, side by side in one PNG.
+// figure, with the ideal 1 and linear growth drawn), fan-out p99 against clients, and the
+// server's cost per client against clients at 1,000 models, on log axes, side by side in
+// one PNG.
 func drawScale(path string, all []result) error {
 	models, clients := scaleSeries(all)
-	w, h := 12*vg.Inch, 5*vg.Inch
+	perClient := perClientSeries(all)
+	w, h := 18*vg.Inch, 5*vg.Inch
 	img := vgimg.New(w, h)
 	dc := draw.New(img)
 	colors := []color.Color{color.RGBA{R: 200, A: 255}, color.RGBA{B: 200, A: 255}, color.RGBA{G: 150, A: 255},
@@ -223,6 +247,10 @@ func drawScale(path string, all []result) error {
 	mk := func(title, xl, yl string, ss []series, ref bool) (*plot.Plot, error) {
 		p := plot.New()
 		p.Title.Text, p.X.Label.Text, p.Y.Label.Text = title, xl, yl
+		if len(ss) == 0 {
+			p.Title.Text += " (not measured in this run)"
+			return p, nil
+		}
 		p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
 		p.X.Tick.Marker, p.Y.Tick.Marker = plot.LogTicks{Prec: -1}, plot.LogTicks{Prec: -1}
 		// Costs rise to the right: the legend goes where the lines are not.
@@ -265,8 +293,13 @@ func drawScale(path string, all []result) error {
 	if err != nil {
 		return err
 	}
-	left.Draw(draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{}, Max: vg.Point{X: w / 2, Y: h}}})
-	right.Draw(draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{X: w / 2}, Max: vg.Point{X: w, Y: h}}})
+	third, err := mk("fan-out at 1,000 models: server cost per client", "connected ADS clients", "per client", perClient, false)
+	if err != nil {
+		return err
+	}
+	left.Draw(draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{}, Max: vg.Point{X: w / 3, Y: h}}})
+	right.Draw(draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{X: w / 3}, Max: vg.Point{X: 2 * w / 3, Y: h}}})
+	third.Draw(draw.Canvas{Canvas: dc.Canvas, Rectangle: vg.Rectangle{Min: vg.Point{X: 2 * w / 3}, Max: vg.Point{X: w, Y: h}}})
 	f, err := os.Create(path)
 	if err != nil {
 		return err
@@ -425,13 +458,16 @@ func scaleRows(all []result, f func(bench, unit, format string) string) []row {
 		}
 		cost("one-model edit → Envoy delta client, "+n+" models × 5 versions (p50)", "edit-p50-ms", "ms", "%.0f",
 			"max "+f(b, "edit-max-ms", "%.0f ms"), f(base, "edit-p50-ms", "100 models %.0f ms"), 1)
-		cost("route bytes sent for a one-model edit, "+n+" models", "route-bytes/edit", "MB", "%.2f",
-			f(b, "route-bytes/model", "%.0f B per model, the whole table every edit"), f(base, "route-bytes/edit", "100 models %.0f B"), 1e-6)
+		cost("route bytes sent for a one-model edit, "+n+" models", "route-bytes/edit", "KB", "%.1f",
+			f(b, "route-bytes/model", "%.0f B of routes per model"), f(base, "route-bytes/edit", "100 models %.0f B"), 1e-3)
 		cost("control plane RSS, "+n+" models", "rss-MiB", "MiB", "%.0f",
 			f(b, "rss-KiB/model", "%.0f KiB per model")+", peak after edits "+f(b, "hwm-after-edits-MiB", "%.0f MiB"), f(base, "rss-MiB", "100 models %.0f MiB"), 1)
 		cost("control plane start → ready, "+n+" models", "ready-s", "s", "%.1f", "—", f(base, "ready-s", "100 models %.1f s"), 1)
-		cost("route matchers a request for the last model walks, "+n+" models", "rest-matchers", "matchers", "%.0f",
-			f(b, "routes", "%.0f routes in one table"), f(base, "rest-matchers", "100 models %.0f"), 1)
+		cost("control plane start → an Envoy delta client holds the full config, "+n+" models", "full-start-s", "s", "%.1f",
+			f(b, "full-config-bytes", "%.0f B")+" ("+f(b, "config-bytes/model", "%.0f B/model")+": "+f(b, "route-configs", "%.0f route configs, ")+f(b, "scopes", "%.0f scopes, ")+f(b, "clusters", "%.0f clusters, ")+f(b, "endpoint-sets", "%.0f endpoint sets")+")",
+			f(base, "full-start-s", "100 models %.1f s"), 1)
+		cost("route matchers a request for the last model passes through, "+n+" models", "rest-matchers", "matchers", "%.0f",
+			f(b, "scope-lookups", "%.0f scope lookup(s) + ")+f(b, "routes", "the walk of a %.0f-route table"), f(b, "old-flat-matchers", "flat table before Scoped RDS (reference, same files): %.0f"), 1)
 		if m == 100 {
 			continue
 		}
@@ -442,14 +478,15 @@ func scaleRows(all []result, f func(bench, unit, format string) string) []row {
 		}
 		ratio("route bytes per one-model edit (ideal 1: proportional to the change)", "route-bytes/edit")
 		ratio("route matchers per request (ideal 1: lookup independent of models)", "rest-matchers")
+		ratio("route matchers per request in the flat table before Scoped RDS (reference)", "old-flat-matchers")
 		ratio("one-model edit time", "edit-p50-ms")
 		ratio("control plane RSS", "rss-MiB")
 	}
 	fb := func(m, c int) string { return fmt.Sprintf("BenchmarkFanout/models=%d/clients=%d", m, c) }
 	fbase := fb(1, 100)
-	for _, sz := range [][2]int{{1, 100}, {1, 1000}, {1000, 100}, {1, 5000}, {1, 20000}, {1000, 1000}} {
+	for _, sz := range [][2]int{{1, 100}, {1, 1000}, {1000, 100}, {1000, 1000}, {1000, 5000}, {1000, 20000}} {
 		b := fb(sz[0], sz[1])
-		if _, ok := get(all, b, "clients"); !ok && (sz[1] > 1000 || sz[0]*sz[1] > 100000) {
+		if _, ok := get(all, b, "clients"); !ok && sz[1] > 1000 {
 			continue
 		}
 		what := fmt.Sprintf("fan-out: split edit → every client, %d model(s) × %d clients", sz[0], sz[1])
@@ -473,6 +510,27 @@ func scaleRows(all []result, f func(bench, unit, format string) string) []row {
 		keep(row{what: what + ": p99 / 1 model × 100 clients", figure: f(b, "p99-ms", "%.0f ms"), baseline: f(fbase, "p99-ms", "%.0f ms"),
 			unit: "ratio", better: "lower"}, p/max(p0, 1e-9), ok1 && ok2 && p0 > 0)
 	}
+	rows = append(rows, burstRestartRows(all, f)...)
+	return rows
+}
+
+// burstRestartRows: the burst of 1,000 edits (pushes each client received, against one
+// edit of one model) and the restart under clients (resync against the initial sync).
+func burstRestartRows(all []result, f func(bench, unit, format string) string) []row {
+	var rows []row
+	const bb, rb = "BenchmarkBurst", "BenchmarkRestart"
+	for _, k := range []string{"delta", "sotw"} {
+		v, ok := get(all, bb, k+"-pushes")
+		rows = append(rows, row{what: "burst of 1,000 file edits in 1 s (1,000 models; 700 files, some edited 4 times): pushes an Envoy " + k + " client received, no edit lost",
+			figure:   f(bb, k+"-rds-pushes", "%.0f RDS responses, ") + f(bb, k+"-route-MB", "%.2f MB of routes, ") + f(bb, k+"-settle-ms", "every last edit held %.0f ms after the last write"),
+			baseline: f(bb, "single-"+k+"-pushes", "one edit of one model: %.0f push(es), ") + f(bb, "single-"+k+"-settle-ms", "%.0f ms"),
+			unit:     "pushes", format: "%.0f", better: "lower", value: v, ok: ok})
+	}
+	v, ok := get(all, rb, "resync-p99-ms")
+	rows = append(rows, row{what: "control plane killed and restarted under its ADS clients: kill → every client resynced (p99)",
+		figure: f(rb, "clients", "%.0f clients, ") + f(rb, "models", "%.0f models; ") + "p50 " + f(rb, "resync-p50-ms", "%.0f ms") + ", max " + f(rb, "resync-max-ms", "%.0f ms") + "; restart → ready " + f(rb, "restart-ready-ms", "%.0f ms") +
+			"; clients that saw an empty or partial config: " + f(rb, "partial-or-empty", "%.0f"),
+		baseline: f(rb, "initial-sync-p99-ms", "initial sync p99 %.0f ms"), unit: "ms", format: "%.0f", better: "lower", value: v, ok: ok})
 	return rows
 }
 
