@@ -243,7 +243,7 @@ func drawScale(path string, all []result) error {
 	img := vgimg.New(w, h)
 	dc := draw.New(img)
 	colors := []color.Color{color.RGBA{R: 200, A: 255}, color.RGBA{B: 200, A: 255}, color.RGBA{G: 150, A: 255},
-		color.RGBA{R: 150, B: 150, A: 255}, color.RGBA{R: 200, G: 120, A: 255}}
+		color.RGBA{R: 150, B: 150, A: 255}, color.RGBA{R: 200, G: 120, A: 255}, color.RGBA{G: 150, B: 170, A: 255}, color.Gray{Y: 60}}
 	mk := func(title, xl, yl string, ss []series, ref bool) (*plot.Plot, error) {
 		p := plot.New()
 		p.Title.Text, p.X.Label.Text, p.Y.Label.Text = title, xl, yl
