@@ -2,6 +2,8 @@ package xds
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -28,6 +30,7 @@ import (
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/internal/envoyvalidate"
 	"github.com/patchbay-io/patchbay/test/harness"
+	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
 func adsStream(t *testing.T, c *cp) discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient {
@@ -100,7 +103,24 @@ func TestEnvoyNodeGetsValidConfig(t *testing.T) {
 			var all []proto.Message
 			cds := fetch(t, s, n, resource.ClusterType)
 			lds := fetch(t, s, n, resource.ListenerType)
-			rds := fetch(t, s, n, resource.RouteType, "patchbay")
+			// Scoped RDS: every scope (wildcard), then the route tables they name.
+			srds := fetch(t, s, n, resource.ScopedRouteType)
+			var tables []string
+			for _, a := range srds.GetResources() {
+				sc := &routev3.ScopedRouteConfiguration{}
+				if err := a.UnmarshalTo(sc); err != nil {
+					t.Fatal(err)
+				}
+				if !slices.Contains(tables, sc.GetRouteConfigurationName()) {
+					tables = append(tables, sc.GetRouteConfigurationName())
+				}
+				all = append(all, sc)
+			}
+			slices.Sort(tables)
+			if fmt.Sprint(tables) != "["+translate.FallbackRouteName+" "+translate.ModelRouteName("ranker")+"]" {
+				t.Fatalf("scopes name route tables %v", tables)
+			}
+			rds := fetch(t, s, n, resource.RouteType, tables...)
 			var clusterNames []string
 			for _, a := range cds.GetResources() {
 				cl := &clusterv3.Cluster{}
@@ -111,18 +131,21 @@ func TestEnvoyNodeGetsValidConfig(t *testing.T) {
 				all = append(all, cl)
 			}
 			eds := fetch(t, s, n, resource.EndpointType, clusterNames...)
-			if len(clusterNames) != 2 || len(eds.GetResources()) != 2 || len(lds.GetResources()) != 1 || len(rds.GetResources()) != 1 {
+			if len(clusterNames) != 2 || len(eds.GetResources()) != 2 || len(lds.GetResources()) != 1 || len(rds.GetResources()) != 2 {
 				t.Fatalf("got %d clusters, %d endpoints, %d listeners, %d routes", len(clusterNames), len(eds.GetResources()), len(lds.GetResources()), len(rds.GetResources()))
 			}
 			lis := &listenerv3.Listener{}
 			if err := lds.GetResources()[0].UnmarshalTo(lis); err != nil {
 				t.Fatal(err)
 			}
-			rc := &routev3.RouteConfiguration{}
-			if err := rds.GetResources()[0].UnmarshalTo(rc); err != nil {
-				t.Fatal(err)
+			all = append(all, lis)
+			for _, a := range rds.GetResources() {
+				rc := &routev3.RouteConfiguration{}
+				if err := a.UnmarshalTo(rc); err != nil {
+					t.Fatal(err)
+				}
+				all = append(all, rc)
 			}
-			all = append(all, lis, rc)
 			for _, a := range eds.GetResources() {
 				cla := &endpointv3.ClusterLoadAssignment{}
 				if err := a.UnmarshalTo(cla); err != nil {

@@ -78,7 +78,8 @@ func servedSplit(t *testing.T, c *cp, route string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rc := snap.GetResources(resource.RouteType)[translate.RouteConfigName].(*routev3.RouteConfiguration)
+	model, _, _ := strings.Cut(route, "/")
+	rc := snap.GetResources(resource.RouteType)[translate.ModelRouteName(model)].(*routev3.RouteConfiguration)
 	for _, r := range rc.GetVirtualHosts()[0].GetRoutes() {
 		if r.GetName() != route {
 			continue
@@ -100,9 +101,11 @@ func hasRoute(t *testing.T, c *cp, name string) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, r := range snap.GetResources(resource.RouteType)[translate.RouteConfigName].(*routev3.RouteConfiguration).GetVirtualHosts()[0].GetRoutes() {
-		if r.GetName() == name {
-			return true
+	for _, rc := range snap.GetResources(resource.RouteType) {
+		for _, r := range rc.(*routev3.RouteConfiguration).GetVirtualHosts()[0].GetRoutes() {
+			if r.GetName() == name {
+				return true
+			}
 		}
 	}
 	return false

@@ -72,10 +72,13 @@ type Proxy struct {
 
 // state is one consistent view of the received resources.
 type state struct {
-	version   string
-	listener  *listenerv3.Listener
-	hcm       *hcmv3.HttpConnectionManager
-	routes    *routev3.RouteConfiguration
+	version  string
+	listener *listenerv3.Listener
+	hcm      *hcmv3.HttpConnectionManager
+	routes   *routev3.RouteConfiguration // the HCM's rds route table (one table)
+	// Scoped routes (scoped.go): the SRDS scopes by name and the route tables they name.
+	scopes    map[string]*routev3.ScopedRouteConfiguration
+	tables    map[string]*routev3.RouteConfiguration
 	clusters  map[string]*clusterv3.Cluster
 	endpoints map[string]*endpointv3.ClusterLoadAssignment
 	secrets   map[string]*tlsv3.Secret
@@ -123,7 +126,7 @@ func (p *Proxy) Endpoints(cluster string) int {
 // Ready reports whether a listener and its routes have arrived.
 func (p *Proxy) Ready() bool {
 	s := p.state.Load()
-	return s.hcm != nil && s.routes != nil
+	return s.hcm != nil && s.hasRoutes()
 }
 
 // xdsLoop keeps an ADS stream open, reconnecting as Envoy does, and keeps the last
@@ -165,6 +168,7 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 		}
 	}
 	subscribedRoutes, subscribedEDS, subscribedSDS := "", "", ""
+	subscribedSRDS := false
 	for {
 		r, err := s.Recv()
 		if err != nil {
@@ -210,20 +214,46 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 					return err
 				}
 				next.listener, next.hcm = l, hcm
-				if rn := hcm.GetRds().GetRouteConfigName(); rn != subscribedRoutes {
+				// Scoped routes: a wildcard SRDS subscription (Envoy's ScopedRdsConfigSubscription
+				// asks for every scope: source/common/router/scoped_rds.cc), then RDS for each
+				// scope's route_configuration_name, below.
+				if hcm.GetScopedRoutes() != nil && !subscribedSRDS {
+					subscribedSRDS = true
+					if err := send(resource.ScopedRouteType, "", "", nil); err != nil {
+						return err
+					}
+				}
+				if rn := hcm.GetRds().GetRouteConfigName(); rn != "" && rn != subscribedRoutes {
 					subscribedRoutes = rn
 					if err := send(resource.RouteType, "", "", []string{rn}); err != nil {
 						return err
 					}
 				}
 			}
+		case resource.ScopedRouteType:
+			next.scopes = map[string]*routev3.ScopedRouteConfiguration{}
+			for _, a := range r.GetResources() {
+				sc := &routev3.ScopedRouteConfiguration{}
+				if err := a.UnmarshalTo(sc); err != nil {
+					return err
+				}
+				next.scopes[sc.GetName()] = sc
+			}
+			if names := strings.Join(scopeTables(&next), ","); names != subscribedRoutes {
+				subscribedRoutes = names
+				if err := send(resource.RouteType, "", "", scopeTables(&next)); err != nil {
+					return err
+				}
+			}
 		case resource.RouteType:
+			next.tables = map[string]*routev3.RouteConfiguration{}
 			for _, a := range r.GetResources() {
 				rc := &routev3.RouteConfiguration{}
 				if err := a.UnmarshalTo(rc); err != nil {
 					return err
 				}
 				next.routes = rc
+				next.tables[rc.GetName()] = rc
 			}
 		case resource.SecretType:
 			next.secrets = map[string]*tlsv3.Secret{}
@@ -251,7 +281,7 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 		var names []string
 		switch r.GetTypeUrl() {
 		case resource.RouteType:
-			names = []string{subscribedRoutes}
+			names = strings.Split(subscribedRoutes, ",")
 		case resource.EndpointType:
 			names = strings.Split(subscribedEDS, ",")
 		case resource.SecretType:
@@ -266,7 +296,7 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 // ServeHTTP handles one downstream request as Envoy's HCM would.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	s := p.state.Load()
-	if s.hcm == nil || s.routes == nil {
+	if s.hcm == nil || !s.hasRoutes() {
 		localReply(w, req, http.StatusServiceUnavailable, "no listener config yet", nil, -1)
 		return
 	}
@@ -288,7 +318,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 				h.Del(r)
 			}
 			if a := m.GetAppend(); a != nil {
-				applyHeaderOption(h, a, h)
+				applyFormatted(h, a, func(name string) string { return firstRequestHeader(req, h, name) })
 			}
 		}
 	}
@@ -469,7 +499,12 @@ func applyHeaderOption(dst http.Header, o *corev3.HeaderValueOption, reqHeaders 
 }
 
 func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, body []byte, s *state) {
-	vh := s.routes.GetVirtualHosts()[0]
+	rc := s.routeTable(h)
+	if rc == nil {
+		noRoute(w, req, s.hcm)
+		return
+	}
+	vh := rc.GetVirtualHosts()[0]
 	var rt *routev3.Route
 	for _, r := range vh.GetRoutes() {
 		ok, err := matches(r.GetMatch(), req, h)
@@ -483,9 +518,7 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 		}
 	}
 	if rt == nil {
-		// The router's "no route" is a local reply with an empty body (envoy
-		// source/common/router/router.cc, Filter::decodeHeaders).
-		localReply(w, req, http.StatusNotFound, "", nil, -1)
+		noRoute(w, req, s.hcm)
 		return
 	}
 	// Response header mutations per level — weighted cluster, route, virtual host — each
@@ -520,6 +553,9 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	a := rt.GetRoute()
 	cluster := a.GetCluster()
 	upHeaders := h.Clone()
+	for _, k := range rc.GetRequestHeadersToRemove() {
+		upHeaders.Del(k)
+	}
 	upReq, err := rewritePath(rt, req, upHeaders)
 	if err != nil {
 		localReply(w, req, http.StatusInternalServerError, "envoymodel: route "+rt.GetName()+": "+err.Error(), nil, -1)

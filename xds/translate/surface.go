@@ -168,7 +168,9 @@ func scope(name, routeName, a, b string) *routev3.ScopedRouteConfiguration {
 // msgNoScope is the answer when no scope matches (an unknown model, a path outside the
 // OIP surface): Envoy's router finds no route and sends a 404 local reply flagged NR
 // (source/common/router/router.cc, Filter::decodeHeaders: no route -> NoRouteFound, 404).
-const msgNoScope = "not found: no model route for this request (unknown model, or a path outside the OIP inference surface; server-level and gRPC calls need " + headers.Model + " naming a known model)"
+// It names the refusals a scope-less request may be: an unknown model, a server-level or
+// gRPC call without a known x-patchbay-model, another path, the repository extension.
+const msgNoScope = "not found: patchbay's data path carries only the OIP inference surface of known models (server-level and gRPC calls need " + headers.Model + " naming one); " + msgRepository
 
 // noScopeReply maps Envoy's NR local reply to an OIP error JSON body. For a gRPC request
 // Envoy applies this mapping first and then answers trailers-only, :status 200, grpc-status
