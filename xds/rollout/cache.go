@@ -15,8 +15,9 @@ import (
 // Cached *Rollout values are shared by every Set that holds them: callers must treat a
 // loaded Set as read-only (copy a Rollout before changing it, as the control plane's
 // rollback does: effectiveRollout copies the struct and gives the copy new maps).
-// Validation is never cached: it spans files (duplicate models, layers), so it runs on the
-// whole set every call; its cost is a small part of a parse.
+// Validation is split the same way: the checks of one rollout alone are kept with its parse
+// (see checksOf); the rules that span files (a model or experiment defined twice, a layer
+// over-allocated) run on the whole set every call.
 type Cache struct {
 	mu      sync.Mutex
 	entries map[string]parsed // path → last parse; replaced whole, never changed in place
@@ -24,9 +25,10 @@ type Cache struct {
 
 // parsed is one file's Parse result, for content with that sum.
 type parsed struct {
-	sum [sha256.Size]byte
-	rs  []*Rollout
-	err error
+	sum   [sha256.Size]byte
+	rs    []*Rollout
+	plans [][]check // checksOf each of rs
+	err   error
 }
 
 // defaultCache serves the package-level LoadData.
@@ -40,18 +42,22 @@ func (c *Cache) LoadData(files []File) (*Set, error) {
 	prev := c.entries
 	c.mu.Unlock()
 	next := make(map[string]parsed, len(files))
-	set, err := loadData(files, func(path string, data []byte) ([]*Rollout, error) {
+	set, err := loadData(files, func(path string, data []byte) ([]*Rollout, [][]check, error) {
 		sum := sha256.Sum256(data)
 		if p, ok := next[path]; ok && p.sum == sum {
-			return p.rs, p.err // the same path listed twice
+			return p.rs, p.plans, p.err // the same path listed twice
 		}
 		if p, ok := prev[path]; ok && p.sum == sum {
 			next[path] = p
-			return p.rs, p.err
+			return p.rs, p.plans, p.err
 		}
 		rs, err := Parse(path, data)
-		next[path] = parsed{sum: sum, rs: rs, err: err}
-		return rs, err
+		p := parsed{sum: sum, rs: rs, plans: make([][]check, len(rs)), err: err}
+		for i, r := range rs {
+			p.plans[i] = checksOf(r)
+		}
+		next[path] = p
+		return p.rs, p.plans, p.err
 	})
 	c.mu.Lock()
 	c.entries = next

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -56,7 +57,7 @@ func writeMixedDir(t *testing.T) string {
 // sameLoad fails unless a cached load gave exactly the Set and errors of an uncached one.
 func sameLoad(t *testing.T, what string, gotSet *Set, gotErr error, files []File) {
 	t.Helper()
-	wantSet, wantErr := loadData(files, Parse)
+	wantSet, wantErr := loadData(files, parseOnly)
 	if diff := cmp.Diff(wantSet, gotSet, cmp.AllowUnexported(Rollout{})); diff != "" {
 		t.Errorf("%s: Set differs from an uncached load (-want +got):\n%s", what, diff)
 	}
@@ -207,4 +208,51 @@ func TestCacheConcurrentLoads(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+}
+
+// sortedErrors is err's lines in order: problems on one line come in the order a map of
+// match headers is walked, which differs between two validations of the same document.
+func sortedErrors(err error) []string {
+	if err == nil {
+		return nil
+	}
+	l := strings.Split(err.Error(), "\n")
+	sort.Strings(l)
+	return l
+}
+
+// FuzzCacheLoadsLikeAParse: for any three documents, loading a.yaml and b.yaml through a
+// Cache, again, then with b.yaml replaced by the third (and back) gives each time the Set
+// and the problems of a load without a cache, including the rules that span files (the
+// same model, experiment or layer in both).
+func FuzzCacheLoadsLikeAParse(f *testing.F) {
+	good, err := os.ReadFile("testdata/good/ranker.yaml")
+	if err != nil {
+		f.Fatal(err)
+	}
+	bad, err := os.ReadFile("testdata/bad/ranker.yaml")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(good, bad, []byte(scaleDoc(1, 0)))
+	f.Add([]byte(scaleDoc(1, 0)), []byte(scaleDoc(2, 0)), []byte(scaleDoc(1, 3)))
+	f.Add(good, good, []byte(strings.Replace(string(good), "ranker", "other", 1)))
+	f.Add([]byte(scaleDoc(1, 0)+"---\n"+scaleDoc(2, 0)), []byte("model: [x\n"), []byte("\x01"))
+	f.Fuzz(func(t *testing.T, a, b, c []byte) {
+		if len(a)+len(b)+len(c) > 16<<10 {
+			return // rollout files are small; large inputs only slow the search down
+		}
+		var cache Cache
+		for step, bData := range [][]byte{b, b, c, b} {
+			files := []File{{Path: "a.yaml", Data: a}, {Path: "b.yaml", Data: bData}}
+			got, gotErr := cache.LoadData(files)
+			want, wantErr := loadData(files, parseOnly)
+			if d := cmp.Diff(want, got, cmp.AllowUnexported(Rollout{})); d != "" {
+				t.Fatalf("step %d: Set differs from an uncached load (-want +got):\n%s", step, d)
+			}
+			if d := cmp.Diff(sortedErrors(wantErr), sortedErrors(gotErr)); d != "" {
+				t.Fatalf("step %d: errors differ from an uncached load (-want +got):\n%s", step, d)
+			}
+		}
+	})
 }

@@ -131,31 +131,43 @@ func LoadDir(dir string) (*Set, error) {
 // entries. The result is the same either way; see Cache for what a caller must not change.
 func LoadData(files []File) (*Set, error) {
 	if len(files) <= 1 {
-		return loadData(files, Parse)
+		return loadData(files, parseOnly)
 	}
 	return defaultCache.LoadData(files)
 }
 
-// loadData is LoadData with the parse of one file's bytes given.
-func loadData(files []File, parse func(name string, data []byte) ([]*Rollout, error)) (*Set, error) {
+// parseOnly is Parse for loadData: the rollouts' checks are left to validate.
+func parseOnly(name string, data []byte) ([]*Rollout, [][]check, error) {
+	rs, err := Parse(name, data)
+	return rs, nil, err
+}
+
+// loadData is LoadData with the parse of one file's bytes given: its rollouts, the
+// checks of each (see checksOf; nil: validate works them out) and its problems.
+func loadData(files []File, parse func(name string, data []byte) ([]*Rollout, [][]check, error)) (*Set, error) {
 	var (
-		set  Set
-		errs []error
+		set   Set
+		plans [][]check
+		errs  []error
 	)
 	for _, f := range files {
 		if f.Err != nil {
 			errs = append(errs, &Error{File: f.Path, Msg: f.Err.Error()})
 			continue
 		}
-		rs, err := parse(f.Path, f.Data)
+		rs, ps, err := parse(f.Path, f.Data)
 		set.Rollouts = append(set.Rollouts, rs...)
+		if ps == nil {
+			ps = make([][]check, len(rs))
+		}
+		plans = append(plans, ps...)
 		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	// Validate what did parse even when something did not (a document with only unknown
 	// fields is kept by Parse), so every problem is reported at once.
-	if err := Validate(&set); err != nil {
+	if err := validate(set.Rollouts, plans); err != nil {
 		errs = append(errs, err)
 	}
 	if len(errs) > 0 {

@@ -69,7 +69,7 @@ func BenchmarkReadLoadOneEdit(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if set, err := loadData(files, Parse); err != nil || len(set.Rollouts) != scaleModels {
+		if set, err := loadData(files, parseOnly); err != nil || len(set.Rollouts) != scaleModels {
 			b.Fatalf("LoadData: %v", err)
 		}
 		baseline += time.Since(start)

@@ -37,117 +37,71 @@ const MaxLayersPerModel = 16
 
 // Validate checks every rule of shared/design.md across the set and returns all
 // problems at once, each with file, line and field path.
-func Validate(s *Set) error {
+func Validate(s *Set) error { return validate(s.Rollouts, nil) }
+
+// check is one step of Validate for one rollout, in the order Validate takes them: a
+// problem found from the rollout alone, or a rule that depends on the rollouts before it
+// in the set (a model or experiment name defined twice, a layer over-allocated), evaluated
+// when the set is validated. A rollout's checks depend on it alone, so a Cache keeps them
+// with its parse and a reload validates only the rules that span files again.
+type check struct {
+	kind  checkKind
+	err   *Error // checkProblem
+	index int    // the experiment of checkExperimentUnique and checkLayerAllocation
+}
+
+type checkKind uint8
+
+const (
+	checkProblem checkKind = iota
+	checkModelUnique
+	checkExperimentUnique
+	checkLayerAllocation
+)
+
+func newError(r *Rollout, field, format string, args ...any) *Error {
+	return &Error{File: r.Source.File, Line: r.Line(field), Field: field, Msg: fmt.Sprintf(format, args...)}
+}
+
+// validate is Validate of rollouts, with plans[i], where it is given (not nil), the checks
+// of rollouts[i] (see checksOf).
+func validate(rollouts []*Rollout, plans [][]check) error {
 	var errs []error
-	add := func(r *Rollout, field, format string, args ...any) {
-		errs = append(errs, &Error{File: r.Source.File, Line: r.Line(field), Field: field, Msg: fmt.Sprintf(format, args...)})
-	}
 	models := map[string]*Rollout{}
 	experiments := map[string]*Rollout{}
 	layerAlloc := map[string]Hundredths{}
-	for _, r := range s.Rollouts {
-		if r.APIVersion != APIVersion {
-			add(r, "apiVersion", "got %q, want %q", r.APIVersion, APIVersion)
+	for i, r := range rollouts {
+		var plan []check
+		if i < len(plans) {
+			plan = plans[i]
 		}
-		if r.Kind != Kind {
-			add(r, "kind", "got %q, want %q", r.Kind, Kind)
+		if plan == nil { // checksOf never returns nil
+			plan = checksOf(r)
 		}
-		switch {
-		case r.Model == "":
-			add(r, "model", "missing")
-		case !modelNameRe.MatchString(r.Model):
-			add(r, "model", "%q is not a DNS label (lower-case letters, digits, '-', at most 63)", r.Model)
-		case models[r.Model] != nil:
-			o := models[r.Model]
-			add(r, "model", "%q is already defined at %s:%d", r.Model, o.Source.File, o.Line("model"))
-		default:
-			models[r.Model] = r
-		}
-		versions := validateVersions(r, add)
-		validateTraffic(r, versions, add)
-		shadowed := map[string]bool{}
-		for i, sh := range r.Shadow {
-			f := "shadow[" + strconv.Itoa(i) + "]"
-			if !versions[sh.Version] {
-				add(r, f+".version", "unknown version %q (versions: %s)", sh.Version, versionList(r))
-			} else if shadowed[sh.Version] {
-				add(r, f+".version", "version %q is shadowed twice", sh.Version)
-			}
-			shadowed[sh.Version] = true
-			if !(sh.Percent > 0 && sh.Percent <= 100) {
-				add(r, f+".percent", "%v is outside (0, 100]", sh.Percent)
-			}
-		}
-		for i, e := range r.Experiments {
-			f := "experiments[" + strconv.Itoa(i) + "]"
-			switch {
-			case !nameRe.MatchString(e.Name):
-				add(r, f+".name", "%q is not a valid name (letters, digits, '.', '_', '-')", e.Name)
-			case experiments[e.Name] != nil:
-				o := experiments[e.Name]
-				add(r, f+".name", "experiment %q is already defined in %s", e.Name, o.Source.File)
-			default:
-				experiments[e.Name] = r
-			}
-			if !nameRe.MatchString(e.Layer) {
-				add(r, f+".layer", "%q is not a valid layer name", e.Layer)
-			}
-			// 0 pauses the experiment: nobody is assigned, its arms stay defined.
-			if e.Allocation < 0 || e.Allocation > HundredthsMax {
-				add(r, f+".allocation", "%v is outside [0, 100]", e.Allocation)
-			} else {
+		for _, c := range plan {
+			switch c.kind {
+			case checkProblem:
+				errs = append(errs, c.err)
+			case checkModelUnique:
+				if o := models[r.Model]; o != nil {
+					errs = append(errs, newError(r, "model", "%q is already defined at %s:%d", r.Model, o.Source.File, o.Line("model")))
+				} else {
+					models[r.Model] = r
+				}
+			case checkExperimentUnique:
+				e := &r.Experiments[c.index]
+				if o := experiments[e.Name]; o != nil {
+					errs = append(errs, newError(r, "experiments["+strconv.Itoa(c.index)+"].name", "experiment %q is already defined in %s", e.Name, o.Source.File))
+				} else {
+					experiments[e.Name] = r
+				}
+			case checkLayerAllocation:
+				e := &r.Experiments[c.index]
 				layerAlloc[e.Layer] += e.Allocation
 				if layerAlloc[e.Layer] > HundredthsMax {
-					add(r, f+".allocation", "layer %q is over-allocated: its experiments take %v%% of users", e.Layer, layerAlloc[e.Layer])
+					errs = append(errs, newError(r, "experiments["+strconv.Itoa(c.index)+"].allocation", "layer %q is over-allocated: its experiments take %v%% of users", e.Layer, layerAlloc[e.Layer]))
 				}
 			}
-			if e.Match != nil {
-				for h, vals := range e.Match.Headers {
-					hf := f + ".match.headers." + h
-					if !headerRe.MatchString(h) {
-						add(r, hf, "%q is not a lower-case header name", h)
-					}
-					if len(vals) == 0 {
-						add(r, hf, "needs at least one value")
-					}
-				}
-			}
-			if len(e.Arms) == 0 {
-				add(r, f+".arms", "an experiment needs at least one arm")
-			} else if len(e.Arms) > MaxArmsPerExperiment {
-				add(r, f+".arms", "%d arms; at most %d", len(e.Arms), MaxArmsPerExperiment)
-			}
-			arms := map[string]bool{}
-			for j, a := range e.Arms {
-				af := f + ".arms[" + strconv.Itoa(j) + "]"
-				if !nameRe.MatchString(a.Name) {
-					add(r, af+".name", "%q is not a valid arm name", a.Name)
-				} else if arms[a.Name] {
-					add(r, af+".name", "arm %q is listed twice", a.Name)
-				}
-				arms[a.Name] = true
-				if !versions[a.Version] {
-					add(r, af+".version", "unknown version %q (versions: %s)", a.Version, versionList(r))
-				}
-				if a.Weight <= 0 {
-					add(r, af+".weight", "%d: arm weights must be positive", a.Weight)
-				} else if a.Weight > MaxArmWeight {
-					add(r, af+".weight", "%d is over the maximum arm weight %d (weights are relative: scale them down)", a.Weight, MaxArmWeight)
-				}
-			}
-		}
-		layers := map[string]bool{}
-		for _, e := range r.Experiments {
-			layers[e.Layer] = true
-		}
-		if len(layers) > MaxLayersPerModel {
-			add(r, "experiments", "the experiments span %d layers; at most %d per model", len(layers), MaxLayersPerModel)
-		}
-		if r.Timeout.Duration < 0 {
-			add(r, "timeout", "must not be negative")
-		}
-		if r.Retries != nil && (*r.Retries < 0 || *r.Retries > MaxRetries) {
-			add(r, "retries", "%d is outside 0..%d", *r.Retries, MaxRetries)
 		}
 	}
 	// Stable order: by file, then line.
@@ -159,6 +113,109 @@ func Validate(s *Set) error {
 		return a.Line < b.Line
 	})
 	return errors.Join(errs...)
+}
+
+// checksOf is Validate's walk of one rollout: its own problems, and where the rules that
+// span the set apply, in Validate's order.
+func checksOf(r *Rollout) []check {
+	plan := make([]check, 0, 1)
+	add := func(r *Rollout, field, format string, args ...any) {
+		plan = append(plan, check{err: newError(r, field, format, args...)})
+	}
+	if r.APIVersion != APIVersion {
+		add(r, "apiVersion", "got %q, want %q", r.APIVersion, APIVersion)
+	}
+	if r.Kind != Kind {
+		add(r, "kind", "got %q, want %q", r.Kind, Kind)
+	}
+	switch {
+	case r.Model == "":
+		add(r, "model", "missing")
+	case !modelNameRe.MatchString(r.Model):
+		add(r, "model", "%q is not a DNS label (lower-case letters, digits, '-', at most 63)", r.Model)
+	default:
+		plan = append(plan, check{kind: checkModelUnique})
+	}
+	versions := validateVersions(r, add)
+	validateTraffic(r, versions, add)
+	shadowed := map[string]bool{}
+	for i, sh := range r.Shadow {
+		f := "shadow[" + strconv.Itoa(i) + "]"
+		if !versions[sh.Version] {
+			add(r, f+".version", "unknown version %q (versions: %s)", sh.Version, versionList(r))
+		} else if shadowed[sh.Version] {
+			add(r, f+".version", "version %q is shadowed twice", sh.Version)
+		}
+		shadowed[sh.Version] = true
+		if !(sh.Percent > 0 && sh.Percent <= 100) {
+			add(r, f+".percent", "%v is outside (0, 100]", sh.Percent)
+		}
+	}
+	for i, e := range r.Experiments {
+		f := "experiments[" + strconv.Itoa(i) + "]"
+		if !nameRe.MatchString(e.Name) {
+			add(r, f+".name", "%q is not a valid name (letters, digits, '.', '_', '-')", e.Name)
+		} else {
+			plan = append(plan, check{kind: checkExperimentUnique, index: i})
+		}
+		if !nameRe.MatchString(e.Layer) {
+			add(r, f+".layer", "%q is not a valid layer name", e.Layer)
+		}
+		// 0 pauses the experiment: nobody is assigned, its arms stay defined.
+		if e.Allocation < 0 || e.Allocation > HundredthsMax {
+			add(r, f+".allocation", "%v is outside [0, 100]", e.Allocation)
+		} else {
+			plan = append(plan, check{kind: checkLayerAllocation, index: i})
+		}
+		if e.Match != nil {
+			for h, vals := range e.Match.Headers {
+				hf := f + ".match.headers." + h
+				if !headerRe.MatchString(h) {
+					add(r, hf, "%q is not a lower-case header name", h)
+				}
+				if len(vals) == 0 {
+					add(r, hf, "needs at least one value")
+				}
+			}
+		}
+		if len(e.Arms) == 0 {
+			add(r, f+".arms", "an experiment needs at least one arm")
+		} else if len(e.Arms) > MaxArmsPerExperiment {
+			add(r, f+".arms", "%d arms; at most %d", len(e.Arms), MaxArmsPerExperiment)
+		}
+		arms := map[string]bool{}
+		for j, a := range e.Arms {
+			af := f + ".arms[" + strconv.Itoa(j) + "]"
+			if !nameRe.MatchString(a.Name) {
+				add(r, af+".name", "%q is not a valid arm name", a.Name)
+			} else if arms[a.Name] {
+				add(r, af+".name", "arm %q is listed twice", a.Name)
+			}
+			arms[a.Name] = true
+			if !versions[a.Version] {
+				add(r, af+".version", "unknown version %q (versions: %s)", a.Version, versionList(r))
+			}
+			if a.Weight <= 0 {
+				add(r, af+".weight", "%d: arm weights must be positive", a.Weight)
+			} else if a.Weight > MaxArmWeight {
+				add(r, af+".weight", "%d is over the maximum arm weight %d (weights are relative: scale them down)", a.Weight, MaxArmWeight)
+			}
+		}
+	}
+	layers := map[string]bool{}
+	for _, e := range r.Experiments {
+		layers[e.Layer] = true
+	}
+	if len(layers) > MaxLayersPerModel {
+		add(r, "experiments", "the experiments span %d layers; at most %d per model", len(layers), MaxLayersPerModel)
+	}
+	if r.Timeout.Duration < 0 {
+		add(r, "timeout", "must not be negative")
+	}
+	if r.Retries != nil && (*r.Retries < 0 || *r.Retries > MaxRetries) {
+		add(r, "retries", "%d is outside 0..%d", *r.Retries, MaxRetries)
+	}
+	return plan
 }
 
 func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) map[string]bool {
