@@ -290,3 +290,38 @@ func TestEnvoySidecar(t *testing.T) {
 		t.Fatalf("through the sidecar: %d from %q", code, version)
 	}
 }
+
+// TestEnvoyScopedRoutes: with Scoped RDS, ranker's calls reach ranker's route table
+// (server-level GET /v2 by x-patchbay-model included), a forged x-patchbay-route-key is
+// replaced by Envoy's own, and a model no scope names gets Envoy's 404 NR rewritten by the
+// HCM's local_reply_config into an OIP error (application/json).
+func TestEnvoyScopedRoutes(t *testing.T) {
+	s := start(t, envoy.Edge, split(100, 0))
+	if code, version, _ := s.predict("u1", map[string]string{headers.RouteKey: "/v2/models/nosuch/infer//"}); code != http.StatusOK || version != "v7" {
+		t.Fatalf("forged route key: %d %q, want 200 from v7", code, version)
+	}
+	for _, tc := range []struct {
+		method, path, model string
+		want                int
+		json                bool
+	}{
+		{http.MethodGet, "/v2", "ranker", http.StatusOK, false},
+		{http.MethodGet, "/v2/models/ranker", "", http.StatusOK, false},
+		{http.MethodPost, "/v2/models/nosuch/infer", "", http.StatusNotFound, true},
+		{http.MethodGet, "/v2", "nosuch", http.StatusNotFound, true},
+	} {
+		req, _ := http.NewRequest(tc.method, "http://"+s.proxy.Listener+tc.path, nil)
+		if tc.model != "" {
+			req.Header.Set(headers.Model, tc.model)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.want || tc.json && (resp.Header.Get("content-type") != "application/json" || !strings.HasPrefix(string(body), `{"error":"not found: `)) {
+			t.Errorf("%s %s (%s): %d %q %s", tc.method, tc.path, tc.model, resp.StatusCode, resp.Header.Get("content-type"), body)
+		}
+	}
+}
