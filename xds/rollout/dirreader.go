@@ -21,7 +21,8 @@ const RacyWindow = 2 * time.Second
 // and its modification time is set back (os.Chtimes, touch -d). A file read within
 // RacyWindow of its last change, or whose read failed, is read again every time. The bytes
 // of the others are kept from the last Read; a deleted file disappears and a new one is
-// read. It holds the files of its last Read only. Safe for concurrent use.
+// read. It holds the files of its last Read only; the Data of files it returns is shared
+// with the next Read's, so callers must not modify it. Safe for concurrent use.
 type DirReader struct {
 	Dir string
 
