@@ -154,7 +154,8 @@ func TestRollbackDoesNotChangeTheSharedRollout(t *testing.T) {
 	for i := range 3 {
 		files = append(files, rollout.File{Path: fmt.Sprintf("m%d.yaml", i), Data: []byte(modelDoc(i, 0))})
 	}
-	first, err := rollout.LoadData(files)
+	var cache rollout.Cache // what rollout.LoadData uses, private to this test
+	first, err := cache.LoadData(files)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +163,7 @@ func TestRollbackDoesNotChangeTheSharedRollout(t *testing.T) {
 	if eff == first.Rollouts[1] || !eff.Closed["v1"] || eff.Traffic["v3"] != 100 {
 		t.Fatalf("rollback target: %+v", eff)
 	}
-	again, err := rollout.LoadData(files)
+	again, err := cache.LoadData(files)
 	if err != nil {
 		t.Fatal(err)
 	}
