@@ -118,7 +118,7 @@ func removals(d *assign.Decision, set uint8, hs []*corev3.HeaderValue) []string 
 	out := append([]string(nil), known...)
 	for _, h := range hs {
 		k := h.GetKey()
-		if !strings.HasPrefix(k, headers.Prefix) || k == headers.Model || slices.Contains(headers.Stripped, k) || slices.Contains(out, k) {
+		if !strings.HasPrefix(k, headers.Prefix) || k == headers.Model || k == headers.RouteKey || slices.Contains(headers.Stripped, k) || slices.Contains(out, k) {
 			continue
 		}
 		out = append(out, k)

@@ -98,6 +98,21 @@ func TestProcessSequences(t *testing.T) {
 			want: []*extprocv3.ProcessingResponse{routed([]string{headers.Version, "x-patchbay-arm"}, set(headers.Model, "ranker"), bucketOf("ranker-salt", nobody))},
 		},
 		{
+			// Envoy's early header mutation set it (the client's own was removed first), and
+			// Envoy selects the route scope by it again after this answer: removing it would
+			// leave every routed request without a scope (404).
+			name: "x-patchbay-route-key is Envoy's: kept, with other x-patchbay-* removed",
+			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, nobody,
+				headers.RouteKey, "/v2/models/ranker/infer///", "x-patchbay-arm", "treatment")},
+			want: []*extprocv3.ProcessingResponse{routed([]string{"x-patchbay-arm"}, set(headers.Model, "ranker"), bucketOf("ranker-salt", nobody))},
+		},
+		{
+			name: "x-patchbay-route-key alone: nothing removed",
+			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2/models/ranker/infer", headers.UserID, nobody,
+				headers.RouteKey, "/v2/models/ranker/infer///")},
+			want: []*extprocv3.ProcessingResponse{routed(nil, set(headers.Model, "ranker"), bucketOf("ranker-salt", nobody))},
+		},
+		{
 			name: "non-model path: unknown x-patchbay-* removed",
 			msgs: []*extprocv3.ProcessingRequest{reqHeaders(true, ":path", "/v2", "x-patchbay-debug", "1")},
 			want: []*extprocv3.ProcessingResponse{{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{

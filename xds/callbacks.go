@@ -232,6 +232,9 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			return nil
 		},
 		StreamResponseFunc: func(_ context.Context, id int64, _ *discoveryv3.DiscoveryRequest, r *discoveryv3.DiscoveryResponse) {
+			if r.GetTypeUrl() != policyv1.TypeURL {
+				r.VersionInfo = s.labelVersion(r.GetVersionInfo())
+			}
 			push(id, r.GetTypeUrl())
 		},
 		// Delta streams are numbered apart from SotW ones: keep them apart in the map.
@@ -251,6 +254,9 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			return nil
 		},
 		StreamDeltaResponseFunc: func(id int64, _ *discoveryv3.DeltaDiscoveryRequest, r *discoveryv3.DeltaDiscoveryResponse) {
+			if r.GetTypeUrl() != policyv1.TypeURL {
+				r.SystemVersionInfo = s.labelVersion(r.GetSystemVersionInfo())
+			}
 			push(-id, r.GetTypeUrl())
 		},
 		// The unary REST-style fetch is not served (GRPCServer registers ADS only); should

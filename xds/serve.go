@@ -2,6 +2,7 @@ package xds
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -56,6 +57,34 @@ func newResourceCache() *resourceCache {
 // versionPrefix starts every SotW version this control plane sends. A client's version
 // without it (from another implementation) is answered with everything.
 const versionPrefix = "pb-"
+
+// labelVersion appends the config version being served to a linear cache's version
+// ("pb-17" -> "pb-17/1f45e0011fb6c60c"), so a client's version_info (Envoy's config_dump)
+// names the config it came with. The linear caches count versions per type: a type that
+// did not change in an apply keeps the label of the config that last changed it. A client
+// echoes the label in its next request; the caches only check its prefix.
+func (s *Server) labelVersion(v string) string {
+	cfg, _ := s.servingVersion.Load().(string)
+	if cfg == "" || !strings.HasPrefix(v, versionPrefix) {
+		return v
+	}
+	if i := strings.IndexByte(v, '/'); i >= 0 {
+		v = v[:i]
+	}
+	return v + "/" + cfg
+}
+
+// ConfigVersionOf is the config version a version_info labelled by labelVersion names
+// ("" when it names none).
+func ConfigVersionOf(versionInfo string) string {
+	if !strings.HasPrefix(versionInfo, versionPrefix) {
+		return ""
+	}
+	if i := strings.IndexByte(versionInfo, '/'); i >= 0 {
+		return versionInfo[i+1:]
+	}
+	return ""
+}
 
 // muxKey is the key of one flavour's cache of one type in the MuxCache.
 func muxKey(f, typeURL string) string { return f + " " + typeURL }

@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -105,13 +106,16 @@ type Config struct {
 
 // Server is a running control plane.
 type Server struct {
-	cfg      Config
-	log      zerolog.Logger
-	res      *resourceCache
-	builder  *translate.Builder
-	policies *cachev3.LinearCache
-	cache    cachev3.Cache
-	metrics  *metrics
+	cfg     Config
+	log     zerolog.Logger
+	res     *resourceCache
+	builder *translate.Builder
+	// servingVersion is the config version being served (string), read by the stream
+	// callbacks without the lock.
+	servingVersion atomic.Value
+	policies       *cachev3.LinearCache
+	cache          cachev3.Cache
+	metrics        *metrics
 
 	tls      *tlsfiles.Source // nil without TLS
 	identity bool             // client certificates required: roles follow them
@@ -175,6 +179,19 @@ type state struct {
 	// candidate is the last set read that was refused only because a version with a share
 	// has no resolved endpoint; it is tried again when a name's addresses change.
 	candidate *rollout.Set
+	// fps memoises fingerprint by rollout value, and derived what deriveLocked made of each
+	// model, for the rollouts of the last set: a reload of 10,000 models where one changed
+	// recomputes one (the loader hands back the same *Rollout for a file it parsed before).
+	fps     map[*rollout.Rollout]string
+	derived map[string]derivedModel
+}
+
+// derivedModel is what deriveLocked made of one model's spec and stored state.
+type derivedModel struct {
+	spec  *rollout.Rollout
+	state store.ModelState
+	slots translate.SlotMap
+	ov    *override
 }
 
 // NameStatus is one endpoint host name's resolution, as /status shows it.
@@ -678,8 +695,9 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 	models := make(map[string]store.ModelState, len(set.Rollouts))
 	var writes []*rollout.Rollout
 	var released []string
+	s.rememberFingerprintsLocked(set)
 	for _, r := range set.Rollouts {
-		fp := fingerprint(r)
+		fp := s.fingerprintLocked(r)
 		cur := stored[r.Model]
 		next := planState(cur, r, fp)
 		models[r.Model] = next
@@ -721,7 +739,7 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 	}
 	changed := false
 	for _, r := range writes {
-		fp := fingerprint(r)
+		fp := s.fingerprintLocked(r)
 		got, err := s.store.Update(ctx, r.Model, func(cur store.ModelState) (store.ModelState, error) {
 			next := planState(cur, r, fp)
 			if !sameModelState(next, cur) {
@@ -803,25 +821,65 @@ func (s *Server) deriveLocked() {
 	slots := map[string]translate.SlotMap{}
 	overrides := map[string]*override{}
 	history := map[string][]map[string]int{}
+	derived := make(map[string]derivedModel, len(s.state.files.Rollouts))
 	for _, r := range s.state.files.Rollouts {
 		ms := s.state.models[r.Model]
-		fp := fingerprint(r)
-		rb := ms.Rollback
-		if rb != nil && rb.SpecFingerprint != fp {
-			rb = nil
+		d, ok := s.state.derived[r.Model]
+		if !ok || d.spec != r || !sameModelState(d.state, ms) {
+			d = s.deriveModelLocked(r, ms)
 		}
-		eff := effectiveRollout(r, rb)
-		if rb != nil {
-			overrides[r.Model] = &override{rollout: eff, fileFP: rb.SpecFingerprint, reason: rb.Reason, at: rb.At, fromIndex: rb.FromIndex}
+		derived[r.Model] = d
+		if d.ov != nil {
+			overrides[r.Model] = d.ov
 		}
-		m := toSlotMap(ms.Slots)
-		if !consistentSlots(m, eff) {
-			m = translate.NextSlotMap(m, versionList(eff), eff.Traffic)
-		}
-		slots[r.Model] = m
+		slots[r.Model] = d.slots
 		history[r.Model] = ms.History
 	}
-	s.state.slots, s.state.overrides, s.state.history = slots, overrides, history
+	s.state.slots, s.state.overrides, s.state.history, s.state.derived = slots, overrides, history, derived
+}
+
+// deriveModelLocked is deriveLocked for one model.
+func (s *Server) deriveModelLocked(r *rollout.Rollout, ms store.ModelState) derivedModel {
+	d := derivedModel{spec: r, state: ms}
+	fp := s.fingerprintLocked(r)
+	rb := ms.Rollback
+	if rb != nil && rb.SpecFingerprint != fp {
+		rb = nil
+	}
+	eff := effectiveRollout(r, rb)
+	if rb != nil {
+		d.ov = &override{rollout: eff, fileFP: rb.SpecFingerprint, reason: rb.Reason, at: rb.At, fromIndex: rb.FromIndex}
+	}
+	m := toSlotMap(ms.Slots)
+	if !consistentSlots(m, eff) {
+		m = translate.NextSlotMap(m, versionList(eff), eff.Traffic)
+	}
+	d.slots = m
+	return d
+}
+
+// fingerprintLocked is fingerprint(r), memoised for the rollouts of the current set.
+func (s *Server) fingerprintLocked(r *rollout.Rollout) string {
+	if fp, ok := s.state.fps[r]; ok {
+		return fp
+	}
+	fp := fingerprint(r)
+	if s.state.fps == nil {
+		s.state.fps = map[*rollout.Rollout]string{}
+	}
+	s.state.fps[r] = fp
+	return fp
+}
+
+// rememberFingerprintsLocked keeps the memoised fingerprints of set's rollouts only.
+func (s *Server) rememberFingerprintsLocked(set *rollout.Set) {
+	fps := make(map[*rollout.Rollout]string, len(set.Rollouts))
+	for _, r := range set.Rollouts {
+		if fp, ok := s.state.fps[r]; ok {
+			fps[r] = fp
+		}
+	}
+	s.state.fps = fps
 }
 
 // rejectLocked records a refused config: it is the current error, and it is counted, logged
@@ -904,7 +962,14 @@ func (s *Server) serveLocked(ctx context.Context, built *translate.Output, start
 	if s.state.built != nil && built.Version == s.state.built.Version {
 		return nil // nothing changed
 	}
+	// Responses sent from here on are labelled with the new version (labelVersion): the
+	// linear caches answer the watches during apply.
+	prevServing := s.servingVersion.Load()
+	s.servingVersion.Store(built.Version)
 	if err := s.res.apply(built); err != nil {
+		if prevServing != nil {
+			s.servingVersion.Store(prevServing)
+		}
 		return fmt.Errorf("serve: %w", err)
 	}
 	if err := s.policies.UpdateResource(policyv1.ResourceName, built.Policy); err != nil {

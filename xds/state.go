@@ -2,7 +2,9 @@ package xds
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/patchbay-io/patchbay/xds/rollout"
@@ -124,20 +126,23 @@ func appendHistory(h []map[string]int, t map[string]int) []map[string]int {
 
 // sameModelState reports whether two states serve the same (ConfigVersion aside).
 func sameModelState(a, b store.ModelState) bool {
-	return stateKey(a) == stateKey(b)
-}
-
-func stateKey(s store.ModelState) string {
-	rb := ""
-	if s.Rollback != nil {
-		rb = fmt.Sprintf("%v|%s|%d|%s|%s", sortedSplit(s.Rollback.Traffic), s.Rollback.Reason, s.Rollback.FromIndex,
-			s.Rollback.SpecFingerprint, s.Rollback.At.UTC().Format(time.RFC3339Nano))
+	if a.SpecFingerprint != b.SpecFingerprint || !slices.Equal(a.Slots, b.Slots) || len(a.History) != len(b.History) {
+		return false
 	}
-	h := ""
-	for _, t := range s.History {
-		h += sortedSplit(t) + ";"
+	for i := range a.History {
+		if !maps.Equal(a.History[i], b.History[i]) {
+			return false
+		}
 	}
-	return fmt.Sprintf("%s|%v|%s|%s", s.SpecFingerprint, s.Slots, rb, h)
+	if (a.Rollback == nil) != (b.Rollback == nil) {
+		return false
+	}
+	if a.Rollback == nil {
+		return true
+	}
+	x, y := a.Rollback, b.Rollback
+	return maps.Equal(x.Traffic, y.Traffic) && x.Reason == y.Reason && x.FromIndex == y.FromIndex &&
+		x.SpecFingerprint == y.SpecFingerprint && x.At.Equal(y.At)
 }
 
 func sortedSplit(m map[string]int) string { return fmt.Sprint(m) } // fmt sorts map keys

@@ -12,6 +12,7 @@ package envoyvalidate
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	udpatypev1 "github.com/cncf/xds/go/udpa/type/v1"
 	xdstypev3 "github.com/cncf/xds/go/xds/type/v3"
@@ -99,10 +100,15 @@ func (w *walker) check(m protoreflect.Message, p *path, depth int) {
 	w.walk(m, p, depth)
 }
 
-// walk visits every set field of m, opening Any values.
+// walk visits every set field of m, opening Any values. It skips a message whose type can
+// hold neither an Any nor a deprecated field at any depth (mayHold): walking a large
+// configuration by reflection is most of what validating it costs.
 func (w *walker) walk(m protoreflect.Message, at *path, depth int) {
 	if m.Descriptor().FullName() == anyName {
 		w.openAny(m, at, depth)
+		return
+	}
+	if !mayHold(m.Descriptor()) {
 		return
 	}
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
@@ -139,6 +145,54 @@ func (w *walker) walk(m protoreflect.Message, at *path, depth int) {
 }
 
 const anyName protoreflect.FullName = "google.protobuf.Any"
+
+// holds memoises mayHold by message type.
+var holds sync.Map // protoreflect.FullName -> bool
+
+// mayHold reports whether a message of type md can hold, at any depth, an Any or a field
+// marked deprecated: the only things walk looks for.
+func mayHold(md protoreflect.MessageDescriptor) bool {
+	if v, ok := holds.Load(md.FullName()); ok {
+		return v.(bool)
+	}
+	h := computeHolds(md, map[protoreflect.FullName]bool{})
+	holds.Store(md.FullName(), h)
+	return h
+}
+
+// computeHolds is mayHold without the memo. A type met again while it is being computed
+// (a recursive message) counts as holding: an over-approximation only walks more.
+func computeHolds(md protoreflect.MessageDescriptor, visiting map[protoreflect.FullName]bool) bool {
+	if md.FullName() == anyName {
+		return true
+	}
+	if v, ok := holds.Load(md.FullName()); ok {
+		return v.(bool)
+	}
+	if visiting[md.FullName()] {
+		return true
+	}
+	visiting[md.FullName()] = true
+	defer delete(visiting, md.FullName())
+	fields := md.Fields()
+	for i := range fields.Len() {
+		fd := fields.Get(i)
+		if isDeprecated(fd) {
+			return true
+		}
+		var sub protoreflect.MessageDescriptor
+		switch {
+		case fd.IsMap():
+			sub = fd.MapValue().Message()
+		case fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind:
+			sub = fd.Message()
+		}
+		if sub != nil && computeHolds(sub, visiting) {
+			return true
+		}
+	}
+	return false
+}
 
 // openAny unpacks an Any from the global registry and checks what is inside.
 func (w *walker) openAny(m protoreflect.Message, p *path, depth int) {

@@ -111,8 +111,18 @@ func Start(ctx context.Context, cfg Config) (*Proxy, error) {
 	return p, nil
 }
 
-// Version is the config version of the last complete set of resources applied.
-func (p *Proxy) Version() string { return p.state.Load().version }
+// Version is the config version of the last complete set of resources applied: the
+// config version the last response's version_info names. Envoy keeps version_info as it
+// comes; patchbay's control plane labels it "pb-<n>/<config version>" (per-type counters
+// of its linear caches, then the config version being served), so the part after the
+// slash is compared with the control plane's /status.
+func (p *Proxy) Version() string {
+	v := p.state.Load().version
+	if i := strings.LastIndexByte(v, '/'); i >= 0 {
+		return v[i+1:]
+	}
+	return v
+}
 
 // Endpoints counts the endpoints the model has for a cluster.
 func (p *Proxy) Endpoints(cluster string) int {

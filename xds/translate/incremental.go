@@ -1,15 +1,17 @@
 package translate
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"reflect"
+	"runtime"
 	"slices"
 	"sort"
+	"sync"
+	"sync/atomic"
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -65,9 +67,11 @@ type ModelOutput struct {
 	Res  [flavourCount]Resources
 	hash [32]byte // of the resources' deterministic bytes, every flavour
 	in   modelInputs
-	// bytes of each resource by flavour, type and name: a rebuilt resource with the same
-	// bytes as before is replaced by the previous value (pointer), so it is not sent again.
-	bytes [flavourCount]map[string]map[string][]byte
+	// sums of each resource's deterministic bytes by flavour, type and name: a rebuilt
+	// resource with the same bytes as before is replaced by the previous value (pointer),
+	// so it is not sent again. A hash, not the bytes: at 10,000 models the bytes would
+	// double the control plane's memory.
+	sums [flavourCount]map[string]map[string][32]byte
 }
 
 // modelInputs is everything a model's resources depend on (see EnvoyModel).
@@ -125,6 +129,14 @@ func (b *Builder) Build(in *Input) (*Output, error) {
 			}
 		}
 	}
+	type job struct {
+		r    *rollout.Rollout
+		mi   modelInputs
+		prev *ModelOutput
+		out  *ModelOutput
+		err  error
+	}
+	var jobs []*job
 	for _, r := range in.Set.Rollouts {
 		mi := inputsOf(in, r)
 		prev := b.models[r.Model]
@@ -132,13 +144,33 @@ func (b *Builder) Build(in *Input) (*Output, error) {
 			out.Models[r.Model] = prev
 			continue
 		}
-		mo, err := b.buildModel(in, r, mi, prev)
-		if err != nil {
-			errs = append(errs, err)
+		jobs = append(jobs, &job{r: r, mi: mi, prev: prev})
+	}
+	// Models translate independently: a large build (the first one, or an edit of many
+	// files) uses every core.
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(jobs)/32))
+	var wg sync.WaitGroup
+	next := atomic.Int64{}
+	for range workers {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= len(jobs) {
+					return
+				}
+				j := jobs[i]
+				j.out, j.err = b.buildModel(in, j.r, j.mi, j.prev)
+			}
+		})
+	}
+	wg.Wait()
+	for _, j := range jobs {
+		if j.err != nil {
+			errs = append(errs, j.err)
 			continue
 		}
-		out.Models[r.Model] = mo
-		out.Rebuilt = append(out.Rebuilt, r.Model)
+		out.Models[j.r.Model] = j.out
+		out.Rebuilt = append(out.Rebuilt, j.r.Model)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -147,8 +179,8 @@ func (b *Builder) Build(in *Input) (*Output, error) {
 	// clusters (checked in buildModel); the shared resources are checked against every
 	// model's clusters.
 	for f := range flavourCount {
-		if len(out.Shared[f][resource.RouteType]) == 0 {
-			continue
+		if checkClusterRefs(out.Shared[f]) == nil {
+			continue // the shared routes name no cluster (the fallback table)
 		}
 		all := Resources{}
 		for t, rs := range out.Shared[f] {
@@ -203,10 +235,18 @@ func (b *Builder) buildModel(in *Input, r *rollout.Rollout, mi modelInputs, prev
 	mo.Res[FlavourGRPC] = GRPCModel(in, r, b.opts)
 	h := sha256.New()
 	var errs []error
+	// The flavours share many resources byte for byte (a version's cluster and endpoints
+	// are the same for edge and sidecar Envoys, its gRPC endpoints the same for proxyless
+	// clients): one value serves them all, validated once.
+	type key struct {
+		typ string
+		sum [32]byte
+	}
+	seen := map[key]types.Resource{}
 	for f := range flavourCount {
-		mo.bytes[f] = map[string]map[string][]byte{}
+		mo.sums[f] = map[string]map[string][32]byte{}
 		for _, typ := range sortedTypes(mo.Res[f]) {
-			mo.bytes[f][typ] = map[string][]byte{}
+			mo.sums[f][typ] = map[string][32]byte{}
 			for i, res := range mo.Res[f][typ] {
 				name := cachev3.GetResourceName(res)
 				bb, err := proto.MarshalOptions{Deterministic: true}.Marshal(res)
@@ -214,14 +254,20 @@ func (b *Builder) buildModel(in *Input, r *rollout.Rollout, mi modelInputs, prev
 					errs = append(errs, err)
 					continue
 				}
-				mo.bytes[f][typ][name] = bb
-				h.Write(bb)
+				sum := sha256.Sum256(bb)
+				mo.sums[f][typ][name] = sum
+				h.Write(sum[:])
 				if prev != nil {
-					if old, ok := prev.bytes[f][typ][name]; ok && bytes.Equal(old, bb) {
+					if old, ok := prev.sums[f][typ][name]; ok && old == sum {
 						mo.Res[f][typ][i] = prev.lookup(f, typ, name)
 						continue // validated when it was built
 					}
 				}
+				if same, ok := seen[key{typ, sum}]; ok {
+					mo.Res[f][typ][i] = same
+					continue
+				}
+				seen[key{typ, sum}] = res
 				if err := envoyvalidate.Validate(res); err != nil {
 					errs = append(errs, fmt.Errorf("%s %s %q: %w", flavourNames[f], shortType(typ), name, err))
 				}
@@ -253,36 +299,41 @@ func (mo *ModelOutput) lookup(f int, typ, name string) types.Resource {
 // inputsOf gathers what model r's resources depend on.
 func inputsOf(in *Input, r *rollout.Rollout) modelInputs {
 	mi := modelInputs{r: r, slots: in.Slots[r.Model], unhealthy: in.Unhealthy[r.Model]}
-	for _, v := range r.Versions {
-		for _, ep := range v.AllEndpoints() {
-			host, _, err := net.SplitHostPort(ep)
-			if err != nil {
-				continue
+	zone := func(addr string) {
+		if z, ok := in.Zones[addr]; ok {
+			if mi.zones == nil {
+				mi.zones = map[string]string{}
 			}
-			if net.ParseIP(host) == nil {
+			mi.zones[addr] = z
+		}
+	}
+	for vi := range r.Versions {
+		for _, eps := range endpointsOf(&r.Versions[vi]) {
+			for _, ep := range eps {
+				host, _, err := net.SplitHostPort(ep)
+				if err != nil {
+					continue
+				}
+				if net.ParseIP(host) != nil {
+					zone(host)
+					continue
+				}
 				if mi.resolved == nil {
 					mi.resolved = map[string][]string{}
 				}
 				addrs := in.Resolved[host]
 				mi.resolved[host] = addrs
 				for _, a := range addrs {
-					if z, ok := in.Zones[a]; ok {
-						if mi.zones == nil {
-							mi.zones = map[string]string{}
-						}
-						mi.zones[a] = z
-					}
+					zone(a)
 				}
-			} else if z, ok := in.Zones[host]; ok {
-				if mi.zones == nil {
-					mi.zones = map[string]string{}
-				}
-				mi.zones[host] = z
 			}
 		}
 	}
 	return mi
 }
+
+// endpointsOf lists a version's REST then gRPC endpoints without copying them.
+func endpointsOf(v *rollout.Version) [2][]string { return [2][]string{v.Endpoints, v.GRPCEndpoints} }
 
 func sortedKeys[V any](m map[string]V) []string {
 	out := make([]string, 0, len(m))

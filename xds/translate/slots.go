@@ -15,6 +15,9 @@ type SlotMap []string
 // only users who change variant are those who move onto a version that grew. With no prev
 // (or prev of the wrong length) the map is laid out in the order of versions.
 func NextSlotMap(prev SlotMap, versions []string, weights map[string]int) SlotMap {
+	if holds(prev, weights) {
+		return prev // nothing moves: the same map (callers treat slot maps as read-only)
+	}
 	next := make(SlotMap, Slots)
 	if len(prev) != Slots {
 		i := 0
@@ -78,3 +81,43 @@ func (m SlotMap) Runs() []Run {
 
 // VersionAt returns the version that serves a bucket value, as Envoy picks it.
 func (m SlotMap) VersionAt(bucket uint64) string { return m[bucket%Slots] }
+
+// holds reports whether m already gives every version its weight, without allocating:
+// one pass over the slots counting runs of versions (a model has a handful).
+func holds(m SlotMap, weights map[string]int) bool {
+	if len(m) != Slots {
+		return false
+	}
+	var names [8]string
+	var counts [8]int
+	n := 0
+	for _, v := range m {
+		i := 0
+		for i < n && names[i] != v {
+			i++
+		}
+		if i == n {
+			if n == len(names) {
+				return false // more versions than this fast path counts: take the slow one
+			}
+			names[n] = v
+			n++
+		}
+		counts[i]++
+	}
+	positive := 0
+	for _, w := range weights {
+		if w > 0 {
+			positive++
+		}
+	}
+	if positive != n {
+		return false
+	}
+	for i := range n {
+		if weights[names[i]] != counts[i] {
+			return false
+		}
+	}
+	return true
+}

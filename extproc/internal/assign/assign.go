@@ -198,7 +198,13 @@ func Decide(t *policy.Table, hs []*corev3.HeaderValue, d *Decision) {
 }
 
 // notePatchbay records a client-sent x-patchbay-* header other than x-patchbay-model.
+// x-patchbay-route-key is not the client's: Envoy's early header mutation removed the
+// client's and set its own before any filter ran, and Envoy selects the route scope by it
+// again after ext_proc's answer (it must stay).
 func (d *Decision) notePatchbay(k string) {
+	if k == headers.RouteKey {
+		return
+	}
 	for i, s := range headers.Stripped {
 		if k == s {
 			d.Stripped |= 1 << i
