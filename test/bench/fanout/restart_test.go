@@ -62,7 +62,7 @@ func (w *liteWatcher) run(ctx context.Context, cc *grpc.ClientConn, i int, k Kin
 // (SIGKILL) and started again on the same ports and rollout directory. Reports the time
 // from the kill until each client holds a complete config on a new stream (p50, p99, max)
 // and from the restarted process's /readyz; fails if any client saw an empty or partial
-// config: a delta removal, a SotW LDS or CDS response with fewer resources than before, a
+// config: a delta removal, a SotW LDS, CDS or SRDS response with fewer resources than before, a
 // proxyless or ext_proc response without its resource, or a full client whose resources
 // after the resync differ in number from before. Clients reconnect with Envoy's ADS
 // back-off (500 ms base, jittered) over gRPC's reconnect; that back-off is in the times.
@@ -183,8 +183,8 @@ func BenchmarkRestart(b *testing.B) {
 			if len(s.Stats.Removed) > 0 {
 				problems = append(problems, fmt.Sprintf("delta client %d told to remove %v", j, s.Stats.Removed[:min(3, len(s.Stats.Removed))]))
 			}
-			if len(s.Stats.SotWShortLDSCD) > 0 {
-				problems = append(problems, fmt.Sprintf("SotW client %d: short LDS/CDS responses %v", j, s.Stats.SotWShortLDSCD))
+			if len(s.Stats.SotWShort) > 0 {
+				problems = append(problems, fmt.Sprintf("SotW client %d: short LDS/CDS/SRDS responses %v", j, s.Stats.SotWShort))
 			}
 			for t, c := range counts[j] {
 				if len(s.Res[t]) != c {

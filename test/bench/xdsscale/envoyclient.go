@@ -75,12 +75,12 @@ type Envoy struct {
 
 // Stats counts what the client received.
 type Stats struct {
-	Responses      map[string]int // per type URL
-	RouteBytes     int            // bytes of RDS resources received (delta Resource / SotW Any)
-	Bytes          int            // bytes of every resource received
-	Removed        []string       // delta removals: "type name"
-	Streams        int            // streams opened (1 + reconnects)
-	SotWShortLDSCD []string       // SotW LDS/CDS responses with fewer resources than the client held: "type got/held"
+	Responses  map[string]int // per type URL
+	RouteBytes int            // bytes of RDS resources received (delta Resource / SotW Any)
+	Bytes      int            // bytes of every resource received
+	Removed    []string       // delta removals: "type name"
+	Streams    int            // streams opened (1 + reconnects)
+	SotWShort  []string       // SotW LDS/CDS/SRDS responses with fewer resources than the client held: "type got/held"
 }
 
 // DialEnvoy connects an Envoy-like client to addr (delta or SotW) with the reconnect
@@ -250,9 +250,11 @@ func (e *Envoy) apply(m proto.Message) ([]proto.Message, error) {
 			e.count(typ, proto.Size(a))
 		}
 		if wildcardType(typ) {
-			// SotW LDS, CDS (and SRDS here): each response is the whole set.
-			if (typ == resource.ListenerType || typ == resource.ClusterType) && len(next) < len(held[typ]) {
-				e.stats.SotWShortLDSCD = append(e.stats.SotWShortLDSCD, fmt.Sprintf("%s %d/%d", typ, len(next), len(held[typ])))
+			// SotW LDS, CDS and SRDS: each response is the whole set; what it lacks, Envoy
+			// removes (SRDS: source/common/router/scoped_rds.cc, the SotW onConfigUpdate
+			// removes every scope not in the update).
+			if len(next) < len(held[typ]) {
+				e.stats.SotWShort = append(e.stats.SotWShort, fmt.Sprintf("%s %d/%d", typ, len(next), len(held[typ])))
 			}
 			held[typ] = next
 		} else {
@@ -441,7 +443,7 @@ func (e *Envoy) snapLocked() Snapshot {
 		s.Stats.Responses[k] = v
 	}
 	s.Stats.Removed = slices.Clone(e.stats.Removed)
-	s.Stats.SotWShortLDSCD = slices.Clone(e.stats.SotWShortLDSCD)
+	s.Stats.SotWShort = slices.Clone(e.stats.SotWShort)
 	for t, m := range e.res {
 		s.Res[t] = map[string]*Held{}
 		for n, h := range m {

@@ -139,8 +139,8 @@ func TestEnvoyClientFollowsTheShippedControlPlane(t *testing.T) {
 		if err != nil {
 			t.Fatalf("delta=%v: the edit did not arrive: %v", e.Delta, err)
 		}
-		if len(s.Stats.Removed) > 0 || len(s.Stats.SotWShortLDSCD) > 0 {
-			t.Errorf("delta=%v: removals %v, short SotW responses %v", e.Delta, s.Stats.Removed, s.Stats.SotWShortLDSCD)
+		if len(s.Stats.Removed) > 0 || len(s.Stats.SotWShort) > 0 {
+			t.Errorf("delta=%v: removals %v, short SotW responses %v", e.Delta, s.Stats.Removed, s.Stats.SotWShort)
 		}
 	}
 }
