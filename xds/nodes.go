@@ -11,6 +11,7 @@ import (
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 )
@@ -92,17 +93,29 @@ func withFlavour(n *corev3.Node, f Flavour) *corev3.Node {
 // Here a NACK without a version is given one of this control plane's: the linear caches
 // then compare what this stream was sent (the NACKed versions) with what they hold, and the
 // watch stays open until the next change.
+//
+// Scopes are served from a snapshot cache, which compares the request's version with the
+// snapshot's: there a NACK is held by giving it the current snapshot version.
 type nackGuard struct {
 	cachev3.Cache
+	// scopesVersion is the current scopes snapshot version of a flavour.
+	scopesVersion func(flavour string) string
 }
 
 func (g *nackGuard) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out chan cachev3.Response) (func(), error) {
-	if req.GetErrorDetail() != nil && req.GetVersionInfo() == "" {
-		held := proto.Clone(req).(*discoveryv3.DiscoveryRequest)
-		held.VersionInfo = versionPrefix + "nacked"
-		req = held
+	if req.GetErrorDetail() == nil {
+		return g.Cache.CreateWatch(req, sub, out)
 	}
-	return g.Cache.CreateWatch(req, sub, out)
+	held := proto.Clone(req).(*discoveryv3.DiscoveryRequest)
+	switch {
+	case req.GetTypeUrl() == resource.ScopedRouteType && g.scopesVersion != nil:
+		if v := g.scopesVersion(nodeHash{}.ID(req.GetNode())); v != "" {
+			held.VersionInfo = v
+		}
+	case req.GetVersionInfo() == "":
+		held.VersionInfo = versionPrefix + "nacked"
+	}
+	return g.Cache.CreateWatch(held, sub, out)
 }
 
 // The MuxCache keys of the policy cache and of the cache that never answers.

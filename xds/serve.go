@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"sync"
@@ -34,8 +35,16 @@ var servedTypes = []string{
 // delta client is sent only those, and a SotW client only the types that changed. Until the
 // first config is served, watches are held (gate): a client is never answered with an empty
 // config by a control plane that has not loaded one yet.
+//
+// Scopes (SRDS) are the exception: Envoy takes a SotW SRDS response as the whole set and
+// removes the scopes it does not carry (envoy source/common/router/scoped_rds.cc,
+// ScopedRdsConfigSubscription::onConfigUpdate), while a LinearCache sends a SotW client only
+// the changed resources of every type but listeners and clusters
+// (ResourceRequiresFullStateInSotw). They are served from a SnapshotCache, keyed by
+// flavour, which sends the whole set; they change only when models come and go.
 type resourceCache struct {
 	caches map[Flavour]map[string]*cachev3.LinearCache
+	scopes cachev3.SnapshotCache
 	served *translate.Output // nil before the first apply
 	gate   *gate
 }
@@ -44,11 +53,14 @@ type resourceCache struct {
 var cacheFlavours = [...]Flavour{translate.FlavourEdge: FlavourEdge, translate.FlavourSidecar: FlavourSidecar, translate.FlavourGRPC: FlavourGRPC}
 
 func newResourceCache() *resourceCache {
-	c := &resourceCache{caches: map[Flavour]map[string]*cachev3.LinearCache{}, gate: &gate{}}
+	c := &resourceCache{caches: map[Flavour]map[string]*cachev3.LinearCache{}, gate: &gate{},
+		scopes: cachev3.NewSnapshotCache(false, nodeHash{}, nil)}
 	for _, f := range cacheFlavours {
 		c.caches[f] = map[string]*cachev3.LinearCache{}
 		for _, t := range servedTypes {
-			c.caches[f][t] = cachev3.NewLinearCache(t, cachev3.WithVersionPrefix(versionPrefix))
+			if t != resource.ScopedRouteType {
+				c.caches[f][t] = cachev3.NewLinearCache(t, cachev3.WithVersionPrefix(versionPrefix))
+			}
 		}
 	}
 	return c
@@ -96,6 +108,7 @@ func (c *resourceCache) muxCaches() map[string]cachev3.Cache {
 		for t, lc := range byType {
 			out[muxKey(string(f), t)] = c.gate.wrap(lc)
 		}
+		out[muxKey(string(f), resource.ScopedRouteType)] = c.gate.wrap(c.scopes)
 	}
 	return out
 }
@@ -173,6 +186,14 @@ func (c *resourceCache) apply(out *translate.Output) error {
 	}
 	for _, t := range servedTypes {
 		for f, ch := range changes {
+			if t == resource.ScopedRouteType {
+				if len(ch.set[t]) > 0 || len(ch.del[t]) > 0 || c.served == nil {
+					if err := c.setScopes(cacheFlavours[f], out, f); err != nil {
+						return err
+					}
+				}
+				continue
+			}
 			if len(ch.set[t]) == 0 {
 				continue
 			}
@@ -184,7 +205,7 @@ func (c *resourceCache) apply(out *translate.Output) error {
 	for i := len(servedTypes) - 1; i >= 0; i-- {
 		t := servedTypes[i]
 		for f, ch := range changes {
-			if len(ch.del[t]) == 0 {
+			if len(ch.del[t]) == 0 || t == resource.ScopedRouteType {
 				continue
 			}
 			if err := c.caches[cacheFlavours[f]][t].UpdateResources(nil, ch.del[t]); err != nil {
@@ -195,6 +216,28 @@ func (c *resourceCache) apply(out *translate.Output) error {
 	c.served = out
 	c.gate.open()
 	return nil
+}
+
+// setScopes serves flavour f every scope of out, as one snapshot.
+func (c *resourceCache) setScopes(f Flavour, out *translate.Output, i int) error {
+	scopes := append([]types.Resource(nil), out.Shared[i][resource.ScopedRouteType]...)
+	for _, m := range out.Models {
+		scopes = append(scopes, m.Res[i][resource.ScopedRouteType]...)
+	}
+	snap, err := cachev3.NewSnapshot(out.Version, map[string][]types.Resource{resource.ScopedRouteType: scopes})
+	if err != nil {
+		return fmt.Errorf("%s scopes: %w", f, err)
+	}
+	return c.scopes.SetSnapshot(context.Background(), string(f), snap)
+}
+
+// scopesVersion is the version of the scopes flavour f is served ("" before any).
+func (c *resourceCache) scopesVersion(f string) string {
+	snap, err := c.scopes.GetSnapshot(f)
+	if err != nil {
+		return ""
+	}
+	return snap.GetVersion(resource.ScopedRouteType)
 }
 
 // resources is what flavour f is served now (tests and status).

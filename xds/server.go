@@ -324,7 +324,7 @@ func New(cfg Config) (*Server, error) {
 		Classify:      func(r *cachev3.Request) string { return classify(r.GetNode(), r.GetTypeUrl()) },
 		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return classify(r.GetNode(), r.GetTypeUrl()) },
 		Caches:        caches,
-	}}
+	}, scopesVersion: s.res.scopesVersion}
 	if cfg.VersionHealth > 0 {
 		s.prober = s.newProber()
 	}

@@ -205,7 +205,13 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 				}
 			}
 		case resource.EndpointType:
-			next.endpoints = map[string]*endpointv3.ClusterLoadAssignment{}
+			// A SotW EDS, RDS or SDS response may carry only the resources that changed:
+			// Envoy updates the watches of the names it carries and leaves the others as they
+			// are (envoy source/extensions/config_subscription/grpc/grpc_mux_impl.cc,
+			// GrpcMuxImpl::onDiscoveryResponse: "onConfigUpdate should be called only on
+			// watches(clusters/routes) that have updates in the message for EDS/RDS"). What is
+			// kept is what is still subscribed.
+			next.endpoints = keepSubscribed(next.endpoints, subscribedEDS)
 			for _, a := range r.GetResources() {
 				c := &endpointv3.ClusterLoadAssignment{}
 				if err := a.UnmarshalTo(c); err != nil {
@@ -241,6 +247,15 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 				}
 			}
 		case resource.ScopedRouteType:
+			// SotW SRDS is the whole set: Envoy removes every scope the update does not
+			// carry, and takes an empty update as a failed one, keeping what it has (envoy
+			// source/common/router/scoped_rds.cc, ScopedRdsConfigSubscription::onConfigUpdate
+			// for a resource list: scoped_routes_to_remove starts as every known scope;
+			// update_empty). A control plane that sends only the changed scopes makes Envoy
+			// drop the others: the model does the same.
+			if len(r.GetResources()) == 0 {
+				break
+			}
 			next.scopes = map[string]*routev3.ScopedRouteConfiguration{}
 			for _, a := range r.GetResources() {
 				sc := &routev3.ScopedRouteConfiguration{}
@@ -256,7 +271,7 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 				}
 			}
 		case resource.RouteType:
-			next.tables = map[string]*routev3.RouteConfiguration{}
+			next.tables = keepSubscribed(next.tables, subscribedRoutes)
 			for _, a := range r.GetResources() {
 				rc := &routev3.RouteConfiguration{}
 				if err := a.UnmarshalTo(rc); err != nil {
@@ -266,7 +281,7 @@ func (p *Proxy) xdsStream(ctx context.Context) error {
 				next.tables[rc.GetName()] = rc
 			}
 		case resource.SecretType:
-			next.secrets = map[string]*tlsv3.Secret{}
+			next.secrets = keepSubscribed(next.secrets, subscribedSDS)
 			for _, a := range r.GetResources() {
 				sec := &tlsv3.Secret{}
 				if err := a.UnmarshalTo(sec); err != nil {
@@ -963,4 +978,20 @@ func (p *Proxy) mirror(cluster string, req *http.Request, h http.Header, body []
 			resp.Body.Close()
 		}
 	}()
+}
+
+// keepSubscribed copies m without the names that are no longer in subscribed (a
+// comma-joined list).
+func keepSubscribed[V any](m map[string]V, subscribed string) map[string]V {
+	want := map[string]bool{}
+	for _, n := range strings.Split(subscribed, ",") {
+		want[n] = true
+	}
+	out := make(map[string]V, len(m))
+	for k, v := range m {
+		if want[k] {
+			out[k] = v
+		}
+	}
+	return out
 }
