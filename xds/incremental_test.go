@@ -179,3 +179,48 @@ func TestOneModelEditSendsOnlyThatModelsRoutes(t *testing.T) {
 		t.Fatalf("a weight edit of m07 sent %v, want only %s", sent, translate.ModelRouteName("m07"))
 	}
 }
+
+// TestSotWScopesAreTheWholeSet: a SotW client is sent every scope in every SRDS response,
+// also when one model is added: Envoy removes the scopes a SotW SRDS update does not carry
+// (source/common/router/scoped_rds.cc), so an update with only the new model's scopes would
+// take every other model off the data path.
+func TestSotWScopesAreTheWholeSet(t *testing.T) {
+	dir := t.TempDir()
+	for i := range 5 {
+		writeFile(t, dir, fmt.Sprintf("m%d.yaml", i), rolloutDoc(fmt.Sprintf("m%d", i), map[string]string{"v1": fmt.Sprintf("127.0.0.1:%d", 23000+i)}, "{v1: 100}", ""))
+	}
+	c := startCP(t, dir)
+	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(&discoveryv3.DiscoveryRequest{Node: envoyNode("edge"), TypeUrl: resource.ScopedRouteType}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := len(r.GetResources())
+	if first < 5 {
+		t.Fatalf("first SRDS response has %d scopes, want every model's", first)
+	}
+	if err := s.Send(&discoveryv3.DiscoveryRequest{TypeUrl: resource.ScopedRouteType, VersionInfo: r.GetVersionInfo(), ResponseNonce: r.GetNonce()}); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, dir, "m5.yaml", rolloutDoc("m5", map[string]string{"v1": "127.0.0.1:23005"}, "{v1: 100}", ""))
+	r, err = s.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := len(r.GetResources()), first+len(translate.ModelScopes("m5")); got != want {
+		t.Fatalf("after adding a model the SRDS response has %d scopes, want all %d (%d before)", got, want, first)
+	}
+}
