@@ -350,10 +350,17 @@ func (c *gatedCache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Sub
 // Served is a view of what one flavour is served now, by type and name.
 type Served struct{ res translate.Resources }
 
-// GetResources returns the served resources of a type by name.
+// GetResources returns the served resources of a type by name, as typed messages.
 func (v Served) GetResources(typeURL string) map[string]types.Resource {
 	out := map[string]types.Resource{}
 	for _, r := range v.res[typeURL] {
+		if raw, ok := r.(*translate.Raw); ok {
+			m, err := raw.Decode(typeURL)
+			if err != nil {
+				continue // cannot happen: the bytes were marshalled from this type
+			}
+			r = m
+		}
 		out[cachev3.GetResourceName(r)] = r
 	}
 	return out

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"sort"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -108,7 +107,7 @@ func Build(in *Input, opts Options) (*Built, error) {
 func checkClusterRefs(res Resources) error {
 	clusters := map[string]bool{}
 	for _, c := range res[resource.ClusterType] {
-		clusters[c.(*clusterv3.Cluster).GetName()] = true
+		clusters[cachev3.GetResourceName(c)] = true // a *Raw too
 	}
 	var rcs []*routev3.RouteConfiguration
 	for _, r := range res[resource.RouteType] {
