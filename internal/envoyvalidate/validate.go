@@ -100,48 +100,78 @@ func (w *walker) check(m protoreflect.Message, p *path, depth int) {
 	w.walk(m, p, depth)
 }
 
-// walk visits every set field of m, opening Any values. It skips a message whose type can
-// hold neither an Any nor a deprecated field at any depth (mayHold): walking a large
-// configuration by reflection is most of what validating it costs.
+// walk visits the fields of m that can hold an Any or are deprecated (interesting),
+// opening Any values. Walking a large configuration by reflection is most of what
+// validating it costs: fields of types that can hold neither are never visited.
 func (w *walker) walk(m protoreflect.Message, at *path, depth int) {
 	if m.Descriptor().FullName() == anyName {
 		w.openAny(m, at, depth)
 		return
 	}
-	if !mayHold(m.Descriptor()) {
-		return
-	}
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+	for _, fd := range interesting(m.Descriptor()) {
+		if !m.Has(fd) {
+			continue
+		}
 		if isDeprecated(fd) {
 			w.fail(at.field(fd.TextName()), errors.New("field is deprecated"))
 		}
-		isMsg := fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind
-		if !isMsg && !(fd.IsMap() && fd.MapValue().Kind() == protoreflect.MessageKind) {
-			return true // scalars hold no Any
+		if !holdsMessages(fd) {
+			continue
 		}
+		v := m.Get(fd)
 		p := at.field(fd.TextName())
 		switch {
 		case fd.IsList():
-			if fd.Kind() != protoreflect.MessageKind && fd.Kind() != protoreflect.GroupKind {
-				return true
-			}
 			l := v.List()
 			for i := range l.Len() {
 				w.walk(l.Get(i).Message(), p.elem(i), depth)
 			}
 		case fd.IsMap():
-			if fd.MapValue().Kind() != protoreflect.MessageKind {
-				return true
-			}
 			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
 				w.walk(mv.Message(), p.mapKey(k.String()), depth)
 				return true
 			})
-		case fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind:
+		default:
 			w.walk(v.Message(), p, depth)
 		}
-		return true
-	})
+	}
+}
+
+// holdsMessages reports whether fd's values are messages (singular, list or map values).
+func holdsMessages(fd protoreflect.FieldDescriptor) bool {
+	if fd.IsMap() {
+		return fd.MapValue().Kind() == protoreflect.MessageKind || fd.MapValue().Kind() == protoreflect.GroupKind
+	}
+	return fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind
+}
+
+// interestingFields memoises interesting by message descriptor (keyed by the descriptor
+// itself, a generated singleton: hashing a pointer, not the type's full name).
+var interestingFields sync.Map // protoreflect.MessageDescriptor -> []protoreflect.FieldDescriptor
+
+// interesting lists the fields of md that walk must look at: deprecated ones, and those
+// whose messages may hold an Any or a deprecated field (mayHold).
+func interesting(md protoreflect.MessageDescriptor) []protoreflect.FieldDescriptor {
+	if v, ok := interestingFields.Load(md); ok {
+		return v.([]protoreflect.FieldDescriptor)
+	}
+	var out []protoreflect.FieldDescriptor
+	fields := md.Fields()
+	for i := range fields.Len() {
+		fd := fields.Get(i)
+		var sub protoreflect.MessageDescriptor
+		switch {
+		case fd.IsMap():
+			sub = fd.MapValue().Message()
+		case fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind:
+			sub = fd.Message()
+		}
+		if isDeprecated(fd) || (sub != nil && mayHold(sub)) {
+			out = append(out, fd)
+		}
+	}
+	interestingFields.Store(md, out)
+	return out
 }
 
 const anyName protoreflect.FullName = "google.protobuf.Any"
