@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
@@ -73,6 +74,10 @@ func NewMetrics(opts ...Option) (*Metrics, error) {
 		opt(&o)
 	}
 	reg := prometheus.NewRegistry()
+	// The Go runtime's and the process's own gauges (go_memstats_*, go_goroutines,
+	// process_resident_memory_bytes, process_open_fds ...): heap, goroutines and file
+	// descriptors are what a soak or a capacity check watches.
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	exp, err := otelprom.New(otelprom.WithRegisterer(reg), otelprom.WithoutScopeInfo())
 	if err != nil {
 		return nil, fmt.Errorf("prometheus exporter: %w", err)

@@ -30,6 +30,11 @@ func TestMetricsExposeOwnRegistry(t *testing.T) {
 		body, _ := io.ReadAll(rec.Body)
 		return string(body)
 	}
+	for _, runtimeGauge := range []string{"go_goroutines ", "go_memstats_heap_inuse_bytes ", "process_open_fds ", "process_resident_memory_bytes "} {
+		if !strings.Contains(get(a), runtimeGauge) {
+			t.Fatalf("/metrics has no %q (the Go runtime's and the process's gauges)", runtimeGauge)
+		}
+	}
 	if !strings.Contains(get(a), "only_in_a_total 3") {
 		t.Fatalf("counter missing:\n%s", get(a))
 	}
