@@ -14,10 +14,12 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	"github.com/patchbay-io/patchbay/internal/runtimetune"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds"
@@ -26,6 +28,12 @@ import (
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
+
+// xdsDefaults: the control plane's live heap is the translated config (about 50 KiB per
+// model of 5 versions, docs/capacity.md), and its memory is what limits how many models one
+// replica holds, so the GC percent stays at Go's 100 (a higher one trades memory for the
+// GC share of a reload), with a soft memory limit at 90% of the container's.
+var xdsDefaults = runtimetune.Defaults{GCPercent: 100, LimitFraction: 0.9}
 
 func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("xds", "[flags]", "The xDS control plane: watches the rollouts and serves their config over ADS to Envoy\n(edge and sidecar), ext_proc routers and proxyless gRPC clients. The rollouts come from\nthe files in --rollouts DIR (--source files, one replica, state in --state-file) or from\nRollout resources in --namespace (--source kubernetes: any number of replicas, state in\neach Rollout's status; endpoints NAME.NAMESPACE.svc[.cluster.local]:PORT resolve from\nthe Service's EndpointSlices, ready endpoints only).")
@@ -59,6 +67,8 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		debounce   = fs.Duration("debounce", 10*time.Millisecond, "quiet time after a file event before reloading")
 		stateFile  = fs.String("state-file", "", "file that keeps each model's slot map across restarts (recommended; unset: splits are laid out afresh on restart)")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
+		gcPercent  = fs.String("gc-percent", strconv.Itoa(xdsDefaults.GCPercent), "GC percent (as GOGC; off: no GC but at the memory limit); precedence: this flag, then $GOGC, then the default")
+		memLimit   = fs.String("memory-limit", "auto", "soft memory limit of the Go runtime, e.g. 2GiB, or none; auto: 90% of the container's memory limit (cgroup) if it has one, else none; precedence: this flag, then $GOMEMLIMIT, then auto")
 	)
 	fs.Var(&peerRoles, "peer-role", "URI=role: give client certificates with this URI SAN a role (edge, sidecar, grpc, extproc, operator); repeatable")
 	if err := parseFlags(fs, args, stdout, stderr); err != nil {
@@ -105,6 +115,12 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err != nil {
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
+	tune, err := runtimeSettings(fs, *gcPercent, *memLimit, xdsDefaults)
+	if err != nil {
+		return fmt.Errorf("xds: %v: %w", err, errUsage)
+	}
+	tune.Apply()
+	log.Info().Str("runtime", tune.String()).Msg("runtime settings")
 	if *settle <= 0 {
 		*settle = -1 // apply at once
 	}
