@@ -16,7 +16,7 @@ import (
 // (matched on x-patchbay-version) and a split, then rest-other and grpc-refused (27
 // routes for 5 versions); then 4 catch-alls. The request for a model walks every earlier
 // model's routes, its pin refusal, its infer version routes and lands on its split.
-// TestOldFlatReference checked this against that table's translate output (see README);
+// A test (removed with the flat table) checked this against that table's walk at 403a3fa;
 // rollouts it does not model (pinning, experiments) return an error rather than a guess.
 func OldFlatMatchers(set *rollout.Set, model string) (int, error) {
 	rs := slices.Clone(set.Rollouts)

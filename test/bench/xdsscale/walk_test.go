@@ -5,8 +5,6 @@ import (
 	"testing"
 	"time"
 
-	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -84,28 +82,6 @@ func TestWalkMatchesLikeEnvoy(t *testing.T) {
 	}
 	if lookups == 0 && (last-first)%2 != 0 {
 		t.Errorf("flat table: matchers first %d, last %d: want the same number of routes per model before each", first, last)
-	}
-}
-
-// TestOldFlatReference: OldFlatMatchers equals the walk of the flat table where translate
-// still emits one (commits up to 403a3fa, checked there at 1, 3, 100 and 250 models,
-// first, middle and last model); once routes are scoped it is the reference alone.
-func TestOldFlatReference(t *testing.T) {
-	s, set := translated(t, 40)
-	flat, ok := s.Res[resource.RouteType][translate.RouteConfigName]
-	if !ok || len(flat.Msg.(*routev3.RouteConfiguration).GetVirtualHosts()) == 0 ||
-		len(flat.Msg.(*routev3.RouteConfiguration).GetVirtualHosts()[0].GetRoutes()) < 40 {
-		t.Skip("translate emits scoped routes: no flat table to check the reference against (it was checked at 403a3fa)")
-	}
-	for _, i := range []int{0, 17, 39} {
-		got, _, err := Walk(flat.Msg.(*routev3.RouteConfiguration), inferReq(i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		want, err := OldFlatMatchers(set, ModelName(i))
-		if err != nil || got != want {
-			t.Errorf("model %d: the flat table walks %d, the reference says %d (%v)", i, got, want, err)
-		}
 	}
 }
 
