@@ -49,6 +49,23 @@ func adsStream(t *testing.T, c *cp) discoveryv3.AggregatedDiscoveryService_Strea
 	return s
 }
 
+// deltaStream opens an incremental ADS stream to c, closed when the test ends.
+func deltaStream(t *testing.T, c *cp) discoveryv3.AggregatedDiscoveryService_DeltaAggregatedResourcesClient {
+	t.Helper()
+	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func envoyNode(role string) *corev3.Node {
 	n := &corev3.Node{Id: "envoy-" + role, Cluster: "patchbay-" + role, UserAgentName: "envoy"}
 	if role == "sidecar" {
@@ -335,17 +352,7 @@ func TestDeltaADS(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, dir, "ranker.yaml", rolloutDoc("ranker", map[string]string{"v1": "127.0.0.1:9001", "v2": "127.0.0.1:9002"}, "{v1: 50, v2: 50}", ""))
 	c := startCP(t, dir)
-	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := deltaStream(t, c)
 	if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: envoyNode("edge"), TypeUrl: resource.ClusterType}); err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package xds
 
 import (
-	"context"
 	"fmt"
 	"slices"
 	"testing"
@@ -10,8 +9,6 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
@@ -23,21 +20,7 @@ func TestNoConfigBeforeTheFirstGoodOne(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, dir, "ranker.yaml", "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: ranker\nversions: [\n")
 	c := startCP(t, dir)
-	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	sotw, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	delta, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sotw, delta := adsStream(t, c), deltaStream(t, c)
 	if err := sotw.Send(&discoveryv3.DiscoveryRequest{Node: envoyNode("edge"), TypeUrl: resource.ListenerType}); err != nil {
 		t.Fatal(err)
 	}
@@ -82,17 +65,7 @@ type deltaEnvoy struct {
 }
 
 func newDeltaEnvoy(t *testing.T, c *cp) *deltaEnvoy {
-	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := deltaStream(t, c)
 	e := &deltaEnvoy{t: t, stream: s, routes: map[string]bool{}, got: make(chan *discoveryv3.DeltaDiscoveryResponse, 1024)}
 	for _, typ := range []string{resource.ClusterType, resource.ListenerType, resource.ScopedRouteType} {
 		if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: envoyNode("edge"), TypeUrl: typ}); err != nil {
@@ -190,24 +163,8 @@ func TestSotWScopesAreTheWholeSet(t *testing.T) {
 		writeFile(t, dir, fmt.Sprintf("m%d.yaml", i), rolloutDoc(fmt.Sprintf("m%d", i), map[string]string{"v1": fmt.Sprintf("127.0.0.1:%d", 23000+i)}, "{v1: 100}", ""))
 	}
 	c := startCP(t, dir)
-	conn, err := grpc.NewClient(c.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Send(&discoveryv3.DiscoveryRequest{Node: envoyNode("edge"), TypeUrl: resource.ScopedRouteType}); err != nil {
-		t.Fatal(err)
-	}
-	r, err := s.Recv()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := adsStream(t, c)
+	r := fetch(t, s, envoyNode("edge"), resource.ScopedRouteType)
 	first := len(r.GetResources())
 	if first < 5 {
 		t.Fatalf("first SRDS response has %d scopes, want every model's", first)
@@ -216,10 +173,7 @@ func TestSotWScopesAreTheWholeSet(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeFile(t, dir, "m5.yaml", rolloutDoc("m5", map[string]string{"v1": "127.0.0.1:23005"}, "{v1: 100}", ""))
-	r, err = s.Recv()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r = recv(t, s)
 	if got, want := len(r.GetResources()), first+len(translate.ModelScopes("m5")); got != want {
 		t.Fatalf("after adding a model the SRDS response has %d scopes, want all %d (%d before)", got, want, first)
 	}
