@@ -6,7 +6,7 @@ PKGS  ?= ./...
 # Floats are allowed: the file format's percentages are decimals (0.25).
 CRD_OPTIONS := crd:allowDangerousTypes=true
 
-.PHONY: help up build pgo test test-short vet fmt-check bench bench-deps soak fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
+.PHONY: help up build pgo test test-short vet fmt-check test-deps bench bench-deps soak fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ build: ## build bin/patchbay (static)
 pgo: ## regenerate cmd/patchbay/default.pgo (a CPU profile of patchbay extproc under the ext_proc benchmark's load; ~1 min): go build uses it for profile-guided optimisation
 	test/bench/extproc/pgo.sh
 
-test: fmt-check vet ## the whole suite: gofmt, go vet, go test -race of both modules (this one, then test/k8s's real API server tests) with one summary (what CI runs); ends listing every skipped test and why
+test: fmt-check vet test-deps ## the whole suite: gofmt, go vet, go test -race of both modules (this one, then test/k8s's real API server tests) with one summary (what CI runs); ends listing every skipped test and why
 	set -o pipefail; { $(GO) test -race -count=1 -timeout 15m -json $(PKGS); r=$$?; \
 	  (cd test/k8s && $(GO) test -race -count=1 -timeout 10m -json ./...); exit $$(( r | $$? )); } | $(GO) run ./test/testreport
 
@@ -43,6 +43,14 @@ bench: bench-deps ## run the benchmark suites the report lists (each with a same
 
 soak: ## a bounded soak of the chain (control plane, ext_proc, model host, the test model of Envoy): steady load, a rollout edit every 3 s, every process's RSS, threads and fds sampled; 10 min (PATCHBAY_SOAK_DURATION=2m to shorten); not in CI
 	PATCHBAY_SOAK=1 $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 60m ./test/bench/soak/
+
+test-deps: ## install Debian's prometheus, the real server the Prometheus provider's test (xds/analysis) scrapes and queries (needs root; skipped when present; without it that test skips saying why)
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt="apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends prometheus"; \
+	    DEBIAN_FRONTEND=noninteractive $$apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $$apt; } || \
+	      echo "test-deps: could not install prometheus (the Prometheus provider test will skip)"; \
+	  else echo "test-deps: prometheus missing; as root: apt-get install prometheus (the Prometheus provider test will skip)"; fi; }
 
 bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost benchmark compares against (needs root; skipped when present)
 	@/usr/bin/python3 -c 'import xgboost' 2>/dev/null || { \
