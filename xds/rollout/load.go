@@ -320,6 +320,9 @@ func (r *Rollout) applyDefaults() {
 			r.Versions[i].Host = DefaultHost
 		}
 	}
+	if r.Analysis != nil {
+		r.Analysis.applyDefaults()
+	}
 }
 
 func isEmptyDoc(n *yaml.Node) bool {

@@ -195,7 +195,7 @@ func TestTooManyLayers(t *testing.T) {
 }
 
 func FuzzParse(f *testing.F) {
-	for _, p := range []string{"testdata/good/ranker.yaml", "testdata/bad/ranker.yaml"} {
+	for _, p := range []string{"testdata/good/ranker.yaml", "testdata/bad/ranker.yaml", "testdata/analysis/good.yaml", "testdata/analysis/bad.yaml"} {
 		b, err := os.ReadFile(p)
 		if err != nil {
 			f.Fatal(err)

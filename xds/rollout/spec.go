@@ -37,6 +37,9 @@ type Rollout struct {
 	// BodyMode asks ext_proc to read the buffered request body (identity or model in the
 	// OIP JSON "parameters"). It costs a body round trip per request; off by default.
 	BodyMode bool `yaml:"bodyMode"`
+	// Analysis, when set, has the control plane ramp a canary through steps, judging it
+	// against a baseline at each (see analysis.go).
+	Analysis *Analysis `yaml:"analysis"`
 
 	// Closed marks the versions a rollback left at zero (set by the control plane, never
 	// read from a file): nothing routes to them — no version route, pinned path, mirror,
@@ -73,6 +76,9 @@ type Version struct {
 	// rewritten to /v2/models/<m>/versions/<v>/... (and, Envoy mirroring the rewritten
 	// request, those routes carry no REST mirrors).
 	Host string `yaml:"host"`
+	// MetricsEndpoints are the host:port of the version's model hosts' admin listeners,
+	// whose /metrics the control plane scrapes for an analysis with provider embedded.
+	MetricsEndpoints []string `yaml:"metricsEndpoints"`
 }
 
 // OIPHost reports whether the version runs on an unmodified OIP server (host: oip).

@@ -138,6 +138,7 @@ func checksOf(r *Rollout) []check {
 	}
 	versions := validateVersions(r, add)
 	validateTraffic(r, versions, add)
+	validateAnalysis(r, versions, add)
 	shadowed := map[string]bool{}
 	for i, sh := range r.Shadow {
 		f := "shadow[" + strconv.Itoa(i) + "]"
@@ -247,7 +248,7 @@ func validateVersions(r *Rollout, add func(*Rollout, string, string, ...any)) ma
 		for _, list := range []struct {
 			field string
 			eps   []string
-		}{{"endpoints", v.Endpoints}, {"grpcEndpoints", v.GRPCEndpoints}} {
+		}{{"endpoints", v.Endpoints}, {"grpcEndpoints", v.GRPCEndpoints}, {"metricsEndpoints", v.MetricsEndpoints}} {
 			seen := map[string]bool{}
 			for j, ep := range list.eps {
 				ef := f + "." + list.field + "[" + strconv.Itoa(j) + "]"
