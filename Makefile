@@ -87,6 +87,8 @@ generate-k8s: ## regenerate the Rollout CRD (charts/patchbay/crds) and api/k8s/v
 
 generate-proto: ## regenerate protobuf code in api/ (needs protoc, protoc-gen-go, protoc-gen-go-grpc)
 	PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative api/policy/v1/policy.proto
+	PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative \
+	  --go-grpc_out=. --go-grpc_opt=paths=source_relative api/shadow/v1/shadow.proto
 	cd api/oip && PATH="$$PATH:$$($(GO) env GOPATH)/bin" protoc --go_out=. --go_opt=paths=source_relative \
 	  --go-grpc_out=. --go-grpc_opt=paths=source_relative grpc_predict_v2.proto
 

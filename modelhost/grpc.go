@@ -189,32 +189,34 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 	}
 	ctx, span := s.startSpan(ctx, carrier, traced, "oip.grpc.infer")
 	defer span.End()
+	// grpc-go hands the request's :authority to handlers as incoming metadata.
+	tr := trafficOfHost(incoming(ctx, ":authority"))
 	if name == "" {
 		e := errInvalid("model_name is empty and no %s metadata was sent", headers.Model)
-		s.failed(ctx, span, nil, "grpc", e)
+		s.failed(ctx, span, nil, "grpc", tr, e)
 		return nil, grpcErr(e)
 	}
 	v, aerr := s.lookup(name, ver)
 	if aerr != nil {
-		s.failed(ctx, span, nil, "grpc", aerr)
+		s.failed(ctx, span, nil, "grpc", tr, aerr)
 		return nil, grpcErr(aerr)
 	}
 	defer v.release()
 	if span.IsRecording() {
 		span.SetAttributes(attribute.String("patchbay.model", name), attribute.String("patchbay.version", v.spec.Version))
 	}
-	resp, aerr := s.inferGRPC(ctx, v, r)
+	resp, aerr := s.inferGRPC(ctx, v, r, tr, start)
 	if aerr != nil {
-		s.failed(ctx, span, v, "grpc", aerr)
+		s.failed(ctx, span, v, "grpc", tr, aerr)
 		return nil, grpcErr(aerr)
 	}
 	_ = grpc.SetHeader(ctx, v.servedByMD)
-	s.inst.requests.Add(ctx, 1, v.attrs.grpc)
-	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.grpc)
+	s.inst.requests.Add(ctx, 1, v.attrs.grpc[tr])
+	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.grpc[tr])
 	return resp, nil
 }
 
-func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferRequest) (*oip.ModelInferResponse, *apiError) {
+func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferRequest, tr traffic, start time.Time) (*oip.ModelInferResponse, *apiError) {
 	raw := r.GetRawInputContents()
 	if len(raw) > 0 && len(raw) != len(r.GetInputs()) {
 		return nil, errInvalid("raw_input_contents has %d entries for %d inputs", len(raw), len(r.GetInputs()))
@@ -251,9 +253,12 @@ func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferReq
 	if aerr != nil {
 		return nil, aerr
 	}
-	outs, err := s.run(ctx, v, ordered, requested)
+	outs, err := s.run(ctx, v, ordered, requested, tr)
 	if err != nil {
 		return nil, asAPIError(err)
+	}
+	if s.shadow != nil {
+		s.shadow.offer(v, incoming(ctx, "x-request-id"), tr, outs, start)
 	}
 	resp := &oip.ModelInferResponse{ModelName: v.spec.Model, ModelVersion: v.spec.Version, Id: r.GetId(),
 		Outputs: make([]*oip.ModelInferResponse_InferOutputTensor, len(outs))}

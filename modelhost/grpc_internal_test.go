@@ -48,3 +48,16 @@ func (nopStream) Method() string               { return "/inference.GRPCInferenc
 func (nopStream) SetHeader(metadata.MD) error  { return nil }
 func (nopStream) SendHeader(metadata.MD) error { return nil }
 func (nopStream) SetTrailer(metadata.MD) error { return nil }
+
+// TestTrafficOfHost: Envoy's shadow suffix sits before the port (shadow_writer_impl.cc,
+// shadowAppendedHost), also for IPv6 literals.
+func TestTrafficOfHost(t *testing.T) {
+	for host, want := range map[string]traffic{
+		"": live, "ranker": live, "ranker-shadow": shadow, "ranker-shadow:8000": shadow, "ranker:8000-shadow": live,
+		"[::1]-shadow:80": shadow, "[::1]:80": live, "10.0.0.1-shadow:9": shadow, "shadow": live, "x-shadow": shadow,
+	} {
+		if got := trafficOfHost(host); got != want {
+			t.Errorf("trafficOfHost(%q) = %v, want %v", host, got, want)
+		}
+	}
+}

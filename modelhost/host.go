@@ -74,6 +74,19 @@ type Config struct {
 	// HTTP server timeouts (defaults: ReadHeader 10s, Read 30s, Write 60s, Idle 2m). Read
 	// bounds how long a slow client can hold an in-flight slot while sending its body.
 	ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout time.Duration
+
+	// ShadowRecords is the control plane's address (its ADS port) for the shadow
+	// comparison's prediction records (patchbay.shadow.v1.Records/Send); empty: none are
+	// sent. Over TLS with the host's certificate as client certificate and its client CA
+	// as the control plane's CA when TLS is set.
+	ShadowRecords string
+	// ShadowSample is the share of requests, chosen by a hash of x-request-id (so the
+	// primary and its mirror are chosen together), whose predictions are sent (default
+	// DefaultShadowSample).
+	ShadowSample float64
+	// ShadowQueue bounds the records waiting to be sent (default DefaultShadowQueue);
+	// beyond it they are dropped and counted.
+	ShadowQueue int
 }
 
 // DefaultMaxInflight is 128 x GOMAXPROCS: enough for the dynamic batcher to fill two
@@ -94,6 +107,7 @@ type Server struct {
 	closing atomic.Bool
 
 	token  *bearer.Token // nil: repository API disabled
+	shadow *shadowSender // nil: no prediction records
 	limits limits
 	health versionHealth
 }
@@ -121,6 +135,7 @@ type version struct {
 	servedBy   []string    // header value "model/version"
 	servedByMD metadata.MD // the same as gRPC response metadata
 	attrs      versionAttrs
+	outs       []outputHist // by signature output
 
 	refs    atomic.Int64
 	drained chan struct{}
@@ -231,11 +246,16 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{cfg: cfg, log: cfg.Logger.With().Str("component", "modelhost").Logger(),
 		tracer: cfg.TracerProvider.Tracer("github.com/patchbay-io/patchbay/modelhost"), token: token}
 	s.limits.init(cfg.MaxInflight, cfg.MaxInflightBytes, cfg.MaxBodyBytes)
-	inst, err := newInstruments(cfg.MeterProvider.Meter("github.com/patchbay-io/patchbay/modelhost"))
+	inst, err := newInstruments(cfg.MeterProvider)
 	if err != nil {
 		return nil, fmt.Errorf("modelhost: metrics: %w", err)
 	}
 	s.inst = inst
+	if cfg.ShadowRecords != "" {
+		if s.shadow, err = newShadowSender(s); err != nil {
+			return nil, fmt.Errorf("modelhost: %w", err)
+		}
+	}
 	s.table.Store(&table{models: map[string]*model{}})
 	names, err := s.repositoryModels()
 	if err != nil {
@@ -399,6 +419,10 @@ func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 		if pv := prev.versions[vname]; pv != nil && pv.ready() && pv.finger != "" && pv.finger == v.finger {
 			return pv
 		}
+	}
+	if v.outs, err = s.inst.outputHists(spec); err != nil {
+		v.err = fmt.Errorf("output histograms: %w", err)
+		return v
 	}
 	mdl, err := s.cfg.Runtimes[spec.Runtime](rt.Spec{Dir: dir, Artifact: spec.Artifact, Inputs: spec.Inputs, Outputs: spec.Outputs})
 	if err != nil {

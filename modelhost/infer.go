@@ -170,8 +170,10 @@ func names(ms []tensor.Meta) string {
 }
 
 // run executes a prepared request (batched when the version batches) and returns the
-// outputs named after the signature, filtered to requested (all when empty).
-func (s *Server) run(ctx context.Context, v *version, inputs []*tensor.Tensor, requested []string) ([]*tensor.Tensor, error) {
+// outputs named after the signature, filtered to requested (all when empty). The values
+// of every output (requested or not) go to the output histograms under the request's
+// traffic.
+func (s *Server) run(ctx context.Context, v *version, inputs []*tensor.Tensor, requested []string, tr traffic) ([]*tensor.Tensor, error) {
 	var outs []*tensor.Tensor
 	var err error
 	if v.batcher != nil {
@@ -197,6 +199,9 @@ func (s *Server) run(ctx context.Context, v *version, inputs []*tensor.Tensor, r
 	for i, o := range outs {
 		o.Name = sigOut[i].Name
 		o.Datatype = sigOut[i].Datatype
+		if i < len(v.outs) {
+			v.outs[i].record(ctx, o, tr)
+		}
 	}
 	if len(requested) == 0 {
 		return outs, nil

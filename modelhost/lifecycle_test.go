@@ -326,10 +326,10 @@ func TestMetricsExposed(t *testing.T) {
 	}
 	text := sb.String()
 	for _, want := range []string{
-		`patchbay_modelhost_requests_total{model="ranker",protocol="rest",version="v7"} 3`,
-		`patchbay_modelhost_requests_total{model="ranker",protocol="rest",version="v8"} 1`,
-		`patchbay_modelhost_request_errors_total{code="InvalidArgument",model="ranker",protocol="rest",version="v8"} 1`,
-		`patchbay_modelhost_request_duration_seconds_count{model="ranker",protocol="rest",version="v7"} 3`,
+		`patchbay_modelhost_requests_total{model="ranker",protocol="rest",traffic="live",version="v7"} 3`,
+		`patchbay_modelhost_requests_total{model="ranker",protocol="rest",traffic="live",version="v8"} 1`,
+		`patchbay_modelhost_request_errors_total{code="InvalidArgument",model="ranker",protocol="rest",traffic="live",version="v8"} 1`,
+		`patchbay_modelhost_request_duration_seconds_count{model="ranker",protocol="rest",traffic="live",version="v7"} 3`,
 		`patchbay_modelhost_batch_size_count{model="churn",version="v2"} 1`,
 		`patchbay_modelhost_queue_duration_seconds_count{model="ranker",version="v7"} 3`,
 	} {

@@ -26,6 +26,7 @@ var (
 	servedByKey    = http.CanonicalHeaderKey(headers.ServedBy)
 	modelKey       = http.CanonicalHeaderKey(headers.Model)
 	versionKey     = http.CanonicalHeaderKey(headers.Version)
+	requestIDKey   = "X-Request-Id" // Envoy's request id, kept on mirrors
 	retryAfterKey  = "Retry-After"
 	retryAfter     = []string{"1"}
 	contentTypeKey = "Content-Type"
@@ -284,17 +285,18 @@ func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 	}
 	defer s.limits.releaseBytes(charge)
 	name := r.PathValue("model")
+	tr := trafficOfHost(r.Host) // Go puts Host (HTTP/1) and :authority (HTTP/2) here
 	ver, verr := routedVersion(name, r.PathValue("version"), r.Header)
 	ctx, span := s.startSpan(r.Context(), propagation.HeaderCarrier(r.Header), r.Header.Get("traceparent") != "", "oip.rest.infer")
 	defer span.End()
 	if verr != nil {
-		s.failed(ctx, span, nil, "rest", verr)
+		s.failed(ctx, span, nil, "rest", tr, verr)
 		writeError(w, verr)
 		return
 	}
 	v, aerr := s.lookup(name, ver)
 	if aerr != nil {
-		s.failed(ctx, span, nil, "rest", aerr)
+		s.failed(ctx, span, nil, "rest", tr, aerr)
 		writeError(w, aerr)
 		return
 	}
@@ -309,14 +311,14 @@ func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 			restPool.Put(st)
 		}
 	}()
-	out, aerr := s.inferREST(ctx, v, r, st)
+	out, aerr := s.inferREST(ctx, v, r, st, tr, start)
 	if ctx.Err() != nil {
 		// The caller gave up while its rows may still sit in a batch: the batcher reads
 		// st's tensors when that batch runs, so st must not be handed to another request.
 		reuse = false
 	}
 	if aerr != nil {
-		s.failed(ctx, span, v, "rest", aerr)
+		s.failed(ctx, span, v, "rest", tr, aerr)
 		writeError(w, aerr)
 		return
 	}
@@ -324,14 +326,14 @@ func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 	h[contentTypeKey] = jsonCT
 	h[servedByKey] = v.servedBy
 	_, _ = w.Write(out)
-	s.inst.requests.Add(ctx, 1, v.attrs.rest)
-	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.rest)
+	s.inst.requests.Add(ctx, 1, v.attrs.rest[tr])
+	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.rest[tr])
 	if e := s.log.Debug(); e.Enabled() {
-		e.Str("model", name).Str("version", v.spec.Version).Dur("took", time.Since(start)).Msg("rest infer")
+		e.Str("model", name).Str("version", v.spec.Version).Stringer("traffic", tr).Dur("took", time.Since(start)).Msg("rest infer")
 	}
 }
 
-func (s *Server) inferREST(ctx context.Context, v *version, r *http.Request, st *restState) ([]byte, *apiError) {
+func (s *Server) inferREST(ctx context.Context, v *version, r *http.Request, st *restState, tr traffic, start time.Time) ([]byte, *apiError) {
 	limit := s.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
 		return nil, &apiError{http.StatusRequestEntityTooLarge, grpccodes.ResourceExhausted, "request body of " + strconv.FormatInt(r.ContentLength, 10) + " bytes exceeds the limit of " + strconv.FormatInt(limit, 10)}
@@ -358,29 +360,32 @@ func (s *Server) inferREST(ctx context.Context, v *version, r *http.Request, st 
 	if aerr != nil {
 		return nil, aerr
 	}
-	outs, err := s.run(ctx, v, ordered, st.req.Outputs)
+	outs, err := s.run(ctx, v, ordered, st.req.Outputs, tr)
 	if err != nil {
 		return nil, asAPIError(err)
+	}
+	if s.shadow != nil {
+		s.shadow.offer(v, r.Header.Get(requestIDKey), tr, outs, start)
 	}
 	st.out = oipjson.AppendResponse(st.out[:0], &oipjson.Response{Model: v.spec.Model, Version: v.spec.Version, ID: st.req.ID, Outputs: outs})
 	return st.out, nil
 }
 
 // failed counts and traces a failed request.
-func (s *Server) failed(ctx context.Context, span trace.Span, v *version, proto string, e *apiError) {
+func (s *Server) failed(ctx context.Context, span trace.Span, v *version, proto string, tr traffic, e *apiError) {
 	model, ver := "_unknown", ""
 	if v != nil {
 		model, ver = v.spec.Model, v.spec.Version
-		opt := v.attrs.rest
+		opt := v.attrs.rest[tr]
 		if proto == "grpc" {
-			opt = v.attrs.grpc
+			opt = v.attrs.grpc[tr]
 		}
 		s.inst.requests.Add(ctx, 1, opt)
 	}
-	s.inst.errors.Add(ctx, 1, errorAttrs(model, ver, proto, e.code.String()))
+	s.inst.errors.Add(ctx, 1, errorAttrs(model, ver, proto, e.code.String(), tr))
 	span.SetStatus(codes.Error, e.msg)
 	if d := s.log.Debug(); d.Enabled() {
-		d.Str("model", model).Str("version", ver).Str("code", e.code.String()).Msg(e.msg)
+		d.Str("model", model).Str("version", ver).Stringer("traffic", tr).Str("code", e.code.String()).Msg(e.msg)
 	}
 }
 

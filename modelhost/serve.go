@@ -48,6 +48,12 @@ func (s *Server) Serve(ctx context.Context, httpLis, grpcLis net.Listener) error
 // REST and admin, h2 for gRPC).
 func (s *Server) ServeAll(ctx context.Context, l Listeners) error {
 	errc := make(chan error, 3)
+	if s.shadow != nil {
+		sctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+		done := make(chan struct{})
+		go func() { s.shadow.run(sctx); close(done) }()
+		defer func() { stop(); <-done }() // after the servers drained: their records are queued
+	}
 	var servers []*http.Server
 	var tlsHTTP, tlsGRPC *tls.Config
 	if s.cfg.TLS != nil {

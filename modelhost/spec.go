@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -26,16 +27,22 @@ type versionSpec struct {
 	Default        bool
 	Inputs         []tensor.Meta
 	Outputs        []tensor.Meta
-	MaxBatch       int           // 0: no dynamic batching
-	MaxDelay       time.Duration // batching delay
-	Instances      int
-	MaxQueue       int // batch queue bound (0: batch.DefaultQueueSize)
+	// OutputBuckets holds, by output, the bounds of its patchbay_modelhost_output
+	// histogram from outputs[].buckets (nil: DefaultOutputBuckets).
+	OutputBuckets [][]float64
+	MaxBatch      int           // 0: no dynamic batching
+	MaxDelay      time.Duration // batching delay
+	Instances     int
+	MaxQueue      int // batch queue bound (0: batch.DefaultQueueSize)
 }
 
 type yamlTensor struct {
 	Name     string  `yaml:"name"`
 	Datatype string  `yaml:"datatype"`
 	Shape    []int64 `yaml:"shape"`
+	// Buckets (outputs only): upper bounds of the output's value histogram, ascending
+	// and finite; +Inf is implied.
+	Buckets []float64 `yaml:"buckets"`
 }
 
 type yamlSpec struct {
@@ -148,11 +155,28 @@ func loadSpec(dir, model, version string, runtimes []string) (*versionSpec, erro
 				}
 			}
 			out = append(out, tensor.Meta{Name: t.Name, Datatype: dt, Shape: t.Shape})
+			if t.Buckets == nil {
+				continue
+			}
+			if field != "outputs" {
+				bad([]any{field, i, "buckets"}, "%s[%d].buckets: only outputs have a value histogram", field, i)
+				continue
+			}
+			checkBuckets(t.Buckets, func(j int, format string, args ...any) {
+				path := []any{field, i, "buckets"}
+				if j >= 0 {
+					path = append(path, j)
+				}
+				bad(path, "%s[%d].buckets%s", field, i, fmt.Sprintf(format, args...))
+			})
 		}
 		return out
 	}
 	s.Inputs = conv("inputs", y.Inputs)
 	s.Outputs = conv("outputs", y.Outputs)
+	for _, t := range y.Outputs {
+		s.OutputBuckets = append(s.OutputBuckets, t.Buckets)
+	}
 	if b := y.Batching; b != nil {
 		if b.MaxBatchSize < 1 {
 			bad([]any{"batching", "max_batch_size"}, "batching.max_batch_size: %d, want >= 1", b.MaxBatchSize)
@@ -191,6 +215,30 @@ func loadSpec(dir, model, version string, runtimes []string) (*versionSpec, erro
 		return nil, errors.Join(errs...)
 	}
 	return s, nil
+}
+
+// maxOutputBuckets bounds an output histogram's buckets (each is a series per version
+// and traffic in every scrape).
+const maxOutputBuckets = 64
+
+// checkBuckets reports bounds that are not finite, not strictly ascending, or too many.
+func checkBuckets(b []float64, bad func(j int, format string, args ...any)) {
+	if len(b) == 0 {
+		bad(-1, ": empty; leave it out for the default (20 equal buckets over [0, 1])")
+		return
+	}
+	if len(b) > maxOutputBuckets {
+		bad(-1, ": %d bounds, at most %d", len(b), maxOutputBuckets)
+		return
+	}
+	for j, x := range b {
+		switch {
+		case math.IsNaN(x) || math.IsInf(x, 0):
+			bad(j, "[%d]: %v, want a finite bound (+Inf is implied)", j, x)
+		case j > 0 && !(x > b[j-1]):
+			bad(j, "[%d]: %v, want strictly ascending bounds (after %v)", j, x, b[j-1])
+		}
+	}
 }
 
 var lineRE = regexp.MustCompile(`^(?:yaml: )?line (\d+): `)

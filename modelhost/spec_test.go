@@ -38,6 +38,25 @@ batching: {max_batch_size: 8, max_delay: 1ms}
 			"model.yaml:2: inputs[0].shape: batching needs fixed dimensions after the first",
 			"model.yaml:3: outputs[0].shape: batching needs a variable first dimension (-1)",
 		}},
+		{"output buckets", `runtime: linear
+inputs: [{name: x, datatype: FP32, shape: [-1], buckets: [1]}]
+outputs:
+  - {name: y, datatype: FP32, shape: [-1], buckets: [0, 0.5, 0.5]}
+  - name: z
+    datatype: FP32
+    shape: [-1]
+    buckets:
+      - 1
+      - .nan
+      - .inf
+  - {name: w, datatype: FP32, shape: [-1], buckets: []}
+`, []string{
+			"model.yaml:2: inputs[0].buckets: only outputs have a value histogram",
+			"model.yaml:4: outputs[0].buckets[2]: 0.5, want strictly ascending bounds (after 0.5)",
+			"model.yaml:10: outputs[1].buckets[1]: NaN, want a finite bound",
+			"model.yaml:11: outputs[1].buckets[2]: +Inf, want a finite bound",
+			"model.yaml:12: outputs[2].buckets: empty",
+		}},
 		{"artifact escapes", "runtime: linear\nartifact: ../x.json\ninputs: [{name: x, datatype: FP32, shape: [-1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1]}]\n",
 			[]string{"model.yaml:2: artifact"}},
 	} {
