@@ -605,7 +605,7 @@ func (p *Proxy) route(w http.ResponseWriter, req *http.Request, h http.Header, b
 	// is made after finalizeRequestHeaders).
 	for _, m := range a.GetRequestMirrorPolicies() {
 		if fractionHit(m.GetRuntimeFraction().GetDefaultValue()) {
-			p.mirror(m.GetCluster(), upReq, upHeaders.Clone(), body, s)
+			p.mirror(m.GetCluster(), upReq, upHeaders.Clone(), body, s, !m.GetDisableShadowHostSuffixAppend())
 		}
 	}
 	tries := 1 + int(a.GetRetryPolicy().GetNumRetries().GetValue())
@@ -965,19 +965,35 @@ func applyUpstreamFilters(a *anypb.Any, h http.Header) {
 	}
 }
 
-// mirror sends a fire-and-forget copy, as Envoy's shadowing does (host gets "-shadow").
-func (p *Proxy) mirror(cluster string, req *http.Request, h http.Header, body []byte, s *state) {
+// mirror sends a fire-and-forget copy, as Envoy's shadowing does: the host gets "-shadow"
+// before any port ("ranker:8000" becomes "ranker-shadow:8000") unless the policy sets
+// disable_shadow_host_suffix_append (envoy source/common/router/shadow_writer_impl.cc,
+// shadowAppendedHost and getClusterAndPreprocessHeadersAndOptions).
+func (p *Proxy) mirror(cluster string, req *http.Request, h http.Header, body []byte, s *state, suffix bool) {
 	p.mirrors.Add(1)
 	go func() {
 		defer p.mirrors.Done()
 		shadow := req.Clone(context.Background())
-		shadow.Host = req.Host + "-shadow"
+		if suffix {
+			shadow.Host = shadowHost(req.Host)
+		}
 		resp, err := p.forward(context.Background(), 5*time.Second, cluster, shadow, h, body, s)
 		if err == nil {
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
 		}
 	}()
+}
+
+// shadowHost appends "-shadow" to the host part of host[:port] as Envoy's
+// shadowAppendedHost does (the port, after the last ':' outside an IPv6 literal, stays).
+func shadowHost(host string) string {
+	i := strings.LastIndexByte(host, ':')
+	if i < 0 || (strings.HasPrefix(host, "[") && i < strings.LastIndexByte(host, ']')) ||
+		(!strings.HasPrefix(host, "[") && strings.Count(host, ":") > 1) {
+		return host + "-shadow"
+	}
+	return host[:i] + "-shadow" + host[i:]
 }
 
 // keepSubscribed copies m without the names that are no longer in subscribed (a
