@@ -183,6 +183,16 @@ func (s ModelState) Check() error {
 			return err
 		}
 	}
+	if a := s.Analysis; a != nil {
+		switch a.Phase {
+		case PhaseRunning, PhaseWaiting, PhaseSucceeded, PhaseFailed:
+		default:
+			return fmt.Errorf("analysis.phase: %q is not running, waiting, succeeded or failed", a.Phase)
+		}
+		if a.Step < 0 || a.Step > 100 {
+			return fmt.Errorf("analysis.step: %d is not a step index", a.Step)
+		}
+	}
 	if len(s.History) > HistoryDepth {
 		return fmt.Errorf("history: %d entries, at most %d", len(s.History), HistoryDepth)
 	}

@@ -52,6 +52,60 @@ type ModelState struct {
 	History []map[string]int `json:"history,omitempty"`
 	// ConfigVersion is the config version the writer served with this state (informational).
 	ConfigVersion string `json:"configVersion,omitempty"`
+	// Analysis is the canary analysis of the spec, if it has one (absent in files written
+	// before it existed: they load as no analysis).
+	Analysis *AnalysisState `json:"analysis,omitempty"`
+}
+
+// Analysis phases.
+const (
+	PhaseRunning   = "running"   // judging the current step
+	PhaseWaiting   = "waiting"   // held at the current step: too few requests, no data, no capacity
+	PhaseSucceeded = "succeeded" // every step passed: the canary keeps its final share
+	PhaseFailed    = "failed"    // a gate failed: rolled back to the baseline (Rollback)
+)
+
+// AnalysisState is where a canary analysis of one spec stands.
+type AnalysisState struct {
+	// SpecFingerprint is the spec it runs on: another spec starts it again at step 0.
+	SpecFingerprint string `json:"specFingerprint"`
+	// Step is the index of the current step in the spec's steps.
+	Step        int       `json:"step"`
+	StepStarted time.Time `json:"stepStarted"`
+	Phase       string    `json:"phase"`
+	Reason      string    `json:"reason,omitempty"`
+	// LastDecision is the last decision that changed the state.
+	LastDecision *Decision `json:"lastDecision,omitempty"`
+}
+
+// Decision is one evaluation of an analysis.
+type Decision struct {
+	At       time.Time `json:"at"`
+	Step     int       `json:"step"`
+	Decision string    `json:"decision"` // advance, wait, fail, done
+	Gates    []Gate    `json:"gates,omitempty"`
+}
+
+// Gate is one gate bound judged in a decision.
+type Gate struct {
+	Metric    string  `json:"metric"`
+	Value     float64 `json:"value"`
+	Threshold float64 `json:"threshold"`
+	Pass      bool    `json:"pass"`
+}
+
+// Clone returns a deep copy.
+func (a *AnalysisState) Clone() *AnalysisState {
+	if a == nil {
+		return nil
+	}
+	out := *a
+	if a.LastDecision != nil {
+		d := *a.LastDecision
+		d.Gates = append([]Gate(nil), a.LastDecision.Gates...)
+		out.LastDecision = &d
+	}
+	return &out
 }
 
 // ErrCorrupt wraps a stored state that cannot be read back. The server does not start
@@ -90,6 +144,7 @@ func (s ModelState) Clone() ModelState {
 		rb.Traffic = cloneSplit(s.Rollback.Traffic)
 		out.Rollback = &rb
 	}
+	out.Analysis = s.Analysis.Clone()
 	out.History = nil
 	for _, h := range s.History {
 		out.History = append(out.History, cloneSplit(h))

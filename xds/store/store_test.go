@@ -294,3 +294,40 @@ func FuzzParseFile(f *testing.F) {
 		}
 	})
 }
+
+// TestFileAnalysisStateRoundTripAndOldFiles: an analysis state written by Update is read
+// back whole; a version-2 file written before the field existed loads with no analysis;
+// Clone shares nothing of it; a bad phase is refused as corrupt.
+func TestFileAnalysisStateRoundTripAndOldFiles(t *testing.T) {
+	dir := t.TempDir()
+	old := filepath.Join(dir, "old.json")
+	if err := os.WriteFile(old, []byte(`{"version":2,"models":{"m":{"specFingerprint":"abc","slots":[{"version":"v1","slots":100}]}}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got, err := NewFile(old).Load(context.Background())
+	if err != nil || got["m"].Analysis != nil || got["m"].SpecFingerprint != "abc" {
+		t.Fatalf("old file: %+v %v", got, err)
+	}
+	st := sample()
+	st.Analysis = &AnalysisState{SpecFingerprint: "abc", Step: 2, StepStarted: time.Unix(200, 0).UTC(), Phase: PhaseWaiting, Reason: "minRequests",
+		LastDecision: &Decision{At: time.Unix(210, 0).UTC(), Step: 2, Decision: "wait", Gates: []Gate{{Metric: "error-rate", Value: 0.01, Threshold: 0.02, Pass: true}}}}
+	path := filepath.Join(dir, "state.json")
+	if _, err := NewFile(path).Update(context.Background(), "m", func(ModelState) (ModelState, error) { return st, nil }); err != nil {
+		t.Fatal(err)
+	}
+	back, err := NewFile(path).Load(context.Background())
+	if err != nil || !reflect.DeepEqual(back["m"], st) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v (%v)", back["m"].Analysis, st.Analysis, err)
+	}
+	c := st.Clone()
+	c.Analysis.LastDecision.Gates[0].Pass = false
+	c.Analysis.Step = 3
+	if !st.Analysis.LastDecision.Gates[0].Pass || st.Analysis.Step != 2 {
+		t.Fatal("Clone shares the analysis state")
+	}
+	bad := filepath.Join(dir, "bad.json")
+	os.WriteFile(bad, []byte(`{"version":2,"models":{"m":{"analysis":{"specFingerprint":"x","step":0,"phase":"sideways"}}}}`), 0o644)
+	if _, err := NewFile(bad).Load(context.Background()); err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "analysis.phase") {
+		t.Fatalf("bad phase: %v", err)
+	}
+}
