@@ -2,6 +2,7 @@ package modelhost_test
 
 import (
 	"bytes"
+	"context"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/modelhost"
 )
 
@@ -94,7 +96,30 @@ func TestRESTInferAllocsBounded(t *testing.T) {
 	if raceEnabled {
 		t.Skip("allocation counts are not meaningful under the race detector")
 	}
-	h := newHandler(t, lin16Repo(t, ""))
+	for _, meter := range []string{"noop", "sdk"} {
+		t.Run(meter, func(t *testing.T) { restAllocs(t, meter == "sdk") })
+	}
+}
+
+// restAllocs measures a REST infer's allocations; with sdk, through the real OpenTelemetry
+// SDK and Prometheus exporter, so the output histogram (one Record per value) is counted.
+func restAllocs(t *testing.T, sdk bool) {
+	var h http.Handler
+	if sdk {
+		metrics, err := telemetry.NewMetrics()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { metrics.Shutdown(context.Background()) })
+		srv, err := modelhost.New(modelhost.Config{Repository: lin16Repo(t, ""), Logger: zerolog.Nop(), MeterProvider: metrics.Provider})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+		h = srv.Handler()
+	} else {
+		h = newHandler(t, lin16Repo(t, ""))
+	}
 	measure := func(rows int) float64 {
 		body := inferBody(rows)
 		req := httptest.NewRequest("POST", "/v2/models/lin/infer", nil)
