@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"text/template"
+	"text/template/parse"
 	"time"
 
 	"github.com/prometheus/client_golang/api"
@@ -92,11 +93,35 @@ func parseQuery(name, text string) (*template.Template, error) {
 	if err != nil {
 		return nil, fmt.Errorf("prometheus query %q: %w", name, err)
 	}
+	// Only substitutions: a rollout file's template must not loop or call functions in
+	// the control plane ({{range 1000000000}} would).
+	for _, n := range t.Tree.Root.Nodes {
+		if err := substitutionOnly(n); err != nil {
+			return nil, fmt.Errorf("prometheus query %q: %w", name, err)
+		}
+	}
 	var b strings.Builder
 	if err := t.Execute(&b, QueryData{Model: "m", Version: "v", Output: "o", Range: "1m", Quantile: "0.99"}); err != nil {
 		return nil, fmt.Errorf("prometheus query %q: %w", name, err)
 	}
 	return t, nil
+}
+
+// substitutionOnly accepts text and {{.Field}} actions, nothing else.
+func substitutionOnly(n parse.Node) error {
+	switch x := n.(type) {
+	case *parse.TextNode:
+		return nil
+	case *parse.ActionNode:
+		if p := x.Pipe; len(p.Decl) == 0 && len(p.Cmds) == 1 && len(p.Cmds[0].Args) == 1 {
+			if f, ok := p.Cmds[0].Args[0].(*parse.FieldNode); ok && len(f.Ident) == 1 {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s: only {{.Model}}, {{.Version}}, {{.Output}}, {{.Range}} and {{.Quantile}} may be used", x)
+	default:
+		return fmt.Errorf("%s: only {{.Model}}, {{.Version}}, {{.Output}}, {{.Range}} and {{.Quantile}} may be used", n)
+	}
 }
 
 // NewPrometheus checks the configuration and the templates; it sends nothing.

@@ -262,6 +262,10 @@ func TestNewPrometheusChecksQueries(t *testing.T) {
 		{"unknown field", map[string]string{QueryErrors: `sum(x{m="{{.Modle}}"})`}, `prometheus query "errors"`},
 		{"bad template", map[string]string{QueryDrift: `sum(x{{.Output}`}, `prometheus query "drift"`},
 		{"empty", map[string]string{QueryRequests: " "}, `prometheus query "requests": empty`},
+		{"loop", map[string]string{QueryRequests: `{{range 1000000000}}x{{end}}`}, `only {{.Model}}`},
+		{"function", map[string]string{QueryRequests: `{{printf "%s" .Model}}`}, `only {{.Model}}`},
+		{"variable", map[string]string{QueryRequests: `{{$x := .Model}}`}, `only {{.Model}}`},
+		{"comment", map[string]string{QueryRequests: `{{/* c */}}sum(x)`}, ``},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := NewPrometheus(PrometheusConfig{URL: "http://127.0.0.1:9090", Queries: tc.queries})
@@ -602,4 +606,28 @@ func bucketOf(bounds, cum []float64, rank float64) (lo, hi float64) {
 		}
 	}
 	return bounds[len(bounds)-2], bounds[len(bounds)-2]
+}
+
+// FuzzCheckPrometheusQuery: any text from a rollout file is refused or accepted without
+// panicking, and an accepted template renders at most one field's worth per byte of it.
+func FuzzCheckPrometheusQuery(f *testing.F) {
+	for _, q := range DefaultPrometheusQueries {
+		f.Add(q, "ranker", `v"8\`)
+	}
+	f.Add(`{{range 10}}{{.Model}}{{end}}`, "m", "v")
+	f.Add(`{{.Model}}{{.Nope}}`, "m", "v")
+	f.Fuzz(func(t *testing.T, text, m, v string) {
+		tmpl, err := parseQuery(QueryLatency, text)
+		if err != nil {
+			return
+		}
+		var b strings.Builder
+		d := QueryData{Model: quoteInner(m), Version: quoteInner(v), Output: "score", Range: "30s", Quantile: "0.99"}
+		if err := tmpl.Execute(&b, d); err != nil {
+			t.Fatalf("accepted %q, then: %v", text, err)
+		}
+		if limit := len(text) * (1 + max(len(d.Model), len(d.Version), len(d.Output))); b.Len() > limit {
+			t.Fatalf("%q rendered %d bytes, more than %d", text, b.Len(), limit)
+		}
+	})
 }
