@@ -142,3 +142,37 @@ func restAllocs(t *testing.T, sdk bool) {
 		t.Errorf("allocs: %v for 1 row, %v for 256 rows; want <= 40 and not growing with the data", small, large)
 	}
 }
+
+// BenchmarkRESTHandlerMetrics is BenchmarkRESTHandler through the real OpenTelemetry SDK
+// (what a deployed host pays for its metrics, the output histogram's Record per value
+// included), with 1 and 64 rows.
+func BenchmarkRESTHandlerMetrics(b *testing.B) {
+	for _, rows := range []int{1, 64} {
+		b.Run(itoa(rows)+"rows", func(b *testing.B) {
+			metrics, err := telemetry.NewMetrics()
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer metrics.Shutdown(context.Background())
+			srv, err := modelhost.New(modelhost.Config{Repository: lin16Repo(b, ""), Logger: zerolog.Nop(), MeterProvider: metrics.Provider})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer srv.Close()
+			h := srv.Handler()
+			body := inferBody(rows)
+			req := httptest.NewRequest("POST", "/v2/models/lin/infer", nil)
+			w := &nopWriter{h: http.Header{}}
+			rd := bytes.NewReader(body)
+			b.ReportAllocs()
+			for b.Loop() {
+				rd.Reset(body)
+				req.Body = nopCloser{rd}
+				h.ServeHTTP(w, req)
+			}
+			if w.code != 0 && w.code != 200 {
+				b.Fatalf("status %d", w.code)
+			}
+		})
+	}
+}

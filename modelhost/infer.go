@@ -200,7 +200,9 @@ func (s *Server) run(ctx context.Context, v *version, inputs []*tensor.Tensor, r
 		o.Name = sigOut[i].Name
 		o.Datatype = sigOut[i].Datatype
 		if i < len(v.outs) {
-			v.outs[i].record(ctx, o, tr)
+			// Without the request's context: a value needs no trace exemplar, and the
+			// SDK then skips the span lookup on every value.
+			v.outs[i].record(context.Background(), o, tr)
 		}
 	}
 	if len(requested) == 0 {
