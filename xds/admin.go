@@ -281,6 +281,8 @@ type ModelStatus struct {
 	// ServingRuns the split as served when some version is unhealthy.
 	Health      map[string]VersionHealth `json:"health,omitempty"`
 	ServingRuns []translate.Run          `json:"serving_slot_runs,omitempty"`
+	// Analysis is the model's canary analysis, if its rollout has one (analysis_loop.go).
+	Analysis *AnalysisStatus `json:"analysis,omitempty"`
 }
 
 // RollbackStatus describes a rollback in force.
@@ -331,6 +333,7 @@ func (s *Server) Status() Status {
 		if o := s.state.overrides[r.Model]; o != nil {
 			ms.Rollback = &RollbackStatus{Reason: o.reason, At: o.at}
 		}
+		ms.Analysis = s.analysisStatusLocked(r.Model)
 		st.Models = append(st.Models, ms)
 	}
 	return st

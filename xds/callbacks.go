@@ -25,6 +25,12 @@ type metrics struct {
 	refused      metric.Int64Counter
 	applySeconds metric.Float64Histogram
 	clients      *clientCounts
+	// analysisDecisions counts analysis evaluations by model and decision.
+	analysisDecisions metric.Int64Counter
+}
+
+func metricModelDecision(model, decision string) metric.AddOption {
+	return metric.WithAttributes(attribute.String("model", model), attribute.String("decision", decision))
 }
 
 type clientCounts struct {
@@ -82,6 +88,26 @@ func newMetrics(m metric.Meter, s *Server) (*metrics, error) {
 					}
 					o.Observe(n, metric.WithAttributes(attribute.String("model", m), attribute.String("version", v)))
 				}
+			}
+			return nil
+		}))
+	all = append(all, err)
+	out.analysisDecisions, err = m.Int64Counter("patchbay_xds_analysis_decisions", metric.WithDescription("canary analysis evaluations, by model and decision (advance, wait, fail, done)"))
+	all = append(all, err)
+	_, err = m.Int64ObservableGauge("patchbay_xds_analysis_step", metric.WithDescription("the step (1-based) a model's canary analysis is at, by model"),
+		metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
+			steps, _ := s.analysisGauges()
+			for m, n := range steps {
+				o.Observe(int64(n), metric.WithAttributes(attribute.String("model", m)))
+			}
+			return nil
+		}))
+	all = append(all, err)
+	_, err = m.Float64ObservableGauge("patchbay_xds_analysis_gate_value", metric.WithDescription("the last value of each gate of a model's canary analysis (error rate, seconds, ratio, PSI, agreement), by model and gate"),
+		metric.WithFloat64Callback(func(_ context.Context, o metric.Float64Observer) error {
+			_, gates := s.analysisGauges()
+			for k, v := range gates {
+				o.Observe(v, metric.WithAttributes(attribute.String("model", k[0]), attribute.String("gate", k[1])))
 			}
 			return nil
 		}))

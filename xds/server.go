@@ -35,6 +35,7 @@ import (
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
+	"github.com/patchbay-io/patchbay/xds/analysis"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/store"
 	"github.com/patchbay-io/patchbay/xds/translate"
@@ -101,9 +102,12 @@ type Config struct {
 	// Zones, when set, gives the zone of each address a host name resolves to (Kubernetes:
 	// xds/endpointslice's Resolver.Zones, from the EndpointSlices' zone). Those endpoints
 	// are served in one EDS locality per zone (translate.Input.Zones).
-	Zones   func(host string) map[string]string
-	Logger  zerolog.Logger
-	Metrics *telemetry.Metrics
+	Zones func(host string) map[string]string
+	// ShadowAgreement, when set, answers the analysis gate shadow-agreement (xds/shadow's
+	// comparison of a shadowed version); nil: such gates have no data and the analysis waits.
+	ShadowAgreement analysis.ShadowFunc
+	Logger          zerolog.Logger
+	Metrics         *telemetry.Metrics
 }
 
 // Server is a running control plane.
@@ -124,6 +128,7 @@ type Server struct {
 	token    *tokenSource     // nil: no bearer token configured
 	peers    *peerRoles
 	prober   *prober // nil: versions are not probed
+	analyses *analysisLoop
 	source   Source
 	store    store.Store
 
@@ -330,6 +335,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.VersionHealth > 0 {
 		s.prober = s.newProber()
 	}
+	s.analyses = newAnalysisLoop()
+	s.analyses.embedded = &analysis.Embedded{Endpoints: s.metricsEndpoints, TLS: s.metricsTLS}
 	m, err := newMetrics(cfg.Metrics.Meter("patchbay/xds"), s)
 	if err != nil {
 		return nil, err
@@ -419,6 +426,7 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 	if s.prober != nil {
 		bg.Go(func() { s.probeVersions(ctx); errc <- nil })
 	}
+	bg.Go(func() { s.runAnalyses(ctx) })
 	s.log.Info().Str("ads", grpcLis.Addr().String()).Str("admin", adminLis.Addr().String()).
 		Str("rollouts", s.source.Describe()).Msg("control plane serving")
 
@@ -789,6 +797,7 @@ func (s *Server) applyFilesLocked(ctx context.Context, set *rollout.Set, why str
 	s.state.candidate = nil
 	s.state.curErr, s.state.rejectKey = nil, ""
 	s.clearProblemOfAllLocked()
+	s.kickAnalyses()
 	for _, model := range released {
 		s.log.Info().Str("model", model).Msg("rollback released: the model's rollout changed")
 	}
@@ -862,7 +871,7 @@ func (s *Server) deriveModelLocked(r *rollout.Rollout, ms store.ModelState) deri
 	if rb != nil && rb.SpecFingerprint != fp {
 		rb = nil
 	}
-	eff := effectiveRollout(r, rb)
+	eff := effectiveRollout(analysisSpec(r, ms.Analysis, fp), rb)
 	if rb != nil {
 		d.ov = &override{rollout: eff, fileFP: rb.SpecFingerprint, reason: rb.Reason, at: rb.At, fromIndex: rb.FromIndex}
 	}
@@ -940,7 +949,8 @@ func (s *Server) effectiveLocked() *rollout.Set {
 			out.Rollouts = append(out.Rollouts, o.rollout)
 			continue
 		}
-		out.Rollouts = append(out.Rollouts, r)
+		// A running analysis serves its step's split (analysis_loop.go).
+		out.Rollouts = append(out.Rollouts, analysisSpec(r, s.state.models[r.Model].Analysis, s.fingerprintLocked(r)))
 	}
 	return out
 }

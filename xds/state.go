@@ -31,10 +31,13 @@ func planState(cur store.ModelState, spec *rollout.Rollout, fp string) store.Mod
 	if next.Rollback != nil && next.Rollback.SpecFingerprint != fp {
 		next.Rollback = nil
 	}
-	eff := effectiveRollout(spec, next.Rollback)
+	// An analysis starts again at step 0 on a new spec, and serves its step's split.
+	next.Analysis = planAnalysis(cur.Analysis, spec, fp)
+	served := analysisSpec(spec, next.Analysis, fp)
+	eff := effectiveRollout(served, next.Rollback)
 	next.Slots = toRuns(translate.NextSlotMap(toSlotMap(cur.Slots), versionList(eff), eff.Traffic))
 	if next.Rollback == nil {
-		next.History = appendHistory(next.History, spec.Traffic)
+		next.History = appendHistory(next.History, served.Traffic)
 	}
 	return next
 }
@@ -126,7 +129,7 @@ func appendHistory(h []map[string]int, t map[string]int) []map[string]int {
 
 // sameModelState reports whether two states serve the same (ConfigVersion aside).
 func sameModelState(a, b store.ModelState) bool {
-	if a.SpecFingerprint != b.SpecFingerprint || !slices.Equal(a.Slots, b.Slots) || len(a.History) != len(b.History) {
+	if a.SpecFingerprint != b.SpecFingerprint || !slices.Equal(a.Slots, b.Slots) || len(a.History) != len(b.History) || !sameAnalysis(a.Analysis, b.Analysis) {
 		return false
 	}
 	for i := range a.History {

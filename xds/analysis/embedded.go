@@ -39,9 +39,9 @@ const maxScrapeBytes = 16 << 20
 type Embedded struct {
 	// Endpoints gives a version's metrics endpoints (host:port).
 	Endpoints func(model, version string) []string
-	// TLS, when set, makes scrapes https with this client config (the server name is the
-	// endpoint's host).
-	TLS func(serverName string) *tls.Config
+	// TLS, when set and answering a config for a version's endpoint, makes its scrapes
+	// https with that client config (serverName: the endpoint's host); nil: plain http.
+	TLS func(model, version, serverName string) *tls.Config
 	// Timeout bounds one scrape (default 2s).
 	Timeout time.Duration
 	// Keep bounds the samples kept per endpoint (default 512): the oldest go first.
@@ -144,7 +144,7 @@ func (e *Embedded) each(ctx context.Context, w Window, fn func(start, end *count
 		return fmt.Errorf("version %s of %s has no metricsEndpoints", w.Version, w.Model)
 	}
 	for _, ep := range eps {
-		if err := e.refresh(ctx, ep, w.End); err != nil {
+		if err := e.refresh(ctx, w, ep); err != nil {
 			return err
 		}
 	}
@@ -172,16 +172,16 @@ func (e *Embedded) each(ctx context.Context, w Window, fn func(start, end *count
 	return nil
 }
 
-// refresh scrapes ep unless its newest sample was taken at or after end.
-func (e *Embedded) refresh(ctx context.Context, ep string, end time.Time) error {
+// refresh scrapes ep unless its newest sample was taken at or after the window's end.
+func (e *Embedded) refresh(ctx context.Context, w Window, ep string) error {
 	e.mu.Lock()
 	ss := e.samples[ep]
-	fresh := len(ss) > 0 && !ss[len(ss)-1].at.Before(end)
+	fresh := len(ss) > 0 && !ss[len(ss)-1].at.Before(w.End)
 	e.mu.Unlock()
 	if fresh {
 		return nil
 	}
-	s, err := e.scrape(ctx, ep)
+	s, err := e.scrape(ctx, w, ep)
 	if err != nil {
 		return err
 	}
@@ -214,7 +214,7 @@ func (e *Embedded) Forget(keep map[string]bool) {
 }
 
 // scrape reads one endpoint's /metrics now.
-func (e *Embedded) scrape(ctx context.Context, ep string) (sample, error) {
+func (e *Embedded) scrape(ctx context.Context, w Window, ep string) (sample, error) {
 	timeout := e.Timeout
 	if timeout <= 0 {
 		timeout = 2 * time.Second
@@ -227,8 +227,10 @@ func (e *Embedded) scrape(ctx context.Context, ep string) (sample, error) {
 		if h, _, err := net.SplitHostPort(ep); err == nil {
 			host = h
 		}
-		scheme = "https"
-		client = &http.Client{Transport: &http.Transport{TLSClientConfig: e.TLS(host), DisableKeepAlives: true}}
+		if cfg := e.TLS(w.Model, w.Version, host); cfg != nil {
+			scheme = "https"
+			client = &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, DisableKeepAlives: true}}
+		}
 	}
 	at := time.Now()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, scheme+"://"+ep+"/metrics", nil)

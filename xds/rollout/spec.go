@@ -39,7 +39,8 @@ type Rollout struct {
 	BodyMode bool `yaml:"bodyMode"`
 	// Analysis, when set, has the control plane ramp a canary through steps, judging it
 	// against a baseline at each (see analysis.go).
-	Analysis *Analysis `yaml:"analysis"`
+	// (omitted from JSON when unset, so a rollout without one keeps its fingerprint.)
+	Analysis *Analysis `yaml:"analysis" json:"Analysis,omitempty"`
 
 	// Closed marks the versions a rollback left at zero (set by the control plane, never
 	// read from a file): nothing routes to them — no version route, pinned path, mirror,
@@ -78,7 +79,7 @@ type Version struct {
 	Host string `yaml:"host"`
 	// MetricsEndpoints are the host:port of the version's model hosts' admin listeners,
 	// whose /metrics the control plane scrapes for an analysis with provider embedded.
-	MetricsEndpoints []string `yaml:"metricsEndpoints"`
+	MetricsEndpoints []string `yaml:"metricsEndpoints" json:"MetricsEndpoints,omitempty"`
 }
 
 // OIPHost reports whether the version runs on an unmodified OIP server (host: oip).
