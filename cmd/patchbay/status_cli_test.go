@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 
 	"github.com/patchbay-io/patchbay/xds"
@@ -101,6 +103,53 @@ func TestRolloutKubeFlagsExcludeAdminFlags(t *testing.T) {
 	} {
 		if _, errOut, code := runCLI(args...); code != 2 {
 			t.Errorf("%q: exit %d, want 2 (usage): %s", args, code, errOut)
+		}
+	}
+}
+
+// TestRolloutStatusShowsTheAnalysis: `rollout status MODEL` prints a running analysis —
+// phase, canary, baseline, step and share, the reason it waits and each gate's value,
+// threshold and verdict — from a real control plane scraping a real /metrics.
+func TestRolloutStatusShowsTheAnalysis(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	reqs := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "patchbay_modelhost_requests_total"}, []string{"model", "version", "protocol"})
+	reg.MustRegister(reqs)
+	reqs.WithLabelValues("ranker", "v7", "http").Add(3)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := &http.Server{Handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{})}
+	go ms.Serve(lis)
+	t.Cleanup(func() { ms.Close() })
+	m := lis.Addr().String()
+	admin := startAdmin(t, "apiVersion: patchbay.io/v1\nkind: Rollout\nmodel: ranker\nversions:\n"+
+		"  - {name: v7, endpoints: [\"127.0.0.1:9001\"], metricsEndpoints: [\""+m+"\"]}\n"+
+		"  - {name: v8, endpoints: [\"127.0.0.1:9002\"], metricsEndpoints: [\""+m+"\"]}\n"+
+		"traffic: {v7: 100}\nanalysis:\n  baseline: v7\n  canary: v8\n  steps: [5, 100]\n  interval: 200ms\n  minRequests: 10\n"+
+		"  gates:\n    - {metric: error-rate, max: 0.01}\n    - {metric: latency, percentile: 99, max: 250ms}\n", "")
+	var out string
+	for i := 0; ; i++ {
+		var code int
+		out, _, code = runCLI("rollout", "status", "ranker", "--admin", admin)
+		if code == 0 && strings.Contains(out, "gate error-rate") {
+			break
+		}
+		if i == 500 {
+			t.Fatalf("no analysis with gates in rollout status after 5s:\n%s", out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, want := range []string{
+		"split:     v7=95,v8=5",
+		"analysis:  waiting, canary v8 vs baseline v7, step 1 of 2 (5%)",
+		"reason:   minRequests: canary 0, baseline 0 of 10",
+		"decision: wait minRequests",
+		"gate error-rate             0          threshold 0.01     pass",
+		"gate latency-p99            0          threshold 0.25     no data: no observations in the window",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("rollout status lacks %q:\n%s", want, out)
 		}
 	}
 }

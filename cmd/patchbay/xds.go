@@ -483,6 +483,25 @@ func rolloutStatus(ctx context.Context, args []string, stdout, stderr io.Writer)
 		} else {
 			fmt.Fprintf(stdout, "  rollback:  none\n")
 		}
+		if a := m.Analysis; a != nil {
+			fmt.Fprintf(stdout, "  analysis:  %s, canary %s vs baseline %s, step %d of %d (%d%%)\n", a.Phase, a.Canary, a.Baseline, a.Step, len(a.Steps), a.Share)
+			if a.Reason != "" {
+				fmt.Fprintf(stdout, "    reason:   %s\n", a.Reason)
+			}
+			if a.Decision != "" {
+				fmt.Fprintf(stdout, "    decision: %s %s (at %s)\n", a.Decision, a.DecisionWhy, a.EvaluatedAt.Format(time.RFC3339))
+			}
+			for _, g := range a.Gates {
+				verdict := "pass"
+				switch {
+				case g.NoData != "":
+					verdict = "no data: " + g.NoData
+				case !g.Pass:
+					verdict = "FAIL"
+				}
+				fmt.Fprintf(stdout, "    gate %-22s %-10.4g threshold %-8.4g %s\n", g.Gate, g.Value, g.Threshold, verdict)
+			}
+		}
 	}
 	if st.CurrentError != nil {
 		b, _ := json.Marshal(st.CurrentError)
