@@ -37,6 +37,7 @@ import (
 // sent, and checks results against [sent, sent x that factor], the factor read from
 // Prometheus's raw samples.
 func TestPrometheusProvider(t *testing.T) {
+	t.Parallel()
 	promBin := prometheusBinary(t)
 	bin := patchbayBinary(t)
 	repo := harness.RepoWith(t, "ranker/v7", "ranker/v8")
@@ -136,6 +137,7 @@ func TestPrometheusProvider(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Logf("v8: %.2f requests, %.2f errors (sent 60, 10)", req, errs)
 		within("v8 requests", req, 60)
 		within("v8 errors", errs, 10)
 		req, errs, err = p.Counts(ctx, w7)
@@ -251,6 +253,7 @@ func TestPrometheusProvider(t *testing.T) {
 }
 
 func TestNewPrometheusChecksQueries(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name    string
 		queries map[string]string
