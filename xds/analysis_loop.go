@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/patchbay-io/patchbay/xds/analysis"
@@ -68,6 +69,8 @@ type analysisLoop struct {
 	proms    map[string]promProvider // by model
 	kick     chan struct{}
 	hooks    chan webhookEvent
+	dropped  atomic.Int64 // decisions the full webhook queue dropped
+	failed   atomic.Int64 // webhook POSTs that failed
 	client   *http.Client
 }
 
@@ -402,7 +405,12 @@ func (s *Server) evaluateAnalysis(ctx context.Context, j analysisJob) {
 		select {
 		case s.analyses.hooks <- webhookEvent{url: an.Webhook, Event: ev}:
 		default:
-			s.log.Warn().Str("model", j.model).Str("webhook", an.Webhook).Msg("analysis webhook queue full: decision not sent")
+			// Logged on the first drop and every 100th after it: a dead webhook is not a
+			// log line per evaluation.
+			if n := s.analyses.dropped.Add(1); n == 1 || n%100 == 0 {
+				s.log.Warn().Str("model", j.model).Str("webhook", an.Webhook).Int64("dropped", n).
+					Msg("analysis webhook queue full: decisions dropped (the webhook is slow or down)")
+			}
 		}
 	}
 }
@@ -477,7 +485,10 @@ func (s *Server) sendWebhooks(ctx context.Context) {
 			}
 			cancel()
 			if err != nil && ctx.Err() == nil {
-				s.log.Warn().Err(err).Str("model", h.Event.Model).Str("webhook", h.url).Msg("analysis webhook failed (best effort: not retried)")
+				if n := s.analyses.failed.Add(1); n == 1 || n%100 == 0 {
+					s.log.Warn().Err(err).Str("model", h.Event.Model).Str("webhook", h.url).Int64("failed", n).
+						Msg("analysis webhook failed (best effort: not retried)")
+				}
 			}
 		}
 	}

@@ -32,6 +32,7 @@ type metricsHost struct {
 	// perTick requests are recorded every 5ms, errPermille of them failed.
 	perTick     atomic.Int64
 	errPermille atomic.Int64
+	notReady    atomic.Bool // the ready path answers 503
 }
 
 func startMetricsHost(t *testing.T, model, version string) *metricsHost {
@@ -46,7 +47,11 @@ func startMetricsHost(t *testing.T, model, version string) *metricsHost {
 	reg.MustRegister(h.reqs, h.errs, h.dur)
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /v2/models/"+model+"/versions/"+version+"/ready", func(http.ResponseWriter, *http.Request) {})
+	mux.HandleFunc("GET /v2/models/"+model+"/versions/"+version+"/ready", func(w http.ResponseWriter, _ *http.Request) {
+		if h.notReady.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -392,4 +397,57 @@ func TestAnalysisRestartsAtStepZeroOnSpecChange(t *testing.T) {
 	if n := len(after.History); n == 0 || after.History[n-1]["v2"] != 10 {
 		t.Fatalf("history %v: want the new spec's split at step 1 (v2 10) last", after.History)
 	}
+}
+
+// The canary takes a step only with the ready endpoints its next share needs: the prober's
+// healthy endpoints of the canary >= ceil(share/100 × the baseline's). With one of its two
+// endpoints failing its ready probe, it waits before 100% and says why; once that endpoint
+// is ready it goes on. A webhook that never answers does not hold the loop up.
+func TestAnalysisWaitsForCapacity(t *testing.T) {
+	b1, b2 := startMetricsHost(t, "m", "v1"), startMetricsHost(t, "m", "v1")
+	c1, c2 := startMetricsHost(t, "m", "v2"), startMetricsHost(t, "m", "v2")
+	for _, h := range []*metricsHost{b1, b2, c1} {
+		h.perTick.Store(3)
+	}
+	c2.notReady.Store(true)
+	stuck := make(chan struct{})
+	hookLis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hookSrv := &http.Server{Handler: http.HandlerFunc(func(http.ResponseWriter, *http.Request) { <-stuck })}
+	go hookSrv.Serve(hookLis)
+	t.Cleanup(func() { close(stuck); hookSrv.Close() })
+	doc := fmt.Sprintf(`apiVersion: patchbay.io/v1
+kind: Rollout
+model: m
+versions:
+  - {name: v1, endpoints: [%q, %q], metricsEndpoints: [%q, %q]}
+  - {name: v2, endpoints: [%q, %q], metricsEndpoints: [%q, %q]}
+traffic: {v1: 100}
+analysis:
+  baseline: v1
+  canary: v2
+  steps: [10, 50, 100]
+  interval: 200ms
+  minRequests: 20
+  webhook: http://%s/hook
+  gates:
+    - {metric: error-rate, max: 0.05}
+`, b1.addr, b2.addr, b1.addr, b2.addr, c1.addr, c2.addr, c1.addr, c2.addr, hookLis.Addr())
+	dir := t.TempDir()
+	writeFile(t, dir, "m.yaml", doc)
+	c := startCPWith(t, dir, func(cfg *Config) { cfg.VersionHealth = 50 * time.Millisecond })
+	want := "capacity: 100% needs 2 ready http endpoints of the canary (2 of the baseline), it has 1"
+	waitFor(t, 30*time.Second, "the analysis waiting for capacity", func() bool {
+		a := modelStatus(t, c, "m").Analysis
+		return a != nil && a.Phase == store.PhaseWaiting && strings.Contains(a.Reason, want)
+	})
+	if ms := modelStatus(t, c, "m"); ms.Analysis.Step != 2 || ms.Traffic["v2"] != 50 {
+		t.Fatalf("waiting at %+v, split %v: want step 2 (50%%)", ms.Analysis, ms.Traffic)
+	}
+	c2.notReady.Store(false)
+	waitFor(t, 30*time.Second, "analysis succeeded once the canary has the capacity", func() bool {
+		return modelStatus(t, c, "m").Analysis.Phase == store.PhaseSucceeded
+	})
 }
