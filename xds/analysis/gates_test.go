@@ -1,10 +1,13 @@
 package analysis
 
 import (
+	"context"
 	"math"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/patchbay-io/patchbay/xds/rollout"
 )
 
 func near(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
@@ -119,4 +122,47 @@ func TestDecide(t *testing.T) {
 			t.Errorf("%s: failed gate %q", tc.name, d.Gate)
 		}
 	}
+}
+
+// shadow-agreement gates read the shadow comparison given to Measure: agreement at least
+// min, mean absolute difference at most maxMeanAbsDiff; no comparison is no data (a wait).
+func TestMeasureShadowAgreement(t *testing.T) {
+	min, diff := 0.99, 0.05
+	a := &rollout.Analysis{Baseline: "v1", Canary: "v2", Steps: []int{50}, Gates: []rollout.Gate{
+		{Metric: rollout.MetricShadowAgreement, Output: "label", Min: &min, MaxMeanAbsDiff: &diff}}}
+	p := countsOnly{}
+	shadow := func(model, version, output string) (float64, float64, int, bool) {
+		if model != "m" || version != "v2" || output != "label" {
+			return 0, 0, 0, false
+		}
+		return 0.97, 0.01, 500, true
+	}
+	m, err := Measure(context.Background(), p, a, "m", time.Time{}, time.Now(), shadow)
+	if err != nil || len(m.Gates) != 2 {
+		t.Fatalf("%+v %v", m, err)
+	}
+	if g := m.Gates[0]; g.Gate != "shadow-agreement-label" || g.Value != 0.97 || g.Pass || g.Max {
+		t.Errorf("agreement %+v: want 0.97 failing min 0.99", g)
+	}
+	if g := m.Gates[1]; g.Gate != "shadow-mean-abs-diff-label" || g.Value != 0.01 || !g.Pass {
+		t.Errorf("mean abs diff %+v", g)
+	}
+	if d := Decide(Input{Steps: a.Steps, Interval: time.Second, MinRequests: 1, Measurement: m}); d.Kind != Fail || d.Gate != "shadow-agreement-label" {
+		t.Errorf("decision %+v", d)
+	}
+	m, _ = Measure(context.Background(), p, a, "m", time.Time{}, time.Now(), nil)
+	if d := Decide(Input{Steps: a.Steps, Interval: time.Second, MinRequests: 1, Measurement: m}); d.Kind != Wait || !strings.Contains(d.Reason, "no shadow comparison of v2") {
+		t.Errorf("without a comparison: %+v", d)
+	}
+}
+
+// countsOnly is a Provider of fixed counts (the shadow gate reads none of its histograms).
+type countsOnly struct{}
+
+func (countsOnly) Counts(context.Context, Window) (float64, float64, error) { return 10, 0, nil }
+func (countsOnly) LatencyQuantile(context.Context, Window, float64) (float64, error) {
+	return math.NaN(), nil
+}
+func (countsOnly) ScoreHistogram(context.Context, Window, string) ([]float64, []float64, error) {
+	return nil, nil, nil
 }

@@ -266,6 +266,11 @@ func TestMemoryConflictExhausted(t *testing.T) {
 func FuzzParseFile(f *testing.F) {
 	good, _ := json.Marshal(fileState{Version: 2, Models: map[string]ModelState{"r": sample()}})
 	f.Add(good)
+	withAnalysis := sample()
+	withAnalysis.Analysis = &AnalysisState{SpecFingerprint: "abc", Step: 1, Phase: PhaseRunning, StepStarted: time.Unix(5, 0).UTC(),
+		LastDecision: &Decision{Decision: "advance", Gates: []Gate{{Metric: "error-rate", Value: 0.001, Threshold: 0.01, Pass: true}}}}
+	good, _ = json.Marshal(fileState{Version: 2, Models: map[string]ModelState{"r": withAnalysis}})
+	f.Add(good)
 	f.Add([]byte(`{"slots":{"r":["v1"]}}`))
 	f.Add([]byte(`{"version":2,"models":{}}`))
 	f.Add([]byte(``))
