@@ -333,7 +333,7 @@ func (s *Server) Status() Status {
 		if o := s.state.overrides[r.Model]; o != nil {
 			ms.Rollback = &RollbackStatus{Reason: o.reason, At: o.at}
 		}
-		ms.Analysis = s.analysisStatusLocked(r.Model)
+		ms.Analysis = s.analysisStatusLocked(r)
 		st.Models = append(st.Models, ms)
 	}
 	return st

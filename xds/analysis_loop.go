@@ -522,8 +522,13 @@ type GateStatus struct {
 	NoData    string  `json:"no_data,omitempty"`
 }
 
-// analysisStatusLocked is r's analysis for /status (nil without one).
-func (s *Server) analysisStatusLocked(model string) *AnalysisStatus {
+// analysisStatusLocked is the analysis of served (a model's rollout as served) for
+// /status (nil without one).
+func (s *Server) analysisStatusLocked(served *rollout.Rollout) *AnalysisStatus {
+	if served.Analysis == nil {
+		return nil // most models: no lookup
+	}
+	model := served.Model
 	r := s.state.files.Model(model)
 	if r == nil || r.Analysis == nil {
 		return nil
