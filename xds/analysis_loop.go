@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/analysis"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/store"
@@ -69,8 +70,9 @@ type analysisLoop struct {
 	proms    map[string]promProvider // by model
 	kick     chan struct{}
 	hooks    chan webhookEvent
-	dropped  atomic.Int64 // decisions the full webhook queue dropped
-	failed   atomic.Int64 // webhook POSTs that failed
+	tls      *tlsfiles.Source // nil: versions over TLS are scraped over plain http (and fail)
+	dropped  atomic.Int64     // decisions the full webhook queue dropped
+	failed   atomic.Int64     // webhook POSTs that failed
 	client   *http.Client
 }
 
@@ -107,9 +109,24 @@ type AnalysisEvent struct {
 	Gates    []analysis.GateResult `json:"gates,omitempty"`
 }
 
-func newAnalysisLoop() *analysisLoop {
-	return &analysisLoop{last: map[string]analysisEval{}, proms: map[string]promProvider{}, kick: make(chan struct{}, 1),
+func (s *Server) newAnalysisLoop() *analysisLoop {
+	l := &analysisLoop{last: map[string]analysisEval{}, proms: map[string]promProvider{}, kick: make(chan struct{}, 1),
 		hooks: make(chan webhookEvent, webhookQueue), client: &http.Client{Timeout: webhookTimeout}}
+	l.embedded = &analysis.Embedded{Endpoints: s.metricsEndpoints, TLS: s.metricsTLS}
+	// Versions served over TLS are scraped with the client files the prober uses
+	// (--tls-cert/--tls-key, --upstream-tls-ca), loaded here when the prober is off.
+	switch up := s.cfg.Translate.UpstreamTLS; {
+	case s.prober != nil:
+		l.tls = s.prober.tls
+	case up.CA != "":
+		src, err := tlsfiles.Load(tlsfiles.Files{Cert: s.cfg.TLS.Cert, Key: s.cfg.TLS.Key, CA: up.CA}, tlsfiles.Options{})
+		if err != nil {
+			s.log.Warn().Err(err).Msg("analysis cannot read the TLS files (--tls-cert, --tls-key, --upstream-tls-ca): metrics of versions over TLS are not scraped")
+		} else {
+			l.tls = src
+		}
+	}
+	return l
 }
 
 // kickAnalyses wakes the loop (a reload may have started an analysis).
@@ -308,7 +325,7 @@ func (s *Server) metricsEndpoints(model, version string) []string {
 // metricsTLS is the client config to scrape a version over TLS (nil: plain http): the
 // prober's (--tls-cert/--tls-key, --upstream-tls-ca) for versions served over TLS.
 func (s *Server) metricsTLS(model, version, serverName string) *tls.Config {
-	if s.prober == nil || s.prober.tls == nil {
+	if s.analyses.tls == nil {
 		return nil
 	}
 	s.mu.Lock()
@@ -324,7 +341,7 @@ func (s *Server) metricsTLS(model, version, serverName string) *tls.Config {
 	if !useTLS {
 		return nil
 	}
-	return s.prober.tls.ClientConfig(serverName)
+	return s.analyses.tls.ClientConfig(serverName)
 }
 
 // evaluateAnalysis measures, decides and writes one analysis's decision.

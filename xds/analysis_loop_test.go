@@ -2,6 +2,7 @@ package xds
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -17,7 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/store"
+	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
 // metricsHost stands for a model host's admin listener: a real prometheus.Registry with
@@ -36,6 +39,12 @@ type metricsHost struct {
 }
 
 func startMetricsHost(t *testing.T, model, version string) *metricsHost {
+	t.Helper()
+	return startMetricsHostTLS(t, model, version, nil)
+}
+
+// startMetricsHostTLS is startMetricsHost serving over TLS with cfg (nil: plain).
+func startMetricsHostTLS(t *testing.T, model, version string, cfg *tls.Config) *metricsHost {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	h := &metricsHost{version: version,
@@ -57,8 +66,11 @@ func startMetricsHost(t *testing.T, model, version string) *metricsHost {
 		t.Fatal(err)
 	}
 	srv := &http.Server{Handler: mux}
-	go srv.Serve(lis)
 	h.addr = lis.Addr().String()
+	if cfg != nil {
+		lis = tls.NewListener(lis, cfg)
+	}
+	go srv.Serve(lis)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -449,5 +461,50 @@ analysis:
 	c2.notReady.Store(false)
 	waitFor(t, 30*time.Second, "analysis succeeded once the canary has the capacity", func() bool {
 		return modelStatus(t, c, "m").Analysis.Phase == store.PhaseSucceeded
+	})
+}
+
+// Versions served over TLS are scraped over TLS with the control plane's client
+// certificate (--tls-cert/--tls-key) checked against --upstream-tls-ca, from hosts that
+// require and verify it; the analysis reads them and promotes the canary.
+func TestAnalysisScrapesVersionsOverTLS(t *testing.T) {
+	pki := t.TempDir()
+	ca, err := tlsfiles.NewCA("test", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostFiles, err := ca.WriteLeaf(pki, "host", tlsfiles.Leaf{Name: "host", Hosts: []string{"127.0.0.1"}, URI: "spiffe://patchbay.local/role/modelhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpFiles, err := ca.WriteLeaf(pki, "xds", tlsfiles.Leaf{Name: "xds", Hosts: []string{"127.0.0.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := tlsfiles.Load(hostFiles, tlsfiles.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := startMetricsHostTLS(t, "m", "v1", src.ServerConfig("http/1.1"))
+	canary := startMetricsHostTLS(t, "m", "v2", src.ServerConfig("http/1.1"))
+	base.perTick.Store(4)
+	canary.perTick.Store(4)
+	doc := strings.ReplaceAll(analysisDoc(base, canary, "100ms", 20, ""), "metricsEndpoints:", "tls: true, metricsEndpoints:")
+	doc = strings.Replace(doc, "steps: [10, 50, 100]", "steps: [100]", 1)
+	dir := t.TempDir()
+	writeFile(t, dir, "m.yaml", doc)
+	var srv *Server
+	c := startCPWith(t, dir, func(cfg *Config) {
+		cfg.TLS = tlsfiles.Files{Cert: cpFiles.Cert, Key: cpFiles.Key}
+		cfg.Translate.UpstreamTLS = translate.TLSFiles{CA: cpFiles.CA, Cert: cpFiles.Cert, Key: cpFiles.Key}
+	})
+	srv = c.srv
+	waitFor(t, 30*time.Second, "analysis over TLS succeeded", func() bool {
+		for _, m := range srv.Status().Models {
+			if m.Analysis != nil && m.Analysis.Phase == store.PhaseSucceeded {
+				return true
+			}
+		}
+		return false
 	})
 }

@@ -335,8 +335,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.VersionHealth > 0 {
 		s.prober = s.newProber()
 	}
-	s.analyses = newAnalysisLoop()
-	s.analyses.embedded = &analysis.Embedded{Endpoints: s.metricsEndpoints, TLS: s.metricsTLS}
+	s.analyses = s.newAnalysisLoop()
 	m, err := newMetrics(cfg.Metrics.Meter("patchbay/xds"), s)
 	if err != nil {
 		return nil, err
