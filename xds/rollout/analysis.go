@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"text/template"
+	"text/template/parse"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -253,8 +254,10 @@ func validateAnalysis(r *Rollout, versions map[string]bool, add func(*Rollout, s
 				add(r, qf, "unknown query %q (queries: %s)", name, strings.Join(PrometheusQueryNames, ", "))
 			} else if strings.TrimSpace(q) == "" {
 				add(r, qf, "empty query")
-			} else if _, err := template.New(name).Parse(q); err != nil {
+			} else if t, err := template.New(name).Parse(q); err != nil {
 				add(r, qf, "not a template: %v", err)
+			} else if err := substitutionsOnly(t); err != nil {
+				add(r, qf, "%v", err)
 			}
 		}
 	default:
@@ -391,4 +394,33 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+// queryFields are the substitutions a Prometheus query template may use.
+var queryFields = []string{"Model", "Version", "Output", "Range", "Quantile"}
+
+// substitutionsOnly accepts a template of text and {{.Field}} substitutions of
+// queryFields only: a rollout file's template runs in the control plane, so no loops,
+// conditions, variables or function calls (the prometheus provider applies the same rule).
+func substitutionsOnly(t *template.Template) error {
+	bad := func(n parse.Node) error {
+		return fmt.Errorf("%s: only {{.Model}}, {{.Version}}, {{.Output}}, {{.Range}} and {{.Quantile}} may be used", n)
+	}
+	for _, n := range t.Tree.Root.Nodes {
+		switch x := n.(type) {
+		case *parse.TextNode:
+		case *parse.ActionNode:
+			p := x.Pipe
+			if len(p.Decl) != 0 || len(p.Cmds) != 1 || len(p.Cmds[0].Args) != 1 {
+				return bad(n)
+			}
+			f, ok := p.Cmds[0].Args[0].(*parse.FieldNode)
+			if !ok || len(f.Ident) != 1 || !contains(queryFields, f.Ident[0]) {
+				return bad(n)
+			}
+		default:
+			return bad(n)
+		}
+	}
+	return nil
 }
