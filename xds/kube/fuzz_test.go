@@ -44,7 +44,7 @@ func FuzzRender(f *testing.F) {
 		}
 		set, err := rollout.LoadData([]rollout.File{{Path: Path(obj), Data: data}})
 		if err != nil {
-			_ = Message(problems(Path(obj), err))
+			_ = Message(problems(Path(obj), data, err))
 			return
 		}
 		if len(set.Rollouts) != 1 || set.Rollouts[0].Model != Model(obj) {

@@ -146,7 +146,7 @@ func TestProblemsNameSpecFieldPaths(t *testing.T) {
 	if err == nil {
 		t.Fatal("invalid spec loaded")
 	}
-	msg := Message(problems(Path(obj), err))
+	msg := Message(problems(Path(obj), data, err))
 	for _, want := range []string{`spec.traffic.v9: `, `spec.traffic: `, `unknown field "colour"`} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("message %q lacks %q", msg, want)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 
 	"go.yaml.in/yaml/v3"
@@ -70,9 +71,12 @@ func Render(obj *unstructured.Unstructured) ([]byte, error) {
 }
 
 // problems flattens a loader error into its located problems (anything else becomes one
-// problem without a field).
-func problems(path string, err error) []*rollout.Error {
+// problem without a field). A problem the loader placed by line only (a value of the wrong
+// type, e.g. a gate's max written as an object) gets the field path of the value at that
+// line of data, the rendered document, since its line means nothing to the author.
+func problems(path string, data []byte, err error) []*rollout.Error {
 	var out []*rollout.Error
+	var fields map[int]string
 	var walk func(error)
 	walk = func(e error) {
 		if j, ok := e.(interface{ Unwrap() []error }); ok {
@@ -83,6 +87,16 @@ func problems(path string, err error) []*rollout.Error {
 		}
 		var re *rollout.Error
 		if errors.As(e, &re) {
+			if re.Field == "" && re.Line > 0 {
+				if fields == nil {
+					fields = lineFields(data)
+				}
+				if f, ok := fields[re.Line]; ok {
+					c := *re
+					c.Field = f
+					re = &c
+				}
+			}
 			out = append(out, re)
 			return
 		}
@@ -91,6 +105,41 @@ func problems(path string, err error) []*rollout.Error {
 	if err != nil {
 		walk(err)
 	}
+	return out
+}
+
+// lineFields maps each line of a rendered document to the field path of the outermost
+// value that starts on it ("analysis.gates[1].max"); nothing for an unreadable document.
+func lineFields(data []byte) map[int]string {
+	out := map[int]string{}
+	var doc yaml.Node
+	if yaml.Unmarshal(data, &doc) != nil || len(doc.Content) == 0 {
+		return out
+	}
+	var walk func(n *yaml.Node, path string)
+	visit := func(v *yaml.Node, p string) {
+		if _, taken := out[v.Line]; !taken {
+			out[v.Line] = p
+		}
+		walk(v, p)
+	}
+	walk = func(n *yaml.Node, path string) {
+		switch n.Kind {
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				p := n.Content[i].Value
+				if path != "" {
+					p = path + "." + p
+				}
+				visit(n.Content[i+1], p)
+			}
+		case yaml.SequenceNode:
+			for i, c := range n.Content {
+				visit(c, path+"["+strconv.Itoa(i)+"]")
+			}
+		}
+	}
+	walk(doc.Content[0], "")
 	return out
 }
 

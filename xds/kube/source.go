@@ -190,7 +190,7 @@ func (s *Source) Read(ctx context.Context) ([]rollout.File, bool, error) {
 		if err == nil {
 			d.good, d.current = data, true
 		} else {
-			d.problems = problems(p, err)
+			d.problems = problems(p, data, err)
 			if prev := s.docs[p]; prev != nil && prev.good != nil {
 				d.good = prev.good
 			} else if last, _, _ := unstructured.NestedString(obj.Object, "status", "lastApplied"); last != "" {

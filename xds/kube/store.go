@@ -22,7 +22,7 @@ import (
 
 // stateKeys are the status fields that hold a store.ModelState (same JSON names; the
 // api/k8s/v1 tests keep them equal).
-var stateKeys = []string{"specFingerprint", "slots", "rollback", "history", "configVersion"}
+var stateKeys = []string{"specFingerprint", "slots", "rollback", "history", "configVersion", "analysis"}
 
 // UpdateBackoff bounds Update's retries on a conflict (another replica wrote the status
 // between this one's read and write): up to 12 tries over about two seconds.

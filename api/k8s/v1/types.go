@@ -59,6 +59,10 @@ type RolloutSpec struct {
 	// OIP JSON "parameters"); it costs a body round trip per request.
 	// +optional
 	BodyMode bool `json:"bodyMode,omitempty"`
+	// Analysis ramps a canary through steps of its share, judging it against a baseline
+	// at each step (the file format's analysis section).
+	// +optional
+	Analysis *Analysis `json:"analysis,omitempty"`
 }
 
 // ModelVersion is one deployed artifact of the model (the file format's versions[]).
@@ -83,6 +87,134 @@ type ModelVersion struct {
 	// +optional
 	// +kubebuilder:validation:Enum=patchbay;oip
 	Host string `json:"host,omitempty"`
+	// MetricsEndpoints are the host:port of the version's model hosts' admin listeners,
+	// whose /metrics the control plane scrapes for an analysis with provider embedded.
+	// +optional
+	// +kubebuilder:validation:items:MinLength=1
+	MetricsEndpoints []string `json:"metricsEndpoints,omitempty"`
+}
+
+// Analysis ramps a canary through steps of its share (the file format's analysis; its
+// rules, e.g. that baseline and canary are versions of this rollout, are the control
+// plane's and reported in status.conditions).
+type Analysis struct {
+	// Baseline is the version the canary is judged against.
+	// +kubebuilder:validation:MinLength=1
+	Baseline string `json:"baseline"`
+	// Canary is the version ramped through the steps.
+	// +kubebuilder:validation:MinLength=1
+	Canary string `json:"canary"`
+	// Steps are the canary's shares in percent, strictly increasing, 1..100.
+	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=100
+	// +kubebuilder:validation:items:Minimum=1
+	// +kubebuilder:validation:items:Maximum=100
+	Steps []int `json:"steps"`
+	// Interval is how long a step lasts at least ("30s"; 100ms..24h). Default 30s.
+	// +optional
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
+	Interval *metav1.Duration `json:"interval,omitempty"`
+	// MinRequests is the requests each of canary and baseline must have had in a step's
+	// window before a gate is judged. Default 100.
+	// +optional
+	// +kubebuilder:validation:Minimum=1
+	MinRequests *int `json:"minRequests,omitempty"`
+	// Provider is where metrics come from: embedded (default) or prometheus.
+	// +optional
+	// +kubebuilder:validation:Enum=embedded;prometheus
+	Provider string `json:"provider,omitempty"`
+	// Prometheus configures the prometheus provider.
+	// +optional
+	Prometheus *Prometheus `json:"prometheus,omitempty"`
+	// Webhook, when set, is POSTed every decision as JSON (an http(s) URL).
+	// +optional
+	Webhook string `json:"webhook,omitempty"`
+	// Gates are the conditions the canary must meet at each step.
+	// +kubebuilder:validation:MinItems=1
+	Gates []Gate `json:"gates"`
+}
+
+// Prometheus configures the prometheus provider of an analysis.
+type Prometheus struct {
+	// URL is the Prometheus server's http(s) URL.
+	// +kubebuilder:validation:MinLength=1
+	URL string `json:"url"`
+	// Queries override the provider's PromQL templates by name (requests, errors,
+	// latency, drift).
+	// +optional
+	Queries map[string]string `json:"queries,omitempty"`
+}
+
+// Gate is one condition the canary must meet over a step's window. Which fields a gate
+// takes depends on its metric (the control plane checks it).
+type Gate struct {
+	// +kubebuilder:validation:Enum=error-rate;latency;drift;shadow-agreement
+	Metric string `json:"metric"`
+	// Max: error-rate: the canary's error rate (a number 0..1); latency: the quantile (a
+	// duration like "250ms").
+	// +optional
+	// +kubebuilder:validation:Schemaless
+	// +kubebuilder:pruning:PreserveUnknownFields
+	Max *Threshold `json:"max,omitempty"`
+	// MaxIncrease (error-rate): the canary's error rate minus the baseline's, 0..1.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1
+	MaxIncrease *float64 `json:"maxIncrease,omitempty"`
+	// Percentile (latency): 50..99.9.
+	// +optional
+	// +kubebuilder:validation:Minimum=50
+	// +kubebuilder:validation:Maximum=99.9
+	Percentile float64 `json:"percentile,omitempty"`
+	// MaxRatio (latency): the canary's quantile over the baseline's, positive.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:ExclusiveMinimum=true
+	MaxRatio *float64 `json:"maxRatio,omitempty"`
+	// Output (drift, shadow-agreement): an output tensor of the model.
+	// +optional
+	Output string `json:"output,omitempty"`
+	// MaxPSI (drift): the largest population stability index allowed, positive.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:ExclusiveMinimum=true
+	MaxPSI *float64 `json:"maxPSI,omitempty"`
+	// Min (shadow-agreement): class agreement rate 0..1 (an alias of minAgreement).
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1
+	Min *float64 `json:"min,omitempty"`
+	// MinAgreement (shadow-agreement): class agreement rate 0..1.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1
+	MinAgreement *float64 `json:"minAgreement,omitempty"`
+	// MaxMeanAbsDiff (shadow-agreement): the mean absolute score difference, >= 0.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	MaxMeanAbsDiff *float64 `json:"maxMeanAbsDiff,omitempty"`
+}
+
+// Threshold is a gate bound as written: a JSON number (0.01) or string ("250ms"). Its
+// schema accepts any value; the control plane refuses anything but a scalar.
+type Threshold struct {
+	// Raw is the value's JSON.
+	Raw []byte `json:"-"`
+}
+
+// MarshalJSON writes the value as it was read (null when empty).
+func (t Threshold) MarshalJSON() ([]byte, error) {
+	if len(t.Raw) == 0 {
+		return []byte("null"), nil
+	}
+	return t.Raw, nil
+}
+
+// UnmarshalJSON keeps the value's JSON.
+func (t *Threshold) UnmarshalJSON(b []byte) error {
+	t.Raw = append(t.Raw[:0], b...)
+	return nil
 }
 
 // Shadow mirrors a fraction of the model's requests to a version.
@@ -181,6 +313,9 @@ type RolloutStatus struct {
 	// ConfigVersion is the config version served with this state.
 	// +optional
 	ConfigVersion string `json:"configVersion,omitempty"`
+	// Analysis is where the canary analysis of the spec stands, if it has one.
+	// +optional
+	Analysis *AnalysisState `json:"analysis,omitempty"`
 
 	// Model is the model name served (spec.model, or metadata.name when that is empty).
 	// +optional
@@ -233,6 +368,44 @@ type Rollback struct {
 	// SpecFingerprint identifies the spec the rollback was taken on.
 	// +optional
 	SpecFingerprint string `json:"specFingerprint,omitempty"`
+}
+
+// AnalysisState is where a canary analysis of one spec stands (xds/store.AnalysisState).
+type AnalysisState struct {
+	// SpecFingerprint is the spec it runs on: another spec starts it again at step 0.
+	SpecFingerprint string `json:"specFingerprint"`
+	// Step is the index of the current step in spec.analysis.steps.
+	// +kubebuilder:validation:Minimum=0
+	Step int `json:"step"`
+	// StepStarted is when the current step began.
+	StepStarted metav1.Time `json:"stepStarted"`
+	// Phase is running, waiting, succeeded or failed (no enum here: the status is the
+	// control plane's own record, which the API server must not refuse).
+	Phase string `json:"phase"`
+	// Reason says why the phase is what it is (a wait, a failed gate).
+	// +optional
+	Reason string `json:"reason,omitempty"`
+	// LastDecision is the last decision that changed the state.
+	// +optional
+	LastDecision *AnalysisDecision `json:"lastDecision,omitempty"`
+}
+
+// AnalysisDecision is one evaluation of an analysis.
+type AnalysisDecision struct {
+	At   metav1.Time `json:"at"`
+	Step int         `json:"step"`
+	// Decision is advance, wait, fail or done.
+	Decision string `json:"decision"`
+	// +optional
+	Gates []GateResult `json:"gates,omitempty"`
+}
+
+// GateResult is one gate bound judged in a decision.
+type GateResult struct {
+	Metric    string  `json:"metric"`
+	Value     float64 `json:"value"`
+	Threshold float64 `json:"threshold"`
+	Pass      bool    `json:"pass"`
 }
 
 // RolloutList is a list of Rollouts.

@@ -235,7 +235,8 @@ func elem(t reflect.Type) reflect.Type {
 // as a string, like a duration or a timestamp).
 func plainStruct(t reflect.Type) bool {
 	switch t {
-	case reflect.TypeFor[rollout.Duration](), reflect.TypeFor[metav1.Duration](), reflect.TypeFor[metav1.Time]():
+	case reflect.TypeFor[rollout.Duration](), reflect.TypeFor[metav1.Duration](), reflect.TypeFor[metav1.Time](),
+		reflect.TypeFor[rollout.Threshold](), reflect.TypeFor[v1.Threshold]():
 		return false
 	}
 	return t.Kind() == reflect.Struct && t.PkgPath() != "time"
