@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/shadow"
 	"github.com/patchbay-io/patchbay/xds/store"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
@@ -262,6 +263,10 @@ type Status struct {
 	// Names is every endpoint host name known (served or in a refused config): its
 	// addresses and whether it resolves (ok, unresolved, stale).
 	Names map[string]NameStatus `json:"names,omitempty"`
+	// Shadow is the comparison of shadowed versions' predictions with the live ones
+	// (xds/shadow): per model, shadow version and output, from the records the model hosts
+	// send (`patchbay modelhost --shadow-records`).
+	Shadow *shadow.Status `json:"shadow,omitempty"`
 }
 
 // ModelStatus is one model's served state.
@@ -306,6 +311,9 @@ func (s *Server) Status() Status {
 		for h, hs := range s.state.dns {
 			st.Names[h] = *hs
 		}
+	}
+	if sh := s.shadow.Results(); sh.Records.Received > 0 {
+		st.Shadow = &sh
 	}
 	if s.state.built == nil {
 		return st

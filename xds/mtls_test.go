@@ -48,7 +48,7 @@ func newPKI(t *testing.T) *pki {
 	}
 	for name, uri := range map[string]string{
 		"edge": SPIFFEPrefix + "edge", "sidecar": SPIFFEPrefix + "sidecar", "grpc": SPIFFEPrefix + "grpc",
-		"extproc": SPIFFEPrefix + "extproc", "operator": SPIFFEPrefix + "operator",
+		"extproc": SPIFFEPrefix + "extproc", "operator": SPIFFEPrefix + "operator", "modelhost": SPIFFEPrefix + "modelhost",
 		"unknown": SPIFFEPrefix + "nobody", "foreign": "spiffe://elsewhere.example/role/edge", "none": "",
 		"mapped": mappedURI,
 	} {

@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"sync"
@@ -25,18 +26,21 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
 
 	policyv1 "github.com/patchbay-io/patchbay/api/policy/v1"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/analysis"
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/shadow"
 	"github.com/patchbay-io/patchbay/xds/store"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
@@ -116,6 +120,7 @@ type Server struct {
 	log     zerolog.Logger
 	res     *resourceCache
 	builder *translate.Builder
+	shadow  *shadow.Comparator // the Records service model hosts send predictions to
 	// servingVersion is the config version being served (string), read by the stream
 	// callbacks without the lock.
 	servingVersion atomic.Value
@@ -340,8 +345,44 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Shadow comparison: model hosts stream sampled prediction records on the ADS port.
+	// With client certificates required, only a model host may send them.
+	s.shadow, err = shadow.New(shadow.Config{Meter: cfg.Metrics.Meter("patchbay/xds/shadow"), Authorize: s.authorizeRecords})
+	if err != nil {
+		return nil, err
+	}
+	if s.cfg.ShadowAgreement == nil {
+		s.cfg.ShadowAgreement = s.shadowAgreement
+	}
 	s.metrics = m
 	return s, nil
+}
+
+// authorizeRecords admits a prediction record stream: from anyone without client
+// certificates (like ADS itself), else only from a certificate with role modelhost.
+func (s *Server) authorizeRecords(ctx context.Context) error {
+	if !s.identity {
+		return nil
+	}
+	if role := s.peers.streamRole(ctx); role != "modelhost" {
+		return status.Errorf(codes.PermissionDenied, "xds: prediction records come from model hosts (role modelhost), not role %q", role)
+	}
+	return nil
+}
+
+// shadowAgreement answers the analysis gate shadow-agreement from the records compared so
+// far for a model's shadowed version and output (since the control plane started).
+func (s *Server) shadowAgreement(model, version, output string) (agreement, meanAbsDiff float64, pairs int, ok bool) {
+	for _, r := range s.shadow.Results().Outputs {
+		if r.Model == model && r.Version == version && r.Output == output && r.Pairs > 0 {
+			agreement = math.NaN() // the output has no class: only its values compare
+			if r.Agreement != nil {
+				agreement = *r.Agreement
+			}
+			return agreement, r.MeanAbsDiff, int(r.Pairs), true
+		}
+	}
+	return 0, 0, 0, false
 }
 
 // Cache exposes the composed cache (for tests and embedding).
@@ -375,6 +416,7 @@ func (s *Server) GRPCServer(ctx context.Context) *grpc.Server {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(s.tls.ServerConfig("h2"))))
 	}
 	gs := grpc.NewServer(opts...)
+	s.shadow.Register(gs)
 	xs := serverv3.NewServer(ctx, s.cache, s.callbacks())
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, xs)
 	hs := health.NewServer()

@@ -124,6 +124,8 @@ func TestUsageErrorsExit2WithUsage(t *testing.T) {
 		{[]string{"xds", "--bogus"}, "Usage: patchbay xds [flags]"},
 		{[]string{"extproc", "--bogus"}, "Usage: patchbay extproc [flags]"},
 		{[]string{"modelhost", "--bogus"}, "Usage: patchbay modelhost [flags]"},
+		{[]string{"modelhost", "--repository", "x", "--shadow-sample", "0"}, "Usage: patchbay modelhost [flags]"},
+		{[]string{"modelhost", "--repository", "x", "--shadow-sample", "1.5"}, "Usage: patchbay modelhost [flags]"},
 		{[]string{"up", "--bogus"}, "Usage: patchbay up [flags]"},
 		{[]string{"rollout"}, "Usage: patchbay rollout <command>"},
 		{[]string{"rollout", "nope"}, "Usage: patchbay rollout <command>"},

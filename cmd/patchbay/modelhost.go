@@ -39,6 +39,8 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	otlp := fs.String("otlp-endpoint", "", "OTLP/gRPC collector host:port for inference spans (unset: tracing off)")
 	sampleRatio := fs.Float64("trace-sample-ratio", 0.01, "fraction of root traces sampled when tracing is on (a sampled parent is always followed)")
 	gcPercent := fs.String("gc-percent", strconv.Itoa(modelhostDefaults.GCPercent), "GC percent (as GOGC; off: no GC but at the memory limit); precedence: this flag, then $GOGC, then the default")
+	shadowRecords := fs.String("shadow-records", "", "the control plane's ADS address: send sampled prediction records there for shadow comparison (unset: off; TLS with --tls-cert/--tls-key/--client-ca when set)")
+	shadowSample := fs.Float64("shadow-sample", modelhost.DefaultShadowSample, "share of requests (by a hash of x-request-id, so a request and its mirror are both sampled) whose predictions are sent, in (0, 1]")
 	memoryLimit := fs.String("memory-limit", "auto", "soft memory limit of the Go runtime, e.g. 4GiB, or none; auto: 90% of the container's memory limit (cgroup) if it has one, else none; precedence: this flag, then $GOMEMLIMIT, then auto")
 	if err := parseFlags(fs, args, stdout, stderr); err != nil {
 		return err
@@ -54,6 +56,10 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	log, err := telemetry.NewLogger(stderr, *logLevel)
 	if err != nil {
 		return fmt.Errorf("modelhost: %w: %w", err, errUsage)
+	}
+	if *shadowSample <= 0 || *shadowSample > 1 {
+		fs.Usage()
+		return fmt.Errorf("modelhost: --shadow-sample %v: want a share in (0, 1]: %w", *shadowSample, errUsage)
 	}
 	tune, err := runtimeSettings(fs, *gcPercent, *memoryLimit, modelhostDefaults)
 	if err != nil {
@@ -99,6 +105,8 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		MaxInflight:      *maxInflight,
 		MaxInflightBytes: *maxInflightBytes,
 		TLS:              tlsSource,
+		ShadowRecords:    *shadowRecords,
+		ShadowSample:     *shadowSample,
 	})
 	if err != nil {
 		return err

@@ -125,7 +125,11 @@ func Measure(ctx context.Context, p Provider, a *rollout.Analysis, model string,
 				m.Gates = append(m.Gates, r)
 			}
 			if t := firstOf(g.Min, g.MinAgreement); t != nil {
-				add(bound("shadow-agreement-"+g.Output, g.Metric, agree, *t, false))
+				r := bound("shadow-agreement-"+g.Output, g.Metric, agree, *t, false)
+				if ok && math.IsNaN(agree) {
+					r.NoData, r.Pass = "output "+g.Output+" has no class to agree on (its values compare: maxMeanAbsDiff)", false
+				}
+				add(r)
 			}
 			if g.MaxMeanAbsDiff != nil {
 				add(bound("shadow-mean-abs-diff-"+g.Output, g.Metric, diff, *g.MaxMeanAbsDiff, true))
