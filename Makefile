@@ -75,6 +75,9 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzParseFile -fuzztime 30s ./xds/store/
 	$(GO) test -run '^$$' -fuzz FuzzServiceOf -fuzztime 30s ./xds/endpointslice/
 	$(GO) test -run '^$$' -fuzz FuzzParseLimit -fuzztime 30s ./internal/runtimetune/
+	$(GO) test -run '^$$' -fuzz FuzzCacheLoadsLikeAParse -fuzztime 30s ./xds/rollout/
+	$(GO) test -run '^$$' -fuzz FuzzRecord -fuzztime 30s ./xds/shadow/
+	$(GO) test -run '^$$' -fuzz FuzzCheckPrometheusQuery -fuzztime 30s ./xds/analysis/
 
 fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
