@@ -293,6 +293,10 @@ func (u *upRun) startAll(ctx context.Context) error {
 		args := []string{"modelhost",
 			"--repository", repos[i], "--http", c.hostHTTP[i], "--grpc", c.hostGRPC[i], "--log-level", c.logLevel,
 			"--admin", c.hostAdmin[i], "--admin-token-file", tokenFile,
+			// Prediction records to the control plane's Records service (on its ADS port) for
+			// the shadow comparison; every request with an x-request-id (Envoy adds one) on a
+			// demo machine: a sample of 1.
+			"--shadow-records", c.xdsListen, "--shadow-sample", "1",
 		}
 		args = append(args, u.serverTLSArgs("modelhost")...)
 		if err := u.startChild(ctx, name, c.bin, args, u.url(c.hostHTTP[i], "/v2/health/ready"), c.readyTimeout); err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -177,6 +178,41 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	}
 	if code, body := get("http://" + xdsAdmin + "/readyz"); code != http.StatusOK {
 		t.Errorf("control plane readyz = %d %s", code, body)
+	}
+	// The hosts send prediction records to the control plane (--shadow-records, sample 1):
+	// an inference with an x-request-id on each host shows up in /status "shadow".
+	for i, h := range hostHTTP {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+h+"/v2/models/ranker/versions/"+[]string{"v7", "v8"}[i]+"/infer", strings.NewReader(body))
+		req.Header.Set("x-request-id", fmt.Sprintf("up-test-%d", i))
+		if resp, err := client.Do(req); err != nil {
+			t.Errorf("infer on %s: %v", h, err)
+		} else {
+			resp.Body.Close()
+		}
+	}
+	var received uint64
+	for range 200 { // the records stream reconnects with backoff up to 5 s: bounded wait (~20 s)
+		_, st := get("http://" + xdsAdmin + "/status")
+		var status struct {
+			Shadow *struct {
+				Records struct {
+					Received uint64 `json:"received"`
+				} `json:"records"`
+			} `json:"shadow"`
+		}
+		if err := json.Unmarshal([]byte(st), &status); err != nil {
+			t.Fatalf("/status: %v: %s", err, st)
+		}
+		if status.Shadow != nil {
+			received = status.Shadow.Records.Received
+		}
+		if received >= 2 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if received < 2 {
+		t.Errorf("control plane received %d prediction records from up's model hosts, want 2 (one per host)", received)
 	}
 	if code, body := get("http://" + extprocAdmin + "/readyz"); code != http.StatusOK {
 		t.Errorf("ext_proc readyz = %d %s", code, body)
