@@ -268,7 +268,8 @@ func TestStoreKeepsAnalysisState(t *testing.T) {
 		t.Error("other replica's Watch did not fire on the analysis state write")
 	}
 
-	// The Source's status writes (conditions, split, state) leave the analysis state.
+	// The Source's status writes (conditions, split, state) leave the analysis state, and
+	// status.split is the split served at the step: v8 at 5 % of the pair's 100.
 	src := kube.NewSource(kubeConfig(t, ns))
 	watching(t, src)
 	if _, _, err := src.Read(ctx); err != nil {
@@ -278,9 +279,24 @@ func TestStoreKeepsAnalysisState(t *testing.T) {
 	eventually(t, "Ready=True Applied with the analysis kept", func() (bool, string) {
 		obj := getRollout(t, ns, "ranker")
 		c := readyCondition(obj)
+		split, _, _ := unstructured.NestedString(obj.Object, "status", "split")
 		st, err := b.Load(ctx)
-		return c != nil && c.Reason == v1.ReasonApplied && err == nil && cmp.Equal(want, st["ranker"]), spew(obj)
+		return c != nil && c.Reason == v1.ReasonApplied && split == "v7=95,v8=5" && err == nil && cmp.Equal(want, st["ranker"]), spew(obj)
 	})
+	// The next step, written by another replica, shows without a reload of the Source's.
+	next := want.Clone()
+	next.Analysis.Step = 2
+	if _, err := b.Update(ctx, "ranker", func(store.ModelState) (store.ModelState, error) { return next, nil }); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "split of step 2", func() (bool, string) {
+		obj := getRollout(t, ns, "ranker")
+		split, _, _ := unstructured.NestedString(obj.Object, "status", "split")
+		return split == "v7=80,v8=20", spew(obj)
+	})
+	if _, err := b.Update(ctx, "ranker", func(store.ModelState) (store.ModelState, error) { return want, nil }); err != nil {
+		t.Fatal(err)
+	}
 
 	// A later decision: the analysis fails and its rollback is recorded beside it.
 	failed := want.Clone()
@@ -297,6 +313,12 @@ func TestStoreKeepsAnalysisState(t *testing.T) {
 	if st, err := a.Load(ctx); err != nil || !cmp.Equal(failed, st["ranker"]) {
 		t.Errorf("after the failed decision: %v %s", err, cmp.Diff(failed, st["ranker"]))
 	}
+	eventually(t, "RolledBack to the baseline", func() (bool, string) {
+		obj := getRollout(t, ns, "ranker")
+		split, _, _ := unstructured.NestedString(obj.Object, "status", "split")
+		state, _, _ := unstructured.NestedString(obj.Object, "status", "state")
+		return split == "v7=100" && state == v1.StateRolledBack, spew(obj)
+	})
 
 	// A state without an analysis (the spec lost its section) clears status.analysis.
 	if _, err := a.Update(ctx, "ranker", func(cur store.ModelState) (store.ModelState, error) {

@@ -262,3 +262,34 @@ func TestAnalysisStateInStatus(t *testing.T) {
 }
 
 func durationPtr(d time.Duration) *metav1.Duration { return &metav1.Duration{Duration: d} }
+
+// TestStepTraffic: status.split shows the analysis step's split (the canary's step share
+// out of the pair's) while the state runs on the status's spec; the spec's own traffic for
+// a failed analysis, a state of another spec, or none.
+func TestStepTraffic(t *testing.T) {
+	a := &rollout.Analysis{Baseline: "v7", Canary: "v8", Steps: []int{1, 5, 20, 50, 100}}
+	traffic := map[string]int{"v6": 10, "v7": 90}
+	status := func(fp, afp string, step int, phase string) map[string]any {
+		return map[string]any{"specFingerprint": fp, "split": "x",
+			"analysis": map[string]any{"specFingerprint": afp, "step": int64(step), "phase": phase}}
+	}
+	for _, c := range []struct {
+		name   string
+		a      *rollout.Analysis
+		status map[string]any
+		want   string
+	}{
+		{"step 2", a, status("fp", "fp", 2, store.PhaseRunning), "v6=10,v7=72,v8=18"},
+		{"waiting at 0", a, status("fp", "fp", 0, store.PhaseWaiting), "v6=10,v7=89,v8=1"},
+		{"succeeded", a, status("fp", "fp", 4, store.PhaseSucceeded), "v6=10,v8=90"},
+		{"step past the end", a, status("fp", "fp", 9, store.PhaseRunning), "v6=10,v8=90"},
+		{"failed", a, status("fp", "fp", 2, store.PhaseFailed), "v6=10,v7=90"},
+		{"another spec's", a, status("fp2", "fp", 2, store.PhaseRunning), "v6=10,v7=90"},
+		{"no state", a, map[string]any{"specFingerprint": "fp"}, "v6=10,v7=90"},
+		{"no analysis in spec", nil, status("fp", "fp", 2, store.PhaseRunning), "v6=10,v7=90"},
+	} {
+		if got := Split(stepTraffic(traffic, c.a, c.status), []string{"v6", "v7", "v8"}); got != c.want {
+			t.Errorf("%s: split %q, want %q", c.name, got, c.want)
+		}
+	}
+}

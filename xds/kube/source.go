@@ -19,6 +19,7 @@ import (
 
 	v1 "github.com/patchbay-io/patchbay/api/k8s/v1"
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/store"
 )
 
 // Source reads the Rollouts of one namespace as rollout documents (xds.Source) and writes
@@ -68,9 +69,11 @@ type docState struct {
 	good []byte
 	// current reports whether good is the object's current spec.
 	current bool
-	// traffic and order are good's split and version order (for status.split).
-	traffic map[string]int
-	order   []string
+	// traffic and order are good's split and version order (for status.split); analysis
+	// is good's analysis section (status.split then shows its step's split).
+	traffic  map[string]int
+	order    []string
+	analysis *rollout.Analysis
 }
 
 // NewSource returns a Source over cfg.Namespace's Rollouts.
@@ -114,9 +117,14 @@ func (s *Source) Watch(ctx context.Context, ready func(), changed func()) error 
 			// A rollback written or released (by any replica) changes what the status
 			// should say (state, split, reason): the last Report may have compared with a
 			// cached copy that did not have it yet.
-			ro, _, _ := unstructured.NestedFieldNoCopy(o.Object, "status", "rollback")
-			rn, _, _ := unstructured.NestedFieldNoCopy(n.Object, "status", "rollback")
-			if !reflect.DeepEqual(ro, rn) {
+			// Likewise an analysis step taken (status.split shows the step's split).
+			changed := false
+			for _, k := range []string{"rollback", "analysis", "specFingerprint"} {
+				vo, _, _ := unstructured.NestedFieldNoCopy(o.Object, "status", k)
+				vn, _, _ := unstructured.NestedFieldNoCopy(n.Object, "status", k)
+				changed = changed || !reflect.DeepEqual(vo, vn)
+			}
+			if changed {
 				select {
 				case s.kick <- struct{}{}:
 				default:
@@ -203,7 +211,7 @@ func (s *Source) Read(ctx context.Context) ([]rollout.File, bool, error) {
 		}
 		if d.good != nil {
 			if rs, err := rollout.Parse(p, d.good); err == nil && len(rs) == 1 {
-				d.traffic = rs[0].Traffic
+				d.traffic, d.analysis = rs[0].Traffic, rs[0].Analysis
 				for _, v := range rs[0].Versions {
 					d.order = append(d.order, v.Name)
 				}
@@ -254,6 +262,7 @@ type statusUpdate struct {
 	lastGood   []byte // the object's current spec when it is applied
 	traffic    map[string]int
 	order      []string
+	analysis   *rollout.Analysis
 }
 
 // writeStatuses brings every Rollout's status in line with the last Read and Report.
@@ -262,7 +271,7 @@ func (s *Source) writeStatuses(ctx context.Context) {
 	var ups []statusUpdate
 	for p, d := range s.docs {
 		u := statusUpdate{name: p[len(s.cfg.Namespace)+1:], generation: d.generation, model: d.model,
-			own: d.problems, traffic: d.traffic, order: d.order}
+			own: d.problems, traffic: d.traffic, order: d.order, analysis: d.analysis}
 		u.problems = append(append(append([]*rollout.Error(nil), d.problems...), s.server[p]...), s.server[AllDocuments]...)
 		if len(u.problems) == 0 && d.current {
 			u.lastGood = d.good
@@ -321,7 +330,7 @@ func (s *Source) writeStatus(ctx context.Context, u statusUpdate) error {
 			}
 		}
 		cond := metav1.Condition{Type: v1.ConditionReady, ObservedGeneration: u.generation}
-		split := Split(u.traffic, u.order)
+		split := Split(stepTraffic(u.traffic, u.analysis, st), u.order)
 		var rb struct {
 			Traffic map[string]int `json:"traffic"`
 		}
@@ -367,6 +376,29 @@ func (s *Source) writeStatus(ctx context.Context, u statusUpdate) error {
 
 // convert copies a JSON-shaped value into out through JSON (numbers as Kubernetes' JSON
 // decoder gives them: int64 when integral).
+// stepTraffic is the split served for traffic while the analysis state in status runs on
+// the spec the status's state is for (the server's rule, xds/analysis_loop.go analysisSpec:
+// rollout.StepSplit at the state's step; not for a failed analysis, whose rollback shows
+// instead); traffic itself otherwise.
+func stepTraffic(traffic map[string]int, a *rollout.Analysis, status map[string]any) map[string]int {
+	if a == nil || len(a.Steps) == 0 {
+		return traffic
+	}
+	var st struct {
+		SpecFingerprint string `json:"specFingerprint"`
+		Analysis        *struct {
+			SpecFingerprint string `json:"specFingerprint"`
+			Step            int    `json:"step"`
+			Phase           string `json:"phase"`
+		} `json:"analysis"`
+	}
+	if convert(status, &st) != nil || st.Analysis == nil || st.Analysis.SpecFingerprint == "" ||
+		st.Analysis.SpecFingerprint != st.SpecFingerprint || st.Analysis.Phase == store.PhaseFailed {
+		return traffic
+	}
+	return rollout.StepSplit(traffic, a.Baseline, a.Canary, a.Steps[min(max(st.Analysis.Step, 0), len(a.Steps)-1)])
+}
+
 func convert(in, out any) error {
 	b, err := json.Marshal(in)
 	if err != nil {
