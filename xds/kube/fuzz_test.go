@@ -14,7 +14,7 @@ import (
 // FuzzRender: any JSON spec a Rollout object may carry renders without a panic, the same
 // way every time, and what loads is the model the object names (spec.model, else its name).
 func FuzzRender(f *testing.F) {
-	for _, m := range []string{rankerManifest} {
+	for _, m := range []string{rankerManifest, canaryManifest} {
 		var obj map[string]any
 		if err := yaml.Unmarshal([]byte(m), &obj); err != nil {
 			f.Fatal(err)
@@ -25,6 +25,7 @@ func FuzzRender(f *testing.F) {
 	f.Add([]byte(`{"model":"x","versions":[{"name":"a","endpoints":["127.0.0.1:1"]}],"traffic":{"a":100}}`))
 	f.Add([]byte(`{"traffic":{"a":1e400},"shadow":[{"version":"a","percent":0.001}]}`))
 	f.Add([]byte(`{"versions":"no","experiments":[{"allocation":"20"}],"model":7}`))
+	f.Add([]byte(`{"analysis":{"steps":[5,1],"gates":[{"metric":"latency","max":{"ms":[1]}},{"max":null}]}}`))
 	f.Fuzz(func(t *testing.T, spec []byte) {
 		var s any
 		if json.Unmarshal(spec, &s) != nil {
