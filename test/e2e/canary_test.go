@@ -328,3 +328,139 @@ func TestCanaryHealthyPromoted(t *testing.T) {
 	t.Logf("promoted through %v in %v (%d requests, by version %v; shares seen on /status %v); last decision %s %q, requests %v",
 		steps, time.Since(start).Round(time.Millisecond), l.total.Load(), l.versions, seen, a.Decision, a.DecisionWhy, a.Requests)
 }
+
+// metricValue reads one host's counter from its admin /metrics.
+func (h *canaryHost) metric(t testing.TB, name string, filters ...string) float64 {
+	return metricSum(t, "http://"+h.admin+"/metrics", name, filters...)
+}
+
+// TestCanaryErrorsRolledBack: the canary's host accepts only single-row requests (its
+// model.yaml says [1, 8]) where the baseline's takes [-1, 8]. Once the analysis has
+// advanced, the clients start sending some two-row requests: the canary's host refuses
+// them (counted in its errors counter), the baseline's serves them, and the error-rate
+// gate rolls the model back to 100% baseline within one interval (plus one evaluation
+// period) of the first failure.
+func TestCanaryErrorsRolledBack(t *testing.T) {
+	const interval = 2 * time.Second
+	base := startCanaryHost(t, "host-v7", canaryRepo(t, "ranker", "v7", rankerYAML("[-1, 8]", true), map[string]string{"model.json": "@examples/models/ranker/v7/model.json"}))
+	can := startCanaryHost(t, "host-v8", canaryRepo(t, "ranker", "v8", rankerYAML("[1, 8]", false), map[string]string{"model.json": "@examples/models/ranker/v7/model.json"}))
+	c := startCanaryChain(t, canaryRollout("ranker", base, can, "v7", "v8", fmt.Sprintf(`  baseline: v7
+  canary: v8
+  steps: [20, 50, 90]
+  interval: %v
+  minRequests: 20
+  gates:
+    - {metric: error-rate, max: 0.05}
+    - {metric: latency, percentile: 90, maxRatio: 20}
+    - {metric: drift, output: score, maxPSI: 0.5}
+`, interval)))
+	l := startLoad(t, c, "ranker", 8, 4, 300)
+	c.waitStatus(t, 30*time.Second, "the analysis to advance to step 2", func(st statusDoc) bool {
+		a := st.Models[0].Analysis
+		if a != nil && a.Phase != "running" && a.Phase != "waiting" && a.Phase != "pending" {
+			t.Fatalf("analysis ended before the failures started: %s", st.raw)
+		}
+		return a != nil && a.Step >= 2
+	})
+	if n := l.failed.Load(); n != 0 {
+		t.Fatalf("%d requests failed before the two-row requests started", n)
+	}
+	failStart := time.Now()
+	l.batch2.Store(true)
+	st := c.waitStatus(t, 20*time.Second, "the analysis to fail", func(st statusDoc) bool {
+		a := st.Models[0].Analysis
+		return a != nil && a.Phase == "failed"
+	})
+	l.halt()
+	m, a := st.Models[0], st.Models[0].Analysis
+	if !strings.Contains(a.Reason, "error-rate") {
+		t.Fatalf("rolled back for %q, want the error-rate gate: %s", a.Reason, st.raw)
+	}
+	if m.Traffic["v7"] != 100 || m.Traffic["v8"] != 0 {
+		t.Fatalf("split %v after the rollback, want v7 100: %s", m.Traffic, st.raw)
+	}
+	if m.Rollback == nil || !strings.Contains(m.Rollback.Reason, "error-rate") {
+		t.Fatalf("rollback %+v, want one in force naming the error-rate gate: %s", m.Rollback, st.raw)
+	}
+	// The decision: after the failures started, within one interval and one evaluation
+	// period (interval/4) of them.
+	took := a.EvaluatedAt.Sub(failStart)
+	if a.Decision != "fail" || took <= 0 || took > interval+interval/4 {
+		t.Fatalf("decision %q at %v, %v after the first two-row request; want fail within %v: %s",
+			a.Decision, a.EvaluatedAt, took, interval+interval/4, st.raw)
+	}
+	// The canary's host counted the refusals; the baseline's served every request.
+	if n := can.metric(t, "patchbay_modelhost_request_errors_total", `version="v8"`); n == 0 {
+		t.Fatal("the canary's host counted no errors")
+	}
+	if n := base.metric(t, "patchbay_modelhost_request_errors_total", `version="v7"`); n != 0 {
+		t.Fatalf("the baseline's host counted %v errors", n)
+	}
+	// The edge serves the baseline only.
+	waitFor(t, 10*time.Second, "the edge to serve v7 only", func() bool {
+		for i := 0; i < 20; i++ {
+			if r, err := c.user(fmt.Sprintf("after-%d", i)); err != nil || r.status != 200 || r.version != "v7" {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("rolled back %v after the first failing request (bound %v): %s; %d of %d requests failed",
+		took.Round(time.Millisecond), interval+interval/4, a.Reason, l.failed.Load(), l.total.Load())
+}
+
+// TestCanaryDriftStopped: the canary is churn v1's logistic model with another bias, so
+// every request succeeds about as fast as the baseline's, but its probabilities move to
+// the top bucket: the drift gate stops it.
+func TestCanaryDriftStopped(t *testing.T) {
+	const churnYAML = `runtime: linear
+artifact: linear.json
+inputs:  [{name: features, datatype: FP32, shape: [-1, 4]}]
+outputs: [{name: probability, datatype: FP32, shape: [-1], buckets: [0.2, 0.4, 0.6, 0.8]}]
+`
+	base := startCanaryHost(t, "host-v1", canaryRepo(t, "churn", "v1", churnYAML, map[string]string{"linear.json": `{"link":"logistic","weights":[0.8,-0.5,0.3,1.2],"bias":-0.2}`}))
+	can := startCanaryHost(t, "host-v2", canaryRepo(t, "churn", "v2", churnYAML, map[string]string{"linear.json": `{"link":"logistic","weights":[0.8,-0.5,0.3,1.2],"bias":3.0}`}))
+	c := startCanaryChain(t, canaryRollout("churn", base, can, "v1", "v2", `  baseline: v1
+  canary: v2
+  steps: [20, 50, 90]
+  interval: 1s
+  minRequests: 30
+  gates:
+    - {metric: error-rate, max: 0.01}
+    - {metric: latency, percentile: 90, maxRatio: 20}
+    - {metric: drift, output: probability, maxPSI: 0.25}
+`))
+	l := startLoad(t, c, "churn", 4, 4, 300)
+	st := c.waitStatus(t, 30*time.Second, "the analysis to fail", func(st statusDoc) bool {
+		a := st.Models[0].Analysis
+		if a != nil && a.Phase == "succeeded" {
+			t.Fatalf("a drifting canary was promoted: %s", st.raw)
+		}
+		return a != nil && a.Phase == "failed"
+	})
+	l.halt()
+	m, a := st.Models[0], st.Models[0].Analysis
+	if !strings.HasPrefix(a.Reason, "analysis: drift-probability") {
+		t.Fatalf("stopped for %q, want the drift gate: %s", a.Reason, st.raw)
+	}
+	gates := map[string]bool{}
+	for _, g := range a.Gates {
+		if g.NoData != "" {
+			t.Fatalf("gate %s without data in the failing decision: %s", g.Gate, st.raw)
+		}
+		gates[g.Gate] = g.Pass
+	}
+	if pass, ok := gates["drift-probability"]; !ok || pass || !gates["error-rate"] || !gates["latency-p90-ratio"] {
+		t.Fatalf("gates %v: want error-rate and latency passed, drift failed: %s", gates, st.raw)
+	}
+	if m.Traffic["v1"] != 100 || m.Traffic["v2"] != 0 {
+		t.Fatalf("split %v after the drift gate failed, want v1 100: %s", m.Traffic, st.raw)
+	}
+	if n := l.failed.Load(); n != 0 {
+		t.Fatalf("%d of %d requests failed: the canary should fail on drift alone", n, l.total.Load())
+	}
+	if n := can.metric(t, "patchbay_modelhost_request_errors_total"); n != 0 {
+		t.Fatalf("the canary's host counted %v errors", n)
+	}
+	t.Logf("stopped by %q at step %d (%d requests, by version %v)", a.Reason, a.Step, l.total.Load(), l.versions)
+}
