@@ -464,3 +464,129 @@ outputs: [{name: probability, datatype: FP32, shape: [-1], buckets: [0.2, 0.4, 0
 	}
 	t.Logf("stopped by %q at step %d (%d requests, by version %v)", a.Reason, a.Step, l.total.Load(), l.versions)
 }
+
+// directScore asks a host for model's score of one row, without x-request-id (so the
+// host sends no prediction record for it).
+func directScore(t testing.TB, hostHTTP, model string, row []float64) float64 {
+	t.Helper()
+	vals := make([]string, len(row))
+	for i, v := range row {
+		vals[i] = fmt.Sprintf("%.4f", v)
+	}
+	body := fmt.Sprintf(`{"inputs":[{"name":"features","datatype":"FP32","shape":[1,%d],"data":[%s]}]}`, len(row), strings.Join(vals, ","))
+	resp, err := client.Post("http://"+hostHTTP+"/v2/models/"+model+"/infer", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Outputs []struct {
+			Data []float64 `json:"data"`
+		} `json:"outputs"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 200 || len(out.Outputs) != 1 || len(out.Outputs[0].Data) != 1 {
+		t.Fatalf("direct infer at %s: %d %v %+v", hostHTTP, resp.StatusCode, err, out)
+	}
+	return out.Outputs[0].Data[0]
+}
+
+// TestCanaryShadowDisagreement: ranker v7 serves, v8 (another XGBoost fixture) is
+// shadowed at 100%, both hosts stream prediction records (--shadow-sample 0.5, chosen by
+// a hash of x-request-id) to the control plane. After n requests with distinct ids and
+// known inputs, /status's shadow comparison must report the mean absolute score
+// difference that the two hosts themselves give for those inputs (asked directly), within
+// sampling error: the m compared requests are a hash-chosen subset of the n, so their
+// mean differs from the n's mean by a finite-population standard error
+// sd·sqrt((n−m)/(m·(n−1))); the test allows 4 of them (+1e-6 for float32 scores). The
+// count m must be n/2 within 4 binomial sds.
+func TestCanaryShadowDisagreement(t *testing.T) {
+	const n = 400
+	a := &canaryHost{host: &host{http: freeAddr(t), grpc: freeAddr(t)}, admin: freeAddr(t)}
+	b := &canaryHost{host: &host{http: freeAddr(t), grpc: freeAddr(t)}, admin: freeAddr(t)}
+	c := &chain{t: t, dir: t.TempDir()}
+	writeRollout(t, c.dir, "ranker.yaml", rankerRollout(a.http, b.http, "{v7: 100, v8: 0}", "shadow: [{version: v8, percent: 100}]\n"))
+	c.startRouting(t)
+	for _, h := range []struct {
+		h    *canaryHost
+		name string
+	}{{a, "v7"}, {b, "v8"}} {
+		h.h.proc = startProc(t, "host-"+h.name, "http://"+h.h.http+"/v2/health/ready", "modelhost", "--repository", repoWith(t, "ranker/"+h.name),
+			"--http", h.h.http, "--grpc", h.h.grpc, "--admin", h.h.admin, "--log-level", "warn",
+			"--shadow-records", c.xdsAddr, "--shadow-sample", "0.5")
+	}
+	waitFor(t, 10*time.Second, "the edge to reach v7", func() bool {
+		r, err := c.user("warmup")
+		return err == nil && r.status == 200
+	})
+	rng := rand.New(rand.NewPCG(8, 7))
+	rows := make([][]float64, n)
+	for i := range rows {
+		rows[i] = make([]float64, 8)
+		vals := make([]string, 8)
+		for j := range rows[i] {
+			rows[i][j] = math.Round(rng.Float64()*1e4) / 1e4 // what "%.4f" sends
+			vals[j] = fmt.Sprintf("%.4f", rows[i][j])
+		}
+		body := fmt.Sprintf(`{"inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":[%s]}]}`, strings.Join(vals, ","))
+		r, err := c.infer("/v2/models/ranker/infer", map[string]string{"x-user-id": fmt.Sprintf("sh-%d", i), "x-request-id": fmt.Sprintf("shadow-req-%d", i)}, body)
+		if err != nil || r.status != 200 || r.version != "v7" {
+			t.Fatalf("request %d: %+v %v (want v7 answering: shadow responses never reach clients)", i, r, err)
+		}
+	}
+	// Ground truth from the hosts themselves.
+	diffs := make([]float64, n)
+	var sum, maxDiff float64
+	for i, row := range rows {
+		diffs[i] = math.Abs(directScore(t, a.http, "ranker", row) - directScore(t, b.http, "ranker", row))
+		sum += diffs[i]
+		maxDiff = max(maxDiff, diffs[i])
+	}
+	mean := sum / n
+	var ss float64
+	for _, d := range diffs {
+		ss += (d - mean) * (d - mean)
+	}
+	sd := math.Sqrt(ss / (n - 1))
+	// Records arrive asynchronously (mirrors are fire-and-forget): wait until the counts
+	// stop moving.
+	var prevPairs, prevReceived uint64
+	st := c.waitStatus(t, 20*time.Second, "the shadow comparison to settle", func(st statusDoc) bool {
+		if st.Shadow == nil {
+			return false
+		}
+		settled := st.Shadow.Records.Pairs > 0 && st.Shadow.Records.Pairs == prevPairs && st.Shadow.Records.Received == prevReceived
+		prevPairs, prevReceived = st.Shadow.Records.Pairs, st.Shadow.Records.Received
+		if !settled {
+			time.Sleep(300 * time.Millisecond)
+		}
+		return settled
+	})
+	var got *struct {
+		Model          string  `json:"model"`
+		Version        string  `json:"version"`
+		Output         string  `json:"output"`
+		Pairs          uint64  `json:"pairs"`
+		ValuesCompared uint64  `json:"valuesCompared"`
+		MeanAbsDiff    float64 `json:"meanAbsDiff"`
+		MaxAbsDiff     float64 `json:"maxAbsDiff"`
+	}
+	for i, o := range st.Shadow.Outputs {
+		if o.Model == "ranker" && o.Version == "v8" && o.Output == "score" {
+			got = &st.Shadow.Outputs[i]
+		}
+	}
+	if got == nil {
+		t.Fatalf("no ranker/v8/score comparison: %s", st.raw)
+	}
+	m := float64(got.ValuesCompared)
+	if got.Pairs != got.ValuesCompared || math.Abs(m-n/2) > 4*math.Sqrt(n*0.25) {
+		t.Fatalf("%d pairs, %d values compared of %d requests at --shadow-sample 0.5: want n/2 ± %.0f: %s", got.Pairs, got.ValuesCompared, n, 4*math.Sqrt(n*0.25), st.raw)
+	}
+	bound := 4*sd*math.Sqrt((n-m)/(m*(n-1))) + 1e-6
+	if math.Abs(got.MeanAbsDiff-mean) > bound || got.MaxAbsDiff > maxDiff+1e-6 {
+		t.Fatalf("shadow meanAbsDiff %.5f (max %.5f) over %v pairs, hosts' own %.5f (max %.5f) over %d inputs; allowed ±%.5f: %s",
+			got.MeanAbsDiff, got.MaxAbsDiff, m, mean, maxDiff, n, bound, st.raw)
+	}
+	t.Logf("shadow meanAbsDiff %.5f over %v pairs; hosts' own %.5f (sd %.5f) over %d inputs; bound ±%.5f; records %+v",
+		got.MeanAbsDiff, m, mean, sd, n, bound, st.Shadow.Records)
+}
