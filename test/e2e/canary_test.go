@@ -590,3 +590,57 @@ func TestCanaryShadowDisagreement(t *testing.T) {
 	t.Logf("shadow meanAbsDiff %.5f over %v pairs; hosts' own %.5f (sd %.5f) over %d inputs; bound ±%.5f; records %+v",
 		got.MeanAbsDiff, m, mean, sd, n, bound, st.Shadow.Records)
 }
+
+// TestCanaryResumesAfterControlPlaneRestart: the control plane is killed (SIGKILL) in the
+// middle of a step after the analysis advanced at least once, and restarted on the same
+// ports and --state-file: the analysis goes on from the stored step and its start (not
+// step 1) and finishes.
+func TestCanaryResumesAfterControlPlaneRestart(t *testing.T) {
+	const interval = 2 * time.Second
+	base := startCanaryHost(t, "host-v7", canaryRepo(t, "ranker", "v7", rankerYAML("[-1, 8]", true), map[string]string{"model.json": "@examples/models/ranker/v7/model.json"}))
+	can := startCanaryHost(t, "host-v8", canaryRepo(t, "ranker", "v8", rankerYAML("[-1, 8]", true), map[string]string{"model.json": "@examples/models/ranker/v7/model.json"}))
+	c := startCanaryChain(t, canaryRollout("ranker", base, can, "v7", "v8", fmt.Sprintf(`  baseline: v7
+  canary: v8
+  steps: [20, 40, 60, 90]
+  interval: %v
+  minRequests: 20
+  gates:
+    - {metric: error-rate, max: 0.01}
+    - {metric: latency, percentile: 90, maxRatio: 20}
+    - {metric: drift, output: score, maxPSI: 0.5}
+`, interval)))
+	l := startLoad(t, c, "ranker", 8, 4, 300)
+	before := c.waitStatus(t, 30*time.Second, "the analysis to advance", func(st statusDoc) bool {
+		a := st.Models[0].Analysis
+		return a != nil && a.Step >= 2 && a.Phase == "running"
+	}).Models[0].Analysis
+	c.xds.kill()
+	killed := time.Now()
+	c.xds.start()
+	after, err := c.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := after.Models[0].Analysis
+	if a == nil || a.Step < before.Step || (a.Step == before.Step && !a.StepStarted.Equal(before.StepStarted)) {
+		t.Fatalf("before the kill: step %d started %v; after the restart: %s", before.Step, before.StepStarted, after.raw)
+	}
+	st := c.waitStatus(t, 40*time.Second, "the analysis to finish after the restart", func(st statusDoc) bool {
+		a := st.Models[0].Analysis
+		if a != nil && a.Phase == "failed" {
+			t.Fatalf("the analysis failed after the restart: %s", st.raw)
+		}
+		return a != nil && a.Phase == "succeeded"
+	})
+	l.halt()
+	m := st.Models[0]
+	if m.Analysis.Step != 4 || m.Analysis.Share != 90 || m.Traffic["v8"] != 90 || m.Traffic["v7"] != 10 {
+		t.Fatalf("after the restart: %s", st.raw)
+	}
+	if n := l.failed.Load(); n != 0 {
+		t.Fatalf("%d of %d requests failed", n, l.total.Load())
+	}
+	t.Logf("killed at step %d (started %v), resumed at step %d (started %v), succeeded %v after the kill; %d requests, by version %v",
+		before.Step, before.StepStarted.Format(time.StampMilli), a.Step, a.StepStarted.Format(time.StampMilli),
+		time.Since(killed).Round(time.Millisecond), l.total.Load(), l.versions)
+}
