@@ -319,7 +319,9 @@ func checkNetworkPolicies(t *testing.T, r *rendered, full, files bool) {
 				out: []networkingv1.NetworkPolicyEgressRule{out(peers{xdsPeer}, 18000), dns},
 			},
 			"rel-patchbay-xds": {
-				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, extprocPeer, clients}, 18000), in(peers{operators}, 18001)},
+				in: []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, extprocPeer, clients}, 18000),
+					in(peers{hostsPeer("modelhost-examples")}, 18000), // prediction records (shadow comparison)
+					in(peers{operators}, 18001)},
 				out: []networkingv1.NetworkPolicyEgressRule{out(peers{hostsPeer("modelhost-examples")}, 8000, 8001), dns},
 			},
 			"rel-patchbay-modelhost-examples": {
@@ -348,12 +350,17 @@ func checkNetworkPolicies(t *testing.T, r *rendered, full, files bool) {
 				out: []networkingv1.NetworkPolicyEgressRule{out(nil, 28000), out(nil, 4317), dns},
 			},
 			"rel-patchbay-xds": {
-				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, extprocPeer, clients}, 28000), in(peers{operators, metrics}, 28001)},
-				out: []networkingv1.NetworkPolicyEgressRule{out(peers{hostsPeer("modelhost-ranker", "modelhost-churn")}, 9000, 9001, 8000, 8001), dns},
+				in: []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, extprocPeer, clients}, 28000),
+					in(peers{hostsPeer("modelhost-ranker", "modelhost-churn")}, 28000), // prediction records
+					in(peers{operators, metrics}, 28001)},
+				// The hosts' data ports (the version prober) and ranker's admin port (its
+				// /metrics, for a canary analysis).
+				out: []networkingv1.NetworkPolicyEgressRule{out(peers{hostsPeer("modelhost-ranker", "modelhost-churn")}, 9000, 9001, 8000, 8001, 9002), dns},
 			},
 			"rel-patchbay-modelhost-ranker": {
-				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 9000, 9001), in(peers{operators}, 9002), in(peers{metrics}, 9000)},
-				out: []networkingv1.NetworkPolicyEgressRule{out(nil, 4317), dns, store},
+				in: []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 9000, 9001), in(peers{operators, xdsPeer}, 9002), in(peers{metrics}, 9000)},
+				// shadowRecords: prediction records to the control plane's ADS port.
+				out: []networkingv1.NetworkPolicyEgressRule{out(peers{xdsPeer}, 28000), out(nil, 4317), dns, store},
 			},
 			"rel-patchbay-modelhost-churn": {
 				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 8000, 8001), in(peers{metrics}, 8000)},
