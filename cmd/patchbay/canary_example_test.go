@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -26,6 +27,13 @@ var canaryExample = filepath.Join("..", "..", "examples", "canary")
 // whose metricsEndpoints are the admin listeners of the hosts `up` starts, v3 to swap in.
 func TestCanaryExampleRollouts(t *testing.T) {
 	t.Parallel()
+	var stdout, stderr bytes.Buffer
+	if err := run(context.Background(), []string{"rollout", "validate", filepath.Join(canaryExample, "rollouts")}, &stdout, &stderr); err != nil {
+		t.Fatalf("patchbay rollout validate examples/canary/rollouts: %v\n%s", err, stderr.String())
+	}
+	if !strings.Contains(stdout.String(), "model churn: 3 versions, 0 experiments\n") {
+		t.Errorf("rollout validate: %s", stdout.String())
+	}
 	set, err := rollout.LoadDir(filepath.Join(canaryExample, "rollouts"))
 	if err != nil {
 		t.Fatal(err)
