@@ -639,6 +639,42 @@ func TestUpTLS(t *testing.T) {
 			t.Errorf("mTLS infer = %s %s", resp.Status, b)
 		}
 	}
+	// The hosts' prediction records reach the control plane over mTLS (the host's
+	// certificate, role modelhost, which the Records service requires).
+	req, _ := http.NewRequest(http.MethodPost, "https://"+u.hostHTTP[1]+"/v2/models/ranker/versions/v8/infer", strings.NewReader(body))
+	req.Header.Set("x-request-id", "up-tls-test")
+	if resp, err := mtls.Do(req); err != nil {
+		t.Errorf("mTLS infer: %v", err)
+	} else {
+		resp.Body.Close()
+	}
+	var received uint64
+	for range 200 { // the records stream reconnects with backoff up to 5 s: bounded wait (~20 s)
+		var st struct {
+			Shadow *struct {
+				Records struct {
+					Received uint64 `json:"received"`
+				} `json:"records"`
+			} `json:"shadow"`
+		}
+		if resp, err := mtls.Get("https://" + u.xdsAdmin + "/status"); err == nil {
+			err = json.NewDecoder(resp.Body).Decode(&st)
+			resp.Body.Close()
+			if err != nil {
+				t.Fatalf("/status: %v", err)
+			}
+		}
+		if st.Shadow != nil {
+			received = st.Shadow.Records.Received
+		}
+		if received >= 1 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if received < 1 {
+		t.Errorf("control plane received %d prediction records over mTLS, want 1 (the request with an x-request-id)", received)
+	}
 
 	// Plain-text gRPC clients are refused: the control plane (an ADS stream), ext_proc and
 	// a model host (gRPC).
