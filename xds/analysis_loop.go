@@ -360,9 +360,12 @@ func (s *Server) evaluateAnalysis(ctx context.Context, j analysisJob) {
 		d      analysis.Decision
 		errMsg string
 	)
+	// A step that gives the baseline nothing (the canary at 100% of the pair) has no
+	// baseline traffic to compare with: it judges the canary alone.
+	idle := rollout.StepSplit(j.spec.Traffic, an.Baseline, an.Canary, an.Steps[j.state.Step])[an.Baseline] == 0
 	p, err := s.providerFor(j.spec)
 	if err == nil {
-		m, err = analysis.Measure(ctx, p, an, j.model, j.state.StepStarted, now, s.cfg.ShadowAgreement)
+		m, err = analysis.MeasureStep(ctx, p, an, j.model, j.state.StepStarted, now, s.cfg.ShadowAgreement, idle)
 	}
 	if err != nil {
 		if ctx.Err() != nil {
@@ -372,7 +375,7 @@ func (s *Server) evaluateAnalysis(ctx context.Context, j analysisJob) {
 		d = analysis.Decision{Kind: analysis.Wait, Blocked: true, Reason: "metrics: " + errMsg}
 	} else {
 		d = analysis.Decide(analysis.Input{Step: j.state.Step, Steps: an.Steps, Elapsed: now.Sub(j.state.StepStarted),
-			Interval: an.Interval.Duration, MinRequests: float64(an.MinReq()), Measurement: m, Capacity: j.capacity})
+			Interval: an.Interval.Duration, MinRequests: float64(an.MinReq()), Measurement: m, Capacity: j.capacity, BaselineIdle: idle})
 	}
 	s.analyses.mu.Lock()
 	s.analyses.last[j.model] = analysisEval{at: now, step: j.state.Step, decision: d, m: m, err: errMsg}
@@ -396,8 +399,13 @@ func (s *Server) evaluateAnalysis(ctx context.Context, j analysisJob) {
 		}
 	case analysis.Advance:
 		phase, step = store.PhaseRunning, j.state.Step+1
+		// The next window starts after this evaluation's scrape (taken after now): a
+		// provider reads the window's start from its last sample at or before it, and
+		// that must be this one, not the one before it, or the next step's window would
+		// count a period of this step's split.
+		started := time.Now().UTC()
 		if s.writeAnalysis(ctx, j, func(a *store.AnalysisState) {
-			a.Step, a.StepStarted, a.Phase, a.Reason, a.LastDecision = step, now, phase, d.Reason, rec
+			a.Step, a.StepStarted, a.Phase, a.Reason, a.LastDecision = step, started, phase, d.Reason, rec
 		}, nil) {
 			s.log.Info().Str("model", j.model).Str("canary", an.Canary).Int("step", step+1).Int("share", an.Steps[step]).
 				Str("reason", d.Reason).Msg("analysis step")
@@ -537,6 +545,8 @@ type GateStatus struct {
 	Threshold float64 `json:"threshold"`
 	Pass      bool    `json:"pass"`
 	NoData    string  `json:"no_data,omitempty"`
+	// Skipped: a gate comparing with the baseline at a step that gives it no share.
+	Skipped string `json:"skipped,omitempty"`
 }
 
 // analysisStatusLocked is the analysis of served (a model's rollout as served) for
@@ -567,7 +577,7 @@ func (s *Server) analysisStatusLocked(served *rollout.Rollout) *AnalysisStatus {
 			st.Requests = map[string]float64{an.Canary: ev.m.CanaryRequests, an.Baseline: ev.m.BaselineRequests}
 		}
 		for _, g := range ev.m.Gates {
-			st.Gates = append(st.Gates, GateStatus{Gate: g.Gate, Metric: g.Metric, Value: finite(g.Value), Threshold: g.Threshold, Pass: g.Pass, NoData: g.NoData})
+			st.Gates = append(st.Gates, GateStatus{Gate: g.Gate, Metric: g.Metric, Value: finite(g.Value), Threshold: g.Threshold, Pass: g.Pass, NoData: g.NoData, Skipped: g.Skipped})
 		}
 	} else if d := a.LastDecision; d != nil {
 		st.Decision, st.EvaluatedAt = d.Decision, d.At
@@ -598,7 +608,7 @@ func (s *Server) analysisGauges() (steps map[string]int, gates map[[2]string]flo
 			continue
 		}
 		for _, g := range ev.m.Gates {
-			if g.NoData == "" {
+			if g.NoData == "" && g.Skipped == "" {
 				gates[[2]string{m, g.Gate}] = finite(g.Value)
 			}
 		}

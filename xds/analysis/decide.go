@@ -25,6 +25,10 @@ type GateResult struct {
 	Pass bool `json:"pass"`
 	// NoData says the value could not be measured (no histogram yet, no shadow pairs).
 	NoData string `json:"noData,omitempty"`
+	// Skipped says why a gate that compares with the baseline was not judged: at a step
+	// that gives the baseline no share there is no baseline traffic to compare with (it
+	// was judged at the previous step). A skipped gate passes.
+	Skipped string `json:"skipped,omitempty"`
 }
 
 func (g GateResult) String() string {
@@ -54,7 +58,20 @@ type Measurement struct {
 // Measure asks p for every gate of a over the window [start, end] of model's canary and
 // baseline. shadow may be nil (shadow-agreement gates then have no data).
 func Measure(ctx context.Context, p Provider, a *rollout.Analysis, model string, start, end time.Time, shadow ShadowFunc) (Measurement, error) {
+	return MeasureStep(ctx, p, a, model, start, end, shadow, false)
+}
+
+// MeasureStep is Measure for a step; baselineIdle says the step gives the baseline no share
+// (the canary at 100% of the pair): the gates that compare the canary with the baseline are
+// then skipped (they pass, saying why) and the baseline is not asked for them.
+func MeasureStep(ctx context.Context, p Provider, a *rollout.Analysis, model string, start, end time.Time, shadow ShadowFunc, baselineIdle bool) (Measurement, error) {
 	var m Measurement
+	const idle = "the baseline has no share at this step (judged at the previous step)"
+	skipped := func(gate, metric string, t float64, isMax bool) GateResult {
+		r := bound(gate, metric, 0, t, isMax)
+		r.Pass, r.Skipped = true, idle
+		return r
+	}
 	cw := Window{Model: model, Version: a.Canary, Start: start, End: end}
 	bw := Window{Model: model, Version: a.Baseline, Start: start, End: end}
 	cr, ce, err := p.Counts(ctx, cw)
@@ -75,7 +92,11 @@ func Measure(ctx context.Context, p Provider, a *rollout.Analysis, model string,
 				m.Gates = append(m.Gates, bound("error-rate", g.Metric, c, t, true))
 			}
 			if g.MaxIncrease != nil {
-				m.Gates = append(m.Gates, bound("error-rate-increase", g.Metric, c-b, *g.MaxIncrease, true))
+				if baselineIdle {
+					m.Gates = append(m.Gates, skipped("error-rate-increase", g.Metric, *g.MaxIncrease, true))
+				} else {
+					m.Gates = append(m.Gates, bound("error-rate-increase", g.Metric, c-b, *g.MaxIncrease, true))
+				}
 			}
 		case rollout.MetricLatency:
 			name := "latency-p" + strconv.FormatFloat(g.Percentile, 'f', -1, 64)
@@ -88,7 +109,9 @@ func Measure(ctx context.Context, p Provider, a *rollout.Analysis, model string,
 				t, _ := g.Max.Seconds()
 				m.Gates = append(m.Gates, bound(name, g.Metric, c, t, true))
 			}
-			if g.MaxRatio != nil {
+			if g.MaxRatio != nil && baselineIdle {
+				m.Gates = append(m.Gates, skipped(name+"-ratio", g.Metric, *g.MaxRatio, true))
+			} else if g.MaxRatio != nil {
 				b, err := p.LatencyQuantile(ctx, bw, q)
 				if err != nil {
 					return m, fmt.Errorf("%s latency: %w", a.Baseline, err)
@@ -97,6 +120,10 @@ func Measure(ctx context.Context, p Provider, a *rollout.Analysis, model string,
 			}
 		case rollout.MetricDrift:
 			name := "drift-" + g.Output
+			if baselineIdle {
+				m.Gates = append(m.Gates, skipped(name, g.Metric, *g.MaxPSI, true))
+				continue
+			}
 			cb, cc, err := p.ScoreHistogram(ctx, cw, g.Output)
 			if err != nil {
 				return m, fmt.Errorf("%s output %s: %w", a.Canary, g.Output, err)
@@ -198,6 +225,9 @@ type Input struct {
 	Measurement Measurement
 	// Capacity per protocol the model serves (empty: not known, not checked).
 	Capacity []Capacity
+	// BaselineIdle: the step gives the baseline no share, so minRequests applies to the
+	// canary alone (see MeasureStep).
+	BaselineIdle bool
 }
 
 // Decision is the outcome of one evaluation.
@@ -217,7 +247,7 @@ type Decision struct {
 // (CapacityNeeded), else waits.
 func Decide(in Input) Decision {
 	m := in.Measurement
-	if m.CanaryRequests < in.MinRequests || m.BaselineRequests < in.MinRequests {
+	if m.CanaryRequests < in.MinRequests || (m.BaselineRequests < in.MinRequests && !in.BaselineIdle) {
 		return Decision{Kind: Wait, Blocked: true, Reason: fmt.Sprintf("minRequests: canary %s, baseline %s of %s requests in the window",
 			fmtNum(m.CanaryRequests), fmtNum(m.BaselineRequests), fmtNum(in.MinRequests))}
 	}

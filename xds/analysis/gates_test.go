@@ -166,3 +166,53 @@ func (countsOnly) LatencyQuantile(context.Context, Window, float64) (float64, er
 func (countsOnly) ScoreHistogram(context.Context, Window, string) ([]float64, []float64, error) {
 	return nil, nil, nil
 }
+
+// TestIdleBaselineStep: at a step that gives the baseline no share (the canary at 100% of
+// the pair), the baseline cannot reach minRequests and has nothing to compare with. Before
+// this, such a step waited forever on minRequests (found by the e2e canary tests). Now the
+// canary alone must reach minRequests, its absolute gates are judged, and the gates that
+// compare with the baseline are skipped (passing, saying why) without asking for the
+// baseline's latency or histograms.
+func TestIdleBaselineStep(t *testing.T) {
+	incr, ratio, psi := 0.005, 1.5, 0.2
+	a := &rollout.Analysis{Baseline: "v1", Canary: "v2", Steps: []int{50, 100}, Gates: []rollout.Gate{
+		{Metric: rollout.MetricErrorRate, Max: &rollout.Threshold{Text: "0.01"}, MaxIncrease: &incr},
+		{Metric: rollout.MetricLatency, Percentile: 99, MaxRatio: &ratio},
+		{Metric: rollout.MetricDrift, Output: "score", MaxPSI: &psi}}}
+	busy, err := MeasureStep(context.Background(), countsOnly{}, a, "m", time.Time{}, time.Now(), nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range busy.Gates {
+		if g.Skipped != "" {
+			t.Errorf("gate %s skipped at a step where the baseline has a share", g.Gate)
+		}
+	}
+	m, err := MeasureStep(context.Background(), countsOnly{}, a, "m", time.Time{}, time.Now(), nil, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var skipped []string
+	for _, g := range m.Gates {
+		if g.Skipped != "" {
+			if !g.Pass {
+				t.Errorf("skipped gate %s does not pass", g.Gate)
+			}
+			skipped = append(skipped, g.Gate)
+		} else if g.Gate != "error-rate" {
+			t.Errorf("gate %s was judged at an idle-baseline step", g.Gate)
+		}
+	}
+	if strings.Join(skipped, ",") != "error-rate-increase,latency-p99-ratio,drift-score" {
+		t.Errorf("skipped %v, want the three relative gates", skipped)
+	}
+	m.BaselineRequests = 0
+	in := Input{Step: 1, Steps: a.Steps, Elapsed: time.Minute, Interval: time.Second, MinRequests: 5, Measurement: m}
+	if d := Decide(in); d.Kind != Wait || !strings.Contains(d.Reason, "minRequests") {
+		t.Errorf("without BaselineIdle: %+v, want a wait on minRequests", d)
+	}
+	in.BaselineIdle = true
+	if d := Decide(in); d.Kind != Done {
+		t.Errorf("with BaselineIdle: %+v, want done", d)
+	}
+}
