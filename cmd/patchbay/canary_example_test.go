@@ -46,8 +46,8 @@ func TestCanaryExampleRollouts(t *testing.T) {
 		t.Errorf("canary example warns: %v", ws)
 	}
 	a := churn.Analysis
-	if a == nil || a.Baseline != "v1" || a.Canary != "v2" || !slices.Equal(a.Steps, []int{10, 25, 50}) {
-		t.Fatalf("analysis %+v, want v1 → v2 through 10, 25, 50", a)
+	if a == nil || a.Baseline != "v1" || a.Canary != "v2" || !slices.Equal(a.Steps, []int{10, 25, 50, 100}) {
+		t.Fatalf("analysis %+v, want v1 → v2 through 10, 25, 50, 100", a)
 	}
 	if len(churn.Shadow) != 1 || churn.Shadow[0].Version != "v2" {
 		t.Errorf("shadow %+v, want the canary v2", churn.Shadow)
@@ -108,7 +108,7 @@ func swapCanary(t *testing.T, file string) string {
 // Envoy's part: each request goes to the version the served step share gives it (v1 on
 // host a, the canary on host b), with an x-request-id, and one in five of v1's is mirrored
 // to the canary with Envoy's "-shadow" host (a version route has no mirror to its own
-// version). The healthy canary v2 is promoted through every step to 50 %; swapping in v3
+// version). The healthy canary v2 is promoted through every step to 100 %; swapping in v3
 // (a drifting model, no errors) fails a model-aware gate and rolls back to 100 % v1.
 func TestCanaryExampleRuns(t *testing.T) {
 	if testing.Short() {
@@ -185,6 +185,7 @@ func TestCanaryExampleRuns(t *testing.T) {
 			Step   int    `json:"step"`
 			Share  int    `json:"share"`
 			Reason string `json:"reason"`
+			Why    string `json:"decision_reason"`
 			Gates  []gate `json:"gates"`
 		} `json:"analysis"`
 	}
@@ -232,12 +233,12 @@ func TestCanaryExampleRuns(t *testing.T) {
 	}
 	rng := rand.New(rand.NewPCG(14, 14))
 	// drive sends requests as Envoy would route them until the analysis's phase is want
-	// (bounded: at most 30000 requests), and returns the last status.
+	// (bounded: at most 150000 requests), and returns the last status.
 	sent := 0
 	drive := func(canary, want string) churnStatus {
 		t.Helper()
 		var st churnStatus
-		for n := 0; n < 30000; n++ {
+		for n := 0; n < 150000; n++ {
 			if n%100 == 0 {
 				st = status()
 				if st.Analysis != nil && st.Analysis.Canary == canary && st.Analysis.Phase == want {
@@ -260,14 +261,14 @@ func TestCanaryExampleRuns(t *testing.T) {
 				infer(hostHTTP[1], canary, "churn-shadow", id, x)
 			}
 		}
-		t.Fatalf("churn analysis of %s did not reach %q within 30000 requests: %+v", canary, want, st.Analysis)
+		t.Fatalf("churn analysis of %s did not reach %q within 150000 requests: %+v", canary, want, st.Analysis)
 		return st
 	}
 
 	st := drive("v2", "succeeded")
 	t.Logf("v2: %+v", *st.Analysis)
-	if st.Analysis.Step != 3 || st.Analysis.Share != 50 || st.Rollback != nil {
-		t.Errorf("v2 succeeded at step %d share %d (rollback %v), want step 3 at 50 %% and no rollback", st.Analysis.Step, st.Analysis.Share, st.Rollback)
+	if st.Analysis.Step != 4 || st.Analysis.Share != 100 || st.Rollback != nil {
+		t.Errorf("v2 succeeded at step %d share %d (rollback %v), want step 4 at 100 %% and no rollback", st.Analysis.Step, st.Analysis.Share, st.Rollback)
 	}
 	for _, g := range st.Analysis.Gates {
 		if !g.Pass || g.NoData != "" {
