@@ -139,6 +139,7 @@ func checksOf(r *Rollout) []check {
 	versions := validateVersions(r, add)
 	validateTraffic(r, versions, add)
 	validateAnalysis(r, versions, add)
+	validateContract(r, add)
 	shadowed := map[string]bool{}
 	for i, sh := range r.Shadow {
 		f := "shadow[" + strconv.Itoa(i) + "]"
