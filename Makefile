@@ -44,13 +44,19 @@ bench: bench-deps ## run the benchmark suites the report lists (each with a same
 soak: ## a bounded soak of the chain (control plane, ext_proc, model host, the test model of Envoy): steady load, a rollout edit every 3 s, every process's RSS, threads and fds sampled; 10 min (PATCHBAY_SOAK_DURATION=2m to shorten); not in CI
 	PATCHBAY_SOAK=1 $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 60m ./test/bench/soak/
 
-test-deps: ## install Debian's prometheus, the real server the Prometheus provider's test (xds/analysis) scrapes and queries (needs root; skipped when present; without it that test skips saying why)
+test-deps: ## install Debian's prometheus (the real server the Prometheus provider's test, xds/analysis, scrapes) and redis-server (the model host's feature store tests) (needs root; skipped when present; without them those tests skip saying why)
 	@command -v prometheus >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt="apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends prometheus"; \
 	    DEBIAN_FRONTEND=noninteractive $$apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $$apt; } || \
 	      echo "test-deps: could not install prometheus (the Prometheus provider test will skip)"; \
 	  else echo "test-deps: prometheus missing; as root: apt-get install prometheus (the Prometheus provider test will skip)"; fi; }
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt="apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends redis-server"; \
+	    DEBIAN_FRONTEND=noninteractive $$apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $$apt; } || \
+	      echo "test-deps: could not install redis-server (the model host's feature store tests will skip)"; \
+	  else echo "test-deps: redis-server missing; as root: apt-get install redis-server (the model host's feature store tests will skip)"; fi; }
 
 bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost benchmark compares against (needs root; skipped when present)
 	@/usr/bin/python3 -c 'import xgboost' 2>/dev/null || { \

@@ -245,6 +245,12 @@ func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferReq
 		}
 		in[i] = t
 	}
+	if v.feats != nil {
+		var aerr *apiError
+		if in, aerr = v.feats.assemble(ctx, func(k string) string { return incoming(ctx, k) }, in); aerr != nil {
+			return nil, aerr
+		}
+	}
 	requested := make([]string, len(r.GetOutputs()))
 	for i, o := range r.GetOutputs() {
 		requested[i] = o.GetName()

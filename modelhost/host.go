@@ -87,6 +87,18 @@ type Config struct {
 	// ShadowQueue bounds the records waiting to be sent (default DefaultShadowQueue);
 	// beyond it they are dropped and counted.
 	ShadowQueue int
+
+	// FeatureStore is the Redis server of model.yaml's store features (host:port or a
+	// redis:// URL); empty: store features take their defaults (reason no_store).
+	FeatureStore string
+	// FeatureTimeout bounds one request's feature store round trip (default
+	// DefaultFeatureTimeout, 20 ms); beyond it features take their defaults.
+	FeatureTimeout time.Duration
+	// FeatureCacheSize bounds the entities whose features are cached locally (default
+	// DefaultFeatureCacheSize); FeatureCacheTTL is how long an answer is reused (default
+	// DefaultFeatureCacheTTL; negative: no cache).
+	FeatureCacheSize int
+	FeatureCacheTTL  time.Duration
 }
 
 // DefaultMaxInflight is 128 x GOMAXPROCS: enough for the dynamic batcher to fill two
@@ -110,6 +122,7 @@ type Server struct {
 	shadow *shadowSender // nil: no prediction records
 	limits limits
 	health versionHealth
+	feats  *featureStore
 }
 
 // table is the immutable routing table, swapped whole on load and unload.
@@ -136,6 +149,7 @@ type version struct {
 	servedByMD metadata.MD // the same as gRPC response metadata
 	attrs      versionAttrs
 	outs       []outputHist // by signature output
+	feats      *featurePlan // nil: no features declared
 
 	refs    atomic.Int64
 	drained chan struct{}
@@ -251,6 +265,9 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("modelhost: metrics: %w", err)
 	}
 	s.inst = inst
+	if s.feats, err = newFeatureStore(&cfg, cfg.MeterProvider); err != nil {
+		return nil, fmt.Errorf("modelhost: %w", err)
+	}
 	if cfg.ShadowRecords != "" {
 		if s.shadow, err = newShadowSender(s); err != nil {
 			return nil, fmt.Errorf("modelhost: %w", err)
@@ -430,6 +447,7 @@ func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 		return v
 	}
 	v.model = mdl
+	v.feats = newFeaturePlan(spec, s.feats)
 	v.predict = s.guard(name, vname, mdl)
 	if spec.MaxBatch > 0 {
 		inst := spec.Instances
@@ -494,6 +512,7 @@ func (s *Server) Close() {
 			v.retire()
 		}
 	}
+	s.feats.close()
 }
 
 // IndexEntry is one row of the repository index.

@@ -119,6 +119,9 @@ func (s *Server) prepare(v *version, in []*tensor.Tensor, ordered []*tensor.Tens
 				found = t
 			}
 		}
+		if found == nil && len(in) == 0 {
+			return nil, errInvalid("no inputs (model %s/%s expects %s)", v.spec.Model, v.spec.Version, names(sigIn))
+		}
 		if found == nil {
 			return nil, errInvalid("missing input %q (model %s/%s expects %s)", meta.Name, v.spec.Model, v.spec.Version, names(sigIn))
 		}

@@ -34,6 +34,11 @@ type versionSpec struct {
 	MaxDelay      time.Duration // batching delay
 	Instances     int
 	MaxQueue      int // batch queue bound (0: batch.DefaultQueueSize)
+	// Features (issue 15) fill the inputs in FeatureInputs when the client leaves them
+	// out; FeatureEntity is the header naming the entity of store features.
+	Features      []featureSpec
+	FeatureInputs []featureInput
+	FeatureEntity string
 }
 
 type yamlTensor struct {
@@ -57,6 +62,7 @@ type yamlSpec struct {
 		Instances    int    `yaml:"instances"`
 		MaxQueue     int    `yaml:"max_queue"`
 	} `yaml:"batching"`
+	Features []yamlFeature `yaml:"features"`
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)
@@ -211,6 +217,7 @@ func loadSpec(dir, model, version string, runtimes []string) (*versionSpec, erro
 			}
 		}
 	}
+	s.Features, s.FeatureInputs, s.FeatureEntity = checkFeatures(y.Features, s.Inputs, bad)
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}

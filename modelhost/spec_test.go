@@ -57,6 +57,27 @@ outputs:
 			"model.yaml:11: outputs[1].buckets[2]: +Inf, want a finite bound",
 			"model.yaml:12: outputs[2].buckets: empty",
 		}},
+		{"features", `runtime: linear
+inputs: [{name: x, datatype: FP32, shape: [-1, 3]}, {name: ids, datatype: INT64, shape: [-1, 1]}]
+outputs: [{name: y, datatype: FP32, shape: [-1]}]
+features:
+  - {name: a, input: x, column: 0, source: store, entity: x-user-id, default: 1}
+  - {name: a, input: x, column: 3, source: header, header: x-country}
+  - {name: b, input: nope, source: hour}
+  - {name: c, input: ids, source: hour}
+  - {name: d, input: x, column: 0, source: store, entity: x-device, default: 0}
+  - {name: e, input: x, column: 1, source: redis, default: 0}
+`, []string{
+			`model.yaml:6: features[1].name: "a" twice`,
+			"model.yaml:6: features[1].column: 3, want 0..2",
+			"model.yaml:6: features[1]: default missing",
+			`model.yaml:7: features[2].input: "nope" is not one of the inputs`,
+			`model.yaml:8: features[3].input: "ids" is INT64; features fill FP32 or FP64 inputs`,
+			`model.yaml:9: features[4].entity: "x-device", but an earlier feature uses "x-user-id"`,
+			`model.yaml:9: features[4].column: x column 0 is already filled by "a"`,
+			`model.yaml:10: features[5].source: "redis", want header, hour or store`,
+			`model.yaml:4: features: input "x" column 2 has no feature`,
+		}},
 		{"artifact escapes", "runtime: linear\nartifact: ../x.json\ninputs: [{name: x, datatype: FP32, shape: [-1]}]\noutputs: [{name: y, datatype: FP32, shape: [-1]}]\n",
 			[]string{"model.yaml:2: artifact"}},
 	} {

@@ -419,7 +419,7 @@ func Decode(body []byte, r *Request, limit int) error {
 	if s.peek() != 0 || s.i < len(s.b) {
 		return s.fail("trailing data after the request object")
 	}
-	if !sawInputs || len(r.Inputs) == 0 {
+	if !sawInputs { // an empty list is allowed: the host may assemble inputs from features
 		return &Error{Offset: s.i, Msg: "no inputs"}
 	}
 	return nil

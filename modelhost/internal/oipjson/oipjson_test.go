@@ -54,7 +54,7 @@ func TestDecodeErrors(t *testing.T) {
 	for _, tc := range []struct{ body, want string }{
 		{``, "want '{'"},
 		{`[]`, "want '{'"},
-		{`{"inputs":[]}`, "no inputs"},
+		{`{}`, "no inputs"},
 		{`{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]} x`, "trailing data"},
 		{`{"inputz":[]}`, `unknown field "inputz"`},
 		{`{"inputs":[{"name":"x","datatype":"FP33","shape":[1],"data":[1]}]}`, `unknown datatype "FP33"`},

@@ -1,0 +1,491 @@
+package modelhost
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+
+	"github.com/patchbay-io/patchbay/modelhost/tensor"
+)
+
+// Feature extraction (issue 15): a model version's model.yaml may declare features the
+// client does not send. Each fills one column of an input tensor from the request's
+// context (a header, the hour of the request) or from the online store (Redis). The host
+// assembles an input from its features whenever the client leaves that input out.
+
+// Feature sources.
+const (
+	sourceHeader = "header" // a request header: numeric, or mapped through map
+	sourceHour   = "hour"   // the request's hour of day, UTC (0..23)
+	sourceStore  = "store"  // the Redis hash patchbay:features:<entity>, field = feature name
+)
+
+// FeatureKeyPrefix starts the Redis key of an entity's features: the hash
+// FeatureKeyPrefix + <entity> holds one field per feature name.
+const FeatureKeyPrefix = "patchbay:features:"
+
+// Feature store defaults.
+const (
+	DefaultFeatureTimeout   = 20 * time.Millisecond
+	DefaultFeatureCacheSize = 10000
+	DefaultFeatureCacheTTL  = time.Second
+)
+
+// Reasons a feature took its default (the reason label of
+// patchbay_modelhost_feature_defaults_total).
+const (
+	reasonMissing    = iota // no header / no value stored for the entity
+	reasonInvalid           // a value that is not a number / not in map
+	reasonNoEntity          // the entity header is absent
+	reasonTimeout           // the store did not answer within the timeout
+	reasonStoreError        // the store is down or failed
+	reasonNoStore           // the host has no feature store configured
+	numReasons
+)
+
+var reasonNames = [numReasons]string{"missing", "invalid", "no_entity", "timeout", "store_error", "no_store"}
+
+type yamlFeature struct {
+	Name     string             `yaml:"name"`
+	Input    string             `yaml:"input"`
+	Column   int                `yaml:"column"`
+	Source   string             `yaml:"source"`
+	Header   string             `yaml:"header"`
+	Map      map[string]float64 `yaml:"map"`
+	Entity   string             `yaml:"entity"`
+	Default  *float64           `yaml:"default"`
+	Required bool               `yaml:"required"`
+}
+
+// featureSpec is one checked feature of a version.
+type featureSpec struct {
+	Name, Input, Source string
+	Column              int
+	Header              string // header source: lower-case header name
+	Map                 map[string]float64
+	Default             float64
+	Required            bool
+}
+
+// featureInput is an input tensor assembled from features, one per column.
+type featureInput struct {
+	Name     string
+	Datatype tensor.Datatype
+	Shape    []int64 // the signature's: [-1, n] or [n]
+	Cols     []int   // Cols[c] = index into Features
+}
+
+var featureNameRE = regexp.MustCompile(`^[a-z0-9_]{1,64}$`)
+var headerNameRE = regexp.MustCompile(`^[a-z0-9-]{1,128}$`)
+
+// checkFeatures validates model.yaml's features against the inputs; bad reports with
+// file:line. It returns the features, the inputs they fill, and the entity header of the
+// store features ("" when none).
+func checkFeatures(in []yamlFeature, inputs []tensor.Meta, bad func(path []any, format string, args ...any)) ([]featureSpec, []featureInput, string) {
+	if len(in) == 0 {
+		return nil, nil, ""
+	}
+	seen := map[string]bool{}
+	var out []featureSpec
+	var fins []featureInput
+	finIdx := map[string]int{}
+	entity := ""
+	for i, f := range in {
+		at := func(field string) []any {
+			if field == "" {
+				return []any{"features", i}
+			}
+			return []any{"features", i, field}
+		}
+		ok := true
+		switch {
+		case !featureNameRE.MatchString(f.Name):
+			bad(at("name"), "features[%d].name: %q, want 1-64 of [a-z0-9_]", i, f.Name)
+			ok = false
+		case seen[f.Name]:
+			bad(at("name"), "features[%d].name: %q twice", i, f.Name)
+			ok = false
+		}
+		seen[f.Name] = true
+		var meta *tensor.Meta
+		for j := range inputs {
+			if inputs[j].Name == f.Input {
+				meta = &inputs[j]
+			}
+		}
+		cols := 0
+		if meta == nil {
+			bad(at("input"), "features[%d].input: %q is not one of the inputs", i, f.Input)
+			ok = false
+		} else {
+			switch {
+			case meta.Datatype != tensor.FP32 && meta.Datatype != tensor.FP64:
+				bad(at("input"), "features[%d].input: %q is %s; features fill FP32 or FP64 inputs", i, f.Input, meta.Datatype)
+				ok = false
+			case len(meta.Shape) == 2 && meta.Shape[0] == -1 && meta.Shape[1] > 0:
+				cols = int(meta.Shape[1])
+			case len(meta.Shape) == 1 && meta.Shape[0] > 0:
+				cols = int(meta.Shape[0])
+			default:
+				bad(at("input"), "features[%d].input: %q has shape %v; features fill [-1, n] or [n]", i, f.Input, meta.Shape)
+				ok = false
+			}
+		}
+		if cols > 0 && (f.Column < 0 || f.Column >= cols) {
+			bad(at("column"), "features[%d].column: %d, want 0..%d", i, f.Column, cols-1)
+			ok = false
+		}
+		switch f.Source {
+		case sourceHeader:
+			if !headerNameRE.MatchString(strings.ToLower(f.Header)) {
+				bad(at("header"), "features[%d].header: %q, want a header name (e.g. x-country)", i, f.Header)
+			}
+		case sourceStore:
+			e := strings.ToLower(f.Entity)
+			switch {
+			case !headerNameRE.MatchString(e):
+				bad(at("entity"), "features[%d].entity: %q, want the header naming the entity (e.g. x-user-id)", i, f.Entity)
+			case entity != "" && e != entity:
+				bad(at("entity"), "features[%d].entity: %q, but an earlier feature uses %q; one entity per version (one Redis round trip)", i, f.Entity, entity)
+			default:
+				entity = e
+			}
+		case sourceHour:
+		default:
+			bad(at("source"), "features[%d].source: %q, want header, hour or store", i, f.Source)
+		}
+		if f.Source != sourceHeader && (f.Header != "" || f.Map != nil) {
+			bad(at("header"), "features[%d]: header and map belong to source header", i)
+		}
+		if f.Source != sourceStore && f.Entity != "" {
+			bad(at("entity"), "features[%d].entity: only source store has an entity", i)
+		}
+		for k, x := range f.Map {
+			if math.IsNaN(x) || math.IsInf(x, 0) {
+				bad(at("map"), "features[%d].map[%q]: %v, want a finite number", i, k, x)
+			}
+		}
+		def := 0.0
+		if f.Default != nil {
+			def = *f.Default
+			if math.IsNaN(def) || math.IsInf(def, 0) {
+				bad(at("default"), "features[%d].default: %v, want a finite number", i, def)
+			}
+		} else if !f.Required && f.Source != sourceHour {
+			bad(at(""), "features[%d]: default missing (required for a feature that is not required: it is used when the value is absent)", i)
+		}
+		if !ok {
+			continue
+		}
+		k, has := finIdx[f.Input]
+		if !has {
+			k = len(fins)
+			finIdx[f.Input] = k
+			c := make([]int, cols)
+			for j := range c {
+				c[j] = -1
+			}
+			fins = append(fins, featureInput{Name: meta.Name, Datatype: meta.Datatype, Shape: meta.Shape, Cols: c})
+		}
+		if prev := fins[k].Cols[f.Column]; prev >= 0 {
+			bad(at("column"), "features[%d].column: %s column %d is already filled by %q", i, f.Input, f.Column, out[prev].Name)
+			continue
+		}
+		fins[k].Cols[f.Column] = len(out)
+		out = append(out, featureSpec{Name: f.Name, Input: f.Input, Source: f.Source, Column: f.Column,
+			Header: strings.ToLower(f.Header), Map: f.Map, Default: def, Required: f.Required})
+	}
+	for _, fi := range fins {
+		for c, j := range fi.Cols {
+			if j < 0 {
+				bad([]any{"features"}, "features: input %q column %d has no feature (an assembled input needs every column)", fi.Name, c)
+			}
+		}
+	}
+	return out, fins, entity
+}
+
+// featureStore is the host's connection to Redis plus a bounded local cache.
+type featureStore struct {
+	client   *redis.Client // nil: no store configured
+	timeout  time.Duration
+	ttl      time.Duration
+	max      int
+	defaults metric.Int64Counter
+
+	mu    sync.Mutex
+	cache map[string]cacheEntry
+}
+
+type cacheEntry struct {
+	vals []any // HMGET's answer: string or nil per field
+	exp  time.Time
+}
+
+func newFeatureStore(cfg *Config, mp metric.MeterProvider) (*featureStore, error) {
+	fs := &featureStore{timeout: cfg.FeatureTimeout, ttl: cfg.FeatureCacheTTL, max: cfg.FeatureCacheSize, cache: map[string]cacheEntry{}}
+	if fs.timeout <= 0 {
+		fs.timeout = DefaultFeatureTimeout
+	}
+	if fs.ttl == 0 {
+		fs.ttl = DefaultFeatureCacheTTL
+	}
+	if fs.max == 0 {
+		fs.max = DefaultFeatureCacheSize
+	}
+	var err error
+	fs.defaults, err = mp.Meter("github.com/patchbay-io/patchbay/modelhost").Int64Counter("patchbay_modelhost_feature_defaults",
+		metric.WithDescription("Features that took their declared default, by model, version, feature and reason (missing, invalid, no_entity, timeout, store_error, no_store)."))
+	if err != nil {
+		return nil, err
+	}
+	if cfg.FeatureStore != "" {
+		opt := &redis.Options{Addr: cfg.FeatureStore, Protocol: 2, DisableIdentity: true, ContextTimeoutEnabled: true,
+			MaxRetries: -1, DialTimeout: fs.timeout, ReadTimeout: fs.timeout, WriteTimeout: fs.timeout, PoolTimeout: fs.timeout}
+		if strings.Contains(cfg.FeatureStore, "://") {
+			if opt, err = redis.ParseURL(cfg.FeatureStore); err != nil {
+				return nil, fmt.Errorf("feature store: %w", err)
+			}
+			opt.Protocol, opt.DisableIdentity, opt.ContextTimeoutEnabled, opt.MaxRetries = 2, true, true, -1
+			opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = fs.timeout, fs.timeout, fs.timeout, fs.timeout
+		}
+		fs.client = redis.NewClient(opt)
+	}
+	return fs, nil
+}
+
+func (fs *featureStore) close() {
+	if fs != nil && fs.client != nil {
+		_ = fs.client.Close()
+	}
+}
+
+// fetch answers the fields of key from the cache or with one HMGET; reason is -1 on success.
+func (fs *featureStore) fetch(ctx context.Context, key string, fields []string) ([]any, int) {
+	if fs.client == nil {
+		return nil, reasonNoStore
+	}
+	now := time.Now()
+	if fs.ttl > 0 {
+		fs.mu.Lock()
+		e, ok := fs.cache[key]
+		fs.mu.Unlock()
+		if ok && now.Before(e.exp) {
+			return e.vals, -1
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, fs.timeout)
+	vals, err := fs.client.HMGet(ctx, key, fields...).Result()
+	cancel()
+	if err != nil {
+		var ne net.Error
+		if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
+			return nil, reasonTimeout
+		}
+		return nil, reasonStoreError
+	}
+	if fs.ttl > 0 {
+		fs.mu.Lock()
+		if len(fs.cache) >= fs.max {
+			for k := range fs.cache { // evict one arbitrary entry (map order is random)
+				delete(fs.cache, k)
+				break
+			}
+		}
+		fs.cache[key] = cacheEntry{vals: vals, exp: now.Add(fs.ttl)}
+		fs.mu.Unlock()
+	}
+	return vals, -1
+}
+
+// featurePlan is a version's features, built at load.
+type featurePlan struct {
+	feats  []featureSpec
+	inputs []featureInput
+	entity string   // header naming the entity of store features
+	fields []string // store feature names, in order
+	field  []int    // by feature: index into fields, -1 when not a store feature
+	prefix string   // cache key prefix: model/version
+	store  *featureStore
+	// opts[i][r]: the counter attributes of feature i, reason r.
+	opts [][numReasons]metric.AddOption
+}
+
+func newFeaturePlan(spec *versionSpec, fs *featureStore) *featurePlan {
+	if len(spec.Features) == 0 {
+		return nil
+	}
+	p := &featurePlan{feats: spec.Features, inputs: spec.FeatureInputs, entity: spec.FeatureEntity,
+		prefix: spec.Model + "/" + spec.Version + "\x00", store: fs}
+	for _, f := range spec.Features {
+		idx := -1
+		if f.Source == sourceStore {
+			idx = len(p.fields)
+			p.fields = append(p.fields, f.Name)
+		}
+		p.field = append(p.field, idx)
+		var o [numReasons]metric.AddOption
+		for r := range o {
+			o[r] = metric.WithAttributeSet(attribute.NewSet(attribute.String("model", spec.Model), attribute.String("version", spec.Version),
+				attribute.String("feature", f.Name), attribute.String("reason", reasonNames[r])))
+		}
+		p.opts = append(p.opts, o)
+	}
+	return p
+}
+
+// assemble appends to in every feature-filled input the client left out. get reads a
+// request header (lower-case name).
+func (p *featurePlan) assemble(ctx context.Context, get func(string) string, in []*tensor.Tensor) ([]*tensor.Tensor, *apiError) {
+	var missing []int
+	for k := range p.inputs {
+		sent := false
+		for _, t := range in {
+			if t.Name == p.inputs[k].Name {
+				sent = true
+			}
+		}
+		if !sent {
+			missing = append(missing, k)
+		}
+	}
+	if len(missing) == 0 {
+		return in, nil
+	}
+	rows := int64(1)
+	if len(in) > 0 && len(in[0].Shape) > 0 {
+		rows = in[0].Shape[0]
+	}
+	// Only the features of the missing inputs are computed.
+	need := func(i int) bool {
+		for _, k := range missing {
+			if p.inputs[k].Name == p.feats[i].Input {
+				return true
+			}
+		}
+		return false
+	}
+	var stored []any
+	storeReason := -1
+	if len(p.fields) > 0 {
+		needStore := false
+		for i, f := range p.feats {
+			if f.Source == sourceStore && need(i) {
+				needStore = true
+			}
+		}
+		if needStore {
+			ent := get(p.entity)
+			if ent == "" {
+				storeReason = reasonNoEntity
+			} else {
+				stored, storeReason = p.store.fetch(ctx, FeatureKeyPrefix+ent, p.fields)
+			}
+		}
+	}
+	vals := make([]float64, len(p.feats))
+	for i, f := range p.feats {
+		if !need(i) {
+			continue
+		}
+		reason := -1
+		var x float64
+		switch f.Source {
+		case sourceHour:
+			x = float64(time.Now().UTC().Hour())
+		case sourceHeader:
+			x, reason = parseFeature(get(f.Header), f.Map)
+		case sourceStore:
+			if reason = storeReason; reason < 0 {
+				s, _ := stored[p.field[i]].(string)
+				if stored[p.field[i]] == nil {
+					reason = reasonMissing
+				} else {
+					x, reason = parseFeature(s, nil)
+				}
+			}
+		}
+		if reason >= 0 {
+			if f.Required {
+				return nil, requiredError(f, p.entity, reason)
+			}
+			x = f.Default
+			p.store.defaults.Add(ctx, 1, p.opts[i][reason])
+		}
+		vals[i] = x
+	}
+	for _, k := range missing {
+		fi := &p.inputs[k]
+		n := int64(len(fi.Cols))
+		t := &tensor.Tensor{Name: fi.Name, Datatype: fi.Datatype}
+		r := rows
+		if len(fi.Shape) == 1 {
+			r = 1
+			t.Shape = []int64{n}
+		} else {
+			t.Shape = []int64{rows, n}
+		}
+		if fi.Datatype == tensor.FP32 {
+			t.F32 = make([]float32, r*n)
+			for row := range r {
+				for c, j := range fi.Cols {
+					t.F32[row*n+int64(c)] = float32(vals[j])
+				}
+			}
+		} else {
+			t.F64 = make([]float64, r*n)
+			for row := range r {
+				for c, j := range fi.Cols {
+					t.F64[row*n+int64(c)] = vals[j]
+				}
+			}
+		}
+		in = append(in, t)
+	}
+	return in, nil
+}
+
+// parseFeature turns a header or stored value into a number: through m when given,
+// else parsed as a float.
+func parseFeature(s string, m map[string]float64) (float64, int) {
+	if s == "" {
+		return 0, reasonMissing
+	}
+	if m != nil {
+		if x, ok := m[s]; ok {
+			return x, -1
+		}
+		return 0, reasonInvalid
+	}
+	x, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+	if err != nil || math.IsNaN(x) || math.IsInf(x, 0) {
+		return 0, reasonInvalid
+	}
+	return x, -1
+}
+
+func requiredError(f featureSpec, entity string, reason int) *apiError {
+	switch reason {
+	case reasonTimeout, reasonStoreError, reasonNoStore:
+		return errUnavailable("required feature %q: the feature store could not answer (%s)", f.Name, reasonNames[reason])
+	case reasonNoEntity:
+		return errInvalid("required feature %q: header %s (the entity) is missing", f.Name, entity)
+	case reasonInvalid:
+		return errInvalid("required feature %q: value is not usable (want a number%s)", f.Name, map[bool]string{true: " or one of the mapped values", false: ""}[f.Map != nil])
+	}
+	if f.Source == sourceHeader {
+		return errInvalid("required feature %q: header %s is missing", f.Name, f.Header)
+	}
+	return errInvalid("required feature %q has no value for this entity", f.Name)
+}
