@@ -44,7 +44,7 @@ func startRedis(t testing.TB, addr string) *redisServer {
 		l.Close()
 	}
 	_, port, _ := net.SplitHostPort(addr)
-	cmd := exec.Command(bin, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "yes")
+	cmd := exec.Command(bin, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--enable-debug-command", "local")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -302,6 +302,53 @@ func TestFeatureStoreOutage(t *testing.T) {
 		t.Errorf("no ctr default counted with reason store_error/timeout while Redis was down")
 	}
 	t.Logf("predictions: %v; ctr defaults while down: %v", counts, down)
+}
+
+// TestFeatureStoreSlow: a Redis that does not answer within the feature timeout gives
+// the defaults (reason timeout) instead of holding the request.
+func TestFeatureStoreSlow(t *testing.T) {
+	rs := startRedis(t, "")
+	if _, err := rs.do("HSET", "patchbay:features:u1", "ctr", "0.8", "spend", "1.5"); err != nil {
+		t.Fatal(err)
+	}
+	h := startHost(t, featureRepo(t), func(c *modelhost.Config) {
+		c.FeatureStore, c.FeatureCacheTTL, c.FeatureTimeout = rs.addr, -1, 50*time.Millisecond
+	})
+	hdr := map[string]string{"x-country": "de", "x-user-id": "u1"}
+	if _, _, e := predictREST(t, h, "v1", hdr); e != "" { // a pooled connection exists
+		t.Fatal(e)
+	}
+	slept := make(chan error, 1)
+	go func() { _, err := rs.do("DEBUG", "SLEEP", "1.5"); slept <- err }()
+	// Redis sleeps 1.5 s; the requests sent meanwhile (each bounded by the 50 ms timeout)
+	// must take the defaults. Bounded: at most 20 tries, the first ones may precede the sleep.
+	defaults := 0
+	for i := 0; i < 20 && defaults == 0; i++ {
+		p, hour, e := predictREST(t, h, "v1", hdr)
+		if e != "" {
+			t.Fatal(e)
+		}
+		if near(p, reference([4]float64{1, float64(hour), 0.25, -1})) || near(p, reference([4]float64{1, float64((hour + 1) % 24), 0.25, -1})) {
+			defaults++
+		}
+	}
+	if err := <-slept; err != nil {
+		t.Skipf("DEBUG SLEEP refused by this redis-server: %v", err)
+	}
+	if defaults == 0 {
+		t.Fatal("no prediction took the defaults while Redis slept")
+	}
+	if n := metricCount(t, h, "ctr", "timeout"); n < 1 {
+		t.Errorf("feature_defaults_total{feature=ctr,reason=timeout} = %v, want >= 1", n)
+	}
+	// Redis awake again: stored values.
+	p, hour, e := predictREST(t, h, "v1", hdr)
+	if e != "" {
+		t.Fatal(e)
+	}
+	if want := reference([4]float64{1, float64(hour), 0.8, 1.5}); !near(p, want) && !near(p, reference([4]float64{1, float64((hour + 1) % 24), 0.8, 1.5})) {
+		t.Fatalf("prediction after the sleep %v, want %v", p, want)
+	}
 }
 
 // BenchmarkFeatureAssembly compares, in the same run, a REST request whose client sends
