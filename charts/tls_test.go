@@ -360,7 +360,7 @@ func checkNetworkPolicies(t *testing.T, r *rendered, full, files bool) {
 			"rel-patchbay-modelhost-ranker": {
 				in: []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 9000, 9001), in(peers{operators, xdsPeer}, 9002), in(peers{metrics}, 9000)},
 				// shadowRecords: prediction records to the control plane's ADS port.
-				out: []networkingv1.NetworkPolicyEgressRule{out(peers{xdsPeer}, 28000), out(nil, 4317), dns, store},
+				out: []networkingv1.NetworkPolicyEgressRule{out(peers{xdsPeer}, 28000), out(nil, 4317), out(nil, 6379), dns, store},
 			},
 			"rel-patchbay-modelhost-churn": {
 				in:  []networkingv1.NetworkPolicyIngressRule{in(peers{envoyPeer, xdsPeer, clients}, 8000, 8001), in(peers{metrics}, 8000)},

@@ -41,6 +41,10 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	gcPercent := fs.String("gc-percent", strconv.Itoa(modelhostDefaults.GCPercent), "GC percent (as GOGC; off: no GC but at the memory limit); precedence: this flag, then $GOGC, then the default")
 	shadowRecords := fs.String("shadow-records", "", "the control plane's ADS address: send sampled prediction records there for shadow comparison (unset: off; TLS with --tls-cert/--tls-key/--client-ca when set)")
 	shadowSample := fs.Float64("shadow-sample", modelhost.DefaultShadowSample, "share of requests (by a hash of x-request-id, so a request and its mirror are both sampled) whose predictions are sent, in (0, 1]")
+	featureStore := fs.String("feature-store", "", "Redis server (host:port or redis:// URL) of model.yaml's store features (unset: they take their defaults)")
+	featureTimeout := fs.Duration("feature-timeout", modelhost.DefaultFeatureTimeout, "bound of one request's feature store round trip; beyond it features take their defaults")
+	featureCacheTTL := fs.Duration("feature-cache-ttl", modelhost.DefaultFeatureCacheTTL, "how long a feature store answer is reused (negative: no cache)")
+	featureCacheSize := fs.Int("feature-cache-size", modelhost.DefaultFeatureCacheSize, "entities whose features are cached locally at most")
 	memoryLimit := fs.String("memory-limit", "auto", "soft memory limit of the Go runtime, e.g. 4GiB, or none; auto: 90% of the container's memory limit (cgroup) if it has one, else none; precedence: this flag, then $GOMEMLIMIT, then auto")
 	if err := parseFlags(fs, args, stdout, stderr); err != nil {
 		return err
@@ -56,6 +60,10 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	log, err := telemetry.NewLogger(stderr, *logLevel)
 	if err != nil {
 		return fmt.Errorf("modelhost: %w: %w", err, errUsage)
+	}
+	if *featureTimeout <= 0 || *featureCacheSize <= 0 {
+		fs.Usage()
+		return fmt.Errorf("modelhost: --feature-timeout and --feature-cache-size must be positive: %w", errUsage)
 	}
 	if *shadowSample <= 0 || *shadowSample > 1 {
 		fs.Usage()
@@ -107,6 +115,10 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		TLS:              tlsSource,
 		ShadowRecords:    *shadowRecords,
 		ShadowSample:     *shadowSample,
+		FeatureStore:     *featureStore,
+		FeatureTimeout:   *featureTimeout,
+		FeatureCacheTTL:  *featureCacheTTL,
+		FeatureCacheSize: *featureCacheSize,
 	})
 	if err != nil {
 		return err
