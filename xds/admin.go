@@ -288,6 +288,11 @@ type ModelStatus struct {
 	ServingRuns []translate.Run          `json:"serving_slot_runs,omitempty"`
 	// Analysis is the model's canary analysis, if its rollout has one (analysis_loop.go).
 	Analysis *AnalysisStatus `json:"analysis,omitempty"`
+	// Contract is each version's standing against the model's contract (ok, held with the
+	// reason, pending), and ContractFallback what is served when every version with a
+	// share is held (contract.go).
+	Contract         map[string]ContractStatus `json:"contract,omitempty"`
+	ContractFallback string                    `json:"contract_fallback,omitempty"`
 }
 
 // RollbackStatus describes a rollback in force.
@@ -342,6 +347,7 @@ func (s *Server) Status() Status {
 			ms.Rollback = &RollbackStatus{Reason: o.reason, At: o.at}
 		}
 		ms.Analysis = s.analysisStatusLocked(r)
+		ms.Contract, ms.ContractFallback = s.contractStatusLocked(r.Model)
 		st.Models = append(st.Models, ms)
 	}
 	return st

@@ -101,6 +101,9 @@ type Config struct {
 	// until it recovers (see health.go). 0: off (cmd/patchbay defaults to
 	// translate.HealthCheckInterval).
 	VersionHealth time.Duration
+	// ContractRetry is how often a version held by its model's contract (its OIP metadata
+	// breaks it or cannot be read) is read again (contract.go); 0: DefaultContractRetry.
+	ContractRetry time.Duration
 	// LookupHost resolves a host name (default net.DefaultResolver.LookupHost).
 	LookupHost func(ctx context.Context, host string) ([]string, error)
 	// Zones, when set, gives the zone of each address a host name resolves to (Kubernetes:
@@ -133,9 +136,11 @@ type Server struct {
 	token    *tokenSource     // nil: no bearer token configured
 	peers    *peerRoles
 	prober   *prober // nil: versions are not probed
-	analyses *analysisLoop
-	source   Source
-	store    store.Store
+	// contracts reads versions' OIP metadata for models with a contract (contract.go).
+	contracts *contractChecker
+	analyses  *analysisLoop
+	source    Source
+	store     store.Store
 
 	// reloadMu serialises reloads (the first one, the watcher's, any caller's) from
 	// read to apply, so an older read is never applied after a newer one.
@@ -188,6 +193,8 @@ type state struct {
 	// unhealthy marks the versions the prober found unhealthy (model -> version): the
 	// snapshots lend their slots to healthy versions; slots (the persisted map) is unchanged.
 	unhealthy map[string]map[string]bool
+	// contract is each contracted version's standing and what it holds at zero (contract.go).
+	contract contractState
 	// candidate is the last set read that was refused only because a version with a share
 	// has no resolved endpoint; it is tried again when a name's addresses change.
 	candidate *rollout.Set
@@ -341,6 +348,10 @@ func New(cfg Config) (*Server, error) {
 		s.prober = s.newProber()
 	}
 	s.analyses = s.newAnalysisLoop()
+	s.contracts = s.newContractChecker()
+	if err := s.registerContractMetrics(cfg.Metrics.Meter("patchbay/xds")); err != nil {
+		return nil, err
+	}
 	m, err := newMetrics(cfg.Metrics.Meter("patchbay/xds"), s)
 	if err != nil {
 		return nil, err
@@ -468,6 +479,7 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		bg.Go(func() { s.probeVersions(ctx); errc <- nil })
 	}
 	bg.Go(func() { s.runAnalyses(ctx) })
+	bg.Go(func() { s.checkContracts(ctx); errc <- nil })
 	s.log.Info().Str("ads", grpcLis.Addr().String()).Str("admin", adminLis.Addr().String()).
 		Str("rollouts", s.source.Describe()).Msg("control plane serving")
 
@@ -987,11 +999,12 @@ func (s *Server) effectiveLocked() *rollout.Set {
 	out := &rollout.Set{}
 	for _, r := range s.state.files.Rollouts {
 		if o := s.state.overrides[r.Model]; o != nil {
-			out.Rollouts = append(out.Rollouts, o.rollout)
+			out.Rollouts = append(out.Rollouts, s.holdLocked(o.rollout))
 			continue
 		}
-		// A running analysis serves its step's split (analysis_loop.go).
-		out.Rollouts = append(out.Rollouts, analysisSpec(r, s.state.models[r.Model].Analysis, s.fingerprintLocked(r)))
+		// A running analysis serves its step's split (analysis_loop.go); a contract holds
+		// the versions that break it at zero (contract.go).
+		out.Rollouts = append(out.Rollouts, s.holdLocked(analysisSpec(r, s.state.models[r.Model].Analysis, s.fingerprintLocked(r))))
 	}
 	return out
 }
@@ -1044,6 +1057,7 @@ func (s *Server) serveLocked(ctx context.Context, built *translate.Output, start
 	}
 	s.state.built = built
 	s.state.applied = time.Now().UTC()
+	s.kickContracts() // a version may have appeared or moved: read its metadata now
 	s.metrics.applies.Add(ctx, 1)
 	s.metrics.applySeconds.Record(ctx, time.Since(start).Seconds())
 	return nil
