@@ -222,3 +222,39 @@ func TestContractUnreadableMetadataHeldUntilItAnswers(t *testing.T) {
 	waitFor(t, 5*time.Second, "v2's doors open", func() bool { return len(doors(t, c.srv, "r", "v2")) > 0 })
 	allGoTo(t, xdsClient(t, c, "r"), "v2", headers.Version, "v2")
 }
+
+// TestHoldVersions: a held version's share goes to the others in proportion (summing to
+// 100), its arms and shadows go (an experiment left without arms is dropped), it is Closed;
+// with no version with a share left, nil (the caller keeps the last good state).
+func TestHoldVersions(t *testing.T) {
+	r := &rollout.Rollout{Model: "m",
+		Versions: []rollout.Version{{Name: "v1"}, {Name: "v2"}, {Name: "v3"}},
+		Traffic:  map[string]int{"v1": 60, "v2": 30, "v3": 10},
+		Shadow:   []rollout.Shadow{{Version: "v2", Percent: 5}, {Version: "v3", Percent: 5}},
+		Experiments: []rollout.Experiment{
+			{Name: "only-v2", Arms: []rollout.Arm{{Name: "a", Version: "v2", Weight: 1}}},
+			{Name: "mixed", Arms: []rollout.Arm{{Name: "a", Version: "v2", Weight: 1}, {Name: "b", Version: "v1", Weight: 1}}},
+		}}
+	out := holdVersions(r, map[string]string{"v2": "breaks"})
+	if out == nil {
+		t.Fatal("nil, want v1 and v3 serving")
+	}
+	if got := out.Traffic; got["v1"] != 86 || got["v3"] != 14 || got["v2"] != 0 {
+		t.Errorf("traffic %v, want v1 86, v3 14", got)
+	}
+	if len(out.Shadow) != 1 || out.Shadow[0].Version != "v3" {
+		t.Errorf("shadows %v, want v3's only", out.Shadow)
+	}
+	if len(out.Experiments) != 1 || out.Experiments[0].Name != "mixed" || len(out.Experiments[0].Arms) != 1 || out.Experiments[0].Arms[0].Version != "v1" {
+		t.Errorf("experiments %+v, want mixed with its v1 arm", out.Experiments)
+	}
+	if !out.Closed["v2"] || out.Closed["v1"] || out.Closed["v3"] {
+		t.Errorf("closed %v, want v2", out.Closed)
+	}
+	if r.Traffic["v2"] != 30 || len(r.Experiments[1].Arms) != 2 || len(r.Shadow) != 2 || r.Closed != nil {
+		t.Error("the spec was changed")
+	}
+	if out := holdVersions(r, map[string]string{"v1": "x", "v2": "x", "v3": "x"}); out != nil {
+		t.Errorf("every version held: %+v, want nil", out)
+	}
+}

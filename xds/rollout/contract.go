@@ -87,13 +87,21 @@ func CheckContract(c *Contract, md Metadata) error {
 	var errs []error
 	check := func(kind string, want []Tensor, have []Tensor) {
 		byName := make(map[string]*Tensor, len(have))
+		twice := map[string]bool{}
 		for i := range have {
+			if byName[have[i].Name] != nil {
+				twice[have[i].Name] = true
+			}
 			byName[have[i].Name] = &have[i]
 		}
 		for _, w := range want {
 			h := byName[w.Name]
 			if h == nil {
 				errs = append(errs, fmt.Errorf("%s %q is missing (removed or renamed)", kind, w.Name))
+				continue
+			}
+			if twice[w.Name] {
+				errs = append(errs, fmt.Errorf("%s %q is listed twice in the metadata", kind, w.Name))
 				continue
 			}
 			if h.Datatype != w.Datatype {

@@ -1,6 +1,7 @@
 package rollout
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 )
@@ -26,6 +27,7 @@ func TestCheckContract(t *testing.T) {
 		{"changed fixed dimension", Metadata{in(Tensor{"x", "FP32", []int64{-1, 5}}), in(y)}, []string{`input "x": shape [-1 5], the contract fixes dimension 1 at 4`}},
 		{"fixed dimension made variable", Metadata{in(Tensor{"x", "FP32", []int64{-1, -1}}), in(y)}, []string{`fixes dimension 1 at 4`}},
 		{"changed rank", Metadata{in(Tensor{"x", "FP32", []int64{4}}), in(y)}, []string{`shape [4] has rank 1, the contract says [-1 4] (rank 2)`}},
+		{"input listed twice", Metadata{in(Tensor{"x", "FP32", []int64{-1, 4}}, Tensor{"x", "FP64", []int64{1}}), in(y)}, []string{`input "x" is listed twice in the metadata`}},
 		{"removed output", Metadata{in(Tensor{"x", "FP32", []int64{-1, 4}}), nil}, []string{`output "y" is missing`}},
 		{"every problem at once", Metadata{in(Tensor{"x", "INT32", []int64{-1, 3}}), in(Tensor{"y", "FP32", []int64{-1}})},
 			[]string{`datatype INT32`, `fixes dimension 1 at 4`, `output "y": shape [-1] has rank 1`}},
@@ -111,4 +113,38 @@ traffic: {v1: 100}
 	if _, err := Parse("unknown.yaml", []byte(head+"contract: {inputs: [{name: x, datatype: FP32, shape: [1], optional: true}]}\n")); err == nil {
 		t.Error("unknown contract field accepted")
 	}
+}
+
+// FuzzCheckContract: any metadata answer a host sends (outside input) is checked without a
+// panic, and metadata equal to the contract keeps it.
+func FuzzCheckContract(f *testing.F) {
+	f.Add([]byte(`{"inputs":[{"name":"x","datatype":"FP32","shape":[-1,4]}],"outputs":[{"name":"y","datatype":"FP32","shape":[-1,1]}]}`))
+	f.Add([]byte(`{"inputs":[{"name":"x","datatype":"FP64","shape":[4]}],"outputs":null}`))
+	f.Add([]byte(`{"inputs":[{"name":"x"},{"name":"x","shape":[1,2,3]}]}`))
+	c := &Contract{
+		Inputs:  []Tensor{{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}},
+		Outputs: []Tensor{{Name: "y", Datatype: "FP32", Shape: []int64{-1, 1}}},
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var md Metadata
+		if json.Unmarshal(data, &md) != nil {
+			return
+		}
+		_ = CheckContract(c, md)
+		for _, ts := range [][]Tensor{md.Inputs, md.Outputs} {
+			seen := map[string]bool{}
+			for _, x := range ts {
+				if seen[x.Name] {
+					if err := CheckContract(&Contract{Inputs: md.Inputs, Outputs: md.Outputs}, md); err == nil || !strings.Contains(err.Error(), "listed twice") {
+						t.Fatalf("metadata listing %q twice: %v", x.Name, err)
+					}
+					return
+				}
+				seen[x.Name] = true
+			}
+		}
+		if err := CheckContract(&Contract{Inputs: md.Inputs, Outputs: md.Outputs}, md); err != nil {
+			t.Fatalf("metadata against itself as the contract: %v", err)
+		}
+	})
 }
