@@ -44,7 +44,7 @@ type Rollout struct {
 	// Contract, when set, is what the model's clients depend on: the control plane holds
 	// at zero every version whose OIP metadata breaks it (see contract.go).
 	// (omitted from JSON when unset, so a rollout without one keeps its fingerprint.)
-	Contract *Contract `yaml:"contract" json:"Contract,omitempty"`
+	Contract *Contract `yaml:"contract" json:"contract,omitempty"`
 
 	// Closed marks the versions a rollback left at zero (set by the control plane, never
 	// read from a file): nothing routes to them — no version route, pinned path, mirror,

@@ -63,6 +63,28 @@ type RolloutSpec struct {
 	// at each step (the file format's analysis section).
 	// +optional
 	Analysis *Analysis `json:"analysis,omitempty"`
+	// Contract is what the model's clients depend on (the file format's contract): the
+	// control plane holds at zero every version whose OIP model metadata breaks it.
+	// +optional
+	Contract *Contract `json:"contract,omitempty"`
+}
+
+// Contract mirrors the file format's contract: the inputs and outputs clients depend on.
+type Contract struct {
+	// +optional
+	Inputs []Tensor `json:"inputs,omitempty"`
+	// +optional
+	Outputs []Tensor `json:"outputs,omitempty"`
+}
+
+// Tensor is one contracted input or output (shape: -1 for a variable dimension).
+type Tensor struct {
+	// +kubebuilder:validation:MinLength=1
+	Name string `json:"name"`
+	// +kubebuilder:validation:MinLength=1
+	Datatype string `json:"datatype"`
+	// +kubebuilder:validation:MinItems=1
+	Shape []int64 `json:"shape"`
 }
 
 // ModelVersion is one deployed artifact of the model (the file format's versions[]).
