@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"golang.org/x/sync/errgroup"
 	"io"
 	"maps"
 	"net/http"
@@ -174,17 +175,15 @@ func (s *Server) contractRound(ctx context.Context) {
 	s.mu.Unlock()
 
 	reasons := make([]string, len(targets))
-	sem := make(chan struct{}, probeConcurrency)
-	var wg sync.WaitGroup
+	var g errgroup.Group
+	g.SetLimit(probeConcurrency)
 	for i, t := range targets {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
+		g.Go(func() error {
 			reasons[i] = s.checkVersionContract(ctx, t)
-		}()
+			return nil
+		})
 	}
-	wg.Wait()
+	_ = g.Wait() // the functions report through reasons, not errors
 	if ctx.Err() != nil {
 		return
 	}

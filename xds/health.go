@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"golang.org/x/sync/errgroup"
 	"net"
 	"net/http"
 	"sort"
@@ -145,17 +146,15 @@ func (s *Server) probeOnce(ctx context.Context) {
 	s.mu.Unlock()
 
 	errs := make([]error, len(targets))
-	sem := make(chan struct{}, probeConcurrency)
-	var wg sync.WaitGroup
+	var g errgroup.Group
+	g.SetLimit(probeConcurrency)
 	for i, t := range targets {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
+		g.Go(func() error {
 			errs[i] = p.probe(ctx, t)
-		}()
+			return nil
+		})
 	}
-	wg.Wait()
+	_ = g.Wait() // the functions report through errs, not errors
 	if ctx.Err() != nil {
 		return
 	}
