@@ -6,7 +6,7 @@ PKGS  ?= ./...
 # Floats are allowed: the file format's percentages are decimals (0.25).
 CRD_OPTIONS := crd:allowDangerousTypes=true
 
-.PHONY: help up build pgo test test-short vet fmt-check test-deps bench bench-deps soak fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
+.PHONY: help up build pgo test test-short vet fmt-check test-deps onnxruntime fixtures-onnx bench bench-deps soak fuzz test-k8s generate generate-k8s generate-proto tools fixtures e2e-envoy clean
 
 help: ## this list
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,7 +44,7 @@ bench: bench-deps ## run the benchmark suites the report lists (each with a same
 soak: ## a bounded soak of the chain (control plane, ext_proc, model host, the test model of Envoy): steady load, a rollout edit every 3 s, every process's RSS, threads and fds sampled; 10 min (PATCHBAY_SOAK_DURATION=2m to shorten); not in CI
 	PATCHBAY_SOAK=1 $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 60m ./test/bench/soak/
 
-test-deps: ## install Debian's prometheus (the real server the Prometheus provider's test, xds/analysis, scrapes) and redis-server (the model host's feature store tests) (needs root; skipped when present; without them those tests skip saying why)
+test-deps: onnxruntime ## install Debian's prometheus (the real server the Prometheus provider's test, xds/analysis, scrapes) and redis-server (the model host's feature store tests) (needs root; skipped when present; without them those tests skip saying why)
 	@command -v prometheus >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt="apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends prometheus"; \
@@ -57,6 +57,18 @@ test-deps: ## install Debian's prometheus (the real server the Prometheus provid
 	    DEBIAN_FRONTEND=noninteractive $$apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $$apt; } || \
 	      echo "test-deps: could not install redis-server (the model host's feature store tests will skip)"; \
 	  else echo "test-deps: redis-server missing; as root: apt-get install redis-server (the model host's feature store tests will skip)"; fi; }
+
+onnxruntime: ## fetch ONNX Runtime 1.24.1 (npm's onnxruntime-node, sha256-checked) into .cache/onnxruntime/lib for the onnx runtime; as root also Debian's python3-onnx and libonnx-testdata (fixtures, backend test data)
+	@scripts/onnxruntime.sh || echo "onnxruntime: not installed (the onnx runtime's tests will skip saying why)"
+	@{ [ -d /usr/share/libonnx-testdata ] && /usr/bin/python3 -c 'import onnx' 2>/dev/null; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt="apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends python3-onnx libonnx-testdata"; \
+	    DEBIAN_FRONTEND=noninteractive $$apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $$apt; } || \
+	      echo "onnxruntime: could not install python3-onnx libonnx-testdata (the ONNX backend test will skip)"; \
+	  else echo "onnxruntime: as root: apt-get install python3-onnx libonnx-testdata (the ONNX backend test will skip)"; fi; }
+
+fixtures-onnx: onnxruntime bench-deps ## regenerate the ONNX fixtures, their numpy expectations and the ONNX/XGBoost example pair (python3-onnx, numpy, python3-xgboost)
+	/usr/bin/python3 test/fixtures/onnx/gen.py
 
 bench-deps: ## install Debian's python3-xgboost, the reference the XGBoost benchmark compares against (needs root; skipped when present)
 	@/usr/bin/python3 -c 'import xgboost' 2>/dev/null || { \
