@@ -4,26 +4,26 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"golang.org/x/sync/errgroup"
-	"io"
 	"maps"
-	"net/http"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
+	"golang.org/x/sync/errgroup"
 
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/rollout"
 	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
 // Service contracts. A rollout with a contract (rollout.Contract) has the control plane read
-// each version's OIP model metadata (GET /v2/models/<m>/versions/<v> on every REST endpoint)
+// each version's OIP model metadata (GET /v2/models/<m>/versions/<v> on every REST endpoint,
+// or gRPC ModelMetadata on every gRPC endpoint of a version without REST; contract_read.go)
 // when the version appears, when its endpoints or the contract change, and every
 // ContractRetry while it fails. A version that breaks the contract (rollout.CheckContract),
 // whose metadata cannot be read, or that has not been read yet is held at zero for every
@@ -99,7 +99,7 @@ type contractChecker struct {
 	retry time.Duration
 	mu    sync.Mutex
 	last  map[mv]contractVerdict
-	plain *http.Client
+	tls   *tlsfiles.Source // nil: versions over TLS cannot be read
 }
 
 func (s *Server) newContractChecker() *contractChecker {
@@ -107,8 +107,17 @@ func (s *Server) newContractChecker() *contractChecker {
 	if retry <= 0 {
 		retry = DefaultContractRetry
 	}
-	return &contractChecker{kick: make(chan struct{}, 1), retry: retry, last: map[mv]contractVerdict{},
-		plain: &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}}
+	c := &contractChecker{kick: make(chan struct{}, 1), retry: retry, last: map[mv]contractVerdict{}}
+	// The same client certificate and model hosts' CA as the version prober (newProber).
+	if up := s.cfg.Translate.UpstreamTLS; up.CA != "" {
+		src, err := tlsfiles.Load(tlsfiles.Files{Cert: s.cfg.TLS.Cert, Key: s.cfg.TLS.Key, CA: up.CA}, tlsfiles.Options{})
+		if err != nil {
+			s.log.Warn().Err(err).Msg("contract check cannot read the TLS files (--tls-cert, --tls-key, --upstream-tls-ca): versions over TLS are held as unreadable")
+		} else {
+			c.tls = src
+		}
+	}
+	return c
 }
 
 // kickContracts asks for a check round now (a new config was served: a version may have
@@ -142,8 +151,8 @@ type contractTarget struct {
 	mv
 	cfp      string
 	contract *rollout.Contract
-	addrs    []string
-	hosts    []string // TLS server names, beside addrs
+	eps      []MetadataEndpoint
+	addrs    []string // eps as strings (grpc:// for gRPC), what a verdict covers
 	tls      bool
 }
 
@@ -241,18 +250,14 @@ func (s *Server) contractRound(ctx context.Context) {
 	s.log.Info().Str("config_version", s.state.built.Version).Msg("split follows the contract checks: held versions get no traffic")
 }
 
-// contractTargetLocked is what checking version v of r reads: its resolved REST endpoints.
+// contractTargetLocked is what checking version v of r reads: its resolved REST endpoints,
+// or its gRPC ones for a version without REST (MetadataEndpoints).
 func (s *Server) contractTargetLocked(r *rollout.Rollout, v rollout.Version) contractTarget {
 	cfp, _ := json.Marshal(r.Contract) // plain structs: cannot fail
 	t := contractTarget{mv: mv{r.Model, v.Name}, cfp: string(cfp), contract: r.Contract, tls: translate.UpstreamTLS(v, s.cfg.Translate)}
-	for _, a := range v.RESTEndpoints() {
-		host := a
-		if i := strings.LastIndexByte(a, ':'); i >= 0 {
-			host = strings.Trim(a[:i], "[]")
-		}
-		for _, ep := range translate.ResolvedEndpoints(s.state.resolved, []string{a}) {
-			t.addrs, t.hosts = append(t.addrs, ep), append(t.hosts, host)
-		}
+	t.eps = MetadataEndpoints(v, func(a string) []string { return translate.ResolvedEndpoints(s.state.resolved, []string{a}) })
+	for _, ep := range t.eps {
+		t.addrs = append(t.addrs, ep.String())
 	}
 	return t
 }
@@ -265,68 +270,20 @@ func sameVerdicts(a, b map[string]map[string]contractVerdict) bool {
 	})
 }
 
-// checkVersionContract reads the version's metadata on each of its REST endpoints and
-// returns why it is held, or "" when every endpoint's metadata keeps the contract.
+// checkVersionContract reads the version's metadata on each of its endpoints (REST, or
+// gRPC ModelMetadata for a gRPC-only version) and returns why it is held, or "" when every
+// endpoint's metadata keeps the contract.
 func (s *Server) checkVersionContract(ctx context.Context, t contractTarget) string {
-	if len(t.addrs) == 0 {
-		return "no resolved REST endpoint to read its OIP model metadata from (gRPC ModelMetadata is not read)"
-	}
-	var problems []string
-	for i, addr := range t.addrs {
-		md, err := s.readMetadata(ctx, t, addr, t.hosts[i])
-		if err != nil {
-			problems = append(problems, "metadata unreadable: "+err.Error())
-			continue
-		}
-		if err := rollout.CheckContract(t.contract, md); err != nil {
-			problems = append(problems, "breaks the contract ("+addr+"): "+strings.ReplaceAll(err.Error(), "\n", "; "))
-		}
-	}
-	return strings.Join(problems, "; ")
-}
-
-// readMetadata is GET /v2/models/<m>/versions/<v> on one endpoint (OIP REST model metadata).
-func (s *Server) readMetadata(ctx context.Context, t contractTarget, addr, host string) (rollout.Metadata, error) {
-	var md rollout.Metadata
-	timeout := translate.HealthCheckTimeout
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	client, scheme := s.contracts.plain, "http"
+	var tlsCfg func(string) (*tls.Config, error)
 	if t.tls {
-		var cfg *tls.Config
-		if s.prober != nil && s.prober.tls != nil {
-			cfg = s.prober.tls.ClientConfig(host)
+		tlsCfg = func(host string) (*tls.Config, error) {
+			if s.contracts.tls == nil {
+				return nil, errors.New("served over TLS and the control plane has no readable --tls-cert/--tls-key/--upstream-tls-ca to read it")
+			}
+			return s.contracts.tls.ClientConfig(host), nil
 		}
-		if cfg == nil {
-			return md, fmt.Errorf("served over TLS and the control plane has no readable --tls-cert/--tls-key/--upstream-tls-ca to read it")
-		}
-		client = &http.Client{Transport: &http.Transport{DisableKeepAlives: true, TLSClientConfig: cfg}}
-		scheme = "https"
 	}
-	url := scheme + "://" + addr + "/v2/models/" + t.model + "/versions/" + t.version
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return md, err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return md, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxMetadataBytes+1))
-	if err != nil {
-		return md, fmt.Errorf("GET %s: %w", url, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return md, fmt.Errorf("GET %s: HTTP %d %s", url, resp.StatusCode, strings.TrimSpace(string(body[:min(len(body), 200)])))
-	}
-	if len(body) > maxMetadataBytes {
-		return md, fmt.Errorf("GET %s: answer over %d bytes", url, maxMetadataBytes)
-	}
-	if err := json.Unmarshal(body, &md); err != nil {
-		return md, fmt.Errorf("GET %s: not OIP model metadata: %v", url, err)
-	}
-	return md, nil
+	return CheckVersionContract(ctx, t.contract, t.model, t.version, t.eps, tlsCfg, translate.HealthCheckTimeout)
 }
 
 // holdLocked is r with the versions its contract holds at zero taken out of every kind of
