@@ -16,6 +16,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 
+	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/modelhost/tensor"
 )
 
@@ -29,6 +30,16 @@ const (
 	sourceHeader = "header" // a request header: numeric, or mapped through map
 	sourceHour   = "hour"   // the request's hour of day, UTC (0..23)
 	sourceStore  = "store"  // the Redis hash patchbay:features:<entity>, field = feature name
+	// sourceIdentity: who is asking. identity: known = 1 when the identity header
+	// (x-user-id unless header: says otherwise) is present, else 0; identity: bucket = the
+	// router's sticky bucket (x-patchbay-bucket, a decimal uint64) as value/2^64 in [0, 1).
+	sourceIdentity = "identity"
+)
+
+// Kinds of identity feature.
+const (
+	identityKnown  = "known"
+	identityBucket = "bucket"
 )
 
 // FeatureKeyPrefix starts the Redis key of an entity's features: the hash
@@ -64,6 +75,7 @@ type yamlFeature struct {
 	Header   string             `yaml:"header"`
 	Map      map[string]float64 `yaml:"map"`
 	Entity   string             `yaml:"entity"`
+	Identity string             `yaml:"identity"`
 	Default  *float64           `yaml:"default"`
 	Required bool               `yaml:"required"`
 }
@@ -72,7 +84,8 @@ type yamlFeature struct {
 type featureSpec struct {
 	Name, Input, Source string
 	Column              int
-	Header              string // header source: lower-case header name
+	Header              string // header and identity sources: lower-case header name read
+	Identity            string // identity source: known or bucket
 	Map                 map[string]float64
 	Default             float64
 	Required            bool
@@ -161,12 +174,34 @@ func checkFeatures(in []yamlFeature, inputs []tensor.Meta, bad func(path []any, 
 			default:
 				entity = e
 			}
+		case sourceIdentity:
+			switch f.Identity {
+			case identityKnown:
+				if f.Header == "" {
+					f.Header = headers.UserID
+				} else if !headerNameRE.MatchString(strings.ToLower(f.Header)) {
+					bad(at("header"), "features[%d].header: %q, want the identity header's name (default x-user-id)", i, f.Header)
+				}
+			case identityBucket:
+				if f.Header != "" {
+					bad(at("header"), "features[%d].header: identity bucket always reads %s (set by the router)", i, headers.Bucket)
+				}
+				f.Header = headers.Bucket
+			default:
+				bad(at("identity"), "features[%d].identity: %q, want known or bucket", i, f.Identity)
+			}
 		case sourceHour:
 		default:
-			bad(at("source"), "features[%d].source: %q, want header, hour or store", i, f.Source)
+			bad(at("source"), "features[%d].source: %q, want header, hour or store, or identity", i, f.Source)
 		}
-		if f.Source != sourceHeader && (f.Header != "" || f.Map != nil) {
-			bad(at("header"), "features[%d]: header and map belong to source header", i)
+		if f.Source != sourceIdentity && f.Identity != "" {
+			bad(at("identity"), "features[%d].identity: only source identity has one", i)
+		}
+		if f.Source != sourceHeader && f.Map != nil {
+			bad(at("map"), "features[%d].map: only source header has a map", i)
+		}
+		if f.Source != sourceHeader && f.Source != sourceIdentity && f.Header != "" {
+			bad(at("header"), "features[%d].header: only sources header and identity read a header", i)
 		}
 		if f.Source != sourceStore && f.Entity != "" {
 			bad(at("entity"), "features[%d].entity: only source store has an entity", i)
@@ -182,7 +217,7 @@ func checkFeatures(in []yamlFeature, inputs []tensor.Meta, bad func(path []any, 
 			if math.IsNaN(def) || math.IsInf(def, 0) {
 				bad(at("default"), "features[%d].default: %v, want a finite number", i, def)
 			}
-		} else if !f.Required && f.Source != sourceHour {
+		} else if !f.Required && f.Source != sourceHour && !(f.Source == sourceIdentity && f.Identity == identityKnown) {
 			bad(at(""), "features[%d]: default missing (required for a feature that is not required: it is used when the value is absent)", i)
 		}
 		if !ok {
@@ -204,7 +239,7 @@ func checkFeatures(in []yamlFeature, inputs []tensor.Meta, bad func(path []any, 
 		}
 		fins[k].Cols[f.Column] = len(out)
 		out = append(out, featureSpec{Name: f.Name, Input: f.Input, Source: f.Source, Column: f.Column,
-			Header: strings.ToLower(f.Header), Map: f.Map, Default: def, Required: f.Required})
+			Header: strings.ToLower(f.Header), Identity: f.Identity, Map: f.Map, Default: def, Required: f.Required})
 	}
 	for _, fi := range fins {
 		for c, j := range fi.Cols {
@@ -223,6 +258,7 @@ type featureStore struct {
 	ttl      time.Duration
 	max      int
 	defaults metric.Int64Counter
+	trips    metric.Int64Counter // round trips to Redis (an HMGET or a pipeline)
 
 	mu    sync.Mutex
 	cache map[string]cacheEntry
@@ -250,6 +286,11 @@ func newFeatureStore(cfg *Config, mp metric.MeterProvider) (*featureStore, error
 	if err != nil {
 		return nil, err
 	}
+	fs.trips, err = mp.Meter("github.com/patchbay-io/patchbay/modelhost").Int64Counter("patchbay_modelhost_feature_store_round_trips",
+		metric.WithDescription("Round trips to the feature store (one HMGET, or one pipeline of HMGETs for a dynamic batch's lookups), by model and version."))
+	if err != nil {
+		return nil, err
+	}
 	if cfg.FeatureStore != "" {
 		opt := &redis.Options{Addr: cfg.FeatureStore, Protocol: 2, DisableIdentity: true, ContextTimeoutEnabled: true,
 			MaxRetries: -1, DialTimeout: fs.timeout, ReadTimeout: fs.timeout, WriteTimeout: fs.timeout, PoolTimeout: fs.timeout}
@@ -271,42 +312,182 @@ func (fs *featureStore) close() {
 	}
 }
 
-// fetch answers the fields of key from the cache or with one HMGET; reason is -1 on success.
-func (fs *featureStore) fetch(ctx context.Context, key string, fields []string) ([]any, int) {
+// cached answers a cache key's values while they are fresh.
+func (fs *featureStore) cached(ck string, now time.Time) ([]any, bool) {
+	if fs.ttl <= 0 {
+		return nil, false
+	}
+	fs.mu.Lock()
+	e, ok := fs.cache[ck]
+	fs.mu.Unlock()
+	if ok && now.Before(e.exp) {
+		return e.vals, true
+	}
+	return nil, false
+}
+
+// remember caches an answer of the store (never an error).
+func (fs *featureStore) remember(ck string, vals []any, now time.Time) {
+	if fs.ttl <= 0 {
+		return
+	}
+	fs.mu.Lock()
+	if _, ok := fs.cache[ck]; !ok && len(fs.cache) >= fs.max {
+		for k := range fs.cache { // evict one arbitrary entry (map order is random)
+			delete(fs.cache, k)
+			break
+		}
+	}
+	fs.cache[ck] = cacheEntry{vals: vals, exp: now.Add(fs.ttl)}
+	fs.mu.Unlock()
+}
+
+// errReason names a failed store call: timeout or store_error.
+func errReason(err error) int {
+	var ne net.Error
+	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
+		return reasonTimeout
+	}
+	return reasonStoreError
+}
+
+// fetch answers an entity's store features from the cache, else with one HMGET (no
+// batching) or through the version's coalescer (dynamic batching); reason is -1 on success.
+func (p *featurePlan) fetch(ctx context.Context, ent string) ([]any, int) {
+	fs := p.store
 	if fs.client == nil {
 		return nil, reasonNoStore
 	}
+	key := FeatureKeyPrefix + ent
 	now := time.Now()
-	if fs.ttl > 0 {
-		fs.mu.Lock()
-		e, ok := fs.cache[key]
-		fs.mu.Unlock()
-		if ok && now.Before(e.exp) {
-			return e.vals, -1
-		}
+	if vals, ok := fs.cached(p.prefix+key, now); ok {
+		return vals, -1
+	}
+	if p.co != nil {
+		return p.co.fetch(ctx, key)
 	}
 	ctx, cancel := context.WithTimeout(ctx, fs.timeout)
-	vals, err := fs.client.HMGet(ctx, key, fields...).Result()
+	vals, err := fs.client.HMGet(ctx, key, p.fields...).Result()
 	cancel()
+	fs.trips.Add(ctx, 1, p.tripOpt)
 	if err != nil {
-		var ne net.Error
-		if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
-			return nil, reasonTimeout
-		}
-		return nil, reasonStoreError
+		return nil, errReason(err)
 	}
-	if fs.ttl > 0 {
-		fs.mu.Lock()
-		if len(fs.cache) >= fs.max {
-			for k := range fs.cache { // evict one arbitrary entry (map order is random)
-				delete(fs.cache, k)
-				break
-			}
-		}
-		fs.cache[key] = cacheEntry{vals: vals, exp: now.Add(fs.ttl)}
-		fs.mu.Unlock()
-	}
+	fs.remember(p.prefix+key, vals, now)
 	return vals, -1
+}
+
+// coalescer joins the cache misses of a version with dynamic batching into pipelines:
+// the first miss opens a gathering that lasts the batch window (or until max lookups
+// join); then one go-redis pipeline carries an HMGET per distinct entity, one round trip.
+// Each waiter still waits at most the store timeout from its own arrival. No goroutine
+// lives between gatherings (a timer flushes them).
+type coalescer struct {
+	p      *featurePlan
+	window time.Duration
+	max    int
+
+	mu  sync.Mutex
+	cur *gathering
+}
+
+// gathering is one pipeline's lookups and, once done is closed, their answers.
+type gathering struct {
+	keys    []string
+	idx     map[string]int
+	waiters int
+	timer   *time.Timer
+	done    chan struct{}
+	vals    [][]any
+	reasons []int
+}
+
+func newCoalescer(p *featurePlan, window time.Duration, max int) *coalescer {
+	// The window leaves each waiter at least half its timeout for the round trip.
+	return &coalescer{p: p, window: min(window, p.store.timeout/2), max: max}
+}
+
+func (c *coalescer) fetch(ctx context.Context, key string) ([]any, int) {
+	wait := time.NewTimer(c.p.store.timeout)
+	defer wait.Stop()
+	c.mu.Lock()
+	g := c.cur
+	if g == nil {
+		g = &gathering{idx: map[string]int{}, done: make(chan struct{})}
+		c.cur = g
+		if c.window > 0 {
+			g.timer = time.AfterFunc(c.window, func() { c.flush(g) })
+		}
+	}
+	i, ok := g.idx[key]
+	if !ok {
+		i = len(g.keys)
+		g.idx[key] = i
+		g.keys = append(g.keys, key)
+	}
+	g.waiters++
+	full := g.waiters >= c.max || c.window <= 0
+	if full {
+		c.cur = nil // this goroutine sends it; a timer that fires meanwhile finds it gone
+		if g.timer != nil {
+			g.timer.Stop()
+		}
+	}
+	c.mu.Unlock()
+	if full {
+		go c.send(g)
+	}
+	select {
+	case <-g.done:
+		return g.vals[i], g.reasons[i]
+	case <-wait.C:
+		return nil, reasonTimeout
+	case <-ctx.Done():
+		return nil, reasonTimeout
+	}
+}
+
+// flush sends g when its window ends, unless it went out full already.
+func (c *coalescer) flush(g *gathering) {
+	c.mu.Lock()
+	mine := c.cur == g
+	if mine {
+		c.cur = nil
+	}
+	c.mu.Unlock()
+	if mine {
+		c.send(g)
+	}
+}
+
+// send fetches every key of g in one round trip and wakes its waiters.
+func (c *coalescer) send(g *gathering) {
+	fs, p := c.p.store, c.p
+	g.vals, g.reasons = make([][]any, len(g.keys)), make([]int, len(g.keys))
+	ctx, cancel := context.WithTimeout(context.Background(), fs.timeout)
+	defer cancel()
+	cmds := make([]*redis.SliceCmd, len(g.keys))
+	if len(g.keys) == 1 {
+		cmds[0] = fs.client.HMGet(ctx, g.keys[0], p.fields...)
+	} else {
+		pipe := fs.client.Pipeline()
+		for i, k := range g.keys {
+			cmds[i] = pipe.HMGet(ctx, k, p.fields...)
+		}
+		_, _ = pipe.Exec(ctx) // each command carries its own error
+	}
+	fs.trips.Add(ctx, 1, p.tripOpt)
+	now := time.Now()
+	for i, cmd := range cmds {
+		vals, err := cmd.Result()
+		if err != nil {
+			g.reasons[i] = errReason(err)
+			continue
+		}
+		g.vals[i], g.reasons[i] = vals, -1
+		fs.remember(p.prefix+g.keys[i], vals, now)
+	}
+	close(g.done)
 }
 
 // featurePlan is a version's features, built at load.
@@ -318,6 +499,9 @@ type featurePlan struct {
 	field  []int    // by feature: index into fields, -1 when not a store feature
 	prefix string   // cache key prefix: model/version
 	store  *featureStore
+	co     *coalescer // dynamic batching: store lookups share pipelines; nil: one HMGET each
+	// tripOpt: the round-trip counter's attributes (model, version).
+	tripOpt metric.AddOption
 	// opts[i][r]: the counter attributes of feature i, reason r.
 	opts [][numReasons]metric.AddOption
 }
@@ -341,6 +525,10 @@ func newFeaturePlan(spec *versionSpec, fs *featureStore) *featurePlan {
 				attribute.String("feature", f.Name), attribute.String("reason", reasonNames[r])))
 		}
 		p.opts = append(p.opts, o)
+	}
+	p.tripOpt = metric.WithAttributeSet(attribute.NewSet(attribute.String("model", spec.Model), attribute.String("version", spec.Version)))
+	if spec.MaxBatch > 0 && len(p.fields) > 0 {
+		p.co = newCoalescer(p, spec.MaxDelay, spec.MaxBatch)
 	}
 	return p
 }
@@ -390,7 +578,7 @@ func (p *featurePlan) assemble(ctx context.Context, get func(string) string, in 
 			if ent == "" {
 				storeReason = reasonNoEntity
 			} else {
-				stored, storeReason = p.store.fetch(ctx, FeatureKeyPrefix+ent, p.fields)
+				stored, storeReason = p.fetch(ctx, ent)
 			}
 		}
 	}
@@ -406,6 +594,14 @@ func (p *featurePlan) assemble(ctx context.Context, get func(string) string, in 
 			x = float64(time.Now().UTC().Hour())
 		case sourceHeader:
 			x, reason = parseFeature(get(f.Header), f.Map)
+		case sourceIdentity:
+			if f.Identity == identityKnown {
+				if get(f.Header) != "" {
+					x = 1
+				}
+			} else {
+				x, reason = parseBucket(get(f.Header))
+			}
 		case sourceStore:
 			if reason = storeReason; reason < 0 {
 				s, _ := stored[p.field[i]].(string)
@@ -475,6 +671,19 @@ func parseFeature(s string, m map[string]float64) (float64, int) {
 	return x, -1
 }
 
+// parseBucket maps the router's sticky bucket, a decimal uint64, to [0, 1): its top 53
+// bits over 2^53, so the largest bucket stays below 1 in float64.
+func parseBucket(s string) (float64, int) {
+	if s == "" {
+		return 0, reasonMissing
+	}
+	u, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return 0, reasonInvalid
+	}
+	return float64(u>>11) / (1 << 53), -1
+}
+
 func requiredError(f featureSpec, entity string, reason int) *apiError {
 	switch reason {
 	case reasonTimeout, reasonStoreError, reasonNoStore:
@@ -484,7 +693,7 @@ func requiredError(f featureSpec, entity string, reason int) *apiError {
 	case reasonInvalid:
 		return errInvalid("required feature %q: value is not usable (want a number%s)", f.Name, map[bool]string{true: " or one of the mapped values", false: ""}[f.Map != nil])
 	}
-	if f.Source == sourceHeader {
+	if f.Source == sourceHeader || f.Source == sourceIdentity {
 		return errInvalid("required feature %q: header %s is missing", f.Name, f.Header)
 	}
 	return errInvalid("required feature %q has no value for this entity", f.Name)

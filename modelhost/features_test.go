@@ -107,9 +107,11 @@ const featureBias = -0.2
 
 func featureRepo(t testing.TB) string {
 	repo := t.TempDir()
-	for _, v := range []struct{ dir, extra string }{{"v1", ""}, {"v2", ", required: true"}} {
+	// b1 is v1 with dynamic batching: its store lookups share pipelines.
+	for _, v := range []struct{ dir, extra, tail string }{{"v1", "", ""}, {"v2", ", required: true", ""},
+		{"b1", "", "batching: {max_batch_size: 64, max_delay: 20ms}\n"}} {
 		d := filepath.Join(repo, "scorer", v.dir)
-		writeFile(t, filepath.Join(d, "model.yaml"), fmt.Sprintf(featureYAML, v.extra))
+		writeFile(t, filepath.Join(d, "model.yaml"), fmt.Sprintf(featureYAML, v.extra)+v.tail)
 		writeFile(t, filepath.Join(d, "linear.json"), `{"link": "logistic", "weights": [0.5, 0.01, 2, 0.3], "bias": -0.2}`)
 	}
 	return repo
@@ -224,6 +226,11 @@ func TestFeaturesFromRedis(t *testing.T) {
 // TestFeatureStoreOutage kills Redis under load: predictions keep flowing with the
 // defaults (counted), then Redis comes back and stored values are used again.
 func TestFeatureStoreOutage(t *testing.T) {
+	t.Run("per-request", func(t *testing.T) { featureStoreOutage(t, "v1") })
+	t.Run("batched", func(t *testing.T) { featureStoreOutage(t, "b1") })
+}
+
+func featureStoreOutage(t *testing.T, ver string) {
 	rs := startRedis(t, "")
 	if _, err := rs.do("HSET", "patchbay:features:u1", "ctr", "0.8", "spend", "1.5"); err != nil {
 		t.Fatal(err)
@@ -250,7 +257,7 @@ func TestFeatureStoreOutage(t *testing.T) {
 					return
 				default:
 				}
-				p, hour, e := predictREST(t, h, "v1", hdr)
+				p, hour, e := predictREST(t, h, ver, hdr)
 				k := "other"
 				switch {
 				case e != "":
