@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/patchbay-io/patchbay/api/contract"
 	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/modelhost/tensor"
@@ -87,6 +89,15 @@ func (g *grpcService) ModelMetadata(ctx context.Context, r *oip.ModelMetadataReq
 	if err != nil {
 		return nil, grpcErr(err)
 	}
+	// The ModelMetadataResponse has no field for an optional input: the header lists them
+	// (present and empty when none, so a client knows every other input is required).
+	var optional []string
+	for _, t := range md.Inputs {
+		if t.Optional != nil && *t.Optional {
+			optional = append(optional, t.Name)
+		}
+	}
+	_ = grpc.SetHeader(ctx, metadata.Pairs(contract.OptionalInputsHeader, strings.Join(optional, ",")))
 	conv := func(ts []tensorMeta) []*oip.ModelMetadataResponse_TensorMetadata {
 		out := make([]*oip.ModelMetadataResponse_TensorMetadata, len(ts))
 		for i, t := range ts {
@@ -244,6 +255,11 @@ func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferReq
 			return nil, errInvalid("input %q: %v", t.Name, err)
 		}
 		in[i] = t
+	}
+	if p := v.contract.Load(); p != nil {
+		if aerr := s.checkContract(ctx, p, in); aerr != nil {
+			return nil, aerr
+		}
 	}
 	if v.feats != nil {
 		var aerr *apiError

@@ -150,6 +150,9 @@ type version struct {
 	attrs      versionAttrs
 	outs       []outputHist // by signature output
 	feats      *featurePlan // nil: no features declared
+	// contract is the model's contract.yaml as this version applies it (nil: none); set
+	// at each load of the model, so a changed contract needs no runtime reload.
+	contract atomic.Pointer[contractPlan]
 
 	refs    atomic.Int64
 	drained chan struct{}
@@ -344,6 +347,9 @@ func (s *Server) Load(name string) (LoadReport, error) {
 	old := s.table.Load()
 	prev := old.models[name]
 	m := &model{name: name, versions: map[string]*version{}}
+	// A bad contract.yaml fails every version of the model: serving it unchecked would
+	// drop the promise to its clients.
+	con, cerr := loadContract(dir)
 	for _, e := range ents {
 		if !e.IsDir() || !nameRE.MatchString(e.Name()) {
 			continue
@@ -352,7 +358,13 @@ func (s *Server) Load(name string) (LoadReport, error) {
 		if _, err := os.Stat(filepath.Join(vdir, "model.yaml")); err != nil {
 			continue
 		}
-		v := s.loadVersion(prev, name, e.Name(), vdir)
+		var v *version
+		if cerr != nil {
+			v = s.failedVersion(name, e.Name(), vdir, cerr)
+		} else {
+			v = s.loadVersion(prev, name, e.Name(), vdir)
+			s.applyContract(v, con)
+		}
 		m.versions[e.Name()] = v
 		m.names = append(m.names, e.Name())
 		if v.ready() {
@@ -541,7 +553,7 @@ func (s *Server) Index(readyOnly bool) []IndexEntry {
 		}
 		for _, vn := range m.names {
 			v := m.versions[vn]
-			e := IndexEntry{Name: n, Version: vn, State: "READY"}
+			e := IndexEntry{Name: n, Version: vn, State: "READY", Reason: v.contractReason()}
 			if !v.ready() {
 				if readyOnly {
 					continue

@@ -106,6 +106,9 @@ type tensorMeta struct {
 	Name     string  `json:"name"`
 	Datatype string  `json:"datatype"`
 	Shape    []int64 `json:"shape"`
+	// Optional (inputs only; patchbay's extension, contract.Tensor's optional): the
+	// version fills this input from its features, so a request may leave it out.
+	Optional *bool `json:"optional,omitempty"`
 }
 
 type modelMeta struct {
@@ -133,6 +136,9 @@ func (s *Server) metadata(name, ver string) (modelMeta, *apiError) {
 		return modelMeta{}, errUnavailable("model %q version %q is not ready: %v", name, v.spec.Version, v.err)
 	}
 	md := modelMeta{Name: name, Versions: m.names, Platform: v.spec.Runtime, Inputs: toMeta(v.spec.Inputs), Outputs: toMeta(v.spec.Outputs)}
+	for i, o := range optionalInputs(v.spec) {
+		md.Inputs[i].Optional = &o
+	}
 	if ver != "" {
 		md.Versions = []string{ver}
 	}
@@ -354,6 +360,11 @@ func (s *Server) inferREST(ctx context.Context, v *version, r *http.Request, st 
 	st.in = st.in[:0]
 	for i := range st.req.Inputs {
 		st.in = append(st.in, &st.req.Inputs[i])
+	}
+	if p := v.contract.Load(); p != nil {
+		if aerr := s.checkContract(ctx, p, st.in); aerr != nil {
+			return nil, aerr
+		}
 	}
 	if v.feats != nil {
 		var aerr *apiError

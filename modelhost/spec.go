@@ -271,7 +271,7 @@ func yamlError(file string, err error) error {
 	return errors.Join(errs...)
 }
 
-var typeSuffixRE = regexp.MustCompile(` (in|into) (type )?[\w.\[\]*]*modelhost\.\w+`)
+var typeSuffixRE = regexp.MustCompile(` (in|into) (type )?[\w.\[\]*]*(modelhost|contract)\.\w+`)
 
 // versionLess orders version names naturally: v7 < v8 < v10, digits compared as numbers.
 func versionLess(a, b string) bool {

@@ -29,6 +29,9 @@ type instruments struct {
 	// plane was full (the stream slow or down).
 	shadowDropped metric.Int64Counter
 	shadowSent    metric.Int64Counter
+	// contractRefusals counts requests refused because an input broke the model's
+	// contract.yaml, by model, version and input.
+	contractRefusals metric.Int64Counter
 	// outputs holds one patchbay_modelhost_output histogram per bucket layout (see
 	// outputHistogram); written only under Server.mu (loads are serialised).
 	outputs map[string]metric.Float64Histogram
@@ -134,6 +137,10 @@ func newInstruments(mp metric.MeterProvider) (*instruments, error) {
 	}
 	if in.shadowDropped, err = m.Int64Counter("patchbay_modelhost_shadow_records_dropped",
 		metric.WithDescription("Sampled prediction records dropped because the queue to the control plane was full.")); err != nil {
+		return nil, err
+	}
+	if in.contractRefusals, err = m.Int64Counter("patchbay_modelhost_contract_refusals",
+		metric.WithDescription("Inference requests refused because an input broke the model's contract.yaml, by model, version and input.")); err != nil {
 		return nil, err
 	}
 	if in.shadowSent, err = m.Int64Counter("patchbay_modelhost_shadow_records_sent",

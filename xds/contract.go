@@ -37,6 +37,10 @@ import (
 // be read is read again.
 const DefaultContractRetry = 3 * time.Second
 
+// DefaultContractWait is how long, at start, the control plane waits for the first check of
+// the contracted versions before it serves ADS (Config.ContractWait).
+const DefaultContractWait = 5 * time.Second
+
 const (
 	contractOK      = "ok"
 	contractHeld    = "held"
@@ -86,6 +90,9 @@ type contractState struct {
 	// "as written" (no good state yet).
 	fallback map[string]string
 	memo     map[string]holdMemo
+	// open are the versions still not read when the startup window (Config.ContractWait)
+	// ended: served as written (not held) until their first check ends.
+	open map[mv]bool
 }
 
 type holdMemo struct {
@@ -95,11 +102,13 @@ type holdMemo struct {
 
 // contractChecker reads versions' metadata; its mutex is never held while taking Server.mu.
 type contractChecker struct {
-	kick  chan struct{}
-	retry time.Duration
-	mu    sync.Mutex
-	last  map[mv]contractVerdict
-	tls   *tlsfiles.Source // nil: versions over TLS cannot be read
+	kick chan struct{}
+	// rounds is signalled after each check round (awaitFirstContracts).
+	rounds chan struct{}
+	retry  time.Duration
+	mu     sync.Mutex
+	last   map[mv]contractVerdict
+	tls    *tlsfiles.Source // nil: versions over TLS cannot be read
 }
 
 func (s *Server) newContractChecker() *contractChecker {
@@ -107,7 +116,7 @@ func (s *Server) newContractChecker() *contractChecker {
 	if retry <= 0 {
 		retry = DefaultContractRetry
 	}
-	c := &contractChecker{kick: make(chan struct{}, 1), retry: retry, last: map[mv]contractVerdict{}}
+	c := &contractChecker{kick: make(chan struct{}, 1), rounds: make(chan struct{}, 1), retry: retry, last: map[mv]contractVerdict{}}
 	// The same client certificate and model hosts' CA as the version prober (newProber).
 	if up := s.cfg.Translate.UpstreamTLS; up.CA != "" {
 		src, err := tlsfiles.Load(tlsfiles.Files{Cert: s.cfg.TLS.Cert, Key: s.cfg.TLS.Key, CA: up.CA}, tlsfiles.Options{})
@@ -138,6 +147,10 @@ func (s *Server) checkContracts(ctx context.Context) {
 	defer t.Stop()
 	for {
 		s.contractRound(ctx)
+		select {
+		case s.contracts.rounds <- struct{}{}:
+		default:
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -236,6 +249,11 @@ func (s *Server) contractRound(ctx context.Context) {
 	}
 	prev := s.state.contract.verdict
 	s.state.contract.verdict = next
+	for k := range s.state.contract.open {
+		if _, read := next[k.model][k.version]; read || !current[k] {
+			delete(s.state.contract.open, k) // read at last: its verdict decides now
+		}
+	}
 	if s.state.files == nil {
 		return
 	}
@@ -332,6 +350,8 @@ func (s *Server) heldVersionsLocked(r *rollout.Rollout) map[string]string {
 	for _, v := range r.Versions {
 		vd, ok := verdict[v.Name]
 		switch {
+		case !ok && s.state.contract.open[mv{r.Model, v.Name}]:
+			// not read within the startup window: served as written until read
 		case !ok:
 			held[v.Name] = "pending: OIP model metadata not read yet"
 		case vd.reason != "":
@@ -410,8 +430,10 @@ func (s *Server) contractStatusLocked(model string) (map[string]ContractStatus, 
 	verdict := s.state.contract.verdict[model]
 	held := s.heldVersionsLocked(r)
 	for _, v := range r.Versions {
-		vd := verdict[v.Name]
+		vd, read := verdict[v.Name]
 		switch why := held[v.Name]; {
+		case !read && s.state.contract.open[mv{model, v.Name}]:
+			out[v.Name] = ContractStatus{State: contractPending, Reason: "not read within the startup window (--contract-wait): served as written until its OIP model metadata is read"}
 		case why == "":
 			out[v.Name] = ContractStatus{State: contractOK, Since: vd.since}
 		case vd.reason == "":
@@ -456,4 +478,73 @@ func (s *Server) registerContractMetrics(m metric.Meter) error {
 			return nil
 		}))
 	return err
+}
+
+// awaitFirstContracts waits, at start and before ADS is served, until every version of a
+// model with a contract has had its first check, at most Config.ContractWait: the first
+// config a client gets then already holds the versions that break their contract. After
+// the window, the versions still not read are served as written (fail open, logged and on
+// /status) until their check ends. Versions that appear later are held until read.
+func (s *Server) awaitFirstContracts(ctx context.Context) {
+	wait := s.cfg.ContractWait
+	if wait == 0 {
+		wait = DefaultContractWait
+	}
+	if wait < 0 || s.contracts == nil {
+		return
+	}
+	start := time.Now()
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for {
+		s.mu.Lock()
+		pending := s.unreadContractsLocked()
+		s.mu.Unlock()
+		if len(pending) == 0 {
+			s.log.Debug().Dur("waited", time.Since(start)).Msg("first contract check done: serving ADS")
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.contracts.rounds:
+		case <-timer.C:
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			pending = s.unreadContractsLocked()
+			if s.state.contract.open == nil {
+				s.state.contract.open = map[mv]bool{}
+			}
+			for _, k := range pending {
+				s.state.contract.open[k] = true
+				s.log.Warn().Str("model", k.model).Str("version", k.version).Dur("contract_wait", wait).
+					Msg("version's OIP model metadata not read within the startup window: served as written until it is read (fail open)")
+			}
+			if len(pending) > 0 {
+				if err := s.applyLocked(ctx); err != nil {
+					s.log.Error().Err(err).Msg("serving the versions not read within the startup window as written failed")
+				}
+			}
+			return
+		}
+	}
+}
+
+// unreadContractsLocked are the versions of models with a contract that have no verdict yet.
+func (s *Server) unreadContractsLocked() []mv {
+	if s.state.files == nil {
+		return nil
+	}
+	var out []mv
+	for _, r := range s.state.files.Rollouts {
+		if r.Contract == nil {
+			continue
+		}
+		for _, v := range r.Versions {
+			if _, ok := s.state.contract.verdict[r.Model][v.Name]; !ok {
+				out = append(out, mv{r.Model, v.Name})
+			}
+		}
+	}
+	return out
 }

@@ -24,6 +24,7 @@ type metadataHost struct {
 	addr  string
 	md    atomic.Pointer[rollout.Metadata]
 	reads atomic.Int64
+	delay atomic.Int64 // nanoseconds each answer waits
 	srv   *http.Server
 }
 
@@ -45,6 +46,7 @@ func startMetadataHost(t *testing.T, addr, model, version string, md *rollout.Me
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v2/models/"+model+"/versions/"+version, func(w http.ResponseWriter, _ *http.Request) {
 		h.reads.Add(1)
+		time.Sleep(time.Duration(h.delay.Load()))
 		md := h.md.Load()
 		if md == nil {
 			w.WriteHeader(http.StatusServiceUnavailable)

@@ -104,6 +104,11 @@ type Config struct {
 	// ContractRetry is how often a version held by its model's contract (its OIP metadata
 	// breaks it or cannot be read) is read again (contract.go); 0: DefaultContractRetry.
 	ContractRetry time.Duration
+	// ContractWait is how long, at start, ADS waits for the first contract check of every
+	// contracted version, so the first config clients get already holds those that break
+	// it; versions still not read after it are served as written until read (fail open).
+	// 0: DefaultContractWait; negative: no wait.
+	ContractWait time.Duration
 	// LookupHost resolves a host name (default net.DefaultResolver.LookupHost).
 	LookupHost func(ctx context.Context, host string) ([]string, error)
 	// Zones, when set, gives the zone of each address a host name resolves to (Kubernetes:
@@ -466,7 +471,6 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 	}
 	admin := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: adminReadHeaderTimeout,
 		ReadTimeout: adminReadTimeout, WriteTimeout: adminWriteTimeout, IdleTimeout: adminIdleTimeout}
-	go func() { errc <- serveGRPC(gs, grpcLis) }()
 	go func() {
 		if err := admin.Serve(adminLis); !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("admin: %w", err)
@@ -474,12 +478,14 @@ func (s *Server) Run(ctx context.Context, grpcLis, adminLis net.Listener) error 
 		}
 		errc <- nil
 	}()
+	bg.Go(func() { s.checkContracts(ctx); errc <- nil })
+	s.awaitFirstContracts(ctx) // the first config served holds versions that break their contract
+	go func() { errc <- serveGRPC(gs, grpcLis) }()
 	bg.Go(func() { s.refreshDNS(ctx); errc <- nil })
 	if s.prober != nil {
 		bg.Go(func() { s.probeVersions(ctx); errc <- nil })
 	}
 	bg.Go(func() { s.runAnalyses(ctx) })
-	bg.Go(func() { s.checkContracts(ctx); errc <- nil })
 	s.log.Info().Str("ads", grpcLis.Addr().String()).Str("admin", adminLis.Addr().String()).
 		Str("rollouts", s.source.Describe()).Msg("control plane serving")
 
