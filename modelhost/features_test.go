@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"net/http"
@@ -355,94 +354,5 @@ func TestFeatureStoreSlow(t *testing.T) {
 	}
 	if want := reference([4]float64{1, float64(hour), 0.8, 1.5}); !near(p, want) && !near(p, reference([4]float64{1, float64((hour + 1) % 24), 0.8, 1.5})) {
 		t.Fatalf("prediction after the sleep %v, want %v", p, want)
-	}
-}
-
-// BenchmarkFeatureAssembly compares, in the same run, a REST request whose client sends
-// the input itself with the same request whose input the host assembles from features
-// (one HMGET to a real redis-server per request, cache off; and with the local cache),
-// at 1 and 64 concurrent clients. The ratios are printed, not judged.
-//
-//	go test -run '^$' -bench FeatureAssembly -benchtime 2000x ./modelhost/
-func BenchmarkFeatureAssembly(b *testing.B) {
-	rs := startRedis(b, "")
-	if _, err := rs.do("HSET", "patchbay:features:u1", "ctr", "0.8", "spend", "1.5"); err != nil {
-		b.Fatal(err)
-	}
-	repo := featureRepo(b)
-	nocache := startHost(b, repo, func(c *modelhost.Config) { c.FeatureStore = rs.addr; c.FeatureCacheTTL = -1 })
-	cached := startHost(b, repo, func(c *modelhost.Config) { c.FeatureStore = rs.addr; c.FeatureCacheTTL = time.Minute })
-	tr := &http.Transport{MaxIdleConnsPerHost: 64}
-	b.Cleanup(tr.CloseIdleConnections)
-	client := &http.Client{Transport: tr}
-	const sent = `{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1,12,0.8,1.5]}]}`
-	const empty = `{"inputs":[]}`
-	send := func(h *host, body string) error {
-		req, _ := http.NewRequest("POST", h.url+"/v2/models/scorer/versions/v1/infer", strings.NewReader(body))
-		req.Header.Set("x-country", "de")
-		req.Header.Set("x-user-id", "u1")
-		resp, err := client.Do(req)
-		if err != nil {
-			return err
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 {
-			return fmt.Errorf("status %d", resp.StatusCode)
-		}
-		return nil
-	}
-	// measure sends n requests from c clients and returns the time per request.
-	measure := func(b *testing.B, c, n int, h *host, body string) time.Duration {
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		var firstErr error
-		start := time.Now()
-		for w := range c {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := w; i < n; i += c {
-					if err := send(h, body); err != nil {
-						mu.Lock()
-						firstErr = err
-						mu.Unlock()
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
-		if firstErr != nil {
-			b.Fatal(firstErr)
-		}
-		return time.Since(start) / time.Duration(n)
-	}
-	for _, c := range []int{1, 64} {
-		b.Run(fmt.Sprintf("clients=%d", c), func(b *testing.B) {
-			n := max(b.N, c)
-			measure(b, c, min(n, 200), nocache, sent) // warm connections
-			measure(b, c, min(n, 200), cached, sent)
-			var client, redis, cache time.Duration
-			// ABBA order so background load hits every side alike.
-			for _, round := range [2]bool{false, true} {
-				if !round {
-					client += measure(b, c, n, nocache, sent)
-					redis += measure(b, c, n, nocache, empty)
-					cache += measure(b, c, n, cached, empty)
-				} else {
-					cache += measure(b, c, n, cached, empty)
-					redis += measure(b, c, n, nocache, empty)
-					client += measure(b, c, n, nocache, sent)
-				}
-			}
-			b.ReportMetric(float64(client.Microseconds())/2, "client-us/req")
-			b.ReportMetric(float64(redis.Microseconds())/2, "redis-us/req")
-			b.ReportMetric(float64(cache.Microseconds())/2, "cached-us/req")
-			b.ReportMetric(float64(client)/float64(redis), "ratio-redis")
-			b.ReportMetric(float64(client)/float64(cache), "ratio-cached")
-			b.Logf("%d clients: client sends features %v/req, host assembles via Redis %v/req (ratio %.2f), from the local cache %v/req (ratio %.2f)",
-				c, client/2, redis/2, float64(client)/float64(redis), cache/2, float64(client)/float64(cache))
-		})
 	}
 }
