@@ -312,7 +312,13 @@ func featureStoreOutage(t *testing.T, ver string) {
 
 // TestFeatureStoreSlow: a Redis that does not answer within the feature timeout gives
 // the defaults (reason timeout) instead of holding the request.
+// With batching (b1) the waiters of a late pipeline time out alike.
 func TestFeatureStoreSlow(t *testing.T) {
+	t.Run("per-request", func(t *testing.T) { featureStoreSlow(t, "v1") })
+	t.Run("batched", func(t *testing.T) { featureStoreSlow(t, "b1") })
+}
+
+func featureStoreSlow(t *testing.T, ver string) {
 	rs := startRedis(t, "")
 	if _, err := rs.do("HSET", "patchbay:features:u1", "ctr", "0.8", "spend", "1.5"); err != nil {
 		t.Fatal(err)
@@ -321,7 +327,7 @@ func TestFeatureStoreSlow(t *testing.T) {
 		c.FeatureStore, c.FeatureCacheTTL, c.FeatureTimeout = rs.addr, -1, 50*time.Millisecond
 	})
 	hdr := map[string]string{"x-country": "de", "x-user-id": "u1"}
-	if _, _, e := predictREST(t, h, "v1", hdr); e != "" { // a pooled connection exists
+	if _, _, e := predictREST(t, h, ver, hdr); e != "" { // a pooled connection exists
 		t.Fatal(e)
 	}
 	slept := make(chan error, 1)
@@ -330,7 +336,7 @@ func TestFeatureStoreSlow(t *testing.T) {
 	// must take the defaults. Bounded: at most 20 tries, the first ones may precede the sleep.
 	defaults := 0
 	for i := 0; i < 20 && defaults == 0; i++ {
-		p, hour, e := predictREST(t, h, "v1", hdr)
+		p, hour, e := predictREST(t, h, ver, hdr)
 		if e != "" {
 			t.Fatal(e)
 		}
@@ -348,7 +354,7 @@ func TestFeatureStoreSlow(t *testing.T) {
 		t.Errorf("feature_defaults_total{feature=ctr,reason=timeout} = %v, want >= 1", n)
 	}
 	// Redis awake again: stored values.
-	p, hour, e := predictREST(t, h, "v1", hdr)
+	p, hour, e := predictREST(t, h, ver, hdr)
 	if e != "" {
 		t.Fatal(e)
 	}
