@@ -63,6 +63,9 @@ type yamlSpec struct {
 		MaxQueue     int    `yaml:"max_queue"`
 	} `yaml:"batching"`
 	Features []yamlFeature `yaml:"features"`
+	// ONNX holds the onnx runtime's session options; modelhost/runtime/onnx reads and
+	// checks them from model.yaml itself (with file:line), so they are only allowed here.
+	ONNX yaml.Node `yaml:"onnx"`
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`)

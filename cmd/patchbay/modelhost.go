@@ -13,6 +13,7 @@ import (
 	"github.com/patchbay-io/patchbay/internal/telemetry"
 	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/modelhost"
+	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
 )
 
 // modelhostDefaults: the runtime's GC percent (a host's live heap is its models, so a
@@ -45,6 +46,7 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	featureTimeout := fs.Duration("feature-timeout", modelhost.DefaultFeatureTimeout, "bound of one request's feature store round trip; beyond it features take their defaults")
 	featureCacheTTL := fs.Duration("feature-cache-ttl", modelhost.DefaultFeatureCacheTTL, "how long a feature store answer is reused (negative: no cache)")
 	featureCacheSize := fs.Int("feature-cache-size", modelhost.DefaultFeatureCacheSize, "entities whose features are cached locally at most")
+	onnxLib := fs.String("onnxruntime-lib", "", "ONNX Runtime shared library `file` (libonnxruntime.so 1.24.1) for model.yaml's runtime: onnx, loaded with the first onnx model (unset: $PATCHBAY_ONNXRUNTIME_LIB, else .cache/onnxruntime/lib from make onnxruntime in the working directory or a parent); needs the cgo build")
 	memoryLimit := fs.String("memory-limit", "auto", "soft memory limit of the Go runtime, e.g. 4GiB, or none; auto: 90% of the container's memory limit (cgroup) if it has one, else none; precedence: this flag, then $GOMEMLIMIT, then auto")
 	if err := parseFlags(fs, args, stdout, stderr); err != nil {
 		return err
@@ -119,6 +121,7 @@ func runModelhost(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		FeatureTimeout:   *featureTimeout,
 		FeatureCacheTTL:  *featureCacheTTL,
 		FeatureCacheSize: *featureCacheSize,
+		Runtimes:         builtin.LoadersWith(builtin.Options{ONNXRuntimeLib: *onnxLib}),
 	})
 	if err != nil {
 		return err

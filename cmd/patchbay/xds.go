@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -63,6 +64,8 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		edgeKey    = fs.String("edge-tls-key", "", "PEM key of --edge-tls-cert, as Envoy sees it")
 		edgeCA     = fs.String("edge-client-ca", "", "PEM CA bundle, as Envoy sees it: the edge listener requires and verifies client certificates")
 		vHealth    = fs.Duration("version-health-interval", translate.HealthCheckInterval, "how often the control plane probes each version with a share on each endpoint (REST ready path, gRPC health service of the version) and lends an unhealthy version's slots to the model's healthy versions until it recovers (0: off)")
+		ctRetry    = fs.Duration("contract-retry", xds.DefaultContractRetry, "how often a version held by its model's contract (its OIP metadata breaks it or cannot be read) is read again")
+		ctWait     = fs.Duration("contract-wait", xds.DefaultContractWait, "at start, how long ADS waits for the first contract check of every contracted version (a breaking version then never gets a request); versions still unread after it are served as written until read (0: no wait)")
 		dnsRefresh = fs.Duration("dns-refresh", 5*time.Second, "how often endpoint host names are re-resolved")
 		debounce   = fs.Duration("debounce", 10*time.Millisecond, "quiet time after a file event before reloading")
 		stateFile  = fs.String("state-file", "", "file that keeps each model's slot map across restarts (recommended; unset: splits are laid out afresh on restart)")
@@ -124,6 +127,9 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if *settle <= 0 {
 		*settle = -1 // apply at once
 	}
+	if *ctWait <= 0 {
+		*ctWait = -1 // serve ADS at once
+	}
 	metrics, err := telemetry.NewMetrics(telemetry.Service("patchbay-xds"))
 	if err != nil {
 		return err
@@ -140,6 +146,8 @@ func runXDS(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		StateFile:      *stateFile,
 		DNSRefresh:     *dnsRefresh,
 		VersionHealth:  *vHealth,
+		ContractRetry:  *ctRetry,
+		ContractWait:   *ctWait,
 		Debounce:       *debounce,
 		Logger:         log,
 		Metrics:        metrics,
@@ -184,7 +192,8 @@ const rolloutUsage = `Usage: patchbay rollout <command> [arguments] [flags]
 Rollout tools.
 
 Commands:
-  validate PATH...        check rollout files (or directories of them) as the control plane would
+  validate PATH...        check rollout files (or directories of them) as the control plane would;
+                          --live: also check contracted versions against their running hosts
   rollback MODEL [flags]  send all of MODEL's traffic to its last known-good split (or --version V)
   status [MODEL] [flags]  what the control plane serves for MODEL (or every model): split, state, rollback
 
@@ -201,7 +210,7 @@ func runRollout(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	switch args[0] {
 	case "validate":
-		return validateRollouts(args[1:], stdout, stderr)
+		return validateRollouts(ctx, args[1:], stdout, stderr)
 	case "rollback":
 		return rollback(ctx, args[1:], stdout, stderr)
 	case "status":
@@ -215,10 +224,22 @@ func runRollout(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 }
 
-func validateRollouts(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("rollout validate", "PATH...", "Checks rollout files, and directories of them, with the control plane's loader, and\nreports every problem with its file:line. Exit status 1 when any file is invalid.")
+func validateRollouts(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("rollout validate", "[flags] PATH...", "Checks rollout files, and directories of them, with the control plane's loader, and\nreports every problem with its file:line. Exit status 1 when any file is invalid.\n\nWith --live, it then reads, for every rollout with a contract, each version's OIP model\nmetadata from its endpoints as the control plane does (REST GET /v2/models/<m>/versions/<v>,\nor gRPC ModelMetadata for a version without REST endpoints) and reports each version that\nbreaks the contract or cannot be read as file:line: model/version: reason. Exit status 1\nwhen any does: a CI pipeline can refuse a rollout before it is applied.")
+	live := fs.Bool("live", false, "also check every contracted version against the metadata its running hosts answer")
+	timeout := fs.Duration("timeout", 5*time.Second, "--live: how long one endpoint's metadata read may take")
+	ca := fs.String("ca", "", "--live: PEM CA bundle of the model hosts' certificates; versions with tls: true (every version with --tls) are read over TLS")
+	cert := fs.String("cert", "", "--live: PEM client certificate to present to model hosts that require one")
+	key := fs.String("key", "", "--live: PEM key of --cert")
+	allTLS := fs.Bool("tls", false, "--live: read every version over TLS (as the control plane's --upstream-tls)")
 	if err := parseFlags(fs, args, stdout, stderr); err != nil {
 		return err
+	}
+	if !*live && (*ca != "" || *cert != "" || *key != "" || *allTLS) {
+		return fmt.Errorf("rollout validate: --ca, --cert, --key and --tls are for --live: %w", errUsage)
+	}
+	if (*cert == "") != (*key == "") {
+		return fmt.Errorf("rollout validate: --cert and --key go together: %w", errUsage)
 	}
 	paths := fs.Args()
 	if len(paths) == 0 {
@@ -232,6 +253,52 @@ func validateRollouts(args []string, stdout, stderr io.Writer) error {
 	}
 	for _, r := range set.Rollouts {
 		fmt.Fprintf(stdout, "ok  %s  model %s: %s, %s\n", r.Source.File, r.Model, plural(len(r.Versions), "version"), plural(len(r.Experiments), "experiment"))
+	}
+	if !*live {
+		return nil
+	}
+	var src *tlsfiles.Source
+	if *ca != "" {
+		if src, err = tlsfiles.Load(tlsfiles.Files{CA: *ca, Cert: *cert, Key: *key}, tlsfiles.Options{}); err != nil {
+			return fmt.Errorf("rollout validate: %w", err)
+		}
+	}
+	return validateLive(ctx, set, src, *allTLS, *timeout, stdout, stderr)
+}
+
+// validateLive checks every contracted version against its hosts' metadata with the
+// control plane's own reader (xds.CheckVersionContract), endpoints as written.
+func validateLive(ctx context.Context, set *rollout.Set, src *tlsfiles.Source, allTLS bool, timeout time.Duration, stdout, stderr io.Writer) error {
+	bad, checked := 0, 0
+	for _, r := range set.Rollouts {
+		if r.Contract == nil {
+			continue
+		}
+		for i, v := range r.Versions {
+			var tlsCfg func(string) (*tls.Config, error)
+			if v.TLS || allTLS {
+				tlsCfg = func(host string) (*tls.Config, error) {
+					if src == nil {
+						return nil, errors.New("read over TLS (tls: true or --tls) and no --ca given")
+					}
+					return src.ClientConfig(host), nil
+				}
+			}
+			checked++
+			why := xds.CheckVersionContract(ctx, r.Contract, r.Model, v.Name, xds.MetadataEndpoints(v, nil), tlsCfg, timeout)
+			if why == "" {
+				fmt.Fprintf(stdout, "ok  %s:%d: %s/%s keeps the contract\n", r.Source.File, r.Line("versions["+strconv.Itoa(i)+"]"), r.Model, v.Name)
+				continue
+			}
+			bad++
+			fmt.Fprintf(stderr, "%s:%d: %s/%s: %s\n", r.Source.File, r.Line("versions["+strconv.Itoa(i)+"]"), r.Model, v.Name, why)
+		}
+	}
+	if bad > 0 {
+		return fmt.Errorf("rollout validate --live: %s of %d break their contract or cannot be read", plural(bad, "version"), checked)
+	}
+	if checked == 0 {
+		fmt.Fprintln(stdout, "no rollout has a contract: nothing to check live")
 	}
 	return nil
 }
