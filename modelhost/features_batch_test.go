@@ -98,10 +98,14 @@ func TestFeaturesPipelinedPerBatch(t *testing.T) {
 	}
 	// Cache off: every request is a lookup. A generous timeout: the test counts round
 	// trips, it does not time them.
-	h := startHost(t, featureRepo(t), func(c *modelhost.Config) {
+	// b3: batches of at most 4 with a long window: a gathering goes out when 4 joined.
+	repo := featureRepo(t)
+	writeFile(t, filepath.Join(repo, "scorer", "b3", "model.yaml"), fmt.Sprintf(featureYAML, "")+"batching: {max_batch_size: 4, max_delay: 1s}\n")
+	writeFile(t, filepath.Join(repo, "scorer", "b3", "linear.json"), `{"link": "logistic", "weights": [0.5, 0.01, 2, 0.3], "bias": -0.2}`)
+	h := startHost(t, repo, func(c *modelhost.Config) {
 		c.FeatureStore, c.FeatureCacheTTL, c.FeatureTimeout = rs.addr, -1, 2*time.Second
 	})
-	for _, ver := range []string{"b1", "v1"} {
+	for _, ver := range []string{"b1", "v1", "b3"} {
 		if _, err := rs.do("CONFIG", "RESETSTAT"); err != nil {
 			t.Fatal(err)
 		}
@@ -139,9 +143,15 @@ func TestFeaturesPipelinedPerBatch(t *testing.T) {
 		trips := metricSum(t, h, "patchbay_modelhost_feature_store_round_trips_total", `version="`+ver+`"`) - trips0
 		calls := rs.hmgetCalls(t)
 		t.Logf("%s: %d concurrent requests over %d entities: %v round trips, %d HMGETs", ver, n, entities, trips, calls)
-		if ver == "v1" {
+		switch ver {
+		case "v1":
 			if trips != float64(n) || calls != n {
 				t.Errorf("v1 (no batching): %v round trips, %d HMGETs, want %d each", trips, calls, n)
+			}
+			continue
+		case "b3":
+			if trips < float64(n/4) || trips >= float64(n) {
+				t.Errorf("b3: %v round trips for %d concurrent requests, want %d..%d (at most 4 lookups each)", trips, n, n/4, n-1)
 			}
 			continue
 		}
