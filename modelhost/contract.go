@@ -39,11 +39,13 @@ func loadContract(dir string) (*contract.Contract, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", file, err)
 	}
-	return parseContract(file, raw)
+	return ParseContract(file, raw)
 }
 
-// parseContract decodes and validates a contract.yaml (file names it in errors).
-func parseContract(file string, raw []byte) (*contract.Contract, error) {
+// ParseContract decodes and checks a model's contract.yaml as the host does when it loads
+// the model (for tools that check a repository before a host reads it): every problem is
+// an error "file:line: field: message".
+func ParseContract(file string, raw []byte) (*contract.Contract, error) {
 	var c contract.Contract
 	dec := yaml.NewDecoder(bytes.NewReader(raw))
 	dec.KnownFields(true)
@@ -51,7 +53,7 @@ func parseContract(file string, raw []byte) (*contract.Contract, error) {
 		if errors.Is(err, io.EOF) {
 			return nil, fmt.Errorf("%s:1: empty; a contract lists inputs and/or outputs (name, datatype, shape with -1 for a variable dimension)", file)
 		}
-		return nil, yamlError(file, err)
+		return nil, linePerError(yamlError(file, err))
 	}
 	var root yaml.Node
 	_ = yaml.Unmarshal(raw, &root) // decoded fine above
@@ -68,6 +70,22 @@ func parseContract(file string, raw []byte) (*contract.Contract, error) {
 		errs = append(errs, fmt.Errorf("%s:%d: %s", file, lineOf(&root, fieldPath(fe.Field)...), msg))
 	}
 	return nil, errors.Join(errs...)
+}
+
+// linePerError keeps one problem per line: yaml quotes the offending value in its
+// message, newlines included.
+func linePerError(err error) error {
+	j, ok := err.(interface{ Unwrap() []error })
+	if !ok {
+		return err
+	}
+	esc := strings.NewReplacer("\r", `\r`, "\n", `\n`)
+	errs := j.Unwrap()
+	out := make([]error, len(errs))
+	for i, e := range errs {
+		out[i] = errors.New(esc.Replace(e.Error()))
+	}
+	return errors.Join(out...)
 }
 
 // fieldPath splits a contract.FieldError field ("inputs[0].shape[1]") into lineOf's path

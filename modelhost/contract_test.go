@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -283,4 +284,34 @@ outputs:
 	if resp := h.do(t, "POST", "/v2/models/lin/infer", row, nil, nil); resp.StatusCode != 200 {
 		t.Errorf("lin without a contract answered %d", resp.StatusCode)
 	}
+}
+
+// FuzzParseContract: any contract.yaml either parses into a contract Validate accepts, or
+// fails with every problem as "file:LINE: ..." ("file: ..." for a YAML syntax error yaml
+// gives no line for), never a panic.
+func FuzzParseContract(f *testing.F) {
+	for _, s := range []string{
+		"inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]\n",
+		"inputs:\n  - name: x\n    datatype: FP33\n    shape: [-1, -4]\noutputs:\n  - {name: p, datatype: FP32, shape: [-1], extra: 1}\n",
+		"outputs: [{name: p, datatype: BYTES, shape: [1]}, {name: p, datatype: FP32, shape: []}]\n",
+		"inputs: &a [{name: x}]\noutputs: *a\n",
+		"", "inputs: 3", "- a\n- b\n", "inputs: [{name: x, shape: [-2]}]\n", "0\r\r0",
+	} {
+		f.Add([]byte(s))
+	}
+	lineRE := regexp.MustCompile(`^contract\.yaml(:\d+)?: `)
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		c, err := modelhost.ParseContract("contract.yaml", raw)
+		if err == nil {
+			if c == nil || len(contract.Validate(c)) > 0 {
+				t.Fatalf("accepted %q as %+v", raw, c)
+			}
+			return
+		}
+		for _, l := range strings.Split(err.Error(), "\n") {
+			if !lineRE.MatchString(l) {
+				t.Fatalf("%q: error line %q is not file:line", raw, l)
+			}
+		}
+	})
 }
