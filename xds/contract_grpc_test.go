@@ -10,12 +10,15 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/patchbay-io/patchbay/api/contract"
 	"github.com/patchbay-io/patchbay/api/headers"
 	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/xds/rollout"
+	"github.com/patchbay-io/patchbay/xds/translate"
 )
 
 // grpcHost is a real gRPC OIP server for one version: ModelInfer like backend, and
@@ -28,7 +31,7 @@ type grpcHost struct {
 	reads    atomic.Int64
 }
 
-func startGRPCHost(t *testing.T, name string, md *rollout.Metadata, optional *string) *grpcHost {
+func startGRPCHost(t *testing.T, name string, md *rollout.Metadata, optional *string, opts ...grpc.ServerOption) *grpcHost {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -37,7 +40,7 @@ func startGRPCHost(t *testing.T, name string, md *rollout.Metadata, optional *st
 	h := &grpcHost{backend: backend{name: name, addr: lis.Addr().String()}}
 	h.md.Store(md)
 	h.optional.Store(optional)
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(opts...)
 	oip.RegisterGRPCInferenceServiceServer(gs, h)
 	go gs.Serve(lis)
 	t.Cleanup(gs.Stop)
@@ -115,4 +118,69 @@ func TestContractGRPCOnlyVersions(t *testing.T) {
 	})
 	waitFor(t, 5*time.Second, "v2's doors open", func() bool { return len(doors(t, c.srv, "r", "v2")) > 0 })
 	allGoTo(t, xdsClient(t, c, "r"), "v2", headers.Version, "v2")
+}
+
+// TestContractGRPCOverTLS: gRPC-only versions with tls: true are read over TLS with the
+// control plane's client certificate (--tls-cert/--tls-key) against --upstream-tls-ca,
+// from hosts that require and verify it: the compatible one is accepted, the breaking one
+// held with the datatype named (so its metadata was read, not merely unreachable).
+func TestContractGRPCOverTLS(t *testing.T) {
+	pki := t.TempDir()
+	ca, err := tlsfiles.NewCA("test", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostFiles, err := ca.WriteLeaf(pki, "host", tlsfiles.Leaf{Name: "host", Hosts: []string{"127.0.0.1"}, URI: "spiffe://patchbay.local/role/modelhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpFiles, err := ca.WriteLeaf(pki, "xds", tlsfiles.Leaf{Name: "xds", Hosts: []string{"127.0.0.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := tlsfiles.Load(hostFiles, tlsfiles.Options{}) // with the CA: client certificates required
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds := grpc.Creds(credentials.NewTLS(src.ServerConfig("h2")))
+	h1 := startGRPCHost(t, "v1", keeps, nil, creds)
+	h2 := startGRPCHost(t, "v2", breaks, nil, creds)
+	dir := t.TempDir()
+	doc := strings.NewReplacer("{name: v1, protocol: grpc,", "{name: v1, tls: true, protocol: grpc,", "{name: v2, grpcEndpoints", "{name: v2, tls: true, grpcEndpoints").Replace(grpcContractDoc(h1.addr, h2.addr))
+	writeFile(t, dir, "r.yaml", doc)
+	c := startCPWith(t, dir, func(cfg *Config) {
+		cfg.ContractRetry = 50 * time.Millisecond
+		cfg.TLS = tlsfiles.Files{Cert: cpFiles.Cert, Key: cpFiles.Key}
+		cfg.Translate.UpstreamTLS = translate.TLSFiles{CA: cpFiles.CA, Cert: cpFiles.Cert, Key: cpFiles.Key}
+	})
+	waitFor(t, 5*time.Second, "v1 ok and v2 held over TLS", func() bool {
+		a, _ := contractOf(c, "v1")
+		b, _ := contractOf(c, "v2")
+		return a.State == contractOK && b.State == contractHeld
+	})
+	if cs, _ := contractOf(c, "v2"); !strings.Contains(cs.Reason, `input "x": datatype FP64, the contract says FP32`) {
+		t.Fatalf("v2 contract status %+v, want the datatype named", cs)
+	}
+}
+
+// FuzzOptionalInputs: any x-patchbay-optional-inputs header values give trimmed,
+// non-empty names without commas, and the header counts as said whenever it is present.
+func FuzzOptionalInputs(f *testing.F) {
+	f.Add("mask", "")
+	f.Add(" a , b,,c ", "d")
+	f.Add("", "")
+	f.Fuzz(func(t *testing.T, a, b string) {
+		got, said := optionalInputs(metadata.MD{contract.OptionalInputsHeader: {a, b}})
+		if !said {
+			t.Fatal("header present but not said")
+		}
+		for n := range got {
+			if n == "" || n != strings.TrimSpace(n) || strings.Contains(n, ",") {
+				t.Fatalf("name %q from %q, %q", n, a, b)
+			}
+		}
+		if _, said := optionalInputs(metadata.MD{}); said {
+			t.Fatal("absent header said")
+		}
+	})
 }

@@ -13,13 +13,14 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/patchbay-io/patchbay/internal/tlsfiles"
 	"github.com/patchbay-io/patchbay/modelhost"
 )
 
 // liveHost runs a real patchbay model host in process, on 127.0.0.1:0, over a repository
 // of model m with versions v1 (input features FP32 [-1, 4]) and v2 (input x instead: it
 // breaks a contract on features). It returns the REST and gRPC addresses.
-func liveHost(t *testing.T) (rest, grpcAddr string) {
+func liveHost(t *testing.T, tls *tlsfiles.Source) (rest, grpcAddr string) {
 	t.Helper()
 	repo := t.TempDir()
 	for v, input := range map[string]string{"v1": "features", "v2": "x"} {
@@ -35,7 +36,7 @@ func liveHost(t *testing.T) (rest, grpcAddr string) {
 			t.Fatal(err)
 		}
 	}
-	srv, err := modelhost.New(modelhost.Config{Repository: repo, Logger: zerolog.Nop()})
+	srv, err := modelhost.New(modelhost.Config{Repository: repo, Logger: zerolog.Nop(), TLS: tls})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,10 +74,11 @@ func liveRollout(t *testing.T, versions string) string {
 	return path
 }
 
-func validateLiveRun(t *testing.T, path string) (string, string, error) {
+func validateLiveRun(t *testing.T, path string, flags ...string) (string, string, error) {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
-	err := run(context.Background(), []string{"rollout", "validate", "--live", "--timeout", "5s", path}, &stdout, &stderr)
+	args := append(append([]string{"rollout", "validate", "--live", "--timeout", "5s"}, flags...), path)
+	err := run(context.Background(), args, &stdout, &stderr)
 	return stdout.String(), stderr.String(), err
 }
 
@@ -86,7 +88,7 @@ func validateLiveRun(t *testing.T, path string) (string, string, error) {
 // naming file:line, model/version and the breach; an address nothing listens on fails,
 // naming it.
 func TestValidateLive(t *testing.T) {
-	rest, grpcAddr := liveHost(t)
+	rest, grpcAddr := liveHost(t, nil)
 
 	t.Run("compatible", func(t *testing.T) {
 		// v1 over REST, then as a gRPC-only version (ModelMetadata).
@@ -143,4 +145,40 @@ func TestValidateLive(t *testing.T) {
 			t.Errorf("stderr lacks file:line and the address %s:\n%s", silent, errOut)
 		}
 	})
+}
+
+// TestValidateLiveTLS: versions with tls: true are read over TLS from a model host that
+// requires a client certificate, with --ca, --cert and --key, over REST and gRPC; without
+// --ca the version is reported unreadable.
+func TestValidateLiveTLS(t *testing.T) {
+	pki := t.TempDir()
+	ca, err := tlsfiles.NewCA("test", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostFiles, err := ca.WriteLeaf(pki, "host", tlsfiles.Leaf{Name: "host", Hosts: []string{"127.0.0.1"}, URI: "spiffe://patchbay.local/role/modelhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := ca.WriteLeaf(pki, "ci", tlsfiles.Leaf{Name: "ci", URI: "spiffe://patchbay.local/role/operator"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := tlsfiles.Load(hostFiles, tlsfiles.Options{}) // with the CA: client certificates required
+	if err != nil {
+		t.Fatal(err)
+	}
+	rest, grpcAddr := liveHost(t, src)
+	path := liveRollout(t, fmt.Sprintf("  - {name: v1, tls: true, endpoints: [%q], grpcEndpoints: [%q]}\n", rest, grpcAddr))
+	if out, errOut, err := validateLiveRun(t, path, "--ca", ci.CA, "--cert", ci.Cert, "--key", ci.Key); err != nil {
+		t.Fatalf("validate --live over TLS: %v\n%s%s", err, out, errOut)
+	}
+	grpcOnly := liveRollout(t, fmt.Sprintf("  - {name: v1, tls: true, protocol: grpc, endpoints: [%q]}\n", grpcAddr))
+	if out, errOut, err := validateLiveRun(t, grpcOnly, "--ca", ci.CA, "--cert", ci.Cert, "--key", ci.Key); err != nil {
+		t.Fatalf("validate --live over TLS (gRPC): %v\n%s%s", err, out, errOut)
+	}
+	_, errOut, err := validateLiveRun(t, path)
+	if err == nil || !strings.Contains(errOut, "no --ca given") {
+		t.Fatalf("without --ca: %v\n%s", err, errOut)
+	}
 }
