@@ -53,6 +53,11 @@ type upConfig struct {
 	readyTimeout          time.Duration
 	envoyTimeout          time.Duration
 	stopGrace             time.Duration
+	// The feature store (up_features.go): --redis-server ("auto", "off" or a path),
+	// --feature-store (a running Redis instead), and the example features to load.
+	redisServer, featureStore string
+	featureFile               string
+	features                  exampleFeatures
 }
 
 // runUp starts every part of patchbay on this machine from an examples directory:
@@ -104,7 +109,7 @@ func watchParent(ctx context.Context, cancel context.CancelCauseFunc, every time
 }
 
 func parseUp(args []string, stdout, stderr io.Writer) (upConfig, error) {
-	fs := newFlags("up", "[flags]", "Runs everything on this machine from the examples: two model hosts, the control plane,\next_proc and, when one can be had, Envoy ($ENVOY_BIN, envoy on PATH, or a func-e\ndownload). Ctrl-C stops them all.")
+	fs := newFlags("up", "[flags]", "Runs everything on this machine from the examples: two model hosts, the control plane,\next_proc and, when one can be had, Envoy ($ENVOY_BIN, envoy on PATH, or a func-e\ndownload), and a Redis feature store with the example features when redis-server is\nfound (without one, store features take their defaults). Ctrl-C stops them all.")
 	var c upConfig
 	examples := fs.String("examples", "examples", "examples directory: rollouts from DIR/rollouts, model repository DIR/models")
 	fs.StringVar(&c.rollouts, "rollouts", "", "rollout directory (default DIR/rollouts of --examples)")
@@ -128,6 +133,9 @@ func parseUp(args []string, stdout, stderr io.Writer) (upConfig, error) {
 	fs.DurationVar(&c.readyTimeout, "ready-timeout", 60*time.Second, "how long each part may take to become ready")
 	fs.DurationVar(&c.envoyTimeout, "envoy-timeout", 5*time.Minute, "how long Envoy may take to be ready (a func-e download included)")
 	fs.DurationVar(&c.stopGrace, "stop-grace", 5*time.Second, "how long a part may take to stop after SIGTERM before it is killed")
+	fs.StringVar(&c.redisServer, "redis-server", "auto", `Redis for the model hosts' store features: "auto" (redis-server on PATH, started on a free loopback port without persistence), "off", or a redis-server binary; without one, store features take their defaults`)
+	fs.StringVar(&c.featureStore, "feature-store", "", "a running Redis (host:port or redis:// URL) to use instead of starting one; the example features are written into it")
+	fs.StringVar(&c.featureFile, "features", "", "example features loaded into the feature store, entity: {feature: value} (default DIR/features.yaml of --examples, if present)")
 	if err := parseFlags(fs, args, stdout, stderr); err != nil {
 		return c, err
 	}
@@ -140,6 +148,10 @@ func parseUp(args []string, stdout, stderr io.Writer) (upConfig, error) {
 	}
 	if c.repository == "" {
 		c.repository = filepath.Join(*examples, "models")
+	}
+	explicitFeatures := c.featureFile != ""
+	if !explicitFeatures {
+		c.featureFile = filepath.Join(*examples, "features.yaml")
 	}
 	c.hostHTTP, c.hostGRPC, c.hostAdmin = splitList(*hostHTTP), splitList(*hostGRPC), splitList(*hostAdmin)
 	var errs []error
@@ -154,6 +166,14 @@ func parseUp(args []string, stdout, stderr io.Writer) (upConfig, error) {
 	if c.readyTimeout <= 0 || c.envoyTimeout <= 0 || c.stopGrace <= 0 {
 		errs = append(errs, errors.New("--ready-timeout, --envoy-timeout and --stop-grace must be positive"))
 	}
+	if c.redisServer == "" {
+		errs = append(errs, errors.New(`--redis-server: want "auto", "off" or a path`))
+	}
+	features, err := loadFeatureFile(c.featureFile, explicitFeatures)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("--features: %w", err))
+	}
+	c.features = features
 	if err := errors.Join(errs...); err != nil {
 		return c, fmt.Errorf("up: %w: %w", err, errUsage)
 	}
@@ -225,6 +245,10 @@ type upRun struct {
 	// funceOptions are added to func-e's options (tests point its download at a
 	// local server).
 	funceOptions []funceapi.RunOption
+	// featureNote says which feature store the model hosts use (banner);
+	// featureEntities are the entities whose example features were loaded.
+	featureNote     string
+	featureEntities []string
 }
 
 func (u *upRun) run(ctx context.Context) (err error) {
@@ -287,6 +311,7 @@ func (u *upRun) startAll(ctx context.Context) error {
 		return fmt.Errorf("up: %w", err)
 	}
 
+	featureStore := u.startFeatureStore(ctx)
 	repos := u.hostRepositories()
 	for i := range c.hostHTTP {
 		name := "modelhost-" + string(rune('a'+i))
@@ -299,6 +324,9 @@ func (u *upRun) startAll(ctx context.Context) error {
 			"--shadow-records", c.xdsListen, "--shadow-sample", "1",
 		}
 		args = append(args, u.serverTLSArgs("modelhost")...)
+		if featureStore != "" {
+			args = append(args, "--feature-store", featureStore)
+		}
 		if err := u.startChild(ctx, name, c.bin, args, u.url(c.hostHTTP[i], "/v2/health/ready"), c.readyTimeout); err != nil {
 			return err
 		}
@@ -423,12 +451,22 @@ func (u *upRun) startChild(ctx context.Context, name, bin string, args []string,
 	if ctx.Err() != nil {
 		return nil // stopping: start nothing more
 	}
+	p, err := u.spawn(name, bin, args)
+	if err != nil {
+		return err
+	}
+	return u.waitReady(ctx, p, readyURL, timeout)
+}
+
+// spawn starts `bin args...` as a part (in its own process group, its output prefixed
+// with name) without waiting for it to be ready.
+func (u *upRun) spawn(name, bin string, args []string) (*part, error) {
 	cmd := exec.Command(bin, args...)
 	w := u.log.writer(name)
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.SysProcAttr = ownProcessGroup()
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("up: start %s: %w", name, err)
+		return nil, fmt.Errorf("up: start %s: %w", name, err)
 	}
 	p := &part{
 		name: name, pid: cmd.Process.Pid, done: make(chan struct{}),
@@ -441,7 +479,7 @@ func (u *upRun) startChild(ctx context.Context, name, bin string, args []string,
 	}()
 	u.parts = append(u.parts, p)
 	u.log.printf("up", "started %s (pid %d): %s %s", name, p.pid, filepath.Base(bin), strings.Join(args, " "))
-	return u.waitReady(ctx, p, readyURL, timeout)
+	return p, nil
 }
 
 // hostRepositories gives each model host a repository holding only the versions whose
@@ -828,6 +866,7 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	}
 	fmt.Fprintf(&b, "  control plane    ADS %s   admin %s\n", c.xdsListen, u.url(c.xdsAdmin, "/status"))
 	fmt.Fprintf(&b, "  ext_proc         %s   admin %s\n", c.extprocListen, u.url(c.extprocAdmin, "/metrics"))
+	fmt.Fprintf(&b, "  feature store    %s\n", u.featureNote)
 	edge := u.url(c.edgeListener, "")
 	if envoyUp {
 		fmt.Fprintf(&b, "  Envoy edge       %s   ready/metrics http://%s/ready, /stats/prometheus\n", edge, c.envoyStat)
@@ -861,6 +900,7 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 	fmt.Fprintf(&b, "  # a model host directly (no routing): pick the version yourself\n")
 	fmt.Fprintf(&b, "  %s -s -d '%s' %s/v2/models/ranker/versions/v7/infer\n", curl, ranker, u.url(c.hostHTTP[0], ""))
 	fmt.Fprintf(&b, "  %s -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, churn, c.hostGRPC[0])
+	u.printFeatureTry(&b, curl)
 	fmt.Fprintf(&b, "  # the model repository API lives only on a host's admin listener, behind the token\n")
 	fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.hostAdmin[0], "/v2/repository/index"))
 	fmt.Fprintf(&b, "  # proxyless gRPC, no Envoy: a gRPC client with xDS support (grpcurl, grpc-go) reads the bootstrap\n")
@@ -872,6 +912,10 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 		}
 		_ = json.Unmarshal([]byte(body), &req)
 		fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s %s -d '%s' xds:///%s inference.GRPCInferenceService/ModelInfer\n", grpcBootstrap, grpcurl, body, req.Model)
+	}
+	if users := u.featureUsers(); users != nil {
+		fmt.Fprintf(&b, "  GRPC_XDS_BOOTSTRAP=%s %s -H '%s: %s' -H 'x-device: mobile' -d '{\"model_name\":\"%s\",\"inputs\":[]}' xds:///%[5]s inference.GRPCInferenceService/ModelInfer\n",
+			grpcBootstrap, grpcurl, headers.UserID, users[0], featureModel)
 	}
 	if u.tls != nil {
 		fmt.Fprintf(&b, "  (mTLS to the control plane from the bootstrap's tls channel credentials; dial with xDS credentials,\n")

@@ -81,7 +81,7 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	rollouts := t.TempDir()
 	examples := filepath.Join("..", "..", "examples")
 	files, err := filepath.Glob(filepath.Join(examples, "rollouts", "*.yaml"))
-	if err != nil || len(files) != 3 {
+	if err != nil || len(files) != 4 {
 		t.Fatalf("example rollouts: %v %v", files, err)
 	}
 	moved := strings.NewReplacer("127.0.0.1:9001", hostHTTP[0], "127.0.0.1:9002", hostHTTP[1], "127.0.0.1:9011", hostGRPC[0], "127.0.0.1:9012", hostGRPC[1])
@@ -262,8 +262,10 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	conn.Close()
 
 	pids := startedPIDs(stderr.String())
-	if len(pids) != 4 {
-		t.Fatalf("up started %d parts (%v), want 4: two model hosts, xds, extproc", len(pids), pids)
+	// And the feature store, first, when a redis-server is on PATH.
+	_, noRedis := exec.LookPath("redis-server")
+	if want := map[bool]int{true: 4, false: 5}[noRedis != nil]; len(pids) != want {
+		t.Fatalf("up started %d parts (%v), want %d: two model hosts, xds, extproc (and redis when redis-server is on PATH)", len(pids), pids, want)
 	}
 
 	cancel()
@@ -293,7 +295,11 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	for _, m := range order {
 		got = append(got, m[1])
 	}
-	if want := "extproc xds modelhost-b modelhost-a"; strings.Join(got, " ") != want {
+	want := "extproc xds modelhost-b modelhost-a"
+	if noRedis == nil {
+		want += " redis"
+	}
+	if strings.Join(got, " ") != want {
 		t.Errorf("stop order = %q, want %q", strings.Join(got, " "), want)
 	}
 }
@@ -403,9 +409,9 @@ func TestExampleRollouts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ranker, churn, recs := set.Model("ranker"), set.Model("churn"), set.Model("recs")
-	if ranker == nil || churn == nil || recs == nil || len(set.Rollouts) != 3 {
-		t.Fatalf("want exactly ranker, churn and recs; got %d rollouts", len(set.Rollouts))
+	ranker, churn, recs, propensity := set.Model("ranker"), set.Model("churn"), set.Model("recs"), set.Model(featureModel)
+	if ranker == nil || churn == nil || recs == nil || propensity == nil || len(set.Rollouts) != 4 {
+		t.Fatalf("want exactly ranker, churn, recs and %s; got %d rollouts", featureModel, len(set.Rollouts))
 	}
 	if ranker.Traffic["v7"] != 90 || ranker.Traffic["v8"] != 10 {
 		t.Errorf("ranker traffic %v, want 90/10", ranker.Traffic)
@@ -430,6 +436,9 @@ func TestExampleRollouts(t *testing.T) {
 	}
 	if recs.Traffic["v1"] != 100 {
 		t.Errorf("recs traffic %v, want 100%% v1", recs.Traffic)
+	}
+	if propensity.Traffic["v1"] != 100 {
+		t.Errorf("%s traffic %v, want 100%% v1", featureModel, propensity.Traffic)
 	}
 	// Their endpoints are the hosts `up` starts by default.
 	c, err := parseUp([]string{"--examples", filepath.Join("..", "..", "examples")}, io.Discard, io.Discard)
