@@ -587,7 +587,7 @@ func checkFlags(t *testing.T, r *rendered, full, files bool) {
 			"listen": "0.0.0.0:28000", "extproc-timeout": "250ms", "access-log": "false",
 			"admin-token-file": "/etc/patchbay/admin-token/token",
 			"peer-role":        "spiffe://example.org/ns/ml/sa/ranker-client=grpc", "allow-empty": "true", "settle": "250ms",
-			"version-health-interval": "3s", "source": "kubernetes", "namespace": namespace,
+			"version-health-interval": "3s", "contract-retry": "2s", "contract-wait": "8s", "source": "kubernetes", "namespace": namespace,
 		}
 		if files {
 			want["source"], want["namespace"] = "files", ""
