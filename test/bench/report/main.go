@@ -15,7 +15,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -34,6 +36,7 @@ type suite struct {
 	bench    string
 	time     string
 	benchmem bool
+	needs    string // a program the suite needs on PATH; without it the suite is not run
 }
 
 // args is the suite's `go test` command line after "go".
@@ -54,20 +57,22 @@ func (s suite) command() string {
 
 // suites are every suite `make bench` runs; the report's header lists them again.
 var suites = []suite{
-	{"control plane", "./xds/", "Translate1000x3|EditToRoute|MemoryPer1000Models", "1x", false},
-	{"ext_proc decision alone", "./extproc/internal/assign/", "^BenchmarkDecide$", "1s", true},
-	{"ext_proc vs floor, mTLS on vs off", "./test/bench/extproc/", "ExtprocVsFloor|ExtprocMTLS", "1x", false},
-	{"model host", "./test/bench/modelhost/", ".", "2000x", false},
-	{"whole chain", "./test/e2e/", ".", "1x", false},
-	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x", false},
-	{"control plane against models and a burst of 1,000 edits (the shipped binary, 100 and 1,000 models; 10,000 with PATCHBAY_BENCH_LARGE=1)", "./test/bench/xdsscale/", "XDSScale|Burst", "1x", false},
-	{"control plane fan-out to simulated ADS clients and a restart under 1,000 clients (the shipped binary; 1,000 models x 5,000/20,000 clients with PATCHBAY_BENCH_LARGE=1)", "./test/bench/fanout/", "^BenchmarkFanout$|^BenchmarkRestart$", "1x", false},
+	{"control plane", "./xds/", "Translate1000x3|EditToRoute|MemoryPer1000Models", "1x", false, ""},
+	{"ext_proc decision alone", "./extproc/internal/assign/", "^BenchmarkDecide$", "1s", true, ""},
+	{"ext_proc vs floor, mTLS on vs off", "./test/bench/extproc/", "ExtprocVsFloor|ExtprocMTLS", "1x", false, ""},
+	{"model host", "./test/bench/modelhost/", ".", "2000x", false, ""},
+	{"feature assembly (a real redis-server; client-sent features vs the host assembling them, per request and per dynamic batch)", "./modelhost/", "FeatureAssembly", "1000x", false, "redis-server"},
+	{"whole chain", "./test/e2e/", ".", "1x", false, ""},
+	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x", false, ""},
+	{"control plane against models and a burst of 1,000 edits (the shipped binary, 100 and 1,000 models; 10,000 with PATCHBAY_BENCH_LARGE=1)", "./test/bench/xdsscale/", "XDSScale|Burst", "1x", false, ""},
+	{"control plane fan-out to simulated ADS clients and a restart under 1,000 clients (the shipped binary; 1,000 models x 5,000/20,000 clients with PATCHBAY_BENCH_LARGE=1)", "./test/bench/fanout/", "^BenchmarkFanout$|^BenchmarkRestart$", "1x", false, ""},
 }
 
 // result is one benchmark line: its name and metrics by unit.
 type result struct {
 	name    string
 	metrics map[string]float64
+	skipped string // why the benchmark's suite did not run ("" when it did)
 }
 
 // row is one line of the report's table and one bar of its chart.
@@ -75,6 +80,7 @@ type row struct {
 	what, figure, baseline string
 	value                  float64 // the plotted value: a ratio, or a cost in unit
 	ok                     bool    // false: not measured in this run
+	why                    string  // why not measured, when known
 	unit                   string  // "ratio", or the cost's unit ("ms", "µs", "ns/decision", ...)
 	format                 string  // how value is printed, e.g. "%.2f"
 	better                 string  // "higher" or "lower"
@@ -83,6 +89,9 @@ type row struct {
 
 // valueText is the value as the table and the bar label print it.
 func (r row) valueText() string {
+	if !r.ok && r.why != "" {
+		return "not measured: " + r.why
+	}
 	if !r.ok {
 		return "not measured"
 	}
@@ -106,7 +115,16 @@ func (r row) goalText() string {
 
 func main() {
 	out := flag.String("out", "docs/bench", "output directory")
+	only := flag.String("suites", "", "run only the suites whose title or package matches this regexp (try one section: -suites feature -out /tmp/bench)")
 	flag.Parse()
+	if *only != "" {
+		re, err := regexp.Compile(*only)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "report: -suites:", err)
+			os.Exit(2)
+		}
+		suites = slices.DeleteFunc(suites, func(s suite) bool { return !re.MatchString(s.title) && !re.MatchString(s.pkg) })
+	}
 	if err := run(*out); err != nil {
 		fmt.Fprintln(os.Stderr, "report:", err)
 		os.Exit(1)
@@ -123,6 +141,15 @@ func run(out string) error {
 		ran []string
 	)
 	for _, s := range suites {
+		if s.needs != "" {
+			if _, err := exec.LookPath(s.needs); err != nil {
+				why := s.needs + " missing"
+				fmt.Fprintf(os.Stderr, "not running %s: %s\n", s.title, why)
+				ran = append(ran, fmt.Sprintf("%s — `%s` (**not run: %s**)", s.title, s.command(), why))
+				all = append(all, result{name: strings.SplitN(s.bench, "|", 2)[0], skipped: why})
+				continue
+			}
+		}
 		fmt.Fprintf(os.Stderr, "running %s (%s)...\n", s.title, s.pkg)
 		cmd := exec.Command("go", s.args()...)
 		var buf bytes.Buffer
@@ -425,7 +452,45 @@ func buildRows(all []result) []row {
 			"p50 "+f(c.bench, "down-p50-µs", "%.0f µs")+"; detected in "+f(c.bench, "detect-ms", "%.0f ms"),
 			"ext_proc healthy, same run: p50 "+f(c.bench, "healthy-p50-µs", "%.0f µs")+", p99 "+f(c.bench, "healthy-p99-µs", "%.0f µs")+" (added p99 "+f(c.bench, "added-p99-µs", "%.0f µs")+")")
 	}
+	rows = append(rows, featureRows(all, f)...)
 	rows = append(rows, scaleRows(all, f)...)
+	return rows
+}
+
+// featureRows are the feature assembly rows (modelhost's BenchmarkFeatureAssembly): the
+// same request with the features sent by the client over the host assembling them from
+// a real Redis (cache off), time ratio client/assembled, per request and per dynamic
+// batch (one pipelined round trip per batch window), at 1 and 64 clients. Without
+// redis-server the suite does not run and the rows say so.
+func featureRows(all []result, f func(bench, unit, format string) string) []row {
+	var why string
+	for _, r := range all {
+		if r.name == "FeatureAssembly" && r.skipped != "" {
+			why = r.skipped
+		}
+	}
+	var rows []row
+	for _, mode := range []struct{ name, what, trips string }{{"request", "per request", "one HMGET per request"}, {"batch", "per dynamic batch", "one pipelined round trip per batch"}} {
+		for _, c := range []int{1, 64} {
+			b := fmt.Sprintf("BenchmarkFeatureAssembly/%s/clients=%d", mode.name, c)
+			v, ok := get(all, b, "ratio-redis")
+			clients := "clients"
+			if c == 1 {
+				clients = "client"
+			}
+			r := row{
+				what: fmt.Sprintf("feature assembly via Redis, %s, %d %s (client-sent time/assembled time; %s)", mode.what, c, clients, mode.trips),
+				figure: f(b, "redis-us/req", "host assembles: %.0f µs/req") + ", " + f(b, "redis-trips/req", "%.2f Redis round trips/req") +
+					"; from the local cache " + f(b, "cached-us/req", "%.0f µs/req") + " (ratio " + f(b, "ratio-cached", "%.2f") + ")",
+				baseline: f(b, "client-us/req", "client sends the features: %.0f µs/req"),
+				unit:     "ratio", format: "%.2f", better: "higher", value: v, ok: ok, why: why,
+			}
+			if !ok {
+				r.figure, r.baseline = "—", "—"
+			}
+			rows = append(rows, r)
+		}
+	}
 	return rows
 }
 

@@ -179,3 +179,63 @@ func TestScaleFigureWithoutData(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestFeatureRows: the feature assembly rows (per request and per batch, 1 and 64
+// clients) carry the same run's client/assembled ratio and say higher is better; without
+// redis-server the suite is not run and each row says so.
+func TestFeatureRows(t *testing.T) {
+	b, err := os.ReadFile("testdata/bench-output.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := parse(string(b))
+	var got []row
+	for _, r := range buildRows(all) {
+		if strings.HasPrefix(r.what, "feature assembly") {
+			got = append(got, r)
+		}
+	}
+	if len(got) != 4 {
+		t.Fatalf("%d feature assembly rows, want 4 (per request and per batch, 1 and 64 clients)", len(got))
+	}
+	for i, want := range []struct {
+		mode, bench string
+		clients     string
+	}{{"per request", "request", "1 client "}, {"per request", "request", "64 clients"}, {"per dynamic batch", "batch", "1 client "}, {"per dynamic batch", "batch", "64 clients"}} {
+		r := got[i]
+		b := "BenchmarkFeatureAssembly/" + want.bench + "/clients=" + strings.Fields(want.clients)[0]
+		v, ok := get(all, b, "ratio-redis")
+		if !ok || !r.ok || r.value != v || r.better != "higher" || r.unit != "ratio" {
+			t.Errorf("row %q: value %v ok %v better %s, want the captured %s ratio-redis %v, higher", r.what, r.value, r.ok, r.better, b, v)
+		}
+		if !strings.Contains(r.what, want.mode) || !strings.Contains(r.what, want.clients) {
+			t.Errorf("row %d is %q, want %s at %s", i, r.what, want.mode, want.clients)
+		}
+		if !strings.Contains(r.baseline, "client sends the features") || !strings.Contains(r.figure, "round trips/req") {
+			t.Errorf("row %q: baseline %q, figure %q", r.what, r.baseline, r.figure)
+		}
+	}
+	missing := append(all[:len(all):len(all)], result{name: "FeatureAssembly", skipped: "redis-server missing"})
+	for i := range missing {
+		if strings.HasPrefix(missing[i].name, "BenchmarkFeatureAssembly") {
+			missing[i].name = "dropped"
+		}
+	}
+	for _, r := range buildRows(missing) {
+		if strings.HasPrefix(r.what, "feature assembly") && (r.ok || r.valueText() != "not measured: redis-server missing") {
+			t.Errorf("row %q without redis-server: %q", r.what, r.valueText())
+		}
+	}
+	names := map[string]bool{}
+	for _, r := range got {
+		names[short(r.what)] = true
+	}
+	if len(names) != 4 {
+		t.Errorf("the 4 rows' chart labels are not distinct: %v", names)
+	}
+	for _, s := range suites {
+		if s.pkg == "./modelhost/" && (s.needs != "redis-server" || !strings.Contains(s.command(), "-bench 'FeatureAssembly'")) {
+			t.Errorf("feature suite %q needs %q", s.command(), s.needs)
+		}
+	}
+}
