@@ -4,16 +4,22 @@ package modelhost_test
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
+
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/modelhost"
@@ -289,4 +295,419 @@ outputs: [{name: probabilities, datatype: FP32, shape: [-1, 3]}]
 		h := startHost(t, repo, nil)
 		check(t, h, "mlp-wrong", "dimension 1 is fixed at 8")
 	})
+}
+
+// backendData is Debian's libonnx-testdata: ONNX's own backend node tests (a model,
+// its inputs and the outputs ONNX's reference implementation gave).
+const backendData = "/usr/share/libonnx-testdata/data/node"
+
+// backendPass lists the node tests that passed when it was written; a listed test
+// failing is a regression. Regenerate: PATCHBAY_ONNX_BACKEND_WRITE=1 go test -run
+// TestONNXBackendNodeTests ./modelhost/
+const backendPass = onnxFixtures + "/backend-pass.txt"
+
+// pbTensor is an onnx.TensorProto, decoded with protowire (the host has no ONNX
+// protobuf types; the fields read are dims 1, data_type 2, float_data 4, int32_data 5,
+// string_data 6, int64_data 7, name 8, raw_data 9, double_data 10, uint64_data 11).
+type pbTensor struct {
+	name     string
+	dtype    int64
+	dims     []int64
+	f        []float64
+	i        []int64
+	u        []uint64
+	s        [][]byte
+	raw      []byte
+	datatype string // OIP
+}
+
+// oipOfONNX maps ONNX's TensorProto.DataType to the OIP datatypes the host carries;
+// FLOAT16, BFLOAT16 and complex types are left out of the selection.
+var oipOfONNX = map[int64]string{1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "BYTES", 9: "BOOL", 11: "FP64", 12: "UINT32", 13: "UINT64"}
+
+func parseTensorProto(b []byte) (*pbTensor, error) {
+	t := &pbTensor{}
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return nil, protowire.ParseError(n)
+		}
+		b = b[n:]
+		// Repeated scalars come packed (bytes) or one per tag.
+		packed := typ == protowire.BytesType && (num == 1 || num == 4 || num == 5 || num == 7 || num == 10 || num == 11)
+		if packed {
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return nil, protowire.ParseError(n)
+			}
+			b = b[n:]
+			for len(v) > 0 {
+				var k int
+				switch num {
+				case 4:
+					var x uint32
+					x, k = protowire.ConsumeFixed32(v)
+					t.f = append(t.f, float64(math.Float32frombits(x)))
+				case 10:
+					var x uint64
+					x, k = protowire.ConsumeFixed64(v)
+					t.f = append(t.f, math.Float64frombits(x))
+				default:
+					var x uint64
+					x, k = protowire.ConsumeVarint(v)
+					switch num {
+					case 1:
+						t.dims = append(t.dims, int64(x))
+					case 5, 7:
+						t.i = append(t.i, int64(x))
+					case 11:
+						t.u = append(t.u, x)
+					}
+				}
+				if k < 0 {
+					return nil, protowire.ParseError(k)
+				}
+				v = v[k:]
+			}
+			continue
+		}
+		switch {
+		case typ == protowire.VarintType:
+			x, k := protowire.ConsumeVarint(b)
+			if k < 0 {
+				return nil, protowire.ParseError(k)
+			}
+			b = b[k:]
+			switch num {
+			case 1:
+				t.dims = append(t.dims, int64(x))
+			case 2:
+				t.dtype = int64(x)
+			case 5, 7:
+				t.i = append(t.i, int64(x))
+			case 11:
+				t.u = append(t.u, x)
+			}
+		case typ == protowire.BytesType:
+			v, k := protowire.ConsumeBytes(b)
+			if k < 0 {
+				return nil, protowire.ParseError(k)
+			}
+			b = b[k:]
+			switch num {
+			case 6:
+				t.s = append(t.s, v)
+			case 8:
+				t.name = string(v)
+			case 9:
+				t.raw = v
+			}
+		default:
+			k := protowire.ConsumeFieldValue(num, typ, b)
+			if k < 0 {
+				return nil, protowire.ParseError(k)
+			}
+			b = b[k:]
+		}
+	}
+	t.datatype = oipOfONNX[t.dtype]
+	if t.raw != nil {
+		le := binary.LittleEndian
+		switch t.datatype {
+		case "FP32":
+			for k := 0; k+4 <= len(t.raw); k += 4 {
+				t.f = append(t.f, float64(math.Float32frombits(le.Uint32(t.raw[k:]))))
+			}
+		case "FP64":
+			for k := 0; k+8 <= len(t.raw); k += 8 {
+				t.f = append(t.f, math.Float64frombits(le.Uint64(t.raw[k:])))
+			}
+		case "INT8", "UINT8", "BOOL":
+			for _, x := range t.raw {
+				if t.datatype == "INT8" {
+					t.i = append(t.i, int64(int8(x)))
+				} else {
+					t.i = append(t.i, int64(x))
+				}
+			}
+		case "INT16", "UINT16":
+			for k := 0; k+2 <= len(t.raw); k += 2 {
+				if x := le.Uint16(t.raw[k:]); t.datatype == "INT16" {
+					t.i = append(t.i, int64(int16(x)))
+				} else {
+					t.i = append(t.i, int64(x))
+				}
+			}
+		case "INT32", "UINT32":
+			for k := 0; k+4 <= len(t.raw); k += 4 {
+				if x := le.Uint32(t.raw[k:]); t.datatype == "INT32" {
+					t.i = append(t.i, int64(int32(x)))
+				} else {
+					t.u = append(t.u, uint64(x))
+				}
+			}
+		case "INT64":
+			for k := 0; k+8 <= len(t.raw); k += 8 {
+				t.i = append(t.i, int64(le.Uint64(t.raw[k:])))
+			}
+		case "UINT64":
+			for k := 0; k+8 <= len(t.raw); k += 8 {
+				t.u = append(t.u, le.Uint64(t.raw[k:]))
+			}
+		}
+	}
+	if t.datatype == "UINT32" && len(t.u) > 0 {
+		for _, x := range t.u {
+			t.i = append(t.i, int64(x))
+		}
+		t.u = nil
+	}
+	return t, nil
+}
+
+// contents is t as typed gRPC contents.
+func (t *pbTensor) contents() *oip.InferTensorContents {
+	c := &oip.InferTensorContents{}
+	switch t.datatype {
+	case "FP32":
+		for _, x := range t.f {
+			c.Fp32Contents = append(c.Fp32Contents, float32(x))
+		}
+	case "FP64":
+		c.Fp64Contents = t.f
+	case "INT8", "INT16", "INT32":
+		for _, x := range t.i {
+			c.IntContents = append(c.IntContents, int32(x))
+		}
+	case "UINT8", "UINT16", "UINT32":
+		for _, x := range t.i {
+			c.UintContents = append(c.UintContents, uint32(x))
+		}
+	case "INT64":
+		c.Int64Contents = t.i
+	case "UINT64":
+		c.Uint64Contents = t.u
+	case "BOOL":
+		for _, x := range t.i {
+			c.BoolContents = append(c.BoolContents, x != 0)
+		}
+	case "BYTES":
+		c.BytesContents = t.s
+	}
+	return c
+}
+
+// matches compares an output with the expected tensor: floats with the ONNX backend
+// tests' own tolerance (rtol 1e-3, atol 1e-7; NaN equals NaN), the rest exactly.
+func (t *pbTensor) matches(o *oip.ModelInferResponse_InferOutputTensor) error {
+	if o.Datatype != t.datatype || fmt.Sprint(o.Shape) != fmt.Sprint(t.dims) {
+		return fmt.Errorf("output %s %v, want %s %v", o.Datatype, o.Shape, t.datatype, t.dims)
+	}
+	want := t.contents()
+	c := o.GetContents()
+	var gf, wf []float64
+	switch t.datatype {
+	case "FP32":
+		for i := range c.GetFp32Contents() {
+			gf = append(gf, float64(c.Fp32Contents[i]))
+		}
+		for _, x := range want.Fp32Contents {
+			wf = append(wf, float64(x))
+		}
+	case "FP64":
+		gf, wf = c.GetFp64Contents(), want.Fp64Contents
+	default:
+		if g, w := fmt.Sprint(c.GetIntContents(), c.GetUintContents(), c.GetInt64Contents(), c.GetUint64Contents(), c.GetBoolContents(), c.GetBytesContents()),
+			fmt.Sprint(want.IntContents, want.UintContents, want.Int64Contents, want.Uint64Contents, want.BoolContents, want.BytesContents); g != w {
+			return fmt.Errorf("got %.200s, want %.200s", g, w)
+		}
+		return nil
+	}
+	if len(gf) != len(wf) {
+		return fmt.Errorf("%d values, want %d", len(gf), len(wf))
+	}
+	for i := range wf {
+		if math.IsNaN(wf[i]) && math.IsNaN(gf[i]) {
+			continue
+		}
+		if math.IsInf(wf[i], 0) && gf[i] == wf[i] {
+			continue
+		}
+		if math.Abs(gf[i]-wf[i]) > 1e-7+1e-3*math.Abs(wf[i]) {
+			return fmt.Errorf("[%d] = %v, want %v", i, gf[i], wf[i])
+		}
+	}
+	return nil
+}
+
+type backendCase struct {
+	name    string // the node test, e.g. test_abs
+	model   string // its model name in the host's repository
+	inputs  []*pbTensor
+	outputs []*pbTensor
+}
+
+// selectBackend reads the node tests the host can carry: every input and output a
+// tensor of rank >= 1 in an OIP datatype, inputs sharing their first dimension (the
+// host's batch rule), no optional input left out. It writes each as <model>/v1 with a
+// model.yaml of the test's exact shapes and the graph's names.
+func selectBackend(t *testing.T, repo string) (cases []backendCase, skipped map[string]string) {
+	skipped = map[string]string{}
+	dirs, err := os.ReadDir(backendData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dirs {
+		name := d.Name()
+		dir := filepath.Join(backendData, name)
+		gin, gout, err := onnx.Describe(onnx.Config{}, filepath.Join(dir, "model.onnx"))
+		if err != nil {
+			skipped[name] = "graph: " + err.Error()
+			continue
+		}
+		c := backendCase{name: name, model: fmt.Sprintf("node-%04d", len(cases))}
+		read := func(prefix string, n int) ([]*pbTensor, error) {
+			var ts []*pbTensor
+			for k := range n {
+				b, err := os.ReadFile(filepath.Join(dir, "test_data_set_0", fmt.Sprintf("%s_%d.pb", prefix, k)))
+				if err != nil {
+					return nil, err
+				}
+				pt, err := parseTensorProto(b)
+				if err != nil {
+					return nil, err
+				}
+				if pt.datatype == "" || len(pt.dims) == 0 {
+					return nil, fmt.Errorf("%s_%d: data type %d rank %d", prefix, k, pt.dtype, len(pt.dims))
+				}
+				ts = append(ts, pt)
+			}
+			return ts, nil
+		}
+		if c.inputs, err = read("input", len(gin)); err == nil {
+			c.outputs, err = read("output", len(gout))
+		}
+		if err == nil && len(c.inputs) == 0 {
+			err = fmt.Errorf("no inputs")
+		}
+		if err != nil {
+			skipped[name] = err.Error()
+			continue
+		}
+		var y strings.Builder
+		y.WriteString("runtime: onnx\nartifact: model.onnx\ninputs:\n")
+		batch := c.inputs[0].dims[0]
+		for k, in := range c.inputs {
+			if in.dims[0] != batch {
+				err = fmt.Errorf("inputs differ in the first dimension")
+			}
+			fmt.Fprintf(&y, "  - {name: %q, datatype: %s, shape: %s}\n", gin[k].Name, in.datatype, yamlShape(in.dims))
+		}
+		y.WriteString("outputs:\n")
+		for k, out := range c.outputs {
+			fmt.Fprintf(&y, "  - {name: %q, datatype: %s, shape: %s}\n", gout[k].Name, out.datatype, yamlShape(out.dims))
+			out.name = gout[k].Name
+		}
+		for k := range c.inputs {
+			c.inputs[k].name = gin[k].Name
+		}
+		if err == nil && slices.ContainsFunc(append(slices.Clone(c.inputs), c.outputs...), func(p *pbTensor) bool { return slices.Contains(p.dims, 0) }) {
+			err = fmt.Errorf("an empty dimension")
+		}
+		if err != nil {
+			skipped[name] = err.Error()
+			continue
+		}
+		vdir := filepath.Join(repo, c.model, "v1")
+		writeFile(t, filepath.Join(vdir, "model.yaml"), y.String())
+		b, err := os.ReadFile(filepath.Join(dir, "model.onnx"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		writeFile(t, filepath.Join(vdir, "model.onnx"), string(b))
+		cases = append(cases, c)
+	}
+	return cases, skipped
+}
+
+func yamlShape(d []int64) string {
+	s := make([]string, len(d))
+	for i, x := range d {
+		s[i] = strconv.FormatInt(x, 10)
+	}
+	return "[" + strings.Join(s, ", ") + "]"
+}
+
+// TestONNXBackendNodeTests runs ONNX's backend node tests (Debian's libonnx-testdata)
+// that the host can carry through a real host over gRPC, logs how many pass, and fails
+// only when a test in backend-pass.txt no longer passes.
+func TestONNXBackendNodeTests(t *testing.T) {
+	needONNXRuntime(t)
+	if _, err := os.Stat(backendData); err != nil {
+		t.Skipf("skipped: no ONNX backend test data at %s (as root: apt-get install libonnx-testdata; make onnxruntime does)", backendData)
+	}
+	repo := t.TempDir()
+	cases, skipped := selectBackend(t, repo)
+	h := startHost(t, repo, func(c *modelhost.Config) { c.MaxBodyBytes = 64 << 20 })
+	var passed []string
+	failed := map[string]string{}
+	for _, c := range cases {
+		req := &oip.ModelInferRequest{ModelName: c.model}
+		for _, in := range c.inputs {
+			req.Inputs = append(req.Inputs, &oip.ModelInferRequest_InferInputTensor{Name: in.name, Datatype: in.datatype, Shape: in.dims, Contents: in.contents()})
+		}
+		resp, err := h.grpc.ModelInfer(context.Background(), req)
+		if err == nil {
+			for k, want := range c.outputs {
+				if err = want.matches(resp.Outputs[k]); err != nil {
+					err = fmt.Errorf("output %q: %w", want.name, err)
+					break
+				}
+			}
+		}
+		if err != nil {
+			failed[c.name] = err.Error()
+			continue
+		}
+		passed = append(passed, c.name)
+	}
+	t.Logf("ONNX backend node tests through the host (gRPC): %d passed, %d failed, of %d selected; %d not selected (datatype, rank 0, optional inputs, inputs of different first dimensions, empty tensors)",
+		len(passed), len(failed), len(cases), len(skipped))
+	why := map[string]int{}
+	for _, r := range skipped {
+		switch {
+		case strings.Contains(r, "data type 10 "), strings.Contains(r, "data type 16 "):
+			r = "FP16/BF16 tensor (the host's codecs carry no FP16)"
+		case strings.Contains(r, " rank 0"):
+			r = "rank-0 tensor (model.yaml shapes have rank >= 1)"
+		case strings.HasPrefix(r, "graph: "):
+			r = "graph with a non-tensor or unmapped input/output type"
+		case strings.Contains(r, "no such file"):
+			r = "optional input or output left out of the test data"
+		}
+		why[r]++
+	}
+	for _, r := range slices.Sorted(maps.Keys(why)) {
+		t.Logf("  not selected: %d x %.120s", why[r], r)
+	}
+	for _, n := range slices.Sorted(maps.Keys(failed)) {
+		t.Logf("  failed %s: %.300s", n, failed[n])
+	}
+	if os.Getenv("PATCHBAY_ONNX_BACKEND_WRITE") != "" {
+		writeFile(t, backendPass, strings.Join(passed, "\n")+"\n")
+		return
+	}
+	b, err := os.ReadFile(backendPass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range strings.Fields(string(b)) {
+		if !slices.Contains(passed, want) {
+			reason := failed[want]
+			if reason == "" {
+				reason = "not selected: " + skipped[want]
+			}
+			t.Errorf("regression: %s passed before: %s", want, reason)
+		}
+	}
 }
