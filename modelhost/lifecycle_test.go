@@ -222,7 +222,7 @@ artifact: linear.json
 inputs:  [{name: features, datatype: FP32, shape: [-1, 4]}]
 outputs: [{name: probability, datatype: FP32, shape: [-1]}]
 `)
-	writeFile(t, filepath.Join(repo, "broken", "v1", "model.yaml"), `runtime: onnx
+	writeFile(t, filepath.Join(repo, "broken", "v1", "model.yaml"), `runtime: tensorflow
 inputs:  [{name: x, datatype: FP32, shape: [-1, 4]}]
 outputs: [{name: y, datatype: FP32, shape: [-1]}]
 `)
@@ -236,7 +236,7 @@ outputs: [{name: y, datatype: FP32, shape: [-1]}]
 	for key, want := range map[string]string{
 		"ranker/v9": "model.yaml:3: field inputz not found",
 		"churn/v3":  "linear.json: no such file",
-		"broken/v1": `model.yaml:1: runtime "onnx" unknown`,
+		"broken/v1": `model.yaml:1: runtime "tensorflow" unknown`,
 		"ranker/v8": "READY",
 	} {
 		if !strings.Contains(reasons[key], want) {

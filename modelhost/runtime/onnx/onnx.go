@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -44,7 +45,8 @@ func initEnv(cfg Config) error {
 		return nil
 	}
 	ort.SetSharedLibraryPath(lib)
-	if err := ort.InitializeEnvironment(ort.WithLogLevelError()); err != nil {
+	// Fatal only: errors come back to us as statuses, and would otherwise also be printed.
+	if err := ort.InitializeEnvironment(ort.WithLogLevelFatal()); err != nil {
 		return fmt.Errorf("load ONNX Runtime from %s: %w; %s", lib, err, howToGet)
 	}
 	env.lib = lib
@@ -154,6 +156,9 @@ func Loader(cfg Config) runtime.Loader {
 func load(cfg Config, spec runtime.Spec) (*Model, error) {
 	opts, err := ReadOptions(spec.Dir)
 	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(spec.Artifact); err != nil {
 		return nil, err
 	}
 	gin, gout, err := Describe(cfg, spec.Artifact)

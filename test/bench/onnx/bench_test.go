@@ -1,6 +1,6 @@
 //go:build cgo
 
-// Package onnxbench benchmarks the onnx runtime behind the model host against ONNX
+// The onnx runtime behind the model host against ONNX
 // Runtime called directly from Go, and dynamic batching on vs off. Each figure is a
 // ratio against a baseline measured in the same run; none is a pass/fail timing test.
 //
