@@ -97,6 +97,7 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzRecord -fuzztime 30s ./xds/shadow/
 	$(GO) test -run '^$$' -fuzz FuzzCheckPrometheusQuery -fuzztime 30s ./xds/analysis/
 	$(GO) test -run '^$$' -fuzz FuzzCheckContract -fuzztime 30s ./xds/rollout/
+	$(GO) test -run '^$$' -fuzz FuzzParseOptions -fuzztime 30s ./modelhost/runtime/onnx/
 
 fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py

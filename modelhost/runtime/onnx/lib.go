@@ -86,12 +86,17 @@ func DefaultOptions() Options {
 
 // ReadOptions reads the onnx: section of dir/model.yaml; problems come with file:line.
 func ReadOptions(dir string) (Options, error) {
-	o := DefaultOptions()
 	file := filepath.Join(dir, "model.yaml")
 	raw, err := os.ReadFile(file)
 	if err != nil {
-		return o, fmt.Errorf("read %s: %w", file, err)
+		return DefaultOptions(), fmt.Errorf("read %s: %w", file, err)
 	}
+	return parseOptions(file, raw)
+}
+
+// parseOptions reads the onnx: section of a model.yaml's bytes; file names it in errors.
+func parseOptions(file string, raw []byte) (Options, error) {
+	o := DefaultOptions()
 	var root yaml.Node
 	if err := yaml.Unmarshal(raw, &root); err != nil {
 		return o, fmt.Errorf("%s: %w", file, err)

@@ -5,12 +5,14 @@ package onnx
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	rt "github.com/patchbay-io/patchbay/modelhost/runtime"
@@ -353,4 +355,41 @@ func rss(t testing.TB) int64 {
 	}
 	t.Fatal("no VmRSS")
 	return 0
+}
+
+// TestCloseWaitsForPredictions: Close during concurrent predictions neither crashes nor
+// frees the session under a running call; each call succeeds or says the model is gone.
+func TestCloseWaitsForPredictions(t *testing.T) {
+	needLibrary(t)
+	s := specOf(t, filepath.Join(fixtures, "mlp"))
+	x := readExpected(t, "mlp").Cases[2].Inputs[0].tensor(t)
+	for range 20 {
+		m, err := Load(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, 8*20)
+		for range 8 {
+			wg.Go(func() {
+				for range 20 {
+					out, err := m.Predict(context.Background(), []*tensor.Tensor{x})
+					switch {
+					case err != nil && !strings.Contains(err.Error(), "unloaded"):
+						errs <- err
+					case err == nil && len(out[0].F32) != 32*3:
+						errs <- fmt.Errorf("%d values", len(out[0].F32))
+					}
+				}
+			})
+		}
+		if err := m.(*Model).Close(); err != nil {
+			t.Fatal(err)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	}
 }
