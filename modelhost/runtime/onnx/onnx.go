@@ -355,8 +355,8 @@ func (m *Model) Predict(ctx context.Context, inputs []*tensor.Tensor) ([]*tensor
 		}
 		out[i] = v
 	}
-	if err := m.sess.Run(in, out); err != nil {
-		return nil, fmt.Errorf("onnx: %w", err)
+	if err := m.run(ctx, in, out); err != nil {
+		return nil, err
 	}
 	res := make([]*tensor.Tensor, len(out))
 	for i, v := range out {
@@ -438,6 +438,34 @@ func destroy(vs []ort.Value) {
 			_ = v.Destroy()
 		}
 	}
+}
+
+// run runs the session; a context that ends stops the run (ONNX Runtime's terminate
+// flag, checked between operators) and the error says why.
+func (m *Model) run(ctx context.Context, in, out []ort.Value) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if ctx.Done() == nil {
+		if err := m.sess.Run(in, out); err != nil {
+			return fmt.Errorf("onnx: %w", err)
+		}
+		return nil
+	}
+	ro, err := ort.NewRunOptions()
+	if err != nil {
+		return fmt.Errorf("onnx: %w", err)
+	}
+	defer ro.Destroy()
+	stop := context.AfterFunc(ctx, func() { _ = ro.Terminate() })
+	err = m.sess.RunWithOptions(in, out, ro)
+	if !stop() && ctx.Err() != nil {
+		return fmt.Errorf("onnx: run stopped: %w", ctx.Err())
+	}
+	if err != nil {
+		return fmt.Errorf("onnx: %w", err)
+	}
+	return nil
 }
 
 // wrap keeps a failed constructor's typed nil out of the ort.Value interface.

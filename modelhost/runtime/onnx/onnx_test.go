@@ -5,6 +5,7 @@ package onnx
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	rt "github.com/patchbay-io/patchbay/modelhost/runtime"
 	"github.com/patchbay-io/patchbay/modelhost/tensor"
@@ -391,5 +393,27 @@ func TestCloseWaitsForPredictions(t *testing.T) {
 		for err := range errs {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestContextEnds: an ended context stops the prediction with its error; a live one
+// with a deadline runs as usual.
+func TestContextEnds(t *testing.T) {
+	needLibrary(t)
+	m, err := Load(specOf(t, filepath.Join(fixtures, "mlp")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.(*Model).Close()
+	x := readExpected(t, "mlp").Cases[0].Inputs[0].tensor(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := m.Predict(ctx, []*tensor.Tensor{x}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled: %v", err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := m.Predict(ctx, []*tensor.Tensor{x}); err != nil {
+		t.Fatal(err)
 	}
 }
