@@ -59,6 +59,12 @@ test-deps: onnxruntime ## install Debian's prometheus (the real server the Prome
 	  else echo "test-deps: redis-server missing; as root: apt-get install redis-server (the model host's feature store tests will skip)"; fi; }
 
 onnxruntime: ## fetch ONNX Runtime 1.24.1 (npm's onnxruntime-node, sha256-checked) into .cache/onnxruntime/lib for the onnx runtime; as root also Debian's python3-onnx and libonnx-testdata (fixtures, backend test data)
+	@[ -f .cache/onnxruntime/lib/libonnxruntime.so.1.24.1 ] || command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt="apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends npm"; \
+	    DEBIAN_FRONTEND=noninteractive $$apt || { apt-get update && DEBIAN_FRONTEND=noninteractive $$apt; } || \
+	      echo "onnxruntime: could not install npm (needed to fetch onnxruntime-node)"; \
+	  else echo "onnxruntime: npm missing; as root: apt-get install npm"; fi; }
 	@scripts/onnxruntime.sh || echo "onnxruntime: not installed (the onnx runtime's tests will skip saying why)"
 	@{ [ -d /usr/share/libonnx-testdata ] && /usr/bin/python3 -c 'import onnx' 2>/dev/null; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
