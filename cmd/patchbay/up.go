@@ -896,17 +896,23 @@ func (u *upRun) printTry(envoyUp bool, envoyNote, tokenFile, grpcBootstrap strin
 		fmt.Fprintf(&b, "  # churn (50/50 v1/v2) over OIP gRPC, then REST, through Envoy\n")
 		fmt.Fprintf(&b, "  %s -H '%s: churn' -H '%s: carol' -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, headers.Model, headers.UserID, churn, c.edgeListener)
 		fmt.Fprintf(&b, "  %s -s -H '%s: carol' -d '%s' %s/v2/models/churn/infer\n", curl, headers.UserID, churnREST, edge)
+		if u.hasModel("fraud") {
+			fmt.Fprintf(&b, "  # fraud through Envoy: 50/50 sticky per user between XGBoost (v1) and an ONNX MLP (v2); %s names the one that answered\n", headers.ServedBy)
+			fmt.Fprintf(&b, "  %s -si -H '%s: dave' -d '%s' %s/v2/models/fraud/infer\n", curl, headers.UserID, fraudREST, edge)
+		}
 	}
 	fmt.Fprintf(&b, "  # a model host directly (no routing): pick the version yourself\n")
 	fmt.Fprintf(&b, "  %s -s -d '%s' %s/v2/models/ranker/versions/v7/infer\n", curl, ranker, u.url(c.hostHTTP[0], ""))
 	fmt.Fprintf(&b, "  %s -d '%s' %s inference.GRPCInferenceService/ModelInfer\n", grpcurl, churn, c.hostGRPC[0])
 	u.printFeatureTry(&b, curl)
+	u.printONNXTry(&b, curl)
 	fmt.Fprintf(&b, "  # the model repository API lives only on a host's admin listener, behind the token\n")
 	fmt.Fprintf(&b, "  %s -s -X POST -H \"Authorization: Bearer $(cat %s)\" %s\n", curl, tokenFile, u.url(c.hostAdmin[0], "/v2/repository/index"))
 	fmt.Fprintf(&b, "  # proxyless gRPC, no Envoy: a gRPC client with xDS support (grpcurl, grpc-go) reads the bootstrap\n")
 	fmt.Fprintf(&b, "  # and routes itself through the control plane's split; dial xds:///<model> for each model\n")
 	recsGRPC := `{"model_name":"recs","inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"contents":{"int64_contents":[42]}}]}`
-	for _, body := range []string{rankerGRPC, churn, recsGRPC} {
+	fraudGRPC := `{"model_name":"fraud","inputs":[{"name":"x","datatype":"FP32","shape":[1,6],"contents":{"fp32_contents":[1.2,-0.3,0.8,1.5,0,0.4]}}]}`
+	for _, body := range []string{rankerGRPC, churn, recsGRPC, fraudGRPC} {
 		var req struct {
 			Model string `json:"model_name"`
 		}

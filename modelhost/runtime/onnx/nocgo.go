@@ -8,6 +8,9 @@ import (
 	"github.com/patchbay-io/patchbay/modelhost/runtime"
 )
 
+// Available is false in a build without cgo: no onnx model can load.
+const Available = false
+
 // errNoCgo is every load's answer in a static build.
 var errNoCgo = errors.New("onnx runtime: this binary was built without cgo: the onnx runtime needs the cgo build (see modelhost/runtime/onnx/README.md)")
 

@@ -20,6 +20,9 @@ import (
 
 // env is the process' one ONNX Runtime environment, created by the first load (a host
 // without onnx models never loads the library) and kept for the process' life.
+// Available is true in the cgo build: onnx models load when the library is found.
+const Available = true
+
 var env struct {
 	sync.Mutex
 	lib string // the library it was loaded from
