@@ -165,7 +165,7 @@ func batchDim(s []int64) []int64 {
 // INT64 and BYTES outputs; string inputs through ai.onnx.ml's LabelEncoder.
 func TestFixtures(t *testing.T) {
 	needLibrary(t)
-	for _, name := range []string{"mlp", "two_inputs", "masked", "fp16", "strings"} {
+	for _, name := range []string{"mlp", "two_inputs", "masked", "fp16", "strings", "mlp-large"} {
 		t.Run(name, func(t *testing.T) {
 			dir := filepath.Join(fixtures, name)
 			m, err := Load(specOf(t, dir))
