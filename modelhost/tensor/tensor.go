@@ -13,7 +13,7 @@ import (
 // Datatype is an OIP tensor datatype.
 type Datatype uint8
 
-// The OIP datatypes. FP16 is recognised but no runtime accepts it yet.
+// The OIP datatypes.
 const (
 	Invalid Datatype = iota
 	BOOL
@@ -98,8 +98,8 @@ func (d Datatype) IntRange() (lo, hi int64) {
 }
 
 // Tensor holds one tensor. Exactly one data slice is used, chosen by Datatype:
-// F32 (FP32), F64 (FP64), I64 (INT8..INT64, UINT8..UINT32), U64 (UINT64), Bool (BOOL),
-// Bytes (BYTES).
+// F32 (FP32), F64 (FP64), F16 (FP16, IEEE 754 binary16 bit patterns: see half.go),
+// I64 (INT8..INT64, UINT8..UINT32), U64 (UINT64), Bool (BOOL), Bytes (BYTES).
 type Tensor struct {
 	Name     string
 	Datatype Datatype
@@ -110,6 +110,7 @@ type Tensor struct {
 	U64      []uint64
 	Bool     []bool
 	Bytes    [][]byte
+	F16      []uint16
 }
 
 // Len is the number of elements held in the tensor's data slice.
@@ -119,6 +120,8 @@ func (t *Tensor) Len() int {
 		return len(t.F32)
 	case FP64:
 		return len(t.F64)
+	case FP16:
+		return len(t.F16)
 	case UINT64:
 		return len(t.U64)
 	case BOOL:
@@ -142,6 +145,7 @@ func (t *Tensor) Reset() {
 	t.U64 = t.U64[:0]
 	t.Bool = t.Bool[:0]
 	t.Bytes = t.Bytes[:0]
+	t.F16 = t.F16[:0]
 }
 
 // Elements is the product of shape's dimensions; an error for negative dimensions or
