@@ -104,6 +104,10 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzCheckPrometheusQuery -fuzztime 30s ./xds/analysis/
 	$(GO) test -run '^$$' -fuzz FuzzCheckContract -fuzztime 30s ./xds/rollout/
 	$(GO) test -run '^$$' -fuzz FuzzParseOptions -fuzztime 30s ./modelhost/runtime/onnx/
+	$(GO) test -run '^$$' -fuzz FuzzOptionalInputs -fuzztime 30s ./xds/
+	$(GO) test -run '^$$' -fuzz FuzzParseFeatureFile -fuzztime 30s ./cmd/patchbay/
+	$(GO) test -run '^$$' -fuzz FuzzParseContract -fuzztime 30s ./modelhost/
+	$(GO) test -run '^$$' -fuzz FuzzParseBucket -fuzztime 30s ./modelhost/
 
 fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
