@@ -5,6 +5,7 @@
 package oipjson
 
 import (
+	"errors"
 	"math"
 	"strconv"
 	"unicode/utf16"
@@ -541,8 +542,6 @@ func (s *scanner) input(r *Request) error {
 		return s.fail("input \"" + t.Name + "\": no shape")
 	case dataStart < 0:
 		return s.fail("input \"" + t.Name + "\": no data")
-	case t.Datatype == tensor.FP16:
-		return s.fail("input \"" + t.Name + "\": FP16 is not supported in JSON")
 	}
 	if _, err := tensor.Elements(t.Shape, s.limit); err != nil {
 		return s.fail("input \"" + t.Name + "\": " + err.Error())
@@ -604,6 +603,23 @@ func (s *scanner) element(t *tensor.Tensor, c byte) error {
 			}
 			t.F64 = append(t.F64, f)
 		}
+		return nil
+	case tensor.FP16:
+		// A JSON number parsed as float64, then rounded once to binary16 (nearest,
+		// ties to even); beyond FP16's range is ±Inf, as IEEE rounding gives; null is NaN.
+		if c == 'n' && s.literal("null") {
+			t.F16 = append(t.F16, 0x7e00)
+			return nil
+		}
+		tok, err := s.number()
+		if err != nil {
+			return s.typeErr(t)
+		}
+		f, err := strconv.ParseFloat(string(tok), 64)
+		if err != nil && !errors.Is(err, strconv.ErrRange) { // ErrRange: ±Inf or ±0, kept
+			return s.fail("input \"" + t.Name + "\": " + strconv.Quote(string(tok)) + " is not an FP16")
+		}
+		t.F16 = append(t.F16, tensor.F16FromFloat64(f))
 		return nil
 	case tensor.BOOL:
 		switch {

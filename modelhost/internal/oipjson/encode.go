@@ -101,6 +101,14 @@ func AppendTensor(dst []byte, t *tensor.Tensor) []byte {
 			}
 			dst = appendFloat(dst, v, 64)
 		}
+	case tensor.FP16:
+		for i, v := range t.F16 {
+			if i > 0 {
+				dst = append(dst, ',')
+			}
+			// The shortest float32 text reads back as this very half (widening is exact).
+			dst = appendFloat(dst, float64(tensor.F16ToFloat32(v)), 32)
+		}
 	case tensor.UINT64:
 		for i, v := range t.U64 {
 			if i > 0 {

@@ -36,6 +36,9 @@ func TestDecode(t *testing.T) {
 				{Name: "b", Datatype: tensor.BOOL, Shape: []int64{1}, Bool: []bool{true}},
 				{Name: "s", Datatype: tensor.BYTES, Shape: []int64{1}, Bytes: [][]byte{[]byte("hé\n")}},
 			}, Outputs: []string{"y", "z"}}},
+		{"fp16 rounds to nearest even, overflows to Inf", `{"inputs":[{"name":"h","datatype":"FP16","shape":[8],"data":[1,0.1,65504,65519.99,65520,-1e400,null,2.98023223876953125e-8]}]}`,
+			Request{Inputs: []tensor.Tensor{{Name: "h", Datatype: tensor.FP16, Shape: []int64{8},
+				F16: []uint16{0x3c00, 0x2e66, 0x7bff, 0x7bff, 0x7c00, 0xfc00, 0x7e00, 0}}}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var got Request
@@ -78,7 +81,8 @@ func TestDecodeErrors(t *testing.T) {
 		{`{"inputs":[{"name":"x\u00","datatype":"FP32","shape":[1],"data":[1]}]}`, `bad \u escape`},
 		{`{"inputs":[{"name":"` + "\x01" + `","datatype":"FP32","shape":[1],"data":[1]}]}`, "control character"},
 		{`{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":` + strings.Repeat("[", 40) + `1` + strings.Repeat("]", 40) + `}]}`, "deeper than"},
-		{`{"inputs":[{"name":"x","datatype":"FP16","shape":[1],"data":[1]}]}`, "FP16 is not supported"},
+		{`{"inputs":[{"name":"x","datatype":"FP16","shape":[1],"data":["1"]}]}`, "element is not a FP16"},
+		{`{"inputs":[{"name":"x","datatype":"FP16","shape":[1],"data":[true]}]}`, "element is not a FP16"},
 		{`{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}],"outputs":[{"parameters":{}}]}`, "has no name"},
 		{`{"id":"` + "\xff" + `","inputs":[]}`, "not valid UTF-8"},
 		{`{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}`, "unexpected end of input"},
@@ -152,6 +156,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"id":"r1","inputs":[{"name":"x","datatype":"FP32","shape":[2,2],"data":[[1,2],[3,null]]}],"outputs":[{"name":"y"}]}`))
 	f.Add([]byte(`{"inputs":[{"name":"s","datatype":"BYTES","shape":[1],"data":["\ud83d\ude00"]}]}`))
 	f.Add([]byte(`{"inputs":[{"name":"i","datatype":"INT8","shape":[3],"data":[-128,0,127]},{"name":"b","datatype":"BOOL","shape":[1],"data":[false]}]}`))
+	f.Add([]byte(`{"inputs":[{"name":"h","datatype":"FP16","shape":[4],"data":[1e400,-0.0,null,6.1e-5]}]}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		var r Request
 		if err := Decode(body, &r, 64); err != nil {
@@ -191,4 +196,83 @@ func slicesEqual(a, b []int64) bool {
 		}
 	}
 	return true
+}
+
+// Every finite FP16 value encodes as a JSON number that decodes back to the same bits;
+// NaN and ±Inf encode as null (not JSON), which decodes as NaN.
+func TestFP16EncodeDecodeAll(t *testing.T) {
+	out := &tensor.Tensor{Name: "h", Datatype: tensor.FP16, Shape: []int64{1 << 16}, F16: make([]uint16, 1<<16)}
+	for i := range out.F16 {
+		out.F16[i] = uint16(i)
+	}
+	var enc strings.Builder
+	enc.WriteString(`{"inputs":[`)
+	enc.Write(AppendTensor(nil, out))
+	enc.WriteString(`]}`)
+	var r Request
+	if err := Decode([]byte(enc.String()), &r, 1<<17); err != nil {
+		t.Fatal(err)
+	}
+	got := r.Inputs[0].F16
+	if len(got) != 1<<16 {
+		t.Fatalf("%d elements", len(got))
+	}
+	for i, h := range got {
+		want := uint16(i)
+		if want&0x7c00 == 0x7c00 { // Inf, NaN: null, read as NaN
+			want = 0x7e00
+		}
+		if h != want {
+			t.Fatalf("%#04x came back as %#04x", i, h)
+		}
+	}
+}
+
+// FuzzDecodeFP16: a JSON number decoded as FP16 is the half nearest to its float64
+// value (no other half is closer), ±Inf only beyond the largest half's rounding range,
+// and it encodes to a number that decodes to the same bits.
+func FuzzDecodeFP16(f *testing.F) {
+	for _, s := range []string{"0", "-0", "1", "0.1", "65504", "65519.99", "65520", "1e400", "-1e-400", "5.960464477539063e-8", "2.9802322387695312e-8", "6.1035156e-5", "1.00048828125"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, num string) {
+		body := `{"inputs":[{"name":"h","datatype":"FP16","shape":[1],"data":[` + num + `]}]}`
+		var r Request
+		if err := Decode([]byte(body), &r, 4); err != nil {
+			return
+		}
+		tok := strings.Trim(num, " \t\r\n[]")
+		if len(r.Inputs[0].F16) != 1 || tok == "null" {
+			return // not one number
+		}
+		x, err := strconv.ParseFloat(tok, 64)
+		if err != nil && !math.IsInf(x, 0) {
+			t.Fatalf("%q accepted, ParseFloat: %v", num, err)
+		}
+		h := r.Inputs[0].F16[0]
+		got := tensor.F16ToFloat64(h)
+		if math.IsNaN(got) {
+			t.Fatalf("%q decoded as NaN", num)
+		}
+		if math.IsInf(got, 0) {
+			if math.Abs(x) < 65520 {
+				t.Fatalf("%q (%v) overflowed to %v", num, x, got)
+			}
+		} else {
+			d := math.Abs(got - x)
+			for _, nb := range []uint16{h - 1, h + 1, h ^ 0x8000} {
+				if nb&0x7c00 == 0x7c00 {
+					continue
+				}
+				if n := tensor.F16ToFloat64(nb); math.Abs(n-x) < d {
+					t.Fatalf("%q (%v): got %v (%#04x), %v (%#04x) is nearer", num, x, got, h, n, nb)
+				}
+			}
+			enc := AppendTensor(nil, &r.Inputs[0])
+			var r2 Request
+			if err := Decode([]byte(`{"inputs":[`+string(enc)+`]}`), &r2, 4); err != nil || r2.Inputs[0].F16[0] != h {
+				t.Fatalf("%q: %s does not decode back to %#04x: %v", num, enc, h, err)
+			}
+		}
+	})
 }
