@@ -1,81 +1,42 @@
 package onnx
 
 import (
-	"encoding/binary"
-	"math"
+	"unsafe"
+
+	"github.com/patchbay-io/patchbay/modelhost/tensor"
 )
 
-// f32ToF16 rounds a float32 to the nearest IEEE 754 binary16 (ties to even); values
-// beyond its range become ±Inf, NaN stays NaN.
-func f32ToF16(f float32) uint16 {
-	b := math.Float32bits(f)
-	sign := uint16(b>>16) & 0x8000
-	exp := int32(b>>23) & 0xff
-	man := b & 0x7fffff
-	switch {
-	case exp == 0xff: // Inf, NaN
-		if man != 0 {
-			return sign | 0x7e00
-		}
-		return sign | 0x7c00
-	case exp-127 > 15: // overflow
-		return sign | 0x7c00
-	case exp-127 >= -14: // normal
-		e := uint32(exp-127+15) << 10
-		m := man >> 13
-		h := e | m
-		rest := man & 0x1fff
-		if rest > 0x1000 || rest == 0x1000 && m&1 == 1 {
-			h++ // may carry into the exponent, up to Inf: correct
-		}
-		return sign | uint16(h)
-	case exp-127 >= -25: // subnormal
-		m := man | 0x800000
-		shift := uint32(-14-(exp-127)) + 13
-		h := m >> shift
-		rest := m & (1<<shift - 1)
-		half := uint32(1) << (shift - 1)
-		if rest > half || rest == half && h&1 == 1 {
-			h++
-		}
-		return sign | uint16(h)
-	}
-	return sign // underflow to ±0
-}
+// An FP16 graph input or output is passed to ONNX Runtime as float16 bits. Declared
+// FP16 in model.yaml, the tensor's own []uint16 is handed over in place; declared FP32
+// (a model served as FP32 over OIP), the runtime converts at the boundary with the
+// tensor package's binary16 conversions (round to nearest even).
 
-// f16ToF32 widens a binary16 exactly.
-func f16ToF32(h uint16) float32 {
-	sign := uint32(h&0x8000) << 16
-	exp := uint32(h>>10) & 0x1f
-	man := uint32(h & 0x3ff)
-	switch {
-	case exp == 0x1f:
-		return math.Float32frombits(sign | 0x7f800000 | man<<13)
-	case exp == 0:
-		if man == 0 {
-			return math.Float32frombits(sign)
-		}
-		f := float32(man) / 1024 / 16384 // man x 2^-24
-		if sign != 0 {
-			f = -f
-		}
-		return f
-	}
-	return math.Float32frombits(sign | (exp+127-15)<<23 | man<<13)
-}
+func f32ToF16(f float32) uint16 { return tensor.F16FromFloat32(f) }
 
-func f32ToF16Bytes(in []float32) []byte {
-	b := make([]byte, 2*len(in))
+func f16ToF32(h uint16) float32 { return tensor.F16ToFloat32(h) }
+
+func f32ToF16s(in []float32) []uint16 {
+	out := make([]uint16, len(in))
 	for i, f := range in {
-		binary.LittleEndian.PutUint16(b[2*i:], f32ToF16(f))
-	}
-	return b
-}
-
-func f16BytesToF32(b []byte) []float32 {
-	out := make([]float32, len(b)/2)
-	for i := range out {
-		out[i] = f16ToF32(binary.LittleEndian.Uint16(b[2*i:]))
+		out[i] = f32ToF16(f)
 	}
 	return out
+}
+
+func f16sToF32(in []uint16) []float32 {
+	out := make([]float32, len(in))
+	for i, h := range in {
+		out[i] = f16ToF32(h)
+	}
+	return out
+}
+
+// halfBytes views halves as the bytes ONNX Runtime reads for float16: the host's
+// native layout, which is what a []uint16 in memory is. No copy; hs must stay alive
+// (and unmodified) while the value that wraps it is in use.
+func halfBytes(hs []uint16) []byte {
+	if len(hs) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(&hs[0])), 2*len(hs))
 }

@@ -99,12 +99,14 @@ func dims(s ort.Shape) []int64 {
 	return d
 }
 
-// oipOf is the OIP datatype an element type is served as. FP16 is served as FP32: the
-// host's OIP codecs carry no FP16, the runtime converts at the boundary.
+// oipOf is the OIP datatype an element type is served as. model.yaml may also declare
+// a float16 input or output FP32, converted at the boundary (see checkMeta).
 func oipOf(e ort.TensorElementDataType) (tensor.Datatype, bool) {
 	switch e {
-	case ort.TensorElementDataTypeFloat, ort.TensorElementDataTypeFloat16:
+	case ort.TensorElementDataTypeFloat:
 		return tensor.FP32, true
+	case ort.TensorElementDataTypeFloat16:
+		return tensor.FP16, true
 	case ort.TensorElementDataTypeDouble:
 		return tensor.FP64, true
 	case ort.TensorElementDataTypeInt64:
@@ -233,8 +235,7 @@ func load(cfg Config, spec runtime.Spec) (*Model, error) {
 	return m, nil
 }
 
-// elemTypes maps "in/<name>" and "out/<name>" to the graph's element types (Describe
-// folds FP16 into FP32; the conversion needs the real one).
+// elemTypes maps "in/<name>" and "out/<name>" to the graph's element types.
 func elemTypes(path string) (map[string]ort.TensorElementDataType, error) {
 	gi, gout, err := ort.GetInputOutputInfo(path)
 	if err != nil {
@@ -261,14 +262,14 @@ func sig(ms []tensor.Meta) string {
 	return s
 }
 
-// checkMeta compares model.yaml's entry with the graph's: same datatype and rank; a
-// dimension the graph fixes must be that size in model.yaml, a dynamic one may be -1 or
-// any size.
+// checkMeta compares model.yaml's entry with the graph's: same datatype (or FP32 for a
+// float16 one, converted at the boundary) and rank; a dimension the graph fixes must be
+// that size in model.yaml, a dynamic one may be -1 or any size.
 func checkMeta(want, graph tensor.Meta, elem ort.TensorElementDataType) error {
-	if want.Datatype != graph.Datatype {
+	if want.Datatype != graph.Datatype && (elem != ort.TensorElementDataTypeFloat16 || want.Datatype != tensor.FP32) {
 		extra := ""
 		if elem == ort.TensorElementDataTypeFloat16 {
-			extra = " (the graph's float16 is served as FP32: the host's OIP codecs carry no FP16)"
+			extra = " (a float16 tensor is served as FP16, or as FP32 converted at the boundary)"
 		}
 		return fmt.Errorf("model.yaml says datatype %s, the graph's is %s%s", want.Datatype, graph.Datatype, extra)
 	}
@@ -340,6 +341,7 @@ func (m *Model) Predict(ctx context.Context, inputs []*tensor.Tensor) ([]*tensor
 	}
 	out := make([]ort.Value, len(m.outs))
 	defer destroy(out)
+	halves := make([][]uint16, len(m.outs)) // FP16 outputs' memory, allocated here
 	for i, p := range m.outs {
 		if p.elem != ort.TensorElementDataTypeFloat16 {
 			continue // allocated by the run
@@ -352,7 +354,8 @@ func (m *Model) Predict(ctx context.Context, inputs []*tensor.Tensor) ([]*tensor
 		if n == 0 {
 			return nil, fmt.Errorf("output %q: an empty FP16 tensor is not supported", p.name)
 		}
-		v, err := wrap(ort.NewCustomDataTensor(shape, make([]byte, 2*n), ort.TensorElementDataTypeFloat16))
+		halves[i] = make([]uint16, n)
+		v, err := wrap(ort.NewCustomDataTensor(shape, halfBytes(halves[i]), ort.TensorElementDataTypeFloat16))
 		if err != nil {
 			return nil, fmt.Errorf("output %q: %w", p.name, err)
 		}
@@ -363,7 +366,7 @@ func (m *Model) Predict(ctx context.Context, inputs []*tensor.Tensor) ([]*tensor
 	}
 	res := make([]*tensor.Tensor, len(out))
 	for i, v := range out {
-		t, err := fromORT(m.outs[i], v)
+		t, err := fromORT(m.outs[i], v, halves[i])
 		if err != nil {
 			return nil, fmt.Errorf("output %q: %w", m.outs[i].name, err)
 		}
@@ -380,8 +383,8 @@ func convert[T, U int8 | int16 | int32 | uint8 | uint16 | uint32 | int64 | float
 	return out
 }
 
-// toORT wraps t for the session: FP32, FP64, INT64, UINT64 and BOOL without a copy;
-// narrower integers, float16 and strings converted.
+// toORT wraps t for the session: FP32, FP64, FP16, INT64, UINT64 and BOOL without a
+// copy; narrower integers, FP32 for a float16 input and strings converted.
 func toORT(p port, t *tensor.Tensor) (ort.Value, error) {
 	shape := ort.NewShape(t.Shape...)
 	if len(shape) == 0 {
@@ -391,10 +394,14 @@ func toORT(p port, t *tensor.Tensor) (ort.Value, error) {
 	case ort.TensorElementDataTypeFloat:
 		return wrap(ort.NewTensor(shape, t.F32))
 	case ort.TensorElementDataTypeFloat16:
-		if len(t.F32) == 0 {
+		hs := t.F16
+		if t.Datatype == tensor.FP32 {
+			hs = f32ToF16s(t.F32)
+		}
+		if len(hs) == 0 {
 			return nil, errors.New("an empty FP16 tensor is not supported")
 		}
-		return wrap(ort.NewCustomDataTensor(shape, f32ToF16Bytes(t.F32), ort.TensorElementDataTypeFloat16))
+		return wrap(ort.NewCustomDataTensor(shape, halfBytes(hs), ort.TensorElementDataTypeFloat16))
 	case ort.TensorElementDataTypeDouble:
 		return wrap(ort.NewTensor(shape, t.F64))
 	case ort.TensorElementDataTypeInt64:
@@ -480,8 +487,9 @@ func wrap[V ort.Value](v V, err error) (ort.Value, error) {
 }
 
 // fromORT copies an output into a tensor of the port's OIP datatype. Numeric outputs
-// come from onnxruntime_go already copied into Go memory, which the tensor keeps.
-func fromORT(p port, v ort.Value) (*tensor.Tensor, error) {
+// come from onnxruntime_go already copied into Go memory, which the tensor keeps; a
+// float16 one is in half, the memory Predict allocated for it.
+func fromORT(p port, v ort.Value, half []uint16) (*tensor.Tensor, error) {
 	t := &tensor.Tensor{Name: p.name, Datatype: p.dt, Shape: []int64(v.GetShape().Clone())}
 	switch x := v.(type) {
 	case *ort.Tensor[float32]:
@@ -507,10 +515,14 @@ func fromORT(p port, v ort.Value) (*tensor.Tensor, error) {
 	case *ort.Tensor[bool]:
 		t.Bool = x.GetData()
 	case *ort.CustomDataTensor:
-		if x.DataType() != ort.TensorElementDataTypeFloat16 {
+		if x.DataType() != ort.TensorElementDataTypeFloat16 || len(half) != int(x.GetShape().FlattenedSize()) {
 			return nil, fmt.Errorf("element type %d unsupported", x.DataType())
 		}
-		t.F32 = f16BytesToF32(x.GetData())
+		if p.dt == tensor.FP16 {
+			t.F16 = half
+		} else {
+			t.F32 = f16sToF32(half)
+		}
 	case *ort.StringTensor:
 		ss, err := x.GetContents()
 		if err != nil {

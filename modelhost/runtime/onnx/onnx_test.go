@@ -230,11 +230,50 @@ func TestSignatureChecked(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.(*Model).Close()
-	// FP16 graphs are declared FP32; declaring FP16 says why not.
+	// A float16 tensor is FP16 or FP32 in model.yaml; anything else says so.
 	fs := specOf(t, filepath.Join(fixtures, "fp16"))
-	fs.Inputs[0].Datatype = tensor.FP16
-	if _, err := Load(fs); err == nil || !strings.Contains(err.Error(), "served as FP32") {
-		t.Fatalf("FP16 declared: %v", err)
+	fs.Inputs[0].Datatype = tensor.FP64
+	if _, err := Load(fs); err == nil || !strings.Contains(err.Error(), "served as FP16, or as FP32") {
+		t.Fatalf("FP64 declared over float16: %v", err)
+	}
+}
+
+// TestFP16Native: the fixture's float16 graph declared FP16 in and out takes and gives
+// binary16 bits with no FP32 step, and matches numpy within the FP16 tolerance.
+func TestFP16Native(t *testing.T) {
+	needLibrary(t)
+	dir := filepath.Join(fixtures, "fp16")
+	s := specOf(t, dir)
+	s.Inputs[0].Datatype, s.Outputs[0].Datatype = tensor.FP16, tensor.FP16
+	m, err := Load(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.(*Model).Close()
+	e := readExpected(t, "fp16")
+	for _, c := range e.Cases {
+		in := c.Inputs[0].tensor(t)
+		x := &tensor.Tensor{Name: in.Name, Datatype: tensor.FP16, Shape: in.Shape}
+		for _, f := range in.F32 {
+			h := tensor.F16FromFloat32(f)
+			if tensor.F16ToFloat32(h) != f {
+				t.Fatalf("input %v is not a half", f)
+			}
+			x.F16 = append(x.F16, h)
+		}
+		out, err := m.Predict(context.Background(), []*tensor.Tensor{x})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := out[0]
+		if got.Datatype != tensor.FP16 || len(got.F16) == 0 || got.F32 != nil {
+			t.Fatalf("output %s F16 %d F32 %d", got.Datatype, len(got.F16), len(got.F32))
+		}
+		as32 := &tensor.Tensor{Name: got.Name, Datatype: tensor.FP32, Shape: got.Shape}
+		for _, h := range got.F16 {
+			as32.F32 = append(as32.F32, tensor.F16ToFloat32(h))
+		}
+		compare(t, e, c.Outputs[0], as32)
 	}
 }
 
