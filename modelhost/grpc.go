@@ -284,9 +284,15 @@ func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferReq
 	}
 	resp := &oip.ModelInferResponse{ModelName: v.spec.Model, ModelVersion: v.spec.Version, Id: r.GetId(),
 		Outputs: make([]*oip.ModelInferResponse_InferOutputTensor, len(outs))}
+	// FP16 has no typed contents field, so a response with an FP16 output is all raw
+	// (raw_output_contents covers every output or none).
+	useRaw := len(raw) > 0
+	for _, o := range outs {
+		useRaw = useRaw || o.Datatype == tensor.FP16
+	}
 	for i, o := range outs {
 		po := &oip.ModelInferResponse_InferOutputTensor{Name: o.Name, Datatype: o.Datatype.String(), Shape: o.Shape}
-		if len(raw) > 0 {
+		if useRaw {
 			resp.RawOutputContents = append(resp.RawOutputContents, toRaw(o))
 		} else {
 			po.Contents = toContents(o)
@@ -371,6 +377,8 @@ func fromContents(t *tensor.Tensor, c *oip.InferTensorContents) error {
 			}
 			t.I64[i] = int64(x)
 		}
+	case tensor.FP16:
+		return errors.New("FP16 has no typed contents field: send it in raw_input_contents (2 bytes an element, little-endian IEEE binary16)")
 	default:
 		return fmt.Errorf("datatype %s is not supported in typed contents", t.Datatype)
 	}
@@ -397,7 +405,7 @@ func fromRaw(t *tensor.Tensor, b []byte, n int) error {
 		return nil // the element count is checked against the shape later
 	}
 	size := t.Datatype.Size()
-	if size == 0 || t.Datatype == tensor.FP16 {
+	if size == 0 {
 		return fmt.Errorf("datatype %s is not supported", t.Datatype)
 	}
 	if len(b) != n*size {
@@ -414,6 +422,16 @@ func fromRaw(t *tensor.Tensor, b []byte, n int) error {
 		t.F64 = make([]float64, n)
 		for i := range t.F64 {
 			t.F64[i] = math.Float64frombits(le.Uint64(b[i*8:]))
+		}
+	case tensor.FP16:
+		// The OIP gRPC spec (kserve/open-inference-protocol,
+		// specification/protocol/open_inference_grpc.proto, raw_input_contents): FP16
+		// "must be represented as raw content as there is no specific data type for a
+		// 16-bit float type"; raw data is flattened row-major, little-endian here as for
+		// every other datatype. The bits are kept as they are (NaN payloads included).
+		t.F16 = make([]uint16, n)
+		for i := range t.F16 {
+			t.F16[i] = le.Uint16(b[i*2:])
 		}
 	case tensor.UINT64:
 		t.U64 = make([]uint64, n)
@@ -491,6 +509,12 @@ func toRaw(o *tensor.Tensor) []byte {
 		b := make([]byte, 0, 8*len(o.F64))
 		for _, x := range o.F64 {
 			b = le.AppendUint64(b, math.Float64bits(x))
+		}
+		return b
+	case tensor.FP16:
+		b := make([]byte, 0, 2*len(o.F16))
+		for _, x := range o.F16 {
+			b = le.AppendUint16(b, x)
 		}
 		return b
 	case tensor.UINT64:

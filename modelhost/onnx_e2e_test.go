@@ -19,12 +19,15 @@ import (
 	"sync"
 	"testing"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/modelhost"
 	"github.com/patchbay-io/patchbay/modelhost/runtime/builtin"
 	"github.com/patchbay-io/patchbay/modelhost/runtime/onnx"
+	"github.com/patchbay-io/patchbay/modelhost/tensor"
 )
 
 const onnxFixtures = "../test/fixtures/onnx"
@@ -85,6 +88,16 @@ func onnxRepo(t testing.TB) string {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(dir, "model.yaml"), string(y)+"batching: {max_batch_size: 16, max_delay: 2ms, instances: 1}\n")
+	// fp16-native(-batched): the FP16 graph declared FP16, so FP16 travels on the wire.
+	for model, extra := range map[string]string{"fp16-native": "", "fp16-native-batched": "batching: {max_batch_size: 8, max_delay: 5ms, instances: 1}\n"} {
+		dir := filepath.Join(repo, model, "v1")
+		copyDir(t, filepath.Join(onnxFixtures, "fp16"), dir)
+		writeFile(t, filepath.Join(dir, "model.yaml"), `runtime: onnx
+artifact: model.onnx
+inputs:  [{name: x, datatype: FP16, shape: [-1, 4]}]
+outputs: [{name: y, datatype: FP16, shape: [-1, 2]}]
+`+extra)
+	}
 	return repo
 }
 
@@ -677,7 +690,7 @@ func TestONNXBackendNodeTests(t *testing.T) {
 	for _, r := range skipped {
 		switch {
 		case strings.Contains(r, "data type 10 "), strings.Contains(r, "data type 16 "):
-			r = "FP16/BF16 tensor (the host's codecs carry no FP16)"
+			r = "FP16/BF16 tensor (this selection reads no float16 test data)"
 		case strings.Contains(r, " rank 0"):
 			r = "rank-0 tensor (model.yaml shapes have rank >= 1)"
 		case strings.HasPrefix(r, "graph: "):
@@ -710,4 +723,128 @@ func TestONNXBackendNodeTests(t *testing.T) {
 			t.Errorf("regression: %s passed before: %s", want, reason)
 		}
 	}
+}
+
+// halfLE is the little-endian binary16 raw contents of values that are halves.
+func halfLE(t testing.TB, vals []any) []byte {
+	t.Helper()
+	var b []byte
+	for _, v := range vals {
+		f := v.(float64)
+		h := tensor.F16FromFloat64(f)
+		if tensor.F16ToFloat64(h) != f {
+			t.Fatalf("%v is not a half", f)
+		}
+		b = binary.LittleEndian.AppendUint16(b, h)
+	}
+	return b
+}
+
+// fromHalfLE reads little-endian binary16 raw contents as JSON-like float64 values.
+func fromHalfLE(t testing.TB, b []byte) []any {
+	t.Helper()
+	if len(b)%2 != 0 {
+		t.Fatalf("raw FP16 contents of %d bytes", len(b))
+	}
+	var out []any
+	for i := 0; i < len(b); i += 2 {
+		out = append(out, tensor.F16ToFloat64(binary.LittleEndian.Uint16(b[i:])))
+	}
+	return out
+}
+
+// TestONNXFP16OverOIP: the FP16 fixture graph declared FP16 takes and gives FP16 on the
+// wire — REST as JSON numbers, gRPC as little-endian raw contents (the OIP gRPC spec has
+// no fp16 typed field) — matching numpy within the FP16 tolerance; typed gRPC contents
+// for an FP16 input are InvalidArgument; dynamic batching concatenates and splits FP16.
+func TestONNXFP16OverOIP(t *testing.T) {
+	needONNXRuntime(t)
+	h := startHost(t, onnxRepo(t), nil)
+	e := readONNXExpected(t, "fp16")
+	c := e.Cases[0]
+	in, want := c.Inputs[0], c.Outputs[0]
+	in.Datatype = "FP16" // the fixture's inputs are halves, written as FP32
+	want.Datatype = "FP16"
+
+	var rawOut []byte // the gRPC output's bits, which REST's numbers must read back as
+	t.Run("grpc raw", func(t *testing.T) {
+		resp, err := h.grpc.ModelInfer(context.Background(), &oip.ModelInferRequest{ModelName: "fp16-native",
+			Inputs:           []*oip.ModelInferRequest_InferInputTensor{{Name: in.Name, Datatype: "FP16", Shape: in.Shape}},
+			RawInputContents: [][]byte{halfLE(t, in.Data)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := resp.Outputs[0]
+		if o.GetContents() != nil || len(resp.RawOutputContents) != 1 {
+			t.Fatalf("FP16 output not in raw_output_contents: %v", resp)
+		}
+		compareONNX(t, e, want, o.Name, o.Datatype, o.Shape, fromHalfLE(t, resp.RawOutputContents[0]))
+		rawOut = resp.RawOutputContents[0]
+	})
+	t.Run("rest", func(t *testing.T) {
+		body, _ := json.Marshal(map[string]any{"inputs": []onnxValue{in}})
+		var got restOutputs
+		if resp := h.do(t, "POST", "/v2/models/fp16-native/infer", string(body), nil, &got); resp.StatusCode != http.StatusOK {
+			t.Fatalf("%d: %s", resp.StatusCode, got.Error)
+		}
+		o := got.Outputs[0]
+		compareONNX(t, e, want, o.Name, o.Datatype, o.Shape, o.Data)
+		if len(rawOut) != 2*len(o.Data) {
+			t.Fatalf("no gRPC output to compare with (%d bytes)", len(rawOut))
+		}
+		for i, d := range o.Data { // each number reads back as the very half gRPC gave
+			if h, want := tensor.F16FromFloat64(d.(float64)), binary.LittleEndian.Uint16(rawOut[2*i:]); h != want {
+				t.Fatalf("output[%d] = %v reads as %#04x, gRPC gave %#04x", i, d, h, want)
+			}
+		}
+		var bad restOutputs
+		resp := h.do(t, "POST", "/v2/models/fp16-native/infer", `{"inputs":[{"name":"x","datatype":"FP16","shape":[1,4],"data":[1,2,"3",4]}]}`, nil, &bad)
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(bad.Error, "not a FP16") {
+			t.Fatalf("a string in FP16 data: %d %q", resp.StatusCode, bad.Error)
+		}
+	})
+	t.Run("grpc typed contents refused", func(t *testing.T) {
+		_, err := h.grpc.ModelInfer(context.Background(), &oip.ModelInferRequest{ModelName: "fp16-native",
+			Inputs: []*oip.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP16", Shape: []int64{1, 4},
+				Contents: &oip.InferTensorContents{Fp32Contents: []float32{1, 2, 3, 4}}}}})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "raw_input_contents") {
+			t.Fatalf("typed FP16 contents: %v", err)
+		}
+		_, err = h.grpc.ModelInfer(context.Background(), &oip.ModelInferRequest{ModelName: "fp16-native",
+			Inputs:           []*oip.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP16", Shape: []int64{1, 4}}},
+			RawInputContents: [][]byte{make([]byte, 7)}})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "needs 8") {
+			t.Fatalf("7 raw bytes for 4 halves: %v", err)
+		}
+	})
+	t.Run("batched", func(t *testing.T) {
+		rows := int(in.Shape[0])
+		var wg sync.WaitGroup
+		errs := make(chan error, rows)
+		for r := range rows {
+			wg.Go(func() {
+				resp, err := h.grpc.ModelInfer(context.Background(), &oip.ModelInferRequest{ModelName: "fp16-native-batched",
+					Inputs:           []*oip.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP16", Shape: []int64{1, 4}}},
+					RawInputContents: [][]byte{halfLE(t, in.Data[r*4:r*4+4])}})
+				if err != nil {
+					errs <- err
+					return
+				}
+				got := fromHalfLE(t, resp.RawOutputContents[0])
+				tol := e.Tolerance["FP16"]
+				for j := range 2 {
+					w := want.Data[r*2+j].(float64)
+					if g := got[j].(float64); math.Abs(g-w) > tol.Abs+tol.Rel*math.Abs(w) {
+						errs <- fmt.Errorf("row %d: y[%d] = %v, want %v", r, j, g, w)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
 }

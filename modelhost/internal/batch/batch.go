@@ -324,6 +324,7 @@ func Concat(parts [][]*tensor.Tensor) ([]*tensor.Tensor, error) {
 			t.U64 = append(t.U64, x.U64...)
 			t.Bool = append(t.Bool, x.Bool...)
 			t.Bytes = append(t.Bytes, x.Bytes...)
+			t.F16 = append(t.F16, x.F16...)
 		}
 		out[j] = t
 	}
@@ -360,6 +361,8 @@ func Split(outs []*tensor.Tensor, rows []int) ([][]*tensor.Tensor, error) {
 				p.F32 = o.F32[lo:hi:hi]
 			case tensor.FP64:
 				p.F64 = o.F64[lo:hi:hi]
+			case tensor.FP16:
+				p.F16 = o.F16[lo:hi:hi]
 			case tensor.UINT64:
 				p.U64 = o.U64[lo:hi:hi]
 			case tensor.BOOL:
