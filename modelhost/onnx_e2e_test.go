@@ -335,8 +335,8 @@ type pbTensor struct {
 }
 
 // oipOfONNX maps ONNX's TensorProto.DataType to the OIP datatypes the host carries;
-// FLOAT16, BFLOAT16 and complex types are left out of the selection.
-var oipOfONNX = map[int64]string{1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "BYTES", 9: "BOOL", 11: "FP64", 12: "UINT32", 13: "UINT64"}
+// BFLOAT16 and complex types are left out of the selection.
+var oipOfONNX = map[int64]string{1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64"}
 
 func parseTensorProto(b []byte) (*pbTensor, error) {
 	t := &pbTensor{}
@@ -435,6 +435,10 @@ func parseTensorProto(b []byte) (*pbTensor, error) {
 			for k := 0; k+8 <= len(t.raw); k += 8 {
 				t.f = append(t.f, math.Float64frombits(le.Uint64(t.raw[k:])))
 			}
+		case "FP16":
+			for k := 0; k+2 <= len(t.raw); k += 2 {
+				t.f = append(t.f, tensor.F16ToFloat64(le.Uint16(t.raw[k:])))
+			}
 		case "INT8", "UINT8", "BOOL":
 			for _, x := range t.raw {
 				if t.datatype == "INT8" {
@@ -468,6 +472,12 @@ func parseTensorProto(b []byte) (*pbTensor, error) {
 				t.u = append(t.u, le.Uint64(t.raw[k:]))
 			}
 		}
+	}
+	if t.datatype == "FP16" && len(t.i) > 0 { // int32_data holds the halves' bits
+		for _, x := range t.i {
+			t.f = append(t.f, tensor.F16ToFloat64(uint16(x)))
+		}
+		t.i = nil
 	}
 	if t.datatype == "UINT32" && len(t.u) > 0 {
 		for _, x := range t.u {
@@ -510,6 +520,64 @@ func (t *pbTensor) contents() *oip.InferTensorContents {
 	return c
 }
 
+// floatsOnly: the case's tensors are all FP16, FP32 or FP64 (the raw encoding here
+// covers those); hasFP16: one of them is FP16, so the case goes raw (FP16 has no typed
+// gRPC contents).
+func (c backendCase) floatsOnly() (ok, hasFP16 bool) {
+	ok = true
+	for _, p := range append(slices.Clone(c.inputs), c.outputs...) {
+		switch p.datatype {
+		case "FP16":
+			hasFP16 = true
+		case "FP32", "FP64":
+		default:
+			ok = false
+		}
+	}
+	return ok, hasFP16
+}
+
+// rawOf is t's raw (little-endian) contents; floats only.
+func (t *pbTensor) rawOf() []byte {
+	var b []byte
+	le := binary.LittleEndian
+	for _, x := range t.f {
+		switch t.datatype {
+		case "FP16":
+			b = le.AppendUint16(b, tensor.F16FromFloat64(x))
+		case "FP32":
+			b = le.AppendUint32(b, math.Float32bits(float32(x)))
+		case "FP64":
+			b = le.AppendUint64(b, math.Float64bits(x))
+		}
+	}
+	return b
+}
+
+// matchesRaw compares a raw output (floats only) with the expected tensor, with the
+// same tolerance as matches.
+func (t *pbTensor) matchesRaw(o *oip.ModelInferResponse_InferOutputTensor, raw []byte) error {
+	if o.Datatype != t.datatype || fmt.Sprint(o.Shape) != fmt.Sprint(t.dims) {
+		return fmt.Errorf("output %s %v, want %s %v", o.Datatype, o.Shape, t.datatype, t.dims)
+	}
+	var gf []float64
+	le := binary.LittleEndian
+	for k := 0; k < len(raw); {
+		switch t.datatype {
+		case "FP16":
+			gf = append(gf, tensor.F16ToFloat64(le.Uint16(raw[k:])))
+			k += 2
+		case "FP32":
+			gf = append(gf, float64(math.Float32frombits(le.Uint32(raw[k:]))))
+			k += 4
+		default:
+			gf = append(gf, math.Float64frombits(le.Uint64(raw[k:])))
+			k += 8
+		}
+	}
+	return closeFloats(gf, t.f)
+}
+
 // matches compares an output with the expected tensor: floats with the ONNX backend
 // tests' own tolerance (rtol 1e-3, atol 1e-7; NaN equals NaN), the rest exactly.
 func (t *pbTensor) matches(o *oip.ModelInferResponse_InferOutputTensor) error {
@@ -536,6 +604,10 @@ func (t *pbTensor) matches(o *oip.ModelInferResponse_InferOutputTensor) error {
 		}
 		return nil
 	}
+	return closeFloats(gf, wf)
+}
+
+func closeFloats(gf, wf []float64) error {
 	if len(gf) != len(wf) {
 		return fmt.Errorf("%d values, want %d", len(gf), len(wf))
 	}
@@ -627,6 +699,9 @@ func selectBackend(t *testing.T, repo string) (cases []backendCase, skipped map[
 		if err == nil && slices.ContainsFunc(append(slices.Clone(c.inputs), c.outputs...), func(p *pbTensor) bool { return slices.Contains(p.dims, 0) }) {
 			err = fmt.Errorf("an empty dimension")
 		}
+		if ok, fp16 := c.floatsOnly(); err == nil && fp16 && !ok {
+			err = fmt.Errorf("FP16 with non-float tensors")
+		}
 		if err != nil {
 			skipped[name] = err.Error()
 			continue
@@ -666,13 +741,25 @@ func TestONNXBackendNodeTests(t *testing.T) {
 	failed := map[string]string{}
 	for _, c := range cases {
 		req := &oip.ModelInferRequest{ModelName: c.model}
+		_, raw := c.floatsOnly() // FP16 cases go raw
 		for _, in := range c.inputs {
-			req.Inputs = append(req.Inputs, &oip.ModelInferRequest_InferInputTensor{Name: in.name, Datatype: in.datatype, Shape: in.dims, Contents: in.contents()})
+			pt := &oip.ModelInferRequest_InferInputTensor{Name: in.name, Datatype: in.datatype, Shape: in.dims}
+			if raw {
+				req.RawInputContents = append(req.RawInputContents, in.rawOf())
+			} else {
+				pt.Contents = in.contents()
+			}
+			req.Inputs = append(req.Inputs, pt)
 		}
 		resp, err := h.grpc.ModelInfer(context.Background(), req)
 		if err == nil {
 			for k, want := range c.outputs {
-				if err = want.matches(resp.Outputs[k]); err != nil {
+				if raw && len(resp.RawOutputContents) == len(c.outputs) {
+					err = want.matchesRaw(resp.Outputs[k], resp.RawOutputContents[k])
+				} else {
+					err = want.matches(resp.Outputs[k])
+				}
+				if err != nil {
 					err = fmt.Errorf("output %q: %w", want.name, err)
 					break
 				}
@@ -689,8 +776,8 @@ func TestONNXBackendNodeTests(t *testing.T) {
 	why := map[string]int{}
 	for _, r := range skipped {
 		switch {
-		case strings.Contains(r, "data type 10 "), strings.Contains(r, "data type 16 "):
-			r = "FP16/BF16 tensor (this selection reads no float16 test data)"
+		case strings.Contains(r, "data type 16 "):
+			r = "BF16 tensor"
 		case strings.Contains(r, " rank 0"):
 			r = "rank-0 tensor (model.yaml shapes have rank >= 1)"
 		case strings.HasPrefix(r, "graph: "):
