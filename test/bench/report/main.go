@@ -42,6 +42,9 @@ type suite struct {
 // args is the suite's `go test` command line after "go".
 func (s suite) args() []string {
 	a := []string{"test", "-run", "^$", "-bench", s.bench, "-benchtime", s.time, "-count", "1"}
+	if verbose[s.pkg] {
+		a = append(a, "-v")
+	}
 	if s.benchmem {
 		a = append(a, "-benchmem")
 	}
@@ -55,6 +58,10 @@ func (s suite) command() string {
 	return "go " + strings.Join(a, " ")
 }
 
+// verbose packages run with -v, so a benchmark's skip and its reason reach the report
+// (parse records them; without -v `go test` prints nothing for a skipped benchmark).
+var verbose = map[string]bool{"./test/bench/onnx/": true}
+
 // suites are every suite `make bench` runs; the report's header lists them again.
 var suites = []suite{
 	{"control plane", "./xds/", "Translate1000x3|EditToRoute|MemoryPer1000Models", "1x", false, ""},
@@ -65,6 +72,7 @@ var suites = []suite{
 	{"whole chain", "./test/e2e/", ".", "1x", false, ""},
 	{"ext_proc down (test model of Envoy honouring the bootstrap's ext_proc health check and outlier detection)", "./test/bench/extprocdown/", "ExtprocDown", "1x", false, ""},
 	{"control plane against models and a burst of 1,000 edits (the shipped binary, 100 and 1,000 models; 10,000 with PATCHBAY_BENCH_LARGE=1)", "./test/bench/xdsscale/", "XDSScale|Burst", "1x", false, ""},
+	{"ONNX model host (the shipped binary) vs ONNX Runtime called directly", "./test/bench/onnx/", "ONNXInfer|ONNXBatching", "1000x", false, ""},
 	{"control plane fan-out to simulated ADS clients and a restart under 1,000 clients (the shipped binary; 1,000 models x 5,000/20,000 clients with PATCHBAY_BENCH_LARGE=1)", "./test/bench/fanout/", "^BenchmarkFanout$|^BenchmarkRestart$", "1x", false, ""},
 }
 
@@ -453,6 +461,7 @@ func buildRows(all []result) []row {
 			"ext_proc healthy, same run: p50 "+f(c.bench, "healthy-p50-µs", "%.0f µs")+", p99 "+f(c.bench, "healthy-p99-µs", "%.0f µs")+" (added p99 "+f(c.bench, "added-p99-µs", "%.0f µs")+")")
 	}
 	rows = append(rows, featureRows(all, f)...)
+	rows = append(rows, onnxRows(all, f)...)
 	rows = append(rows, scaleRows(all, f)...)
 	return rows
 }
@@ -490,6 +499,61 @@ func featureRows(all []result, f func(bench, unit, format string) string) []row 
 			}
 			rows = append(rows, r)
 		}
+	}
+	return rows
+}
+
+// onnxMissing is why the ONNX rows are not measured when the library was not found.
+const onnxMissing = "ONNX Runtime library missing (make onnxruntime)"
+
+// onnxRows are the onnx runtime's rows (test/bench/onnx: the shipped patchbay binary in
+// its own process vs ONNX Runtime called directly from Go in the bench process), per
+// model: the fixture MLP (~5 µs; the loopback transport dominates) and mlp-large
+// (compute-bound; the model dominates). Without the library the benchmarks skip and the
+// rows say so.
+func onnxRows(all []result, f func(bench, unit, format string) string) []row {
+	var why string
+	for _, r := range all {
+		if n := trimProcs(r.name); r.skipped != "" && (n == "BenchmarkONNXInfer" || n == "BenchmarkONNXBatching") {
+			why = r.skipped
+			if strings.Contains(r.skipped, "ONNX Runtime library") {
+				why = onnxMissing
+			}
+		}
+	}
+	us := func(b, unit, format string) string {
+		v, ok := get(all, b, unit)
+		if !ok {
+			return "—"
+		}
+		return fmt.Sprintf(format, v/1e3)
+	}
+	var rows []row
+	add := func(r row, b, unit string) {
+		r.value, r.ok = get(all, b, unit)
+		r.why, r.unit, r.format, r.better = why, "ratio", "%.2f", "higher"
+		if !r.ok {
+			r.figure, r.baseline = "—", "—"
+		}
+		rows = append(rows, r)
+	}
+	for _, m := range []struct{ name, what string }{
+		{"mlp", "fixture MLP 8-16-16-3 (~5 µs a row: the transport dominates)"},
+		{"mlp-large", "MLP 256-1024-1024-1024-10 (compute-bound: the model dominates)"},
+	} {
+		b := "BenchmarkONNXInfer/model=" + m.name
+		direct := us(b, "direct-ns/req", "ONNX Runtime called directly from Go, same row: %.1f µs")
+		add(row{what: "ONNX host as shipped, gRPC infer at batch 1, " + m.what + " (direct time/host time)",
+			figure: us(b, "grpc-ns/req", "host gRPC %.1f µs/req") + us(b, "host-own-ns/req", " (inside the host, decode to encode: %.1f µs)"), baseline: direct, goal: 0.9}, b, "grpc-ratio")
+		add(row{what: "ONNX host as shipped, REST infer at batch 1, " + m.what + " (direct time/host time)",
+			figure: us(b, "rest-ns/req", "host REST %.1f µs/req"), baseline: direct}, b, "rest-ratio")
+		add(row{what: "ONNX host as shipped, gRPC at batch 1, " + m.what + " ((no-op grpc-go + direct)/host time: 1 = the host adds nothing)",
+			figure: us(b, "grpc-ns/req", "host gRPC %.1f µs/req"), baseline: us(b, "noop-grpc-ns/req", "no-op grpc-go ModelInfer in its own process %.1f µs") + " + " + us(b, "direct-ns/req", "direct %.1f µs")}, b, "grpc-floor-ratio")
+	}
+	for _, m := range []struct{ name, what string }{{"mlp", "fixture MLP"}, {"mlp-large", "MLP 256-1024-1024-1024-10"}} {
+		b := "BenchmarkONNXBatching/model=" + m.name
+		add(row{what: "ONNX host as shipped, dynamic batching on vs off, 64 REST clients, " + m.what + " (median of per-round throughput ratios)",
+			figure: f(b, "batched-req/s", "on %.0f req/s (median of rounds)"), baseline: f(b, "unbatched-req/s", "off %.0f req/s (median of rounds)")}, b, "ratio")
 	}
 	return rows
 }
@@ -797,11 +861,25 @@ func short(s string) string {
 
 // parse reads `go test -bench` output: result lines and the log lines under them.
 func parse(out string) []result {
-	var res []result
+	var (
+		res     []result
+		skipWhy = "skipped"
+	)
 	sc := bufio.NewScanner(strings.NewReader(out))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, "--- SKIP: "); ok && strings.HasPrefix(rest, "Benchmark") {
+			// (-v) the benchmark's last log line, above this one, says why.
+			res = append(res, result{name: strings.Fields(rest)[0], skipped: skipWhy})
+			continue
+		}
+		if strings.HasPrefix(line, "    ") {
+			if _, after, ok := strings.Cut(strings.TrimSpace(line), ": "); ok {
+				skipWhy = strings.TrimPrefix(after, "skipped: ")
+			}
+			continue
+		}
 		if strings.HasPrefix(line, "Benchmark") {
 			fields := strings.Fields(line)
 			if len(fields) < 3 {

@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -236,6 +237,81 @@ func TestFeatureRows(t *testing.T) {
 	for _, s := range suites {
 		if s.pkg == "./modelhost/" && (s.needs != "redis-server" || !strings.Contains(s.command(), "-bench 'FeatureAssembly'")) {
 			t.Errorf("feature suite %q needs %q", s.command(), s.needs)
+		}
+	}
+}
+
+// TestONNXRows: the ONNX rows (the shipped host vs ONNX Runtime called directly, per
+// model; batching on vs off) come from the captured output with their values, the gRPC
+// rows with the issue's 0.9 goal; when the benchmarks skipped for want of the library
+// (captured `go test -v` output) every row says so; the suite runs with -v so the skip
+// reaches the report.
+func TestONNXRows(t *testing.T) {
+	b, err := os.ReadFile("testdata/bench-output.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := parse(string(b))
+	var got []row
+	for _, r := range buildRows(all) {
+		if strings.HasPrefix(r.what, "ONNX host") {
+			got = append(got, r)
+		}
+	}
+	want := []struct {
+		bench, unit, contains string
+		goal                  float64
+	}{
+		{"BenchmarkONNXInfer/model=mlp", "grpc-ratio", "gRPC infer at batch 1, fixture MLP", 0.9},
+		{"BenchmarkONNXInfer/model=mlp", "rest-ratio", "REST infer at batch 1, fixture MLP", 0},
+		{"BenchmarkONNXInfer/model=mlp", "grpc-floor-ratio", "no-op grpc-go + direct", 0},
+		{"BenchmarkONNXInfer/model=mlp-large", "grpc-ratio", "gRPC infer at batch 1, MLP 256-1024-1024-1024-10", 0.9},
+		{"BenchmarkONNXInfer/model=mlp-large", "rest-ratio", "REST infer at batch 1, MLP 256", 0},
+		{"BenchmarkONNXInfer/model=mlp-large", "grpc-floor-ratio", "no-op grpc-go + direct", 0},
+		{"BenchmarkONNXBatching/model=mlp", "ratio", "batching on vs off, 64 REST clients, fixture MLP", 0},
+		{"BenchmarkONNXBatching/model=mlp-large", "ratio", "batching on vs off, 64 REST clients, MLP 256", 0},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d ONNX rows, want %d", len(got), len(want))
+	}
+	for i, w := range want {
+		r := got[i]
+		v, ok := get(all, w.bench, w.unit)
+		if !ok || !r.ok || r.value != v || r.better != "higher" || r.unit != "ratio" || r.goal != w.goal {
+			t.Errorf("row %q: value %v ok %v better %s goal %v, want the captured %s %s %v, higher, goal %v", r.what, r.value, r.ok, r.better, r.goal, w.bench, w.unit, v, w.goal)
+		}
+		if !strings.Contains(r.what, w.contains) {
+			t.Errorf("row %d is %q, want it to say %q", i, r.what, w.contains)
+		}
+	}
+	if !strings.Contains(got[0].figure, "inside the host") || !strings.Contains(got[0].baseline, "ONNX Runtime called directly") {
+		t.Errorf("gRPC row: figure %q, baseline %q", got[0].figure, got[0].baseline)
+	}
+
+	skipped := `pkg: github.com/patchbay-io/patchbay/test/bench/onnx
+BenchmarkONNXInfer
+    bench_test.go:81: skipped: ONNX Runtime library not found: run ` + "`make onnxruntime`" + ` in the patchbay repository
+--- SKIP: BenchmarkONNXInfer
+BenchmarkONNXBatching
+    bench_test.go:81: skipped: ONNX Runtime library not found: run ` + "`make onnxruntime`" + ` in the patchbay repository
+--- SKIP: BenchmarkONNXBatching
+PASS
+`
+	n := 0
+	for _, r := range buildRows(parse(skipped)) {
+		if strings.HasPrefix(r.what, "ONNX host") {
+			n++
+			if r.ok || r.valueText() != "not measured: ONNX Runtime library missing (make onnxruntime)" {
+				t.Errorf("row %q without the library: %q", r.what, r.valueText())
+			}
+		}
+	}
+	if n != len(want) {
+		t.Errorf("%d ONNX rows without the library, want %d", n, len(want))
+	}
+	for _, s := range suites {
+		if s.pkg == "./test/bench/onnx/" && !strings.Contains(s.command(), "-bench 'ONNXInfer|ONNXBatching'") || s.pkg == "./test/bench/onnx/" && !slices.Contains(s.args(), "-v") {
+			t.Errorf("ONNX suite: %s (want -bench 'ONNXInfer|ONNXBatching' and -v)", s.command())
 		}
 	}
 }
