@@ -32,6 +32,11 @@ func FuzzModelInfer(f *testing.F) {
 			Contents: &oip.InferTensorContents{Int64Contents: []int64{1, 99}}}}, Outputs: []*oip.ModelInferRequest_InferRequestedOutputTensor{{Name: "scores"}}},
 		{ModelName: "recs", Inputs: []*oip.ModelInferRequest_InferInputTensor{{Name: "user_id", Datatype: "BYTES", Shape: []int64{1}}},
 			RawInputContents: [][]byte{{3, 0, 0, 0, 'a', 'b', 'c'}}},
+		// FP16: raw only (2 bytes an element); typed contents are refused.
+		{ModelName: "ranker", Inputs: []*oip.ModelInferRequest_InferInputTensor{{Name: "features", Datatype: "FP16", Shape: []int64{1, 8}}},
+			RawInputContents: [][]byte{raw[:16]}},
+		{ModelName: "ranker", Inputs: []*oip.ModelInferRequest_InferInputTensor{{Name: "features", Datatype: "FP16", Shape: []int64{1, 8},
+			Contents: &oip.InferTensorContents{Fp32Contents: make([]float32, 8)}}}},
 	}
 	for _, s := range seeds {
 		b, err := proto.Marshal(s)

@@ -88,13 +88,18 @@ func onnxRepo(t testing.TB) string {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(dir, "model.yaml"), string(y)+"batching: {max_batch_size: 16, max_delay: 2ms, instances: 1}\n")
-	// fp16-native(-batched): the FP16 graph declared FP16, so FP16 travels on the wire.
-	for model, extra := range map[string]string{"fp16-native": "", "fp16-native-batched": "batching: {max_batch_size: 8, max_delay: 5ms, instances: 1}\n"} {
+	// fp16-native(-batched): the FP16 graph declared FP16, so FP16 travels on the wire;
+	// fp16-mixed: FP32 in (converted by the runtime), FP16 out.
+	for model, extra := range map[string]string{"fp16-native": "", "fp16-native-batched": "batching: {max_batch_size: 8, max_delay: 5ms, instances: 1}\n", "fp16-mixed": ""} {
 		dir := filepath.Join(repo, model, "v1")
 		copyDir(t, filepath.Join(onnxFixtures, "fp16"), dir)
+		in := "FP16"
+		if model == "fp16-mixed" {
+			in = "FP32"
+		}
 		writeFile(t, filepath.Join(dir, "model.yaml"), `runtime: onnx
 artifact: model.onnx
-inputs:  [{name: x, datatype: FP16, shape: [-1, 4]}]
+inputs:  [{name: x, datatype: `+in+`, shape: [-1, 4]}]
 outputs: [{name: y, datatype: FP16, shape: [-1, 2]}]
 `+extra)
 	}
@@ -889,6 +894,19 @@ func TestONNXFP16OverOIP(t *testing.T) {
 		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(bad.Error, "not a FP16") {
 			t.Fatalf("a string in FP16 data: %d %q", resp.StatusCode, bad.Error)
 		}
+	})
+	t.Run("grpc typed request, FP16 output", func(t *testing.T) {
+		// A typed FP32 input, an FP16 output: the response is all raw (no FP16 typed field).
+		resp, err := h.grpc.ModelInfer(context.Background(), &oip.ModelInferRequest{ModelName: "fp16-mixed",
+			Inputs: []*oip.ModelInferRequest_InferInputTensor{grpcTensor(c.Inputs[0])}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.RawOutputContents) != 1 || resp.Outputs[0].GetContents() != nil {
+			t.Fatalf("FP16 output not raw: %v", resp)
+		}
+		o := resp.Outputs[0]
+		compareONNX(t, e, want, o.Name, o.Datatype, o.Shape, fromHalfLE(t, resp.RawOutputContents[0]))
 	})
 	t.Run("grpc typed contents refused", func(t *testing.T) {
 		_, err := h.grpc.ModelInfer(context.Background(), &oip.ModelInferRequest{ModelName: "fp16-native",
