@@ -18,18 +18,18 @@ func TestCheckContract(t *testing.T) {
 		md   Metadata
 		want []string // substrings of the error; none: compatible
 	}{
-		{"same", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}), in(y)}, nil},
-		{"contracted -1 accepts a fixed size", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{8, 4}}), in(y)}, nil},
-		{"added input and output", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}, Tensor{Name: "mask", Datatype: "BOOL", Shape: []int64{-1, 4}}), in(y, Tensor{Name: "z", Datatype: "INT64", Shape: []int64{-1}})}, nil},
-		{"removed input", Metadata{nil, in(y)}, []string{`input "x" is missing`}},
-		{"renamed input", Metadata{in(Tensor{Name: "features", Datatype: "FP32", Shape: []int64{-1, 4}}), in(y)}, []string{`input "x" is missing (removed or renamed)`}},
-		{"changed datatype", Metadata{in(Tensor{Name: "x", Datatype: "FP64", Shape: []int64{-1, 4}}), in(y)}, []string{`input "x": datatype FP64, the contract says FP32`}},
-		{"changed fixed dimension", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 5}}), in(y)}, []string{`input "x": shape [-1 5], the contract fixes dimension 1 at 4`}},
-		{"fixed dimension made variable", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, -1}}), in(y)}, []string{`fixes dimension 1 at 4`}},
-		{"changed rank", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{4}}), in(y)}, []string{`shape [4] has rank 1, the contract says [-1 4] (rank 2)`}},
-		{"input listed twice", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}, Tensor{Name: "x", Datatype: "FP64", Shape: []int64{1}}), in(y)}, []string{`input "x" is listed twice in the metadata`}},
-		{"removed output", Metadata{in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}), nil}, []string{`output "y" is missing`}},
-		{"every problem at once", Metadata{in(Tensor{Name: "x", Datatype: "INT32", Shape: []int64{-1, 3}}), in(Tensor{Name: "y", Datatype: "FP32", Shape: []int64{-1}})},
+		{"same", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}), Outputs: in(y)}, nil},
+		{"contracted -1 accepts a fixed size", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{8, 4}}), Outputs: in(y)}, nil},
+		{"added input and output", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}, Tensor{Name: "mask", Datatype: "BOOL", Shape: []int64{-1, 4}}), Outputs: in(y, Tensor{Name: "z", Datatype: "INT64", Shape: []int64{-1}})}, nil},
+		{"removed input", Metadata{Inputs: nil, Outputs: in(y)}, []string{`input "x" is missing`}},
+		{"renamed input", Metadata{Inputs: in(Tensor{Name: "features", Datatype: "FP32", Shape: []int64{-1, 4}}), Outputs: in(y)}, []string{`input "x" is missing (removed or renamed)`}},
+		{"changed datatype", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP64", Shape: []int64{-1, 4}}), Outputs: in(y)}, []string{`input "x": datatype FP64, the contract says FP32`}},
+		{"changed fixed dimension", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 5}}), Outputs: in(y)}, []string{`input "x": shape [-1 5], the contract fixes dimension 1 at 4`}},
+		{"fixed dimension made variable", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, -1}}), Outputs: in(y)}, []string{`fixes dimension 1 at 4`}},
+		{"changed rank", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{4}}), Outputs: in(y)}, []string{`shape [4] has rank 1, the contract says [-1 4] (rank 2)`}},
+		{"input listed twice", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}, Tensor{Name: "x", Datatype: "FP64", Shape: []int64{1}}), Outputs: in(y)}, []string{`input "x" is listed twice in the metadata`}},
+		{"removed output", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "FP32", Shape: []int64{-1, 4}}), Outputs: nil}, []string{`output "y" is missing`}},
+		{"every problem at once", Metadata{Inputs: in(Tensor{Name: "x", Datatype: "INT32", Shape: []int64{-1, 3}}), Outputs: in(Tensor{Name: "y", Datatype: "FP32", Shape: []int64{-1}})},
 			[]string{`datatype INT32`, `fixes dimension 1 at 4`, `output "y": shape [-1] has rank 1`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
