@@ -108,6 +108,7 @@ fuzz: ## run each fuzz target for 30s
 	$(GO) test -run '^$$' -fuzz FuzzParseFeatureFile -fuzztime 30s ./cmd/patchbay/
 	$(GO) test -run '^$$' -fuzz FuzzParseContract -fuzztime 30s ./modelhost/
 	$(GO) test -run '^$$' -fuzz FuzzParseBucket -fuzztime 30s ./modelhost/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeFP16 -fuzztime 30s ./modelhost/internal/oipjson/
 
 fixtures: bench-deps ## regenerate the XGBoost fixtures and example models (with Debian's python3-xgboost)
 	/usr/bin/python3 test/fixtures/xgboost/gen.py
