@@ -114,6 +114,8 @@ func recordOutput(t *tensor.Tensor) *shadowv1.Output {
 		n = len(t.F32)
 	case t.F64 != nil:
 		n = len(t.F64)
+	case t.F16 != nil:
+		n = len(t.F16)
 	case t.I64 != nil:
 		n = len(t.I64)
 	case t.U64 != nil:
@@ -127,6 +129,8 @@ func recordOutput(t *tensor.Tensor) *shadowv1.Output {
 			return float64(t.F32[i])
 		case t.F64 != nil:
 			return t.F64[i]
+		case t.F16 != nil:
+			return tensor.F16ToFloat64(t.F16[i])
 		case t.I64 != nil:
 			return float64(t.I64[i])
 		}

@@ -239,6 +239,12 @@ func (o *outputHist) record(ctx context.Context, t *tensor.Tensor, tr traffic) {
 				o.h.Record(ctx, f, opt...)
 			}
 		}
+	case t.F16 != nil:
+		for _, x := range t.F16 {
+			if f := tensor.F16ToFloat64(x); !math.IsNaN(f) && !math.IsInf(f, 0) {
+				o.h.Record(ctx, f, opt...)
+			}
+		}
 	case t.I64 != nil:
 		for _, x := range t.I64 {
 			o.h.Record(ctx, float64(x), opt...)
