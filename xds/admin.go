@@ -40,6 +40,10 @@ func (s *Server) AdminHandler() http.Handler {
 			http.Error(w, "no valid config yet", http.StatusServiceUnavailable)
 			return
 		}
+		if s.contractWaiting.Load() {
+			http.Error(w, "waiting for the first contract checks before serving ADS (--contract-wait)", http.StatusServiceUnavailable)
+			return
+		}
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })

@@ -493,6 +493,8 @@ func (s *Server) awaitFirstContracts(ctx context.Context) {
 	if wait < 0 || s.contracts == nil {
 		return
 	}
+	s.contractWaiting.Store(true)
+	defer s.contractWaiting.Store(false)
 	start := time.Now()
 	timer := time.NewTimer(wait)
 	defer timer.Stop()

@@ -2,7 +2,9 @@ package xds
 
 import (
 	"context"
+	"io"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -98,4 +100,34 @@ func TestContractStartupWindowStatus(t *testing.T) {
 	if st["v2"].State != contractPending || !strings.Contains(st["v2"].Reason, "served as written") {
 		t.Fatalf("v2 status %+v", st["v2"])
 	}
+}
+
+// TestReadyzWaitsForTheFirstContractChecks: while ADS waits for the first contract checks,
+// /readyz says so with a 503 (a Kubernetes readiness probe keeps the replica out of the
+// Service), and it answers ok once ADS is served.
+func TestReadyzWaitsForTheFirstContractChecks(t *testing.T) {
+	b1 := startBackend(t, "v1")
+	m1 := startMetadataHost(t, "127.0.0.1:0", "r", "v1", keeps)
+	m2 := startMetadataHost(t, "127.0.0.1:0", "r", "v2", keeps)
+	m2.delay.Store(int64(700 * time.Millisecond))
+	dir := t.TempDir()
+	writeFile(t, dir, "r.yaml", contractDoc(m1.addr, b1.addr, m2.addr, b1.addr))
+	c := startCPWith(t, dir, func(cfg *Config) { cfg.ContractWait = 3 * time.Second })
+	readyz := func() (int, string) {
+		resp, err := http.Get("http://" + c.adminAddr + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	code, body := readyz()
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, "contract") {
+		t.Fatalf("/readyz during the startup window: %d %q, want 503 naming the contract checks", code, body)
+	}
+	waitFor(t, 5*time.Second, "/readyz ok after the first checks", func() bool {
+		code, _ := readyz()
+		return code == http.StatusOK
+	})
 }

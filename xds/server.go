@@ -124,11 +124,14 @@ type Config struct {
 
 // Server is a running control plane.
 type Server struct {
-	cfg     Config
-	log     zerolog.Logger
-	res     *resourceCache
-	builder *translate.Builder
-	shadow  *shadow.Comparator // the Records service model hosts send predictions to
+	// contractWaiting is set while Run waits, before serving ADS, for the first contract
+	// checks (awaitFirstContracts): /readyz answers 503 meanwhile.
+	contractWaiting atomic.Bool
+	cfg             Config
+	log             zerolog.Logger
+	res             *resourceCache
+	builder         *translate.Builder
+	shadow          *shadow.Comparator // the Records service model hosts send predictions to
 	// servingVersion is the config version being served (string), read by the stream
 	// callbacks without the lock.
 	servingVersion atomic.Value
