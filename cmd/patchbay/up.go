@@ -523,8 +523,36 @@ func (u *upRun) hostRepositories() []string {
 	return repos
 }
 
-// copyVersions copies the files of each <model>/<version> directory from src to dst.
+// copyVersions copies the files of each <model>/<version> directory from src to dst, and
+// each of those models' own files (contract.yaml: the host checks requests against it).
 func copyVersions(src, dst string, versions []string) error {
+	models := map[string]bool{}
+	for _, mv := range versions {
+		m := filepath.Dir(mv)
+		if models[m] {
+			continue
+		}
+		models[m] = true
+		entries, err := os.ReadDir(filepath.Join(src, m))
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if !e.Type().IsRegular() {
+				continue
+			}
+			b, err := os.ReadFile(filepath.Join(src, m, e.Name()))
+			if err != nil {
+				return err
+			}
+			if err := os.MkdirAll(filepath.Join(dst, m), 0o755); err != nil {
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dst, m, e.Name()), b, 0o644); err != nil {
+				return err
+			}
+		}
+	}
 	for _, mv := range versions {
 		entries, err := os.ReadDir(filepath.Join(src, mv))
 		if err != nil {
