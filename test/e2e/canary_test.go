@@ -265,7 +265,9 @@ func featuresJSON(rng *rand.Rand, rows, dim int) string {
 // takes every step and ends succeeded with the canary at its final share, which the edge
 // then serves. The last step is 100%: the baseline gets no traffic there, so the canary
 // alone must reach minRequests and the gates that compare with the baseline are skipped
-// (this step once waited forever on the baseline's minRequests).
+// (this step once waited forever on the baseline's minRequests). minRequests is 100: PSI's
+// sampling noise with 4 buckets is ≈ 3·(1/n₁+1/n₂), so at 20 requests per version two
+// samples of one distribution crossed the 0.5 threshold now and then on a loaded machine.
 func TestCanaryHealthyPromoted(t *testing.T) {
 	start := time.Now()
 	base := startCanaryHost(t, "host-v7", canaryRepo(t, "ranker", "v7", rankerYAML("[-1, 8]", true), map[string]string{"model.json": "@examples/models/ranker/v7/model.json"}))
@@ -275,7 +277,7 @@ func TestCanaryHealthyPromoted(t *testing.T) {
   canary: v8
   steps: [20, 50, 100]
   interval: 1s
-  minRequests: 20
+  minRequests: 100
   gates:
     - {metric: error-rate, max: 0.01}
     - {metric: latency, percentile: 90, maxRatio: 20}
