@@ -377,18 +377,23 @@ func (p *featurePlan) fetch(ctx context.Context, ent string) ([]any, int) {
 	return vals, -1
 }
 
-// coalescer joins the cache misses of a version with dynamic batching into pipelines:
-// the first miss opens a gathering that lasts the batch window (or until max lookups
-// join); then one go-redis pipeline carries an HMGET per distinct entity, one round trip.
-// Each waiter still waits at most the store timeout from its own arrival. No goroutine
-// lives between gatherings (a timer flushes them).
+// coalescer joins the cache misses of a version with dynamic batching into pipelines,
+// keeping about one round trip outstanding (Nagle off): a miss that finds no pipeline of
+// the version in flight goes out at once, from its own goroutine, as a pipeline of one;
+// misses that arrive while one is in flight gather, and the gathering goes out as one
+// go-redis pipeline (an HMGET per distinct entity) as soon as a pipeline returns, when
+// max lookups joined, or at the batch window as a bound. Low load pays no window; high
+// load shares round trips. Each waiter waits at most the store timeout from its own
+// arrival. No goroutine lives between gatherings (a pipeline's goroutine, or a timer).
 type coalescer struct {
 	p      *featurePlan
 	window time.Duration
 	max    int
+	after  func(time.Duration, func()) *time.Timer // time.AfterFunc; tests watch the window's timers
 
-	mu  sync.Mutex
-	cur *gathering
+	mu       sync.Mutex
+	cur      *gathering // open, waiting for a pipeline to return
+	inflight int        // pipelines sent and not yet returned
 }
 
 // gathering is one pipeline's lookups and, once done is closed, their answers.
@@ -404,20 +409,32 @@ type gathering struct {
 
 func newCoalescer(p *featurePlan, window time.Duration, max int) *coalescer {
 	// The window leaves each waiter at least half its timeout for the round trip.
-	return &coalescer{p: p, window: min(window, p.store.timeout/2), max: max}
+	return &coalescer{p: p, window: min(window, p.store.timeout/2), max: max, after: time.AfterFunc}
 }
 
 func (c *coalescer) fetch(ctx context.Context, key string) ([]any, int) {
+	c.mu.Lock()
+	if c.cur == nil && (c.inflight == 0 || c.window <= 0) {
+		// Nothing in flight: this lookup goes out now, alone; its request's context
+		// bounds it (no one else waits on it).
+		c.inflight++
+		c.mu.Unlock()
+		g := &gathering{keys: []string{key}, waiters: 1, done: make(chan struct{})}
+		ctx, cancel := context.WithTimeout(ctx, c.p.store.timeout)
+		defer cancel()
+		c.send(ctx, g)
+		if g.reasons[0] >= 0 && ctx.Err() != nil {
+			return nil, reasonTimeout
+		}
+		return g.vals[0], g.reasons[0]
+	}
 	wait := time.NewTimer(c.p.store.timeout)
 	defer wait.Stop()
-	c.mu.Lock()
 	g := c.cur
 	if g == nil {
 		g = &gathering{idx: map[string]int{}, done: make(chan struct{})}
 		c.cur = g
-		if c.window > 0 {
-			g.timer = time.AfterFunc(c.window, func() { c.flush(g) })
-		}
+		g.timer = c.after(c.window, func() { c.flush(g) })
 	}
 	i, ok := g.idx[key]
 	if !ok {
@@ -426,16 +443,13 @@ func (c *coalescer) fetch(ctx context.Context, key string) ([]any, int) {
 		g.keys = append(g.keys, key)
 	}
 	g.waiters++
-	full := g.waiters >= c.max || c.window <= 0
+	full := g.waiters >= c.max
 	if full {
-		c.cur = nil // this goroutine sends it; a timer that fires meanwhile finds it gone
-		if g.timer != nil {
-			g.timer.Stop()
-		}
+		c.take(g)
 	}
 	c.mu.Unlock()
 	if full {
-		go c.send(g)
+		go c.send(context.Background(), g)
 	}
 	select {
 	case <-g.done:
@@ -447,24 +461,35 @@ func (c *coalescer) fetch(ctx context.Context, key string) ([]any, int) {
 	}
 }
 
-// flush sends g when its window ends, unless it went out full already.
+// take closes the open gathering g for sending (c.mu held): a timer that fires
+// meanwhile finds it gone.
+func (c *coalescer) take(g *gathering) {
+	c.cur = nil
+	c.inflight++
+	if g.timer != nil {
+		g.timer.Stop()
+	}
+}
+
+// flush sends g when its window ends, unless it went out already.
 func (c *coalescer) flush(g *gathering) {
 	c.mu.Lock()
 	mine := c.cur == g
 	if mine {
-		c.cur = nil
+		c.take(g)
 	}
 	c.mu.Unlock()
 	if mine {
-		c.send(g)
+		c.send(context.Background(), g)
 	}
 }
 
-// send fetches every key of g in one round trip and wakes its waiters.
-func (c *coalescer) send(g *gathering) {
+// send fetches every key of g in one round trip and wakes its waiters; once Redis
+// answered, the gathering that opened meanwhile goes out.
+func (c *coalescer) send(ctx context.Context, g *gathering) {
 	fs, p := c.p.store, c.p
 	g.vals, g.reasons = make([][]any, len(g.keys)), make([]int, len(g.keys))
-	ctx, cancel := context.WithTimeout(context.Background(), fs.timeout)
+	ctx, cancel := context.WithTimeout(ctx, fs.timeout)
 	defer cancel()
 	cmds := make([]*redis.SliceCmd, len(g.keys))
 	if len(g.keys) == 1 {
@@ -475,6 +500,16 @@ func (c *coalescer) send(g *gathering) {
 			cmds[i] = pipe.HMGet(ctx, k, p.fields...)
 		}
 		_, _ = pipe.Exec(ctx) // each command carries its own error
+	}
+	c.mu.Lock()
+	c.inflight--
+	next := c.cur
+	if next != nil {
+		c.take(next)
+	}
+	c.mu.Unlock()
+	if next != nil {
+		go c.send(context.Background(), next)
 	}
 	fs.trips.Add(ctx, 1, p.tripOpt)
 	now := time.Now()

@@ -84,7 +84,7 @@ next:
 }
 
 // TestFeaturesPipelinedPerBatch: on a version with dynamic batching, concurrent requests'
-// store lookups share pipelined round trips (counted by the host's round-trip metric and
+// store lookups share pipelined round trips (at most half as many as requests) (counted by the host's round-trip metric and
 // by Redis's own HMGET count, duplicates fetched once), and every prediction still equals
 // the reference computed with that request's stored values. Without batching (v1) each
 // request is one HMGET.
@@ -98,7 +98,8 @@ func TestFeaturesPipelinedPerBatch(t *testing.T) {
 	}
 	// Cache off: every request is a lookup. A generous timeout: the test counts round
 	// trips, it does not time them.
-	// b3: batches of at most 4 with a long window: a gathering goes out when 4 joined.
+	// b3: batches of at most 4 with a long window: a gathering goes out when 4 joined or
+	// when the pipeline in flight returns, whichever comes first.
 	repo := featureRepo(t)
 	writeFile(t, filepath.Join(repo, "scorer", "b3", "model.yaml"), fmt.Sprintf(featureYAML, "")+"batching: {max_batch_size: 4, max_delay: 1s}\n")
 	writeFile(t, filepath.Join(repo, "scorer", "b3", "linear.json"), `{"link": "logistic", "weights": [0.5, 0.01, 2, 0.3], "bias": -0.2}`)
@@ -155,8 +156,9 @@ func TestFeaturesPipelinedPerBatch(t *testing.T) {
 			}
 			continue
 		}
-		if trips < 1 || trips >= float64(n) {
-			t.Errorf("b1: %v round trips for %d concurrent requests, want 1..%d (pipelined per batch)", trips, n, n-1)
+		// A lookup that finds nothing in flight goes out alone; the others gather behind it.
+		if trips < 1 || trips > float64(n/2) {
+			t.Errorf("b1: %v round trips for %d concurrent requests, want 1..%d (pipelined per batch)", trips, n, n/2)
 		}
 		if calls >= n || float64(calls) < trips {
 			t.Errorf("b1: Redis counted %d HMGETs for %d requests over %d entities in %v round trips, want fewer than %d (each entity once per pipeline)", calls, n, entities, trips, n)
