@@ -452,6 +452,20 @@ func destroy(vs []ort.Value) {
 
 // run runs the session; a context that ends stops the run (ONNX Runtime's terminate
 // flag, checked between operators) and the error says why.
+//
+// It runs on the caller's goroutine, as measured (BenchmarkPredictLatency, mlp-large at
+// batch 1, 2-core VM, medians of 1000 calls, 2 runs): Predict here 366/375 µs back to back
+// (the bench's direct baseline: ~372 µs), so the runtime adds nothing measurable. Handing
+// the run to a goroutine locked to its OS thread (so ONNX Runtime always runs on one warm
+// thread) measured 424/441 µs: the channel hand-off and the parked thread's wake-up cost
+// more than any thread-local warmth gives back, so there is no such pool. The RunOptions
+// made for a cancellable context (every gRPC and REST request's) cost nothing measurable
+// (362/363 µs). After an idle gap (as between a host's requests) a run is ~15–25 µs
+// slower (391/400 µs), whichever thread runs it. Session options tried for this
+// (BenchmarkPredictLatency after a gap, 2 runs each): CPU memory arena off 416/353 µs,
+// memory pattern off 358/354 µs, ONNX Runtime's defaults 377/383 µs: noise, so they stay
+// ONNX Runtime's defaults and are not in model.yaml; with intra_op_threads 1 there is no
+// intra-op pool to spin.
 func (m *Model) run(ctx context.Context, in, out []ort.Value) error {
 	if err := ctx.Err(); err != nil {
 		return err
