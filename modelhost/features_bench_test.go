@@ -17,8 +17,8 @@ import (
 // the input itself with the same request whose input the host assembles from features
 // via a real redis-server (cache off) and from the local cache, at 1 and 64 concurrent
 // clients, for a version without batching ("request": one HMGET per request) and one with
-// dynamic batching ("batch": max_delay 500us; the lookups of a batch window share one
-// pipelined round trip). Each side is measured twice in ABBA order. Metrics:
+// dynamic batching ("batch": max_delay 500us; a lookup goes out at once when none is in
+// flight, those arriving meanwhile share the next pipelined round trip). Each side is measured twice in ABBA order. Metrics:
 // client-us/req, redis-us/req, cached-us/req (wall time per request over all clients);
 // ratio-redis = client/redis and ratio-cached = client/cached (1 = assembly is free,
 // 0.5 = half the throughput); redis-trips/req = Redis round trips per request.
