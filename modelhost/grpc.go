@@ -185,7 +185,9 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 	}
 	// The stream was admitted before its message was read (tap), for the largest message it
 	// could send; that reservation gives way to the message's real size now that it is known.
-	received(ctx)
+	if end := received(ctx); end != nil {
+		defer end()
+	}
 	charge := grpcRequestBytes(r)
 	if e := s.limits.acquireBytes(charge); e != nil {
 		s.inst.refused.Add(ctx, 1, s.inst.refusedGRPC)
@@ -222,8 +224,8 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *oip.ModelInferRequest) 
 		return nil, grpcErr(aerr)
 	}
 	_ = grpc.SetHeader(ctx, v.servedByMD)
-	s.inst.requests.Add(ctx, 1, v.attrs.grpc[tr])
-	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.grpc[tr])
+	s.inst.requests.Add(ctx, 1, v.attrs.grpc[tr].add...)
+	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.grpc[tr].rec...)
 	return resp, nil
 }
 

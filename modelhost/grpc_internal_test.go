@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/internal/telemetry"
 )
 
 // BenchmarkGRPCModelInferMethod is the host's own cost of a 16-float ModelInfer
@@ -38,6 +39,50 @@ func BenchmarkGRPCModelInferMethod(b *testing.B) {
 		if _, err := g.ModelInfer(ctx, req); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestGRPCModelInferAllocsBounded bounds the host's own allocations for a 16-float
+// ModelInfer through the OpenTelemetry SDK (the meter `patchbay modelhost` runs with) and
+// the no-op tracer (no --otlp): the request's tensors, the response, the model's output.
+// The counters' and histograms' option slices are built at load and an untraced request
+// makes no span context, so none of those allocates (17 allocations before, 11 after).
+func TestGRPCModelInferAllocsBounded(t *testing.T) {
+	if raceInternal {
+		t.Skip("allocation counts are not meaningful under the race detector")
+	}
+	metrics, err := telemetry.NewMetrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer metrics.Shutdown(context.Background())
+	repo := t.TempDir()
+	dir := filepath.Join(repo, "lin", "v1")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "linear.json"), []byte(`{"link":"logistic","weights":[`+strings.Repeat("0.1,", 15)+`0.1],"bias":0}`), 0o644)
+	os.WriteFile(filepath.Join(dir, "model.yaml"), []byte("runtime: linear\nartifact: linear.json\ninputs: [{name: x, datatype: FP32, shape: [-1, 16]}]\noutputs: [{name: y, datatype: FP32, shape: [-1]}]\n"), 0o644)
+	s, err := New(Config{Repository: repo, Logger: zerolog.Nop(), MeterProvider: metrics.Provider})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	g := &grpcService{s: s}
+	req := &oip.ModelInferRequest{ModelName: "lin", Id: "x", Inputs: []*oip.ModelInferRequest_InferInputTensor{{
+		Name: "x", Datatype: "FP32", Shape: []int64{1, 16}, Contents: &oip.InferTensorContents{Fp32Contents: make([]float32, 16)}}}}
+	ctx := metadata.NewIncomingContext(grpc.NewContextWithServerTransportStream(context.Background(), nopStream{}),
+		metadata.Pairs(":authority", "lin:8001", "content-type", "application/grpc", "user-agent", "grpc-go"))
+	run := func() {
+		if _, err := g.ModelInfer(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run()
+	n := testing.AllocsPerRun(200, run)
+	t.Logf("allocs per gRPC ModelInfer (host's own): %.0f", n)
+	if n > 12 {
+		t.Errorf("%v allocations per ModelInfer, want <= 12", n)
 	}
 }
 

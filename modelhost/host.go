@@ -108,15 +108,17 @@ func DefaultMaxInflight() int { return 128 * runtime.GOMAXPROCS(0) }
 
 // Server is a running model host.
 type Server struct {
-	cfg     Config
-	log     zerolog.Logger
-	table   atomic.Pointer[table]
-	mu      sync.Mutex // serialises load and unload
-	ready   atomic.Bool
-	inst    *instruments
-	tracer  trace.Tracer
-	mux     *http.ServeMux
-	closing atomic.Bool
+	cfg    Config
+	log    zerolog.Logger
+	table  atomic.Pointer[table]
+	mu     sync.Mutex // serialises load and unload
+	ready  atomic.Bool
+	inst   *instruments
+	tracer trace.Tracer
+	// noTracer: the tracer provider is OpenTelemetry's no-op one (no --otlp endpoint).
+	noTracer bool
+	mux      *http.ServeMux
+	closing  atomic.Bool
 
 	token  *bearer.Token // nil: repository API disabled
 	shadow *shadowSender // nil: no prediction records
@@ -262,6 +264,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With().Str("component", "modelhost").Logger(),
 		tracer: cfg.TracerProvider.Tracer("github.com/patchbay-io/patchbay/modelhost"), token: token}
+	_, s.noTracer = cfg.TracerProvider.(tracenoop.TracerProvider)
 	s.limits.init(cfg.MaxInflight, cfg.MaxInflightBytes, cfg.MaxBodyBytes)
 	inst, err := newInstruments(cfg.MeterProvider)
 	if err != nil {
@@ -468,7 +471,7 @@ func (s *Server) loadVersion(prev *model, name, vname, dir string) *version {
 		}
 		attrs := v.attrs
 		v.batcher = batch.New(batch.Config{MaxRows: spec.MaxBatch, MaxDelay: spec.MaxDelay, Instances: inst, QueueSize: spec.MaxQueue,
-			Observe: func(rows int) { s.inst.batchRows.Record(context.Background(), int64(rows), attrs.base) },
+			Observe: func(rows int) { s.inst.batchRows.Record(context.Background(), int64(rows), attrs.base...) },
 		}, v.predict)
 	}
 	return v

@@ -184,12 +184,12 @@ func (s *Server) run(ctx context.Context, v *version, inputs []*tensor.Tensor, r
 		res, err = v.batcher.Do(ctx, inputs)
 		outs = res.Outputs
 		if err == nil {
-			s.inst.queue.Record(ctx, res.Queued.Seconds(), v.attrs.base)
+			s.inst.queue.Record(ctx, res.Queued.Seconds(), v.attrs.base...)
 		}
 	} else {
 		outs, err = v.predict(ctx, inputs)
 		if len(inputs) > 0 && len(inputs[0].Shape) > 0 {
-			s.inst.batchRows.Record(ctx, inputs[0].Shape[0], v.attrs.base)
+			s.inst.batchRows.Record(ctx, inputs[0].Shape[0], v.attrs.base...)
 		}
 	}
 	if err != nil {

@@ -87,6 +87,10 @@ type grpcAdmission struct {
 	l        *limits
 	reserved atomic.Int64 // bytes reserved for the message not yet decoded; 0 once settled
 	deadline *time.Timer  // cancels the stream if its message is not in by then
+	// stop unregisters end from the stream's context; ModelInfer, which ends the admission
+	// itself when the handler returns, saves a goroutine per request that way (context.AfterFunc
+	// runs end in a new goroutine when the stream ends).
+	stop func() bool
 }
 
 type admissionKey struct{}
@@ -115,12 +119,20 @@ func (a *grpcAdmission) end() {
 
 // received is called by ModelInfer once grpc-go has decoded the message: the receive
 // deadline no longer applies, and the reservation makes room for the message's real size,
-// which the caller charges.
-func received(ctx context.Context) {
-	if a, ok := ctx.Value(admissionKey{}).(*grpcAdmission); ok {
-		a.deadline.Stop()
-		a.settle()
+// which the caller charges. It returns the function that ends the admission (gives the
+// slot back): the caller runs it when the handler returns. Nil when there is nothing to end
+// (no admission, or the stream's context has ended and end runs on its own).
+func received(ctx context.Context) func() {
+	a, ok := ctx.Value(admissionKey{}).(*grpcAdmission)
+	if !ok {
+		return nil
 	}
+	a.deadline.Stop()
+	a.settle()
+	if !a.stop() {
+		return nil
+	}
+	return a.end
 }
 
 // tap admits a gRPC ModelInfer stream before its message is read. grpc-go runs the
@@ -154,7 +166,7 @@ func (s *Server) tap(ctx context.Context, info *tap.Info) (context.Context, erro
 	a := &grpcAdmission{Context: cctx, l: &s.limits}
 	a.reserved.Store(worst)
 	a.deadline = time.AfterFunc(s.cfg.ReadTimeout, cancel)
-	context.AfterFunc(cctx, a.end)
+	a.stop = context.AfterFunc(cctx, a.end)
 	return a, nil
 }
 

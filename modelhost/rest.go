@@ -268,9 +268,19 @@ func writeError(w http.ResponseWriter, e *apiError) {
 func (s *Server) startSpan(ctx context.Context, carrier propagation.TextMapCarrier, traced bool, name string) (context.Context, trace.Span) {
 	if traced {
 		ctx = propagator.Extract(ctx, carrier)
+	} else if s.noTracer {
+		// What the no-op tracer would give (its span, no parent to carry), without the
+		// context it would wrap around it for every request.
+		return ctx, noSpan
 	}
-	return s.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindServer))
+	return s.tracer.Start(ctx, name, serverSpan...)
 }
+
+var (
+	// serverSpan is built once: trace.WithSpanKind boxes its option on each call.
+	serverSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindServer)}
+	noSpan     = trace.SpanFromContext(context.Background())
+)
 
 func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
@@ -332,8 +342,8 @@ func (s *Server) handleInfer(w http.ResponseWriter, r *http.Request) {
 	h[contentTypeKey] = jsonCT
 	h[servedByKey] = v.servedBy
 	_, _ = w.Write(out)
-	s.inst.requests.Add(ctx, 1, v.attrs.rest[tr])
-	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.rest[tr])
+	s.inst.requests.Add(ctx, 1, v.attrs.rest[tr].add...)
+	s.inst.latency.Record(ctx, time.Since(start).Seconds(), v.attrs.rest[tr].rec...)
 	if e := s.log.Debug(); e.Enabled() {
 		e.Str("model", name).Str("version", v.spec.Version).Stringer("traffic", tr).Dur("took", time.Since(start)).Msg("rest infer")
 	}
@@ -397,7 +407,7 @@ func (s *Server) failed(ctx context.Context, span trace.Span, v *version, proto 
 		if proto == "grpc" {
 			opt = v.attrs.grpc[tr]
 		}
-		s.inst.requests.Add(ctx, 1, opt)
+		s.inst.requests.Add(ctx, 1, opt.add...)
 	}
 	s.inst.errors.Add(ctx, 1, errorAttrs(model, ver, proto, e.code.String(), tr))
 	span.SetStatus(codes.Error, e.msg)

@@ -75,11 +75,21 @@ func trafficOfHost(host string) traffic {
 	return live
 }
 
+// versionAttrs are a version's attribute sets as ready option slices: passing a slice with
+// ... costs no allocation, where a fresh variadic slice escaping through the instrument's
+// interface call costs one per Add or Record (3 a request: BenchmarkGRPCInferServed, 200 ->
+// 197 allocs/op with the client's).
 type versionAttrs struct {
-	base metric.MeasurementOption // model, version
-	// proto is indexed by [protocol][traffic]: model, version, protocol, traffic.
-	rest, grpc     [2]metric.MeasurementOption
+	base []metric.RecordOption // model, version
+	// rest and grpc are indexed by traffic: model, version, protocol, traffic.
+	rest, grpc     [2]protoAttrs
 	model, version string
+}
+
+// protoAttrs holds one attribute set for the counters (add) and the histograms (rec).
+type protoAttrs struct {
+	add []metric.AddOption
+	rec []metric.RecordOption
 }
 
 // outputHist records the values of one output tensor of a version.
@@ -154,12 +164,13 @@ func newInstruments(mp metric.MeterProvider) (*instruments, error) {
 
 func (in *instruments) versionAttrs(model, version string) versionAttrs {
 	mv := []attribute.KeyValue{attribute.String("model", model), attribute.String("version", version)}
-	with := func(proto string, t traffic) metric.MeasurementOption {
-		return metric.WithAttributeSet(attribute.NewSet(append(mv[:2:2], attribute.String("protocol", proto), attribute.String("traffic", t.String()))...))
+	with := func(proto string, t traffic) protoAttrs {
+		o := metric.WithAttributeSet(attribute.NewSet(append(mv[:2:2], attribute.String("protocol", proto), attribute.String("traffic", t.String()))...))
+		return protoAttrs{add: []metric.AddOption{o}, rec: []metric.RecordOption{o}}
 	}
-	return versionAttrs{base: metric.WithAttributeSet(attribute.NewSet(mv...)),
-		rest:  [2]metric.MeasurementOption{with("rest", live), with("rest", shadow)},
-		grpc:  [2]metric.MeasurementOption{with("grpc", live), with("grpc", shadow)},
+	return versionAttrs{base: []metric.RecordOption{metric.WithAttributeSet(attribute.NewSet(mv...))},
+		rest:  [2]protoAttrs{with("rest", live), with("rest", shadow)},
+		grpc:  [2]protoAttrs{with("grpc", live), with("grpc", shadow)},
 		model: model, version: version}
 }
 

@@ -1,0 +1,5 @@
+//go:build !race
+
+package modelhost
+
+const raceInternal = false
