@@ -10,6 +10,7 @@ import (
 	"github.com/rs/zerolog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/tap"
 
 	"github.com/patchbay-io/patchbay/api/oip"
 	"github.com/patchbay-io/patchbay/internal/telemetry"
@@ -104,5 +105,29 @@ func TestTrafficOfHost(t *testing.T) {
 		if got := trafficOfHost(host); got != want {
 			t.Errorf("trafficOfHost(%q) = %v, want %v", host, got, want)
 		}
+	}
+}
+
+// BenchmarkGRPCTap is the in-flight admission of one ModelInfer stream (the tap grpc-go runs
+// under its transport lock) and its end, on a context made as grpc-go makes a stream's.
+func BenchmarkGRPCTap(b *testing.B) {
+	s, err := New(Config{Repository: b.TempDir(), Logger: zerolog.Nop()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	info := &tap.Info{FullMethodName: modelInferMethod}
+	md := metadata.Pairs(":authority", "lin:8001")
+	b.ReportAllocs()
+	for b.Loop() {
+		sctx, cancel := context.WithCancel(context.Background())
+		ctx, err := s.tap(metadata.NewIncomingContext(sctx, md), info)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if end := received(ctx); end != nil {
+			end()
+		}
+		cancel()
 	}
 }

