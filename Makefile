@@ -20,8 +20,9 @@ build: ## build bin/patchbay (static)
 pgo: ## regenerate cmd/patchbay/default.pgo (a CPU profile of patchbay extproc under the ext_proc benchmark's load; ~1 min): go build uses it for profile-guided optimisation
 	test/bench/extproc/pgo.sh
 
-test: fmt-check vet test-deps ## the whole suite: gofmt, go vet, go test -race of both modules (this one, then test/k8s's real API server tests) with one summary (what CI runs); ends listing every skipped test and why
+test: fmt-check vet test-deps ## the whole suite: gofmt, go vet, go test -race of both modules (this one, then test/k8s's real API server tests; the model host's allocation bounds once more without -race, where they are meaningful) with one summary (what CI runs); ends listing every skipped test and why
 	set -o pipefail; { $(GO) test -race -count=1 -timeout 15m -json $(PKGS); r=$$?; \
+	  $(GO) test -count=1 -timeout 5m -json -run 'AllocsBounded$$' ./modelhost/...; r=$$(( r | $$? )); \
 	  (cd test/k8s && $(GO) test -race -count=1 -timeout 10m -json ./...); exit $$(( r | $$? )); } | $(GO) run ./test/testreport
 
 test-k8s: ## only test/k8s (its own module): the Kubernetes source and store against a real kube-apiserver in process
