@@ -114,18 +114,8 @@ func (s *Server) newAnalysisLoop() *analysisLoop {
 		hooks: make(chan webhookEvent, webhookQueue), client: &http.Client{Timeout: webhookTimeout}}
 	l.embedded = &analysis.Embedded{Endpoints: s.metricsEndpoints, TLS: s.metricsTLS}
 	// Versions served over TLS are scraped with the client files the prober uses
-	// (--tls-cert/--tls-key, --upstream-tls-ca), loaded here when the prober is off.
-	switch up := s.cfg.Translate.UpstreamTLS; {
-	case s.prober != nil:
-		l.tls = s.prober.tls
-	case up.CA != "":
-		src, err := tlsfiles.Load(tlsfiles.Files{Cert: s.cfg.TLS.Cert, Key: s.cfg.TLS.Key, CA: up.CA}, tlsfiles.Options{})
-		if err != nil {
-			s.log.Warn().Err(err).Msg("analysis cannot read the TLS files (--tls-cert, --tls-key, --upstream-tls-ca): metrics of versions over TLS are not scraped")
-		} else {
-			l.tls = src
-		}
-	}
+	// (--tls-cert/--tls-key, --upstream-tls-ca; loadUpstreamTLS).
+	l.tls = s.upstream
 	return l
 }
 

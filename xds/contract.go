@@ -116,17 +116,9 @@ func (s *Server) newContractChecker() *contractChecker {
 	if retry <= 0 {
 		retry = DefaultContractRetry
 	}
-	c := &contractChecker{kick: make(chan struct{}, 1), rounds: make(chan struct{}, 1), retry: retry, last: map[mv]contractVerdict{}}
-	// The same client certificate and model hosts' CA as the version prober (newProber).
-	if up := s.cfg.Translate.UpstreamTLS; up.CA != "" {
-		src, err := tlsfiles.Load(tlsfiles.Files{Cert: s.cfg.TLS.Cert, Key: s.cfg.TLS.Key, CA: up.CA}, tlsfiles.Options{})
-		if err != nil {
-			s.log.Warn().Err(err).Msg("contract check cannot read the TLS files (--tls-cert, --tls-key, --upstream-tls-ca): versions over TLS are held as unreadable")
-		} else {
-			c.tls = src
-		}
-	}
-	return c
+	// The same client certificate and model hosts' CA as the version prober (loadUpstreamTLS).
+	return &contractChecker{kick: make(chan struct{}, 1), rounds: make(chan struct{}, 1), retry: retry,
+		last: map[mv]contractVerdict{}, tls: s.upstream}
 }
 
 // kickContracts asks for a check round now (a new config was served: a version may have

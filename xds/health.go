@@ -84,16 +84,24 @@ func (s *Server) newProber() *prober {
 	p := &prober{endpoints: map[probeKey]*endpointHealth{}, versions: map[mv]VersionHealth{},
 		timeout: min(s.cfg.VersionHealth, translate.HealthCheckTimeout)}
 	p.plain = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
-	up := s.cfg.Translate.UpstreamTLS
-	if up.CA != "" {
-		src, err := tlsfiles.Load(tlsfiles.Files{Cert: s.cfg.TLS.Cert, Key: s.cfg.TLS.Key, CA: up.CA}, tlsfiles.Options{})
-		if err != nil {
-			s.log.Warn().Err(err).Msg("version prober cannot read the TLS files (--tls-cert, --tls-key, --upstream-tls-ca): versions over TLS are not probed")
-		} else {
-			p.tls = src
-		}
-	}
+	p.tls = s.upstream
 	return p
+}
+
+// loadUpstreamTLS loads the client files versions served over TLS are reached with
+// (--tls-cert/--tls-key, --upstream-tls-ca) for the prober, the contract check and the
+// analysis scraper; nil without --upstream-tls-ca or when they cannot be read.
+func (s *Server) loadUpstreamTLS() *tlsfiles.Source {
+	up := s.cfg.Translate.UpstreamTLS
+	if up.CA == "" {
+		return nil
+	}
+	src, err := tlsfiles.Load(tlsfiles.Files{Cert: s.cfg.TLS.Cert, Key: s.cfg.TLS.Key, CA: up.CA}, tlsfiles.Options{})
+	if err != nil {
+		s.log.Warn().Err(err).Msg("cannot read the TLS files (--tls-cert, --tls-key, --upstream-tls-ca): versions over TLS are not probed, their metrics not scraped, and their contract checks held as unreadable")
+		return nil
+	}
+	return src
 }
 
 // probeVersions probes every VersionHealth interval until ctx ends.

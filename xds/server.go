@@ -141,7 +141,11 @@ type Server struct {
 
 	tls      *tlsfiles.Source // nil without TLS
 	identity bool             // client certificates required: roles follow them
-	token    *tokenSource     // nil: no bearer token configured
+	// upstream is the client side to versions served over TLS (--tls-cert/--tls-key,
+	// --upstream-tls-ca), loaded once for the prober, the contract check and the
+	// analysis scraper; nil: none (versions over TLS cannot be reached).
+	upstream *tlsfiles.Source
+	token    *tokenSource // nil: no bearer token configured
 	peers    *peerRoles
 	prober   *prober // nil: versions are not probed
 	// contracts reads versions' OIP metadata for models with a contract (contract.go).
@@ -352,6 +356,7 @@ func New(cfg Config) (*Server, error) {
 		ClassifyDelta: func(r *cachev3.DeltaRequest) string { return classify(r.GetNode(), r.GetTypeUrl()) },
 		Caches:        caches,
 	}, scopesVersion: s.res.scopesVersion}
+	s.upstream = s.loadUpstreamTLS()
 	if cfg.VersionHealth > 0 {
 		s.prober = s.newProber()
 	}
