@@ -55,12 +55,13 @@ func ParseContract(file string, raw []byte) (*contract.Contract, error) {
 		}
 		return nil, linePerError(yamlError(file, err))
 	}
-	var root yaml.Node
-	_ = yaml.Unmarshal(raw, &root) // decoded fine above
 	fes := contract.Validate(&c)
 	if len(fes) == 0 {
 		return &c, nil
 	}
+	// The node tree only places the errors: a valid contract is parsed once.
+	var root yaml.Node
+	_ = yaml.Unmarshal(raw, &root) // decoded fine above
 	errs := make([]error, 0, len(fes))
 	for _, fe := range fes {
 		msg := fe.Msg
