@@ -11,8 +11,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/patchbay-io/patchbay/api/contract"
@@ -150,14 +148,7 @@ func readRESTMetadata(ctx context.Context, model, version string, ep MetadataEnd
 // headers (grpc-go rpc_util.go, HeaderCallOption).
 func readGRPCMetadata(ctx context.Context, model, version string, ep MetadataEndpoint, tlsCfg *tls.Config) (rollout.Metadata, error) {
 	var md rollout.Metadata
-	creds := insecure.NewCredentials()
-	if tlsCfg != nil {
-		tlsCfg = tlsCfg.Clone()
-		tlsCfg.NextProtos = []string{"h2"}
-		creds = credentials.NewTLS(tlsCfg)
-	}
-	conn, err := grpc.NewClient("passthrough:///"+ep.Addr, grpc.WithTransportCredentials(creds),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMetadataBytes)))
+	conn, err := dialVersion(ep.Addr, tlsCfg, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMetadataBytes)))
 	if err != nil {
 		return md, fmt.Errorf("gRPC ModelMetadata on %s: %w", ep.Addr, err)
 	}

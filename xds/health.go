@@ -301,12 +301,7 @@ func (p *prober) probe(ctx context.Context, t probeTarget) error {
 		tcfg = p.tls.ClientConfig(t.serverName)
 	}
 	if t.protocol == rollout.GRPC {
-		creds := insecure.NewCredentials()
-		if tcfg != nil {
-			tcfg.NextProtos = []string{"h2"}
-			creds = credentials.NewTLS(tcfg)
-		}
-		conn, err := grpc.NewClient("passthrough:///"+t.addr, grpc.WithTransportCredentials(creds))
+		conn, err := dialVersion(t.addr, tcfg)
 		if err != nil {
 			return err
 		}
@@ -338,6 +333,18 @@ func (p *prober) probe(ctx context.Context, t probeTarget) error {
 		return fmt.Errorf("GET %s: HTTP %d", req.URL.Path, resp.StatusCode)
 	}
 	return nil
+}
+
+// dialVersion is a gRPC client of one version endpoint (the prober's health checks, the
+// contract check's ModelMetadata): plaintext, or TLS with a copy of tlsCfg speaking h2.
+func dialVersion(addr string, tlsCfg *tls.Config, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	creds := insecure.NewCredentials()
+	if tlsCfg != nil {
+		tlsCfg = tlsCfg.Clone()
+		tlsCfg.NextProtos = []string{"h2"}
+		creds = credentials.NewTLS(tlsCfg)
+	}
+	return grpc.NewClient("passthrough:///"+addr, append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, opts...)...)
 }
 
 // versionHealth returns the probed health of each version (model -> version).
