@@ -345,20 +345,29 @@ func TestAnalysisWaitsForMinRequests(t *testing.T) {
 	})
 }
 
-// A control plane restarted in the middle of an analysis (File store) resumes at the step
-// it stored, serving that step's split from its first config.
-func TestAnalysisResumesAfterRestart(t *testing.T) {
-	base, canary := startMetricsHost(t, "m", "v1"), startMetricsHost(t, "m", "v2")
+// startAnalysisAtStep2 starts a control plane with a File store (stateFile) on rollouts in
+// dir: an analysis of v2 (canary) against v1 (base), both hosts busy, 1s interval, 20
+// minRequests; it returns once the analysis is at step 2 or later.
+func startAnalysisAtStep2(t *testing.T) (base, canary *metricsHost, dir, stateFile string, c *cp) {
+	t.Helper()
+	base, canary = startMetricsHost(t, "m", "v1"), startMetricsHost(t, "m", "v2")
 	base.perTick.Store(4)
 	canary.perTick.Store(4)
-	dir := t.TempDir()
-	stateFile := filepath.Join(t.TempDir(), "state.json")
+	dir = t.TempDir()
+	stateFile = filepath.Join(t.TempDir(), "state.json")
 	writeFile(t, dir, "m.yaml", analysisDoc(base, canary, "1s", 20, ""))
-	c := startCPWith(t, dir, func(cfg *Config) { cfg.StateFile = stateFile })
+	c = startCPWith(t, dir, func(cfg *Config) { cfg.StateFile = stateFile })
 	waitFor(t, 20*time.Second, "step 2", func() bool {
 		a := modelStatus(t, c, "m").Analysis
 		return a != nil && a.Step >= 2
 	})
+	return base, canary, dir, stateFile, c
+}
+
+// A control plane restarted in the middle of an analysis (File store) resumes at the step
+// it stored, serving that step's split from its first config.
+func TestAnalysisResumesAfterRestart(t *testing.T) {
+	base, canary, _, stateFile, c := startAnalysisAtStep2(t)
 	base.perTick.Store(0) // no requests: after the restart it can only wait where it was
 	canary.perTick.Store(0)
 	c.stop()
@@ -385,17 +394,7 @@ func TestAnalysisResumesAfterRestart(t *testing.T) {
 
 // Editing the model's rollout restarts its analysis at step 0.
 func TestAnalysisRestartsAtStepZeroOnSpecChange(t *testing.T) {
-	base, canary := startMetricsHost(t, "m", "v1"), startMetricsHost(t, "m", "v2")
-	base.perTick.Store(4)
-	canary.perTick.Store(4)
-	dir := t.TempDir()
-	stateFile := filepath.Join(t.TempDir(), "state.json")
-	writeFile(t, dir, "m.yaml", analysisDoc(base, canary, "1s", 20, ""))
-	c := startCPWith(t, dir, func(cfg *Config) { cfg.StateFile = stateFile })
-	waitFor(t, 20*time.Second, "step 2", func() bool {
-		a := modelStatus(t, c, "m").Analysis
-		return a != nil && a.Step >= 2
-	})
+	base, canary, dir, stateFile, _ := startAnalysisAtStep2(t)
 	before := storedState(t, stateFile, "m").Analysis
 	writeFile(t, dir, "m.yaml", strings.Replace(analysisDoc(base, canary, "1s", 20, ""), "max: 0.05", "max: 0.06", 1))
 	waitFor(t, 10*time.Second, "a new analysis of the new spec", func() bool {
