@@ -258,16 +258,9 @@ func (s *Server) inferGRPC(ctx context.Context, v *version, r *oip.ModelInferReq
 		}
 		in[i] = t
 	}
-	if p := v.contract.Load(); p != nil {
-		if aerr := s.checkContract(ctx, p, in); aerr != nil {
-			return nil, aerr
-		}
-	}
-	if v.feats != nil {
-		var aerr *apiError
-		if in, aerr = v.feats.assemble(ctx, func(k string) string { return incoming(ctx, k) }, in); aerr != nil {
-			return nil, aerr
-		}
+	in, aerr := s.complete(ctx, v, func(k string) string { return incoming(ctx, k) }, in)
+	if aerr != nil {
+		return nil, aerr
 	}
 	requested := make([]string, len(r.GetOutputs()))
 	for i, o := range r.GetOutputs() {

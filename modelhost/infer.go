@@ -103,6 +103,21 @@ func (s *Server) peek(name, ver string) (*model, *version, *apiError) {
 	return m, v, nil
 }
 
+// complete applies the version's contract to the inputs as the client sent them, then
+// appends the inputs its features fill (REST and gRPC alike). get reads a request header
+// (lower-case name).
+func (s *Server) complete(ctx context.Context, v *version, get func(string) string, in []*tensor.Tensor) ([]*tensor.Tensor, *apiError) {
+	if p := v.contract.Load(); p != nil {
+		if aerr := s.checkContract(ctx, p, in); aerr != nil {
+			return nil, aerr
+		}
+	}
+	if v.feats != nil {
+		return v.feats.assemble(ctx, get, in)
+	}
+	return in, nil
+}
+
 // prepare orders inputs by the signature and checks each against it; it also checks
 // requested output names. in is reordered into ordered (len = signature inputs).
 func (s *Server) prepare(v *version, in []*tensor.Tensor, ordered []*tensor.Tensor, requested []string) ([]*tensor.Tensor, *apiError) {

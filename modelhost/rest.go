@@ -371,17 +371,11 @@ func (s *Server) inferREST(ctx context.Context, v *version, r *http.Request, st 
 	for i := range st.req.Inputs {
 		st.in = append(st.in, &st.req.Inputs[i])
 	}
-	if p := v.contract.Load(); p != nil {
-		if aerr := s.checkContract(ctx, p, st.in); aerr != nil {
-			return nil, aerr
-		}
+	in, aerr := s.complete(ctx, v, r.Header.Get, st.in)
+	if aerr != nil {
+		return nil, aerr
 	}
-	if v.feats != nil {
-		var aerr *apiError
-		if st.in, aerr = v.feats.assemble(ctx, func(k string) string { return r.Header.Get(k) }, st.in); aerr != nil {
-			return nil, aerr
-		}
-	}
+	st.in = in
 	ordered, aerr := s.prepare(v, st.in, st.ordered, st.req.Outputs)
 	st.ordered = ordered
 	if aerr != nil {
