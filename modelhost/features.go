@@ -7,6 +7,7 @@ import (
 	"math"
 	"net"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -532,6 +533,7 @@ type featurePlan struct {
 	entity string   // header naming the entity of store features
 	fields []string // store feature names, in order
 	field  []int    // by feature: index into fields, -1 when not a store feature
+	in     []int    // by feature: index into inputs of the input it fills
 	prefix string   // cache key prefix: model/version
 	store  *featureStore
 	co     *coalescer // dynamic batching: store lookups share pipelines; nil: one HMGET each
@@ -560,6 +562,14 @@ func newFeaturePlan(spec *versionSpec, fs *featureStore) *featurePlan {
 				attribute.String("feature", f.Name), attribute.String("reason", reasonNames[r])))
 		}
 		p.opts = append(p.opts, o)
+	}
+	p.in = make([]int, len(p.feats))
+	for k, fi := range p.inputs {
+		for _, j := range fi.Cols {
+			if j >= 0 { // checkFeatures refuses a gap; kept safe for any spec
+				p.in[j] = k
+			}
+		}
 	}
 	p.tripOpt = metric.WithAttributeSet(attribute.NewSet(attribute.String("model", spec.Model), attribute.String("version", spec.Version)))
 	if spec.MaxBatch > 0 && len(p.fields) > 0 {
@@ -591,14 +601,7 @@ func (p *featurePlan) assemble(ctx context.Context, get func(string) string, in 
 		rows = in[0].Shape[0]
 	}
 	// Only the features of the missing inputs are computed.
-	need := func(i int) bool {
-		for _, k := range missing {
-			if p.inputs[k].Name == p.feats[i].Input {
-				return true
-			}
-		}
-		return false
-	}
+	need := func(i int) bool { return slices.Contains(missing, p.in[i]) }
 	var stored []any
 	storeReason := -1
 	if len(p.fields) > 0 {
