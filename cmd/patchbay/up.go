@@ -533,45 +533,39 @@ func copyVersions(src, dst string, versions []string) error {
 			continue
 		}
 		models[m] = true
-		entries, err := os.ReadDir(filepath.Join(src, m))
-		if err != nil {
+		// A model's own files are its regular files only (its versions are directories).
+		if err := copyFiles(filepath.Join(src, m), filepath.Join(dst, m), func(e os.DirEntry) bool { return e.Type().IsRegular() }); err != nil {
 			return err
-		}
-		for _, e := range entries {
-			if !e.Type().IsRegular() {
-				continue
-			}
-			b, err := os.ReadFile(filepath.Join(src, m, e.Name()))
-			if err != nil {
-				return err
-			}
-			if err := os.MkdirAll(filepath.Join(dst, m), 0o755); err != nil {
-				return err
-			}
-			if err := os.WriteFile(filepath.Join(dst, m, e.Name()), b, 0o644); err != nil {
-				return err
-			}
 		}
 	}
 	for _, mv := range versions {
-		entries, err := os.ReadDir(filepath.Join(src, mv))
+		if err := copyFiles(filepath.Join(src, mv), filepath.Join(dst, mv), func(e os.DirEntry) bool { return !e.IsDir() }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyFiles copies the entries of directory src that keep accepts (not recursing) into
+// dst, which it creates.
+func copyFiles(src, dst string, keep func(os.DirEntry) bool) error {
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if !keep(e) {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
 		if err != nil {
 			return err
 		}
-		if err := os.MkdirAll(filepath.Join(dst, mv), 0o755); err != nil {
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o644); err != nil {
 			return err
-		}
-		for _, e := range entries {
-			if e.IsDir() {
-				continue
-			}
-			b, err := os.ReadFile(filepath.Join(src, mv, e.Name()))
-			if err != nil {
-				return err
-			}
-			if err := os.WriteFile(filepath.Join(dst, mv, e.Name()), b, 0o644); err != nil {
-				return err
-			}
 		}
 	}
 	return nil
