@@ -450,7 +450,7 @@ func (c *coalescer) fetch(ctx context.Context, key string) ([]any, int) {
 	}
 	c.mu.Unlock()
 	if full {
-		go c.send(context.Background(), g)
+		go c.sendDetached(g)
 	}
 	select {
 	case <-g.done:
@@ -481,17 +481,24 @@ func (c *coalescer) flush(g *gathering) {
 	}
 	c.mu.Unlock()
 	if mine {
-		c.send(context.Background(), g)
+		c.sendDetached(g)
 	}
 }
 
-// send fetches every key of g in one round trip and wakes its waiters; once Redis
-// answered, the gathering that opened meanwhile goes out.
+// sendDetached sends a gathering that no single request owns, bounded by the store
+// timeout alone.
+func (c *coalescer) sendDetached(g *gathering) {
+	ctx, cancel := context.WithTimeout(context.Background(), c.p.store.timeout)
+	defer cancel()
+	c.send(ctx, g)
+}
+
+// send fetches every key of g in one round trip, within ctx (which the caller bounds by
+// the store timeout), and wakes its waiters; once Redis answered, the gathering that
+// opened meanwhile goes out.
 func (c *coalescer) send(ctx context.Context, g *gathering) {
 	fs, p := c.p.store, c.p
 	g.vals, g.reasons = make([][]any, len(g.keys)), make([]int, len(g.keys))
-	ctx, cancel := context.WithTimeout(ctx, fs.timeout)
-	defer cancel()
 	cmds := make([]*redis.SliceCmd, len(g.keys))
 	if len(g.keys) == 1 {
 		cmds[0] = fs.client.HMGet(ctx, g.keys[0], p.fields...)
@@ -510,7 +517,7 @@ func (c *coalescer) send(ctx context.Context, g *gathering) {
 	}
 	c.mu.Unlock()
 	if next != nil {
-		go c.send(context.Background(), next)
+		go c.sendDetached(next)
 	}
 	fs.trips.Add(ctx, 1, p.tripOpt)
 	now := time.Now()
