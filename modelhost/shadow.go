@@ -108,33 +108,22 @@ func (sh *shadowSender) offer(v *version, id string, tr traffic, outs []*tensor.
 // has no class; the comparison uses its values.
 func recordOutput(t *tensor.Tensor) *shadowv1.Output {
 	o := &shadowv1.Output{Name: t.Name}
-	n := 0
+	// One switch picks the slice: its length and the reader of its values.
+	var n int
+	var at func(i int) float64
 	switch {
 	case t.F32 != nil:
-		n = len(t.F32)
+		n, at = len(t.F32), func(i int) float64 { return float64(t.F32[i]) }
 	case t.F64 != nil:
-		n = len(t.F64)
+		n, at = len(t.F64), func(i int) float64 { return t.F64[i] }
 	case t.F16 != nil:
-		n = len(t.F16)
+		n, at = len(t.F16), func(i int) float64 { return tensor.F16ToFloat64(t.F16[i]) }
 	case t.I64 != nil:
-		n = len(t.I64)
+		n, at = len(t.I64), func(i int) float64 { return float64(t.I64[i]) }
 	case t.U64 != nil:
-		n = len(t.U64)
+		n, at = len(t.U64), func(i int) float64 { return float64(t.U64[i]) }
 	default:
 		return o
-	}
-	at := func(i int) float64 {
-		switch {
-		case t.F32 != nil:
-			return float64(t.F32[i])
-		case t.F64 != nil:
-			return t.F64[i]
-		case t.F16 != nil:
-			return tensor.F16ToFloat64(t.F16[i])
-		case t.I64 != nil:
-			return float64(t.I64[i])
-		}
-		return float64(t.U64[i])
 	}
 	o.Values = make([]float64, min(n, shadowValues))
 	for i := range o.Values {
