@@ -19,12 +19,8 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/patchbay-io/patchbay/api/headers"
+	"github.com/patchbay-io/patchbay/modelhost"
 )
-
-// featureKeyPrefix is the model hosts' key layout: the hash patchbay:features:<entity>,
-// one field per feature (modelhost/README.md, "Features"). It is a storage format shared
-// with the model host, kept here as text like the other formats up writes.
-const featureKeyPrefix = "patchbay:features:"
 
 // featureNameRE is model.yaml's feature name rule.
 var featureNameRE = regexp.MustCompile(`^[a-z0-9_]{1,64}$`)
@@ -210,8 +206,8 @@ func waitRedis(ctx context.Context, p *part, addr string, timeout time.Duration)
 }
 
 // loadFeatures writes the example features into the Redis at addr, one HSET per entity
-// in one pipeline. A failure is logged, not fatal (the features then take their
-// defaults).
+// (the model hosts' key layout, modelhost.FeatureKeyPrefix + entity) in one pipeline. A
+// failure is logged, not fatal (the features then take their defaults).
 func (u *upRun) loadFeatures(ctx context.Context, addr string) {
 	f := u.cfg.features
 	if len(f) == 0 {
@@ -246,7 +242,7 @@ func (u *upRun) loadFeatures(ctx context.Context, addr string) {
 				kv = append(kv, n, strconv.FormatFloat(f[e][n], 'g', -1, 64))
 			}
 			if len(kv) > 0 {
-				p.HSet(lctx, featureKeyPrefix+e, kv...)
+				p.HSet(lctx, modelhost.FeatureKeyPrefix+e, kv...)
 			}
 		}
 		return nil
@@ -256,7 +252,7 @@ func (u *upRun) loadFeatures(ctx context.Context, addr string) {
 		return
 	}
 	u.featureEntities = entities
-	u.log.printf("up", "loaded the features of %d entities from %s into %s (%s<entity>)", len(entities), u.cfg.featureFile, addr, featureKeyPrefix)
+	u.log.printf("up", "loaded the features of %d entities from %s into %s (%s<entity>)", len(entities), u.cfg.featureFile, addr, modelhost.FeatureKeyPrefix)
 }
 
 // featureModel is the example model whose input the model hosts assemble from the
