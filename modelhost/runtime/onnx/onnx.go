@@ -59,16 +59,25 @@ func initEnv(cfg Config) error {
 // Describe reads a model's graph signature (inputs and outputs with OIP datatypes and
 // -1 for dynamic dimensions); an element type without an OIP datatype is an error.
 func Describe(cfg Config, path string) (in, out []tensor.Meta, err error) {
+	in, out, _, err = describe(cfg, path)
+	return in, out, err
+}
+
+// describe is Describe plus the graph's element types by "in/<name>" and "out/<name>",
+// from the one read of the graph's signature that load needs.
+func describe(cfg Config, path string) (in, out []tensor.Meta, elems map[string]ort.TensorElementDataType, err error) {
 	if err := initEnv(cfg); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	gi, gout, err := ort.GetInputOutputInfo(path)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", path, err)
+		return nil, nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
-	conv := func(infos []ort.InputOutputInfo) ([]tensor.Meta, error) {
+	elems = make(map[string]ort.TensorElementDataType, len(gi)+len(gout))
+	conv := func(prefix string, infos []ort.InputOutputInfo) ([]tensor.Meta, error) {
 		var ms []tensor.Meta
 		for _, i := range infos {
+			elems[prefix+i.Name] = i.DataType
 			if i.OrtValueType != ort.ONNXTypeTensor {
 				return nil, fmt.Errorf("%s: %q is a %s, only tensors are served", path, i.Name, i.OrtValueType)
 			}
@@ -80,11 +89,13 @@ func Describe(cfg Config, path string) (in, out []tensor.Meta, err error) {
 		}
 		return ms, nil
 	}
-	if in, err = conv(gi); err != nil {
-		return nil, nil, err
+	if in, err = conv("in/", gi); err != nil {
+		return nil, nil, nil, err
 	}
-	out, err = conv(gout)
-	return in, out, err
+	if out, err = conv("out/", gout); err != nil {
+		return nil, nil, nil, err
+	}
+	return in, out, elems, nil
 }
 
 // dims maps the graph's dimensions to model.yaml's: symbolic and unknown ones are -1.
@@ -166,7 +177,7 @@ func load(cfg Config, spec runtime.Spec) (*Model, error) {
 	if _, err := os.Stat(spec.Artifact); err != nil {
 		return nil, err
 	}
-	gin, gout, err := Describe(cfg, spec.Artifact)
+	gin, gout, elems, err := describe(cfg, spec.Artifact)
 	if err != nil {
 		return nil, err
 	}
@@ -202,10 +213,6 @@ func load(cfg Config, spec runtime.Spec) (*Model, error) {
 		}
 		return ps
 	}
-	elems, err := elemTypes(spec.Artifact)
-	if err != nil {
-		return nil, err
-	}
 	m.ins = match("input", spec.Inputs, gin, func(n string) ort.TensorElementDataType { return elems["in/"+n] })
 	m.outs = match("output", spec.Outputs, gout, func(n string) ort.TensorElementDataType { return elems["out/"+n] })
 	for _, g := range gin {
@@ -231,22 +238,6 @@ func load(cfg Config, spec runtime.Spec) (*Model, error) {
 	m.sess, err = ort.NewDynamicAdvancedSession(spec.Artifact, inNames, outNames, so)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", art, err)
-	}
-	return m, nil
-}
-
-// elemTypes maps "in/<name>" and "out/<name>" to the graph's element types.
-func elemTypes(path string) (map[string]ort.TensorElementDataType, error) {
-	gi, gout, err := ort.GetInputOutputInfo(path)
-	if err != nil {
-		return nil, err
-	}
-	m := map[string]ort.TensorElementDataType{}
-	for _, i := range gi {
-		m["in/"+i.Name] = i.DataType
-	}
-	for _, o := range gout {
-		m["out/"+o.Name] = o.DataType
 	}
 	return m, nil
 }
