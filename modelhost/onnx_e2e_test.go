@@ -953,3 +953,28 @@ func TestONNXFP16OverOIP(t *testing.T) {
 		}
 	})
 }
+
+// TestONNXFP16OutputHistogram: an FP16 output's values feed patchbay_modelhost_output as
+// every numeric output's do (the drift gate of canary analysis reads them).
+func TestONNXFP16OutputHistogram(t *testing.T) {
+	needONNXRuntime(t)
+	h := startHost(t, onnxRepo(t), nil)
+	e := readONNXExpected(t, "fp16")
+	in := e.Cases[0].Inputs[0]
+	in.Datatype = "FP16"
+	body, _ := json.Marshal(map[string]any{"inputs": []onnxValue{in}})
+	var got restOutputs
+	if resp := h.do(t, "POST", "/v2/models/fp16-native/infer", string(body), nil, &got); resp.StatusCode != http.StatusOK {
+		t.Fatalf("%d: %s", resp.StatusCode, got.Error)
+	}
+	n := 1
+	for _, d := range got.Outputs[0].Shape {
+		n *= int(d)
+	}
+	text := scrape(t, h.url)
+	want := fmt.Sprintf(`patchbay_modelhost_output_count{model="fp16-native",output="%s",traffic="live",version="v1"} %d`, got.Outputs[0].Name, n)
+	if !strings.Contains(text, want) {
+		t.Fatalf("no FP16 output histogram: want %q in /metrics:\n%s", want, grepLines(text, "patchbay_modelhost_output_count"))
+	}
+}
+

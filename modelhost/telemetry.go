@@ -224,7 +224,7 @@ func (in *instruments) outputHists(spec *versionSpec) ([]outputHist, error) {
 
 func numeric(dt tensor.Datatype) bool {
 	switch dt {
-	case tensor.BOOL, tensor.BYTES, tensor.FP16:
+	case tensor.BOOL, tensor.BYTES:
 		return false
 	}
 	return true
