@@ -977,4 +977,3 @@ func TestONNXFP16OutputHistogram(t *testing.T) {
 		t.Fatalf("no FP16 output histogram: want %q in /metrics:\n%s", want, grepLines(text, "patchbay_modelhost_output_count"))
 	}
 }
-
