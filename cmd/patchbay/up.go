@@ -240,6 +240,7 @@ type upRun struct {
 	parts  []*part // in start order
 	dir    string
 	served []string // per model host: what it serves, for the banner
+	models []string // the models the loaded rollouts name (hostRepositories), for the tour
 	tls    *upTLS   // with --tls: the throwaway PKI
 	client *http.Client
 	// funceOptions are added to func-e's options (tests point its download at a
@@ -499,6 +500,9 @@ func (u *upRun) hostRepositories() []string {
 	set, err := rollout.LoadDir(c.rollouts)
 	if err != nil {
 		return repos
+	}
+	for _, r := range set.Rollouts {
+		u.models = append(u.models, r.Model)
 	}
 	for i := range c.hostHTTP {
 		var versions []string

@@ -2,7 +2,7 @@ package main
 
 import (
 	"fmt"
-	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/patchbay-io/patchbay/modelhost/runtime/onnx"
@@ -29,8 +29,8 @@ func (u *upRun) printONNXTry(b *strings.Builder, curl string) {
 	fmt.Fprintf(b, "  %s -s -d '%s' %s/v2/models/fraud/versions/v2/infer\n", curl, fraudREST, u.url(c.hostHTTP[1], ""))
 }
 
-// hasModel reports whether the example's rollouts name model (a file <model>.yaml).
+// hasModel reports whether the example's rollouts, as hostRepositories loaded them,
+// name model.
 func (u *upRun) hasModel(model string) bool {
-	m, _ := filepath.Glob(filepath.Join(u.cfg.rollouts, model+".yaml"))
-	return len(m) > 0
+	return slices.Contains(u.models, model)
 }
