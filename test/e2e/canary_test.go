@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/patchbay-io/patchbay/test/harness"
 )
 
 // Canary analysis and shadow comparison (issue 14) with every real process: the model
@@ -340,7 +342,7 @@ func TestCanaryHealthyPromoted(t *testing.T) {
 
 // metricValue reads one host's counter from its admin /metrics.
 func (h *canaryHost) metric(t testing.TB, name string, filters ...string) float64 {
-	return metricSum(t, "http://"+h.admin+"/metrics", name, filters...)
+	return harness.MetricSum(t, "http://"+h.admin+"/metrics", name, filters...)
 }
 
 // TestCanaryErrorsRolledBack: the canary's host accepts only single-row requests (its

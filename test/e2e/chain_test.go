@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -19,6 +18,7 @@ import (
 	"time"
 
 	"github.com/patchbay-io/patchbay/test/envoymodel"
+	"github.com/patchbay-io/patchbay/test/harness"
 )
 
 const adminToken = "e2e-token-at-least-32-bytes-long-0123456789"
@@ -175,36 +175,6 @@ func (c *chain) mustUser(t *testing.T, id string, extra ...string) inferResult {
 	return r
 }
 
-// metricSum adds up a Prometheus counter's samples whose labels contain every filter.
-func metricSum(t testing.TB, url, name string, filters ...string) float64 {
-	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var sum float64
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-next:
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
-			continue
-		}
-		for _, f := range filters {
-			if !strings.Contains(line, f) {
-				continue next
-			}
-		}
-		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
-		if err == nil {
-			sum += v
-		}
-	}
-	return sum
-}
-
 // TestChainHTTP walks the data path promises through the Envoy model with every real
 // patchbay process behind it.
 func TestChainHTTP(t *testing.T) {
@@ -267,7 +237,7 @@ func TestChainHTTP(t *testing.T) {
 
 	t.Run("shadow copies reach the shadow version", func(t *testing.T) {
 		metrics := "http://" + c.b.http + "/metrics"
-		before := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`)
+		before := harness.MetricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`)
 		served := 0
 		for i := 0; i < 200; i++ {
 			if r := c.mustUser(t, "shadow-"+strconv.Itoa(i), "x-country", "FR"); r.version == "v8" {
@@ -276,7 +246,7 @@ func TestChainHTTP(t *testing.T) {
 		}
 		// v8 answers its 20% share itself and gets ~50% of all requests as shadow copies.
 		waitFor(t, 5*time.Second, "shadow copies", func() bool {
-			got := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`) - before
+			got := harness.MetricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`) - before
 			return got-float64(served) > 60
 		})
 	})
@@ -398,7 +368,7 @@ func TestChainRollbackUnderLoad(t *testing.T) {
 	if failures.Load() != 0 || wrong.Load() != 0 || total.Load() < 200 {
 		t.Fatalf("%d requests: %d failed, %d from no live version", total.Load(), failures.Load(), wrong.Load())
 	}
-	if got := metricSum(t, "http://"+v9.http+"/metrics", "patchbay_modelhost_requests_total"); got != 0 {
+	if got := harness.MetricSum(t, "http://"+v9.http+"/metrics", "patchbay_modelhost_requests_total"); got != 0 {
 		t.Fatalf("the never-live version v9 served %v requests", got)
 	}
 	t.Logf("%d requests during 100 flips, none failed, none on the never-live version", total.Load())

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/patchbay-io/patchbay/api/oip"
+	"github.com/patchbay-io/patchbay/test/harness"
 )
 
 // adminHost is a model host with its admin listener and repository token.
@@ -180,7 +181,7 @@ func TestChainBothProtocols(t *testing.T) {
 	t.Run("shadows per protocol", func(t *testing.T) {
 		metrics := "http://" + c.b.http + "/metrics"
 		for _, proto := range []string{"rest", "grpc"} {
-			before := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`)
+			before := harness.MetricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`)
 			served := 0
 			for i := 0; i < 100; i++ {
 				id := "shadow-" + proto + strconv.Itoa(i)
@@ -196,7 +197,7 @@ func TestChainBothProtocols(t *testing.T) {
 			}
 			// v7 answers about half; about half of all requests are mirrored to v8.
 			waitFor(t, 5*time.Second, proto+" shadow copies on v8", func() bool {
-				got := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`) - before
+				got := harness.MetricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`) - before
 				return got-float64(served) >= 20
 			})
 		}
@@ -219,7 +220,7 @@ func TestChainBothProtocols(t *testing.T) {
 		})
 		metrics := "http://" + c.b.http + "/metrics"
 		for _, proto := range []string{"rest", "grpc"} {
-			before := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`)
+			before := harness.MetricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`)
 			served := 0
 			for i := 0; i < 200; i++ {
 				id := "armshadow-" + proto + strconv.Itoa(i)
@@ -239,7 +240,7 @@ func TestChainBothProtocols(t *testing.T) {
 			}
 			// The control arm (about half) is mirrored to v8 half the time: about 50 copies.
 			waitFor(t, 5*time.Second, proto+" shadow copies of arm requests on v8", func() bool {
-				got := metricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`) - before
+				got := harness.MetricSum(t, metrics, "patchbay_modelhost_requests_total", `version="v8"`, `protocol="`+proto+`"`) - before
 				return got-float64(served) >= 20
 			})
 		}

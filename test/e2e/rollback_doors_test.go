@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/patchbay-io/patchbay/test/harness"
 )
 
 // TestRollbackClosesEveryDoor: with every door to v8 open — its baseline share, an
@@ -24,7 +26,7 @@ func TestRollbackClosesEveryDoor(t *testing.T) {
 	waitFor(t, 10*time.Second, "50/50 with doors to v8", func() bool { return c.edge.Version() != before })
 
 	v8Served := func() float64 {
-		return metricSum(t, "http://"+c.b.http+"/metrics", "patchbay_modelhost_requests_total", `version="v8"`)
+		return harness.MetricSum(t, "http://"+c.b.http+"/metrics", "patchbay_modelhost_requests_total", `version="v8"`)
 	}
 	// Every kind of request, as the rollback's test sends it after.
 	barrage := func(t *testing.T, tag string) (statuses map[int]int) {

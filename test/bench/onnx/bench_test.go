@@ -17,8 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -185,32 +183,10 @@ func startHost(tb testing.TB, lib string, ms []model) addrs {
 // hostTime is the sum (s) and count of the host's own patchbay_modelhost_request_duration
 // (decode to encode, inside the host) for model over protocol, from its /metrics.
 func hostTime(tb testing.TB, base, model, protocol string) (sum, count float64) {
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if !strings.HasPrefix(l, "patchbay_modelhost_request_duration_seconds_") || !strings.Contains(l, `model="`+model+`"`) || !strings.Contains(l, `protocol="`+protocol+`"`) {
-			continue
-		}
-		f := strings.Fields(l)
-		v, err := strconv.ParseFloat(f[len(f)-1], 64)
-		if err != nil {
-			continue
-		}
-		switch {
-		case strings.HasPrefix(l, "patchbay_modelhost_request_duration_seconds_sum"):
-			sum += v
-		case strings.HasPrefix(l, "patchbay_modelhost_request_duration_seconds_count"):
-			count += v
-		}
-	}
-	return sum, count
+	tb.Helper()
+	const name = "patchbay_modelhost_request_duration_seconds"
+	filters := []string{`model="` + model + `"`, `protocol="` + protocol + `"`}
+	return harness.MetricSum(tb, base+"/metrics", name+"_sum", filters...), harness.MetricSum(tb, base+"/metrics", name+"_count", filters...)
 }
 
 // direct is ONNX Runtime called from Go without the host: a session with the host's
