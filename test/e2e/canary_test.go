@@ -36,7 +36,10 @@ func canaryRepo(t testing.TB, model, version, modelYAML string, artifacts map[st
 	files := map[string]string{"model.yaml": modelYAML}
 	for name, content := range artifacts {
 		if src, ok := strings.CutPrefix(content, "@"); ok {
-			root := filepath.Dir(filepath.Dir(mustWD(t)))
+			root, err := harness.RepoRoot()
+			if err != nil {
+				t.Fatal(err)
+			}
 			b, err := os.ReadFile(filepath.Join(root, src))
 			if err != nil {
 				t.Fatal(err)
@@ -51,14 +54,6 @@ func canaryRepo(t testing.TB, model, version, modelYAML string, artifacts map[st
 		}
 	}
 	return dir
-}
-
-func mustWD(t testing.TB) string {
-	wd, err := os.Getwd() // test/e2e
-	if err != nil {
-		t.Fatal(err)
-	}
-	return wd
 }
 
 // canaryHost is a model host whose admin listener (its /metrics) the rollout names in
